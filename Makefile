@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo   install what is missing, build, run examples/train_classifier.py
+#   make test   install what is missing, build, run ctest and pytest
+PYTHON ?= python3
+BUILD_DIR ?= build
+# Tests need the CUDA kernels compiled, not run (no GPU here): one architecture keeps the build
+# short. A plain `pip install .` uses the full default list (see README).
+TEST_CUDA_ARCHS ?= 9.0
+
+.PHONY: deps test-deps build build-tests demo test clean
+
+deps:
+	@$(PYTHON) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 4) else 1)" 2>/dev/null \
+	  || $(PYTHON) -m pip install torch==2.14.1
+	@$(PYTHON) -c "import setuptools, sys; sys.exit(0 if int(setuptools.__version__.split('.')[0]) >= 64 else 1)" 2>/dev/null \
+	  || $(PYTHON) -m pip install "setuptools>=64" wheel
+	@command -v cmake >/dev/null && command -v ninja >/dev/null || $(PYTHON) -m pip install cmake ninja
+	@$(PYTHON) -c "import sklearn" 2>/dev/null || $(PYTHON) -m pip install scikit-learn
+
+test-deps: deps
+	@test -f /usr/src/googletest/CMakeLists.txt || { apt-get update && apt-get install -y googletest; } \
+	  || echo "warning: googletest unavailable: C++ tests will be skipped"
+	@$(PYTHON) -c "import pytest, sklearn, torchmetrics, numpy" 2>/dev/null \
+	  || $(PYTHON) -m pip install pytest scikit-learn "torchmetrics==1.9.*" numpy
+
+build: deps
+	STEPSCOPE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+
+build-tests: test-deps
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(TEST_CUDA_ARCHS)}" STEPSCOPE_BUILD_DIR=$(BUILD_DIR) \
+	  $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+
+demo: build
+	$(PYTHON) examples/train_classifier.py
+
+test: build-tests
+	ctest --test-dir $(BUILD_DIR) --output-on-failure
+	$(PYTHON) -m pytest tests/python -q -rs
+
+clean:
+	rm -rf $(BUILD_DIR) python/stepscope/*.so python/stepscope/*.so.*

@@ -1,0 +1,39 @@
+// Argument checks shared by every op. Each message names the argument, what was expected and
+// what arrived, and every check runs before any kernel is launched, so a bad call changes
+// nothing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+namespace stepscope {
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+}  // namespace stepscope
+
+// STEPSCOPE_CHECK(cond, "message parts", ...): a c10::Error (ValueError in Python) prefixed
+// "stepscope: ".
+#define STEPSCOPE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "stepscope: ", __VA_ARGS__)
+
+#define STEPSCOPE_CHECK_DEVICE(t, ref)                                                             \
+  TORCH_CHECK_VALUE((t).device() == (ref).device(), "stepscope: ", #t, " must be on the same device as ", \
+                    #ref, " (", (ref).device(), "); got ", (t).device())
+
+#define STEPSCOPE_CHECK_FLOATING(t)                                                                \
+  TORCH_CHECK_TYPE(at::isFloatingType((t).scalar_type()), "stepscope: ", #t,                     \
+                   " must be a floating tensor (float32, float16, bfloat16", ", or float64 on CPU); got ", \
+                   (t).scalar_type())
+
+#define STEPSCOPE_CHECK_INTEGRAL(t)                                                                \
+  TORCH_CHECK_TYPE(at::isIntegralType((t).scalar_type(), /*includeBool=*/true), "stepscope: ", #t, \
+                   " must be an integer tensor of class indices; got ", (t).scalar_type())

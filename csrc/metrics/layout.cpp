@@ -1,0 +1,99 @@
+#include "metrics/layout.h"
+
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace stepscope::metrics {
+
+const char* task_name(Task t) {
+  switch (t) {
+    case Task::kBinary:
+      return "binary";
+    case Task::kMulticlass:
+      return "multiclass";
+    case Task::kMultilabel:
+      return "multilabel";
+  }
+  return "?";
+}
+
+Layout make_layout(const Config& cfg) {
+  TORCH_CHECK_VALUE(cfg.task == Task::kBinary || cfg.task == Task::kMulticlass || cfg.task == Task::kMultilabel,
+                    "stepscope: task must be binary (0), multiclass (1) or multilabel (2); got ",
+                    static_cast<int64_t>(cfg.task));
+  TORCH_CHECK_VALUE(cfg.input == InputKind::kAuto || cfg.input == InputKind::kLogits || cfg.input == InputKind::kProbs,
+                    "stepscope: input kind must be auto (0), logits (1) or probs (2); got ",
+                    static_cast<int64_t>(cfg.input));
+  Layout l;
+  if (cfg.task == Task::kBinary) {
+    l.classes = 1;
+  } else {
+    TORCH_CHECK_VALUE(cfg.num_classes >= 1 && cfg.num_classes <= std::numeric_limits<int32_t>::max(),
+                      "stepscope: ", cfg.task == Task::kMulticlass ? "num_classes" : "num_labels",
+                      " must be in [1, 2^31); got ", cfg.num_classes);
+    l.classes = cfg.num_classes;
+  }
+  if (cfg.task == Task::kMulticlass) {
+    for (int64_t k : cfg.top_k) {
+      TORCH_CHECK_VALUE(k >= 1 && k <= l.classes, "stepscope: every top_k must be in [1, num_classes=", l.classes,
+                        "]; got ", k);
+    }
+    TORCH_CHECK_VALUE(cfg.top_k.size() <= 8, "stepscope: at most 8 top_k values; got ", cfg.top_k.size());
+    l.num_topk = static_cast<int64_t>(cfg.top_k.size());
+  } else {
+    TORCH_CHECK_VALUE(cfg.top_k.empty() || (cfg.top_k.size() == 1 && cfg.top_k[0] == 1),
+                      "stepscope: top_k applies to the multiclass task only; got it for ", task_name(cfg.task));
+    TORCH_CHECK_VALUE(cfg.threshold >= 0.0 && cfg.threshold <= 1.0, "stepscope: threshold must be in [0, 1]; got ",
+                      cfg.threshold);
+  }
+  const int64_t C = l.classes;
+  int64_t o = 0;
+  l.tp = o;
+  o += C;
+  l.pred = o;
+  o += C;
+  l.target = o;
+  o += C;
+  l.valid = o;
+  l.valid_len = cfg.task == Task::kMultilabel ? C : 1;
+  o += l.valid_len;
+  l.topk = l.num_topk > 0 ? o : -1;
+  o += l.num_topk;
+  l.loss = o++;
+  l.ece_count = o;
+  o += kEceSlots;
+  l.ece_conf = o;
+  o += kEceSlots;
+  l.ece_acc = o;
+  o += kEceSlots;
+  l.nonfinite = o++;
+  l.invalid = o++;
+  l.ignored = o++;
+  l.dense = o;
+  if (cfg.task == Task::kMulticlass && cfg.confusion_matrix) {
+    TORCH_CHECK_VALUE(C <= (int64_t{1} << 16),
+                      "stepscope: a confusion matrix of ", C, " x ", C,
+                      " classes is too large to keep; pass confusion_matrix=False");
+    l.confmat = o;
+    o += C * C;
+  }
+  l.numel = o;
+  return l;
+}
+
+Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k, bool has_ignore_index,
+                   int64_t ignore_index, double threshold, int64_t input_kind, bool confusion_matrix) {
+  Config c;
+  c.task = static_cast<Task>(task);
+  c.num_classes = num_classes;
+  c.top_k = top_k;
+  c.has_ignore_index = has_ignore_index;
+  c.ignore_index = ignore_index;
+  c.threshold = threshold;
+  c.input = static_cast<InputKind>(input_kind);
+  c.confusion_matrix = confusion_matrix;
+  return c;
+}
+
+}  // namespace stepscope::metrics

@@ -1,0 +1,102 @@
+// Metric accumulator configuration and the layout of its one state vector.
+//
+// All state lives in ONE contiguous float64 tensor so that reset is one fill, state_dict is one
+// tensor and a distributed sync is one all_reduce. Counts are exact in float64 up to 2^53
+// (9e15 samples), far past any training run. The layout is a pure function of the Config, so
+// Python, C++ and the kernels agree on it without passing offsets around.
+//
+// No ATen here: the kernels and the GoogleTests use this header directly.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace stepscope::metrics {
+
+enum class Task : int64_t { kBinary = 0, kMulticlass = 1, kMultilabel = 2 };
+
+// How predictions are read. kAuto is torchmetrics' rule for binary/multilabel: if any value of
+// the batch lies outside [0, 1] the batch is treated as logits (sigmoid), else as probabilities.
+// For multiclass kAuto means logits (argmax is the same either way; the loss and the
+// calibration confidence need the distinction, so pass kProbs for softmax outputs).
+enum class InputKind : int64_t { kAuto = 0, kLogits = 1, kProbs = 2 };
+
+inline constexpr int64_t kNumEceBins = 15;  // torchmetrics CalibrationError's default n_bins
+// torchmetrics bins with bucketize over the 16 edges, so a confidence of exactly 1.0 (common
+// for confident float32 softmax outputs) falls in a 16th slot of its own; we keep it too.
+inline constexpr int64_t kEceSlots = kNumEceBins + 1;
+inline constexpr int64_t kDefaultConfmatLimit = 1024;  // C x C kept by default up to this C
+
+struct Config {
+  Task task = Task::kMulticlass;
+  int64_t num_classes = 0;  // multiclass: C; multilabel: L; binary: ignored
+  std::vector<int64_t> top_k = {1};  // multiclass only, each k in [1, C]
+  bool has_ignore_index = false;
+  int64_t ignore_index = 0;
+  double threshold = 0.5;  // binary / multilabel: positive iff probability > threshold
+  InputKind input = InputKind::kAuto;
+  bool confusion_matrix = true;  // multiclass only: keep the C x C matrix
+};
+
+// Offsets (in elements) into the state vector; -1 where a block is absent. Binary is stored
+// as one label (tp, predicted, target counts of the positive class); its 2 x 2 confusion
+// matrix is derived from them.
+struct Layout {
+  int64_t classes = 0;     // C; multilabel: L; binary: 1 (one "label": the positive class)
+  int64_t num_topk = 0;
+  int64_t tp = 0;          // [C] true positives per class (multilabel: per label)
+  int64_t pred = 0;        // [C] predicted count per class (tp + fp)
+  int64_t target = 0;      // [C] target count per class (tp + fn)
+  int64_t valid = 0;       // [1] samples counted; multilabel: [L] elements counted per label
+  int64_t valid_len = 1;
+  int64_t topk = -1;       // [K] samples whose target ranks within the k-th top_k
+  int64_t loss = 0;        // [1] summed cross-entropy (multiclass) or BCE (binary/multilabel)
+  int64_t ece_count = 0;   // [kEceSlots] samples per confidence bin
+  int64_t ece_conf = 0;    // [kEceSlots] summed confidence per bin
+  int64_t ece_acc = 0;     // [kEceSlots] summed accuracy per bin
+  int64_t nonfinite = 0;   // [1] samples (elements for binary/multilabel) with NaN/Inf preds
+  int64_t invalid = 0;     // [1] targets outside the valid range (and not ignore_index)
+  int64_t ignored = 0;     // [1] samples equal to ignore_index
+  int64_t dense = 0;       // end of the O(C) part: everything above
+  int64_t confmat = -1;    // [C*C] rows = target, columns = prediction; last, so that the CPU
+                           // kernel can keep per-thread copies of the O(C) part alone
+  int64_t numel = 0;
+};
+
+// Checks a Config (throws c10::Error with a message naming the argument) and returns its layout.
+Layout make_layout(const Config& cfg);
+
+// Builds a Config from the scalars of the update op's schema (the one encoding both sides share).
+Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
+                   bool has_ignore_index, int64_t ignore_index, double threshold, int64_t input_kind,
+                   bool confusion_matrix);
+
+const char* task_name(Task t);
+
+// ECE slot of a confidence in [0, 1]: the same float32 edges as torch.linspace(0, 1, 16) and
+// the same rule as torch.bucketize(right=True) - 1, so slot 15 holds exactly 1.0.
+#if defined(__CUDACC__)
+#define STEPSCOPE_HD __host__ __device__ __forceinline__
+#else
+#define STEPSCOPE_HD inline
+#endif
+
+STEPSCOPE_HD float ece_edge(int i) {
+  // torch.linspace(float) computes start + step*i for the first half and end - step*(n-1-i)
+  // for the second; reproducing it keeps the edges bit-identical to torchmetrics'.
+  const float step = 1.0f / static_cast<float>(kNumEceBins);
+  return i < (kNumEceBins + 1) / 2 ? step * static_cast<float>(i)
+                                   : 1.0f - step * static_cast<float>(kNumEceBins - i);
+}
+
+STEPSCOPE_HD int ece_bin(float conf) {
+  int b = static_cast<int>(conf * static_cast<float>(kNumEceBins));
+  b = b < 0 ? 0 : (b > kNumEceBins ? static_cast<int>(kNumEceBins) : b);
+  // The multiply can land one off an edge; settle on edge(b) <= conf < edge(b + 1).
+  while (b > 0 && conf < ece_edge(b)) --b;
+  while (b < kNumEceBins && conf >= ece_edge(b + 1)) ++b;
+  return b;
+}
+
+}  // namespace stepscope::metrics

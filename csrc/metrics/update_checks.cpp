@@ -1,0 +1,92 @@
+// Checks and canonical views for the update op, plus its Meta (fake) implementation, which
+// runs the same checks and touches nothing: what torch.compile and opcheck trace with.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "check.h"
+#include "metrics/update.h"
+
+namespace stepscope::metrics {
+
+bool is_kernel_target_dtype(at::ScalarType t) {
+  return t == at::kLong || t == at::kInt || t == at::kByte || t == at::kBool;
+}
+
+UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
+                            int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
+                            std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
+                            bool confusion_matrix) {
+  UpdateInputs in;
+  in.cfg = make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index.has_value(),
+                       ignore_index.value_or(0), threshold, input_kind, confusion_matrix);
+  in.lay = make_layout(in.cfg);
+  const Layout& lay = in.lay;
+
+  STEPSCOPE_CHECK(preds.defined() && target.defined() && state.defined(), "preds, target and state must be defined");
+  STEPSCOPE_CHECK_FLOATING(preds);
+  STEPSCOPE_CHECK_INTEGRAL(target);
+  STEPSCOPE_CHECK_DEVICE(target, preds);
+  STEPSCOPE_CHECK_DEVICE(state, preds);
+  TORCH_CHECK_TYPE(preds.device().is_cpu() || preds.scalar_type() != at::kDouble || preds.device().is_meta(),
+                   "stepscope: float64 preds are supported on CPU only; got them on ", preds.device());
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
+  STEPSCOPE_CHECK(state.dim() == 1 && state.numel() == lay.numel && state.is_contiguous(),
+                  "state must be a contiguous 1-D tensor of ", lay.numel, " elements for this configuration; got ",
+                  shape_str(state.sizes()), " (build it with the same task, num_classes, top_k and confusion_matrix)");
+
+  const auto ps = preds.sizes();
+  const auto ts = target.sizes();
+  if (in.cfg.task == Task::kMulticlass) {
+    const int64_t C = lay.classes;
+    STEPSCOPE_CHECK(preds.dim() >= 2, "preds must have shape [N, C] or [N, C, d1, ...] with C = num_classes = ", C,
+                    "; got ", shape_str(ps));
+    STEPSCOPE_CHECK(ps[1] == C, "preds has ", ps[1], " classes in dim 1 but num_classes = ", C, "; got preds ",
+                    shape_str(ps));
+    bool ok = target.dim() == preds.dim() - 1 && ts[0] == ps[0];
+    for (int64_t i = 2; ok && i < preds.dim(); ++i) ok = ts[i - 1] == ps[i];
+    STEPSCOPE_CHECK(ok, "target must have shape [N] or [N, d1, ...] matching preds [N, C, d1, ...]; got preds ",
+                    shape_str(ps), " and target ", shape_str(ts));
+    in.n = ps[0];
+    in.c = C;
+    in.d = 1;
+    for (int64_t i = 2; i < preds.dim(); ++i) in.d *= ps[i];
+    in.preds = preds.reshape({in.n, in.c, in.d});
+    in.target = target.reshape({in.n, in.d});
+  } else {
+    const bool binary = in.cfg.task == Task::kBinary;
+    STEPSCOPE_CHECK(binary ? preds.dim() >= 1 : preds.dim() >= 2,
+                    binary ? "preds must have shape [N, ...] for the binary task; got a scalar"
+                           : "preds must have shape [N, L] or [N, L, d1, ...] for the multilabel task; got ",
+                    binary ? "" : shape_str(ps));
+    STEPSCOPE_CHECK(ps.equals(ts), "target must have the same shape as preds for the ", task_name(in.cfg.task),
+                    " task; got preds ", shape_str(ps), " and target ", shape_str(ts));
+    if (!binary) {
+      STEPSCOPE_CHECK(ps[1] == lay.classes, "preds has ", ps[1], " labels in dim 1 but num_labels = ", lay.classes,
+                      "; got preds ", shape_str(ps));
+    }
+    in.n = ps[0];
+    in.c = binary ? 1 : ps[1];
+    in.d = 1;
+    for (int64_t i = binary ? 1 : 2; i < preds.dim(); ++i) in.d *= ps[i];
+    in.preds = preds.reshape({in.n, in.c, in.d});
+    in.target = target.reshape({in.n, in.c, in.d});
+  }
+  if (!is_kernel_target_dtype(in.target.scalar_type())) in.target = in.target.to(at::kInt);
+  return in;
+}
+
+namespace {
+
+void classification_update_meta(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
+                                int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
+                                std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
+                                bool confusion_matrix) {
+  (void)prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold, input_kind,
+                       confusion_matrix);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stepscope, Meta, m) { m.impl("classification_update", &classification_update_meta); }
+
+}  // namespace stepscope::metrics

@@ -1,0 +1,247 @@
+// CPU update: one pass over the predictions, accumulating into the float64 state.
+//
+// Each multiclass row is converted to float (or kept as double for float64 input) in a small
+// buffer and reduced by four short loops written so that GCC vectorises them (finite check, max,
+// target rank, sum of exp) - the row is in L1 by then, so the extra loops cost far less than a
+// scalar online log-sum-exp. Large inputs are split over at::parallel_for; each chunk keeps its
+// own copy of the O(C) part of the state and logs confusion-matrix cells as indices, so the
+// C x C matrix is never copied per thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "dispatch.h"
+#include "metrics/row_math.h"
+#include "metrics/update.h"
+
+namespace stepscope::metrics {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define STEPSCOPE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define STEPSCOPE_CLONES
+#endif
+
+struct RowSummary {
+  bool finite;
+  int32_t argmax;
+  int32_t above;
+  double max;
+  double sumexp;
+};
+
+// Reductions over one contiguous row. The tie rules (first index of the max, lower index ranks
+// above an equal target) are those of torch.argmax and of stepscope's top-k definition.
+template <typename T>
+STEPSCOPE_CLONES RowSummary summarize_row(const T* x, int64_t C, int64_t t, bool want_sumexp) {
+  RowSummary r{};
+  bool finite = true;
+#pragma omp simd reduction(&& : finite)
+  for (int64_t j = 0; j < C; ++j) finite = finite && std::isfinite(x[j]);
+  r.finite = finite;
+  if (!finite) return r;
+  T m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < C; ++j) m = x[j] > m ? x[j] : m;
+  int64_t arg = 0;
+  while (x[arg] != m) ++arg;
+  const T xt = x[t];
+  int32_t above = 0;
+#pragma omp simd reduction(+ : above)
+  for (int64_t j = 0; j < C; ++j) above += (x[j] > xt) | ((x[j] == xt) & (j < t));
+  double se = 0.0;
+  if (want_sumexp) {
+    if constexpr (std::is_same_v<T, float>) {
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < C; ++j) s += exp_nonpos(x[j] - m);
+      se = s;
+    } else {
+      for (int64_t j = 0; j < C; ++j) se += std::exp(x[j] - m);
+    }
+  }
+  r.argmax = static_cast<int32_t>(arg);
+  r.above = above;
+  r.max = static_cast<double>(m);
+  r.sumexp = se;
+  return r;
+}
+
+// Runs body(acc, begin, end) over [0, work): in one piece straight into the state for small
+// inputs, else in chunks with private O(C) accumulators merged in a fixed order (so results do
+// not depend on thread timing). body logs confusion-matrix cells into its `cells` vector.
+template <typename Body>
+void run_chunked(int64_t work, int64_t cost_per_item, const Layout& lay, double* state, Body body) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cost_per_item));
+  int64_t chunks = std::min<int64_t>(at::get_num_threads(), (work + grain - 1) / grain);
+  // Private copies must be cheap next to the work itself.
+  if (chunks > 1 && work * cost_per_item < 8 * lay.dense * chunks) chunks = 1;
+  if (chunks <= 1 || at::in_parallel_region()) {
+    std::vector<int64_t> cells;
+    body(state, 0, work, cells);
+    for (int64_t c : cells) state[lay.confmat + c] += 1.0;
+    return;
+  }
+  std::vector<std::vector<double>> acc(chunks, std::vector<double>(lay.dense, 0.0));
+  std::vector<std::vector<int64_t>> cells(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) body(acc[c].data(), work * c / chunks, work * (c + 1) / chunks, cells[c]);
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t i = 0; i < lay.dense; ++i) state[i] += acc[c][i];
+    for (int64_t cell : cells[c]) state[lay.confmat + cell] += 1.0;
+  }
+}
+
+template <typename scalar_t, typename target_t>
+void multiclass_cpu(const UpdateInputs& in, double* state) {
+  using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Config& cfg = in.cfg;
+  const Layout& lay = in.lay;
+  const int64_t C = in.c, D = in.d;
+  const scalar_t* P = in.preds.const_data_ptr<scalar_t>();
+  const target_t* T = static_cast<const target_t*>(in.target.const_data_ptr());
+  const int64_t sN = in.preds.stride(0), sC = in.preds.stride(1), sD = in.preds.stride(2);
+  const int64_t tN = in.target.stride(0), tD = in.target.stride(1);
+  const bool logits = cfg.input != InputKind::kProbs;
+  const bool direct = std::is_same_v<scalar_t, compute_t> && sC == 1;
+  const bool keep_cells = lay.confmat >= 0;
+
+  run_chunked(in.n * D, C, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>& cells) {
+    std::vector<compute_t> buf(direct ? 0 : C);
+    if (keep_cells) cells.reserve(e - b);
+    for (int64_t s = b; s < e; ++s) {
+      const int64_t n = s / D, d = s % D;
+      const int64_t t = static_cast<int64_t>(T[n * tN + d * tD]);
+      if (cfg.has_ignore_index && t == cfg.ignore_index) {
+        acc[lay.ignored] += 1.0;
+        continue;
+      }
+      if (t < 0 || t >= C) {
+        acc[lay.invalid] += 1.0;
+        continue;
+      }
+      const scalar_t* row = P + n * sN + d * sD;
+      const compute_t* x;
+      if (direct) {
+        x = reinterpret_cast<const compute_t*>(row);
+      } else {
+        for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
+        x = buf.data();
+      }
+      const RowSummary r = summarize_row<compute_t>(x, C, t, logits);
+      if (!r.finite) {
+        acc[lay.nonfinite] += 1.0;
+        continue;
+      }
+      const int64_t p = r.argmax;
+      const bool hit = p == t;
+      acc[lay.tp + t] += hit;
+      acc[lay.pred + p] += 1.0;
+      acc[lay.target + t] += 1.0;
+      acc[lay.valid] += 1.0;
+      if (keep_cells) cells.push_back(t * C + p);
+      for (int64_t i = 0; i < lay.num_topk; ++i) acc[lay.topk + i] += r.above < cfg.top_k[i];
+      double conf;
+      if (logits) {
+        acc[lay.loss] += std::log(r.sumexp) + r.max - static_cast<double>(x[t]);
+        conf = static_cast<double>(static_cast<compute_t>(1.0 / r.sumexp));
+      } else {
+        acc[lay.loss] -= std::log(static_cast<double>(x[t]));
+        conf = r.max;
+      }
+      const int bin = ece_bin(static_cast<float>(conf));
+      acc[lay.ece_count + bin] += 1.0;
+      acc[lay.ece_conf + bin] += static_cast<float>(conf);
+      acc[lay.ece_acc + bin] += hit;
+    }
+  });
+}
+
+template <typename scalar_t>
+bool any_outside_unit(const at::Tensor& preds) {
+  // torchmetrics' auto rule: the whole batch (ignored positions included) is probabilities iff
+  // every value lies in [0, 1]; a NaN counts as outside.
+  return !at::logical_and(preds >= 0, preds <= 1).all().item<bool>();
+}
+
+template <typename scalar_t, typename target_t>
+void elementwise_cpu(const UpdateInputs& in, double* state) {
+  const Config& cfg = in.cfg;
+  const Layout& lay = in.lay;
+  const int64_t L = in.c, D = in.d;
+  const scalar_t* P = in.preds.const_data_ptr<scalar_t>();
+  const target_t* T = static_cast<const target_t*>(in.target.const_data_ptr());
+  const int64_t sN = in.preds.stride(0), sL = in.preds.stride(1), sD = in.preds.stride(2);
+  const int64_t tN = in.target.stride(0), tL = in.target.stride(1), tD = in.target.stride(2);
+  const bool logits =
+      cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit<scalar_t>(in.preds));
+  const float thr = static_cast<float>(cfg.threshold);
+  const bool per_label_valid = lay.valid_len > 1;
+
+  run_chunked(in.n * D, L, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>&) {
+    for (int64_t s = b; s < e; ++s) {
+      const int64_t n = s / D, d = s % D;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t y = static_cast<int64_t>(T[n * tN + l * tL + d * tD]);
+        if (cfg.has_ignore_index && y == cfg.ignore_index) {
+          acc[lay.ignored] += 1.0;
+          continue;
+        }
+        if (y != 0 && y != 1) {
+          acc[lay.invalid] += 1.0;
+          continue;
+        }
+        const float x = static_cast<float>(P[n * sN + l * sL + d * sD]);
+        if (!std::isfinite(x)) {
+          acc[lay.nonfinite] += 1.0;
+          continue;
+        }
+        const ElementResult r = binary_element(x, logits, thr, y);
+        acc[lay.tp + l] += r.pred && y;
+        acc[lay.pred + l] += r.pred;
+        acc[lay.target + l] += static_cast<double>(y);
+        acc[lay.valid + (per_label_valid ? l : 0)] += 1.0;
+        acc[lay.loss] += r.loss;
+        const int bin = ece_bin(r.prob);
+        acc[lay.ece_count + bin] += 1.0;
+        acc[lay.ece_conf + bin] += r.prob;
+        acc[lay.ece_acc + bin] += static_cast<double>(y);
+      }
+    }
+  });
+}
+
+void classification_update_cpu(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
+                               int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
+                               std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
+                               bool confusion_matrix) {
+  const UpdateInputs in = prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold,
+                                         input_kind, confusion_matrix);
+  if (!in.empty()) update_cpu(in, state);
+}
+
+}  // namespace
+
+void update_cpu(const UpdateInputs& in, const at::Tensor& state) {
+  double* st = state.data_ptr<double>();
+  STEPSCOPE_DISPATCH_PREDS(in.preds.scalar_type(), "classification_update_cpu", [&] {
+    STEPSCOPE_DISPATCH_TARGET(in.target.scalar_type(), "classification_update_cpu", [&] {
+      if (in.cfg.task == Task::kMulticlass) {
+        multiclass_cpu<scalar_t, target_t>(in, st);
+      } else {
+        elementwise_cpu<scalar_t, target_t>(in, st);
+      }
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(stepscope, CPU, m) { m.impl("classification_update", &classification_update_cpu); }
+
+}  // namespace stepscope::metrics

@@ -1,0 +1,103 @@
+// stepscope._C: the pybind11 module. The only file that includes Python headers. Tensor ops are
+// not bound here (they are TORCH_LIBRARY ops, reached as torch.ops.stepscope.*); this module
+// holds build information, the metrics configuration/compute functions and the stateful C++
+// classes.
+#include <torch/extension.h>
+
+#include "build_info.h"
+#include "metrics/accumulator.h"
+#include "metrics/layout.h"
+
+namespace py = pybind11;
+using stepscope::metrics::Config;
+
+namespace {
+
+Config config_from(int64_t task, int64_t num_classes, std::vector<int64_t> top_k, std::optional<int64_t> ignore_index,
+                   double threshold, int64_t input_kind, bool confusion_matrix) {
+  Config c = stepscope::metrics::make_config(task, num_classes, top_k, ignore_index.has_value(),
+                                             ignore_index.value_or(0), threshold, input_kind, confusion_matrix);
+  (void)stepscope::metrics::make_layout(c);  // validates
+  return c;
+}
+
+py::dict layout_dict(const stepscope::metrics::Layout& l) {
+  py::dict d;
+  d["classes"] = l.classes;
+  d["tp"] = l.tp;
+  d["pred"] = l.pred;
+  d["target"] = l.target;
+  d["valid"] = l.valid;
+  d["valid_len"] = l.valid_len;
+  d["topk"] = l.topk;
+  d["loss"] = l.loss;
+  d["ece_count"] = l.ece_count;
+  d["ece_conf"] = l.ece_conf;
+  d["ece_acc"] = l.ece_acc;
+  d["nonfinite"] = l.nonfinite;
+  d["invalid"] = l.invalid;
+  d["ignored"] = l.ignored;
+  d["confmat"] = l.confmat;
+  d["numel"] = l.numel;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "stepscope native core";
+
+  m.def(
+      "build_info",
+      [] {
+        const auto b = stepscope::build_info();
+        py::dict d;
+        d["torch_version"] = b.torch_version;
+        d["cuda"] = b.cuda ? py::object(py::str(b.cuda_version)) : py::object(py::none());
+        py::list archs;
+        if (b.cuda) {
+          std::string a = b.cuda_archs;
+          for (char& ch : a) ch = (ch == ',' || ch == ' ') ? ';' : ch;
+          size_t start = 0;
+          while (start <= a.size()) {
+            const size_t end = a.find(';', start);
+            const std::string tok = a.substr(start, end == std::string::npos ? std::string::npos : end - start);
+            if (!tok.empty()) archs.append(tok);
+            if (end == std::string::npos) break;
+            start = end + 1;
+          }
+        }
+        d["cuda_archs"] = archs;
+        d["nvtx"] = b.nvtx;
+        return d;
+      },
+      "What this build was compiled with: torch_version, cuda (toolkit version or None), cuda_archs, nvtx.");
+
+  py::class_<Config>(m, "MetricsConfig",
+                     "A validated metrics configuration: the state layout and the compute formulas.")
+      .def(py::init(&config_from), py::arg("task"), py::arg("num_classes"), py::arg("top_k"), py::arg("ignore_index"),
+           py::arg("threshold"), py::arg("input_kind"), py::arg("confusion_matrix"))
+      .def_property_readonly("numel", [](const Config& c) { return stepscope::metrics::make_layout(c).numel; })
+      .def_property_readonly("layout", [](const Config& c) { return layout_dict(stepscope::metrics::make_layout(c)); })
+      .def(
+          "compute",
+          [](const Config& c, const at::Tensor& state, double beta) {
+            py::dict d;
+            for (auto& [k, v] : stepscope::metrics::compute_metrics(c, state, beta)) d[py::str(k)] = v;
+            return d;
+          },
+          py::arg("state"), py::arg("beta") = 1.0)
+      .def(
+          "confusion_matrix",
+          [](const Config& c, const at::Tensor& state, const std::string& normalize) {
+            return stepscope::metrics::confusion_matrix(c, state, normalize);
+          },
+          py::arg("state"), py::arg("normalize") = "none")
+      .def(
+          "check",
+          [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state); },
+          py::arg("state"));
+
+  m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;
+  m.attr("DEFAULT_CONFMAT_LIMIT") = stepscope::metrics::kDefaultConfmatLimit;
+}

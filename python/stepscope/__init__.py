@@ -1,0 +1,30 @@
+"""stepscope: on-device classification metrics and sync-free training-step timing for PyTorch.
+
+    import stepscope
+    metrics = stepscope.ClassificationMetrics("multiclass", num_classes=10, top_k=(1, 5))
+    metrics.update(logits, labels)      # one kernel, no host sync
+    print(metrics.compute())            # dict of tensors
+
+The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
+native classes live in stepscope._C.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C
+from .metrics import ClassificationMetrics
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this build was compiled with.
+
+    Returns a dict with ``torch_version`` (the torch compiled against), ``cuda`` (the CUDA
+    toolkit version, or None for a CPU-only build), ``cuda_archs`` (list of the
+    TORCH_CUDA_ARCH_LIST entries the kernels were built for) and ``nvtx`` (bool).
+    """
+    return _C.build_info()
+
+
+__all__ = ["ClassificationMetrics", "build_info", "__version__"]

@@ -1,0 +1,197 @@
+"""Classification metrics accumulated on the device by one fused kernel per update."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _C
+
+_TASKS = {"binary": 0, "multiclass": 1, "multilabel": 2}
+_INPUTS = {"auto": 0, "logits": 1, "probs": 2}
+
+
+class ClassificationMetrics:
+    """Accuracy, precision, recall, F1/F-beta, specificity, IoU, confusion matrix, top-k accuracy,
+    mean loss and calibration error (ECE), all from one pass over the predictions.
+
+    Args:
+        task: ``"multiclass"`` (preds ``[N, C]`` or ``[N, C, d1, ...]``, target ``[N]`` /
+            ``[N, d1, ...]`` of class indices), ``"binary"`` (preds and target ``[N, ...]``,
+            target 0/1) or ``"multilabel"`` (preds and target ``[N, L]`` or ``[N, L, d1, ...]``).
+        num_classes: C, for multiclass.
+        num_labels: L, for multilabel.
+        top_k: multiclass top-k accuracies to track (at most 8 values, each in [1, C]).
+        ignore_index: target value whose samples (multiclass) or elements (binary/multilabel)
+            count nowhere.
+        threshold: binary/multilabel: positive iff probability > threshold.
+        input: ``"auto"``, ``"logits"`` or ``"probs"``. Binary/multilabel ``"auto"`` is
+            torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid).
+            Multiclass ``"auto"`` means logits; pass ``"probs"`` for softmax outputs (it changes
+            the loss and the ECE confidence, never the argmax).
+        confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
+            that 100k-class vocabularies stay O(C) in memory.
+        beta: F-beta's beta; an ``fbeta_*`` entry is reported when beta != 1.
+        device: where the state lives. Default: the device of the first ``update``.
+
+    Example:
+        >>> m = ClassificationMetrics("multiclass", num_classes=3, top_k=(1, 2))
+        >>> m.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 2]))
+        >>> float(m.compute()["accuracy"])
+        0.5
+
+    ``update`` launches one kernel (two for binary/multilabel ``"auto"`` on CUDA) and never
+    synchronises with the host; it runs under ``torch.compile(fullgraph=True)`` and CUDA graph
+    capture. ``compute`` does one small host read to check the health counters (it raises if
+    targets were out of range, warns on non-finite predictions); ``compute(check=False)`` does
+    none.
+
+    Semantics are torchmetrics 1.9's defaults (and scikit-learn's where it has the metric):
+    zero_division 0; multiclass macro averages skip classes with tp + fp + fn == 0; weighted
+    averages weigh by support (tp + fn); multilabel accuracy is Hamming; confusion matrix rows
+    are targets. Deviations: samples with a NaN/Inf prediction are left out of every metric and
+    counted in ``nonfinite`` (torchmetrics would let NaN win the argmax); out-of-range targets
+    are counted in ``invalid_target`` instead of raising inside ``update``; ties rank the lower
+    class index first in top-k (torch.topk leaves ties unspecified); multilabel IoU ignores
+    ``ignore_index`` as a label index (torchmetrics drops label ``ignore_index`` from the macro
+    average when 0 <= ignore_index < L); binary/multilabel ECE bins each element's positive
+    probability against its target, as torchmetrics' BinaryCalibrationError does, and the loss is
+    binary cross-entropy (multiclass: cross-entropy).
+    """
+
+    def __init__(
+        self,
+        task: str = "multiclass",
+        num_classes: Optional[int] = None,
+        num_labels: Optional[int] = None,
+        top_k: Union[int, Sequence[int]] = (1,),
+        ignore_index: Optional[int] = None,
+        threshold: float = 0.5,
+        input: str = "auto",
+        confusion_matrix: Optional[bool] = None,
+        beta: float = 1.0,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        if task not in _TASKS:
+            raise ValueError(f"stepscope: task must be one of {sorted(_TASKS)}; got {task!r}")
+        if input not in _INPUTS:
+            raise ValueError(f"stepscope: input must be one of {sorted(_INPUTS)}; got {input!r}")
+        if task == "multiclass":
+            if num_classes is None:
+                raise ValueError("stepscope: task='multiclass' needs num_classes")
+            n = int(num_classes)
+        elif task == "multilabel":
+            if num_labels is None:
+                raise ValueError("stepscope: task='multilabel' needs num_labels")
+            n = int(num_labels)
+        else:
+            n = 1
+        if isinstance(top_k, int):
+            top_k = (top_k,)
+        top_k = tuple(int(k) for k in top_k)
+        if task != "multiclass" and top_k == (1,):
+            top_k = ()
+        if confusion_matrix is None:
+            confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
+        if beta <= 0:
+            raise ValueError(f"stepscope: beta must be > 0; got {beta}")
+        self.task = task
+        self.num_classes = n
+        self.top_k = top_k
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.threshold = float(threshold)
+        self.input = input
+        self.keeps_confusion_matrix = bool(confusion_matrix) and task == "multiclass"
+        self.beta = float(beta)
+        self._cfg = _C.MetricsConfig(
+            _TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
+            self.keeps_confusion_matrix,
+        )
+        self.state: Optional[torch.Tensor] = None
+        if device is not None:
+            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=device)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate one batch. No host sync; raises before touching the state on bad input."""
+        if self.state is None:
+            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=preds.device)
+        torch.ops.stepscope.classification_update(
+            preds, target, self.state, _TASKS[self.task], self.num_classes, list(self.top_k),
+            self.ignore_index, self.threshold, _INPUTS[self.input], self.keeps_confusion_matrix,
+        )
+
+    def _state_or_empty(self) -> torch.Tensor:
+        if self.state is None:
+            return torch.zeros(self._cfg.numel, dtype=torch.float64)
+        return self.state
+
+    def compute(self, check: bool = True) -> dict:
+        """All metrics as a dict of tensors on the state's device.
+
+        Keys (multiclass/multilabel): ``accuracy`` (micro) and ``<metric>_<average>`` for metric
+        in accuracy, precision, recall, f1, specificity, iou (and fbeta when beta != 1), average
+        in micro, macro, weighted, per_class; ``mean_iou``; ``top<k>_accuracy`` (multiclass);
+        ``confusion_matrix`` (when kept). Binary: ``accuracy``, ``precision``, ``recall``, ``f1``,
+        ``specificity``, ``iou`` (and ``fbeta``), ``confusion_matrix`` [2, 2]. Always: ``loss``,
+        ``ece``, ``samples``, ``nonfinite``, ``invalid_target``, ``ignored``.
+
+        With ``check=True`` one small host read checks the counters first: ValueError if any
+        target was out of range (saying how many), a warning for non-finite predictions.
+        """
+        state = self._state_or_empty()
+        if check:
+            self._cfg.check(state)
+        return self._cfg.compute(state, self.beta)
+
+    def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
+        """Confusion matrix (rows = targets): multiclass [C, C], binary [2, 2], multilabel [L, 2, 2].
+
+        normalize: ``"none"`` (int64 counts), ``"true"`` (rows sum to 1), ``"pred"`` (columns)
+        or ``"all"``.
+        """
+        return self._cfg.confusion_matrix(self._state_or_empty(), normalize)
+
+    def reset(self) -> None:
+        """Zero the state in place (stays valid inside captured CUDA graphs)."""
+        if self.state is not None:
+            self.state.zero_()
+
+    def sync(self, process_group=None) -> None:
+        """Sum the state over all ranks: one all_reduce of one float64 tensor (Gloo or NCCL)."""
+        import torch.distributed as dist
+
+        if self.state is None:
+            raise RuntimeError("stepscope: sync() before any update: the state's device is unknown")
+        dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=process_group)
+
+    def _config_dict(self) -> dict:
+        return {
+            "task": self.task, "num_classes": self.num_classes, "top_k": list(self.top_k),
+            "ignore_index": self.ignore_index, "threshold": self.threshold, "input": self.input,
+            "confusion_matrix": self.keeps_confusion_matrix,
+        }
+
+    def state_dict(self) -> dict:
+        """The state (a copy) and the configuration it belongs to."""
+        return {"config": self._config_dict(), "state": self._state_or_empty().detach().clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a ``state_dict()``; the configuration must match this object's."""
+        if sd.get("config") != self._config_dict():
+            raise ValueError(
+                f"stepscope: state_dict was saved with config {sd.get('config')}, "
+                f"this object has {self._config_dict()}"
+            )
+        state = sd["state"]
+        if state.dtype != torch.float64 or state.shape != (self._cfg.numel,):
+            raise ValueError(
+                f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} {tuple(state.shape)}"
+            )
+        if self.state is None:
+            self.state = state.detach().clone()
+        else:
+            self.state.copy_(state)
+
+    def __repr__(self) -> str:
+        return f"ClassificationMetrics({self._config_dict()})"

@@ -1,0 +1,219 @@
+// Accumulator and compute formulas against a naive reference, through the public C++ API
+// (the op is reached through the dispatcher, as a LibTorch program would).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <random>
+
+#include "metrics/accumulator.h"
+#include "metrics/layout.h"
+#include "metrics/row_math.h"
+
+namespace sm = stepscope::metrics;
+
+namespace {
+
+struct Naive {
+  std::vector<int64_t> tp, pc, tc;
+  std::vector<int64_t> confmat;
+  std::vector<int64_t> topk_hits;
+  int64_t n = 0, invalid = 0, ignored = 0;
+  double loss = 0;
+};
+
+Naive naive_multiclass(const torch::Tensor& logits, const torch::Tensor& target, int64_t C,
+                       const std::vector<int64_t>& ks, std::optional<int64_t> ignore) {
+  Naive r;
+  r.tp.assign(C, 0);
+  r.pc.assign(C, 0);
+  r.tc.assign(C, 0);
+  r.confmat.assign(C * C, 0);
+  r.topk_hits.assign(ks.size(), 0);
+  auto L = logits.to(torch::kDouble).contiguous();
+  auto T = target.to(torch::kLong).contiguous();
+  const double* x = L.data_ptr<double>();
+  const int64_t* t = T.data_ptr<int64_t>();
+  for (int64_t i = 0; i < L.size(0); ++i) {
+    if (ignore && t[i] == *ignore) {
+      r.ignored++;
+      continue;
+    }
+    if (t[i] < 0 || t[i] >= C) {
+      r.invalid++;
+      continue;
+    }
+    const double* row = x + i * C;
+    int64_t p = 0;
+    for (int64_t j = 1; j < C; ++j)
+      if (row[j] > row[p]) p = j;
+    int64_t above = 0;
+    double m = row[p], se = 0;
+    for (int64_t j = 0; j < C; ++j) {
+      above += row[j] > row[t[i]] || (row[j] == row[t[i]] && j < t[i]);
+      se += std::exp(row[j] - m);
+    }
+    r.loss += std::log(se) + m - row[t[i]];
+    r.tp[t[i]] += p == t[i];
+    r.pc[p]++;
+    r.tc[t[i]]++;
+    r.confmat[t[i] * C + p]++;
+    for (size_t k = 0; k < ks.size(); ++k) r.topk_hits[k] += above < ks[k];
+    r.n++;
+  }
+  return r;
+}
+
+TEST(Layout, ValidatesArguments) {
+  sm::Config c;
+  c.num_classes = 0;
+  EXPECT_THROW(sm::make_layout(c), c10::Error);
+  c.num_classes = 5;
+  c.top_k = {6};
+  EXPECT_THROW(sm::make_layout(c), c10::Error);
+  c.top_k = {1, 5};
+  const auto l = sm::make_layout(c);
+  EXPECT_EQ(l.classes, 5);
+  EXPECT_EQ(l.confmat, l.dense);
+  EXPECT_EQ(l.numel, l.dense + 25);
+}
+
+TEST(RowMath, EceBinMatchesTorchBucketize) {
+  auto edges = torch::linspace(0, 1, sm::kNumEceBins + 1, torch::kFloat);
+  std::mt19937 g(123);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> xs = {0.f, 1.f, 0.5f, 1.f / 15.f, 2.f / 15.f, 14.f / 15.f};
+  for (int i = 0; i < 11; ++i) xs.push_back(edges[i].item<float>());
+  for (int i = 0; i < 2000; ++i) xs.push_back(u(g));
+  auto xt = torch::tensor(xs);
+  auto ref = torch::bucketize(xt, edges, /*out_int32=*/false, /*right=*/true) - 1;
+  for (size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(sm::ece_bin(xs[i]), ref[i].item<int64_t>()) << xs[i];
+}
+
+TEST(RowMath, ExpNonposIsAccurate) {
+  for (float x = -80.f; x <= 0.f; x += 0.013f) {
+    const double ref = std::exp(static_cast<double>(x));
+    EXPECT_NEAR(sm::exp_nonpos(x) / ref, 1.0, 3e-7) << x;
+  }
+}
+
+TEST(RowMath, OnlineMergeEqualsSequential) {
+  std::mt19937 g(7);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (int rep = 0; rep < 50; ++rep) {
+    const int C = 1 + rep * 7;
+    std::vector<float> x(C);
+    for (auto& v : x) v = nd(g);
+    if (C > 3) x[2] = x[1];  // a tie
+    const int t = rep % C;
+    sm::RowState seq = sm::row_identity(), a = sm::row_identity(), b = sm::row_identity();
+    for (int j = 0; j < C; ++j) {
+      sm::row_push<true>(seq, x[j], j, x[t], t);
+      sm::row_push<true>(j % 2 ? a : b, x[j], j, x[t], t);
+    }
+    const auto m = sm::row_merge<true>(a, b);
+    EXPECT_EQ(m.argmax, seq.argmax);
+    EXPECT_EQ(m.above, seq.above);
+    EXPECT_NEAR(m.sumexp, seq.sumexp, 1e-5 * seq.sumexp);
+    int ref_arg = 0;
+    for (int j = 1; j < C; ++j)
+      if (x[j] > x[ref_arg]) ref_arg = j;
+    EXPECT_EQ(seq.argmax, ref_arg);
+  }
+}
+
+class AccumulatorTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(AccumulatorTest, MulticlassCountsMatchNaive) {
+  const int seed = GetParam();
+  torch::manual_seed(seed);
+  std::mt19937 g(seed);
+  const int64_t C = std::uniform_int_distribution<int64_t>(1, 40)(g);
+  const int64_t N = std::uniform_int_distribution<int64_t>(0, 3000)(g);
+  std::vector<int64_t> ks = {1};
+  if (C >= 3) ks.push_back(3);
+  std::optional<int64_t> ignore;
+  if (seed % 2) ignore = -1;
+  sm::Config cfg;
+  cfg.num_classes = C;
+  cfg.top_k = ks;
+  cfg.has_ignore_index = ignore.has_value();
+  cfg.ignore_index = ignore.value_or(0);
+  sm::Accumulator acc(cfg, torch::kCPU);
+  auto logits = torch::randn({N, C});
+  auto target = torch::randint(-1, C + (seed % 3 == 0 ? 1 : 0), {N}, torch::kLong);
+  // Two updates, split unevenly: accumulation must equal one pass.
+  const int64_t h = N / 3;
+  acc.update(logits.slice(0, 0, h), target.slice(0, 0, h));
+  acc.update(logits.slice(0, h), target.slice(0, h));
+  const Naive ref = naive_multiclass(logits, target, C, ks, ignore);
+  const auto& L = acc.layout();
+  auto s = acc.state();
+  for (int64_t c = 0; c < C; ++c) {
+    EXPECT_EQ(s[L.tp + c].item<double>(), ref.tp[c]);
+    EXPECT_EQ(s[L.pred + c].item<double>(), ref.pc[c]);
+    EXPECT_EQ(s[L.target + c].item<double>(), ref.tc[c]);
+  }
+  for (int64_t i = 0; i < C * C; ++i) EXPECT_EQ(s[L.confmat + i].item<double>(), ref.confmat[i]);
+  for (size_t k = 0; k < ks.size(); ++k) EXPECT_EQ(s[L.topk + k].item<double>(), ref.topk_hits[k]);
+  EXPECT_EQ(s[L.valid].item<double>(), ref.n);
+  EXPECT_EQ(s[L.invalid].item<double>(), ref.invalid);
+  EXPECT_EQ(s[L.ignored].item<double>(), ref.ignored);
+  EXPECT_NEAR(s[L.loss].item<double>(), ref.loss, 1e-5 * std::max(1.0, ref.loss));
+
+  const auto m = acc.compute(1.0, /*check=*/false);
+  const double micro = ref.n ? static_cast<double>(std::accumulate(ref.tp.begin(), ref.tp.end(), int64_t{0})) / ref.n : 0;
+  EXPECT_NEAR(m.at("accuracy").item<double>(), micro, 1e-6);
+  // Macro F1 over classes that appear in targets or predictions.
+  double f1 = 0;
+  int used = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t fp = ref.pc[c] - ref.tp[c], fn = ref.tc[c] - ref.tp[c];
+    if (ref.tp[c] + fp + fn == 0) continue;
+    f1 += 2.0 * ref.tp[c] / (2.0 * ref.tp[c] + fp + fn);
+    used++;
+  }
+  EXPECT_NEAR(m.at("f1_macro").item<double>(), used ? f1 / used : 0.0, 1e-6);
+  auto cm = acc.compute(1.0, false).at("confusion_matrix");
+  EXPECT_EQ(cm.dtype(), torch::kLong);
+  EXPECT_EQ(cm.sum().item<int64_t>(), ref.n);
+  if (ref.invalid > 0) {
+    EXPECT_THROW(acc.compute(), c10::Error);
+  }
+  acc.reset();
+  EXPECT_EQ(acc.state().abs().sum().item<double>(), 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Seeds, AccumulatorTest, ::testing::Range(0, 12));
+
+TEST(Accumulator, BadInputIsRefusedBeforeAnyChange) {
+  sm::Config cfg;
+  cfg.num_classes = 4;
+  sm::Accumulator acc(cfg, torch::kCPU);
+  EXPECT_THROW(acc.update(torch::randn({8, 5}), torch::zeros({8}, torch::kLong)), c10::Error);
+  EXPECT_THROW(acc.update(torch::randn({8, 4}), torch::zeros({7}, torch::kLong)), c10::Error);
+  EXPECT_THROW(acc.update(torch::randn({8, 4}), torch::zeros({8}, torch::kFloat)), c10::Error);
+  EXPECT_THROW(acc.update(torch::zeros({8, 4}, torch::kLong), torch::zeros({8}, torch::kLong)), c10::Error);
+  EXPECT_EQ(acc.state().abs().sum().item<double>(), 0.0);
+  try {
+    acc.update(torch::randn({64, 4}), torch::zeros({32}, torch::kLong));
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("got preds [64, 4] and target [32]"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Accumulator, BinaryAndMultilabel) {
+  sm::Config cfg;
+  cfg.task = sm::Task::kMultilabel;
+  cfg.num_classes = 3;
+  cfg.top_k = {};
+  sm::Accumulator acc(cfg, torch::kCPU);
+  auto p = torch::tensor({{0.9f, 0.2f, 0.6f}, {0.1f, 0.8f, 0.4f}});
+  auto t = torch::tensor({{1, 0, 0}, {0, 1, 1}});
+  acc.update(p, t);
+  auto m = acc.compute();
+  // per label: l0 tp=1 tn=1; l1 tp=1 tn=1; l2 fp=1 fn=1 -> hamming micro = 4/6
+  EXPECT_NEAR(m.at("accuracy").item<double>(), 4.0 / 6.0, 1e-6);
+  EXPECT_EQ(m.at("confusion_matrix").sizes(), (std::vector<int64_t>{3, 2, 2}));
+}
+
+}  // namespace
