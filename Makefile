@@ -14,7 +14,9 @@ deps:
 	  || $(PYTHON) -m pip install torch==2.14.1
 	@$(PYTHON) -c "import setuptools, sys; sys.exit(0 if int(setuptools.__version__.split('.')[0]) >= 64 else 1)" 2>/dev/null \
 	  || $(PYTHON) -m pip install "setuptools>=64" wheel
-	@command -v cmake >/dev/null && command -v ninja >/dev/null || $(PYTHON) -m pip install cmake ninja
+	@$(PYTHON) -c "import cmake, sys; sys.exit(0 if tuple(map(int, cmake.__version__.split('.')[:2])) >= (3, 27) else 1)" 2>/dev/null \
+	  || $(PYTHON) -m pip install "cmake>=3.27"
+	@command -v ninja >/dev/null || $(PYTHON) -m pip install ninja
 	@$(PYTHON) -c "import sklearn" 2>/dev/null || $(PYTHON) -m pip install scikit-learn
 
 test-deps: deps
@@ -34,7 +36,7 @@ demo: build
 	$(PYTHON) examples/train_classifier.py
 
 test: build-tests
-	ctest --test-dir $(BUILD_DIR) --output-on-failure
+	$$($(PYTHON) -c "import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'))") --test-dir $(BUILD_DIR) --output-on-failure
 	$(PYTHON) -m pytest tests/python -q -rs
 
 clean:

@@ -24,6 +24,16 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def cmake_exe() -> str:
+    """The cmake of the `cmake` wheel when installed (new enough for nvcc 13 + C++20), else PATH's."""
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return "cmake"
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch  # noqa: F401  (fail early and clearly when torch is missing)
@@ -33,18 +43,20 @@ class CMakeBuild(build_ext):
         pkg_dir.mkdir(parents=True, exist_ok=True)
         build_dir = Path(os.environ.get("STEPSCOPE_BUILD_DIR", ROOT / "build")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
+        exe = cmake_exe()
         args = [
-            "cmake",
+            exe,
             "-S", str(ROOT),
             "-B", str(build_dir),
             "-G", "Ninja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DSTEPSCOPE_PACKAGE_DIR={pkg_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+            "-Wno-dev",
         ]
         args += shlex.split(os.environ.get("STEPSCOPE_CMAKE_ARGS", ""))
         subprocess.run(args, check=True)
-        build = ["cmake", "--build", str(build_dir)]
+        build = [exe, "--build", str(build_dir)]
         if "MAX_JOBS" in os.environ:
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(build, check=True)
