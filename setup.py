@@ -9,6 +9,7 @@ TORCH_CUDA_ARCH_LIST (CUDA architectures), MAX_JOBS (parallel compile jobs).
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ class CMakeBuild(build_ext):
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         pkg_dir = ext_path.parent
         pkg_dir.mkdir(parents=True, exist_ok=True)
+        # CMake always writes _C and libstepscope into the source package (so an editable
+        # install and `PYTHONPATH=python` both work); a wheel build copies them from there.
+        src_pkg = ROOT / "python" / "stepscope"
         build_dir = Path(os.environ.get("STEPSCOPE_BUILD_DIR", ROOT / "build")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         exe = cmake_exe()
@@ -50,7 +54,7 @@ class CMakeBuild(build_ext):
             "-B", str(build_dir),
             "-G", "Ninja",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DSTEPSCOPE_PACKAGE_DIR={pkg_dir}",
+            f"-DSTEPSCOPE_PACKAGE_DIR={src_pkg}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             "-Wno-dev",
         ]
@@ -60,6 +64,9 @@ class CMakeBuild(build_ext):
         if "MAX_JOBS" in os.environ:
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(build, check=True)
+        if pkg_dir != src_pkg.resolve():
+            for lib in list(src_pkg.glob("_C*.so")) + list(src_pkg.glob("libstepscope*.so*")):
+                shutil.copy2(lib, pkg_dir / lib.name)
 
 
 setup(

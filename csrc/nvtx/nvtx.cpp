@@ -117,4 +117,15 @@ void mark(const char* name, int64_t payload) {
 #endif
 }
 
+namespace {
+std::atomic<uint64_t> g_capture{0};
+}
+
+void capture_begin() {
+  // TODO(nvtx issue): cudaProfilerStart() when CUDA is compiled in.
+  g_capture.store(start(Phase::kCapture));
+}
+
+void capture_end() { end(g_capture.exchange(0)); }
+
 }  // namespace stepscope::nvtx

@@ -39,4 +39,10 @@ uint64_t start(Phase p, const char* name = nullptr, int64_t step = -1);  // retu
 void end(uint64_t id);
 void mark(const char* name, int64_t payload = -1);
 
+// Capture window (Monitor(profile_steps=range(a, b))): cudaProfilerStart/Stop where CUDA is
+// compiled in, plus one start/end range named "capture" in the domain, for
+// `nsys profile --capture-range=cudaProfilerApi` or `--capture-range=nvtx`.
+void capture_begin();
+void capture_end();
+
 }  // namespace stepscope::nvtx
