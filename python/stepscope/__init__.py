@@ -13,6 +13,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from .metrics import ClassificationMetrics
+from .monitor import Monitor
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "build_info", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "build_info", "__version__"]
