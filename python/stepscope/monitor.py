@@ -22,6 +22,7 @@ import weakref
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import torch.optim.optimizer as _optim_mod
 
 from . import _C
 from . import report as _report
@@ -143,6 +144,8 @@ class Monitor:
         self._module_handles: list = []
         self._modules: list = []  # (module, id)
         self._stepped: set = set()
+        self._opt_in: Optional[torch.optim.Optimizer] = None
+        self._opt_depth = 0
         self._phases: dict = {}
         self._cuda = False
         self._mem_alloc: Optional[int] = None
@@ -161,6 +164,8 @@ class Monitor:
                                    "detach it first (two Monitors would time every phase twice)")
         self._cuda = torch.cuda.is_available() and any(
             p.is_cuda for m in self._models for p in m.parameters())
+        self._stepped.clear()
+        self._opt_in, self._opt_depth = None, 0
         if self._tl is None:
             cap = (self._profile.start, self._profile.stop) if self._profile is not None else (-1, -1)
             self._tl = _C.Timeline(device=self._cuda, nvtx=self._nvtx, ring=self._ring,
@@ -210,8 +215,8 @@ class Monitor:
                 self._handles.append(o.register_step_pre_hook(self._optimizer_pre))
                 self._handles.append(o.register_step_post_hook(self._optimizer_post))
         else:
-            self._handles.append(torch.optim.optimizer.register_optimizer_step_pre_hook(self._optimizer_pre))
-            self._handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(self._optimizer_post))
+            self._handles.append(_optim_mod.register_optimizer_step_pre_hook(self._optimizer_pre))
+            self._handles.append(_optim_mod.register_optimizer_step_post_hook(self._optimizer_post))
         if self._per_module:
             sel = self._per_module
             names = {s for s in sel if isinstance(s, str)} if sel is not True else set()
@@ -240,6 +245,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks (keep them small)
     def _forward_pre(self, module: torch.nn.Module, args: tuple) -> None:
+        if self._opt_depth:  # the optimizer step raised (no post hook came)
+            self._opt_in, self._opt_depth = None, 0
         ev = not module.training or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
         b = self._batch
         if b < 0 and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
@@ -258,10 +265,22 @@ class Monitor:
         if self._tl.backward_begin():
             torch.autograd.Variable._execution_engine.queue_callback(self._tl.backward_end)
 
+    # A subclass whose step() calls super().step() fires the hooks twice, nested (torch wraps every
+    # class's step once an instance of it exists): only the outermost pair is a boundary.
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._opt_depth and self._opt_in is opt:
+            self._opt_depth += 1
+            return
+        self._opt_in, self._opt_depth = opt, 1  # a different optimizer: the previous step raised
         self._tl.optimizer_begin()
 
     def _optimizer_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._opt_in is not opt:
+            return
+        self._opt_depth -= 1
+        if self._opt_depth > 0:
+            return
+        self._opt_in = None
         end = True
         if len(self._opts) > 1:
             self._stepped.add(id(opt))
