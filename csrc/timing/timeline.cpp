@@ -529,10 +529,10 @@ std::vector<StepRecord> Timeline::recent_steps() const {
   return v;
 }
 
-ScopedPhase::ScopedPhase(Timeline& tl, Phase p) : tl_(tl), phase_(p) {
+ScopedPhase::ScopedPhase(Timeline& tl, Phase p, int64_t batch) : tl_(tl), phase_(p) {
   switch (p) {
     case Phase::kForward:
-      tl_.forward_begin();
+      tl_.forward_begin(false, batch);
       break;
     case Phase::kBackward:
       open_ = tl_.backward_begin();

@@ -209,9 +209,10 @@ class Timeline {
 };
 
 // RAII boundary pair for C++ loops: kForward, kBackward or kOptimizer (which ends the step).
+// batch: samples in a forward (samples/s).
 class ScopedPhase {
  public:
-  ScopedPhase(Timeline& tl, Phase p);
+  ScopedPhase(Timeline& tl, Phase p, int64_t batch = -1);
   ScopedPhase(Timeline& tl, const std::string& user_phase);
   ~ScopedPhase();
   ScopedPhase(const ScopedPhase&) = delete;
