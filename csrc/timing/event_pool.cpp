@@ -51,7 +51,8 @@ int EventPool::record() {
   } else {
     return -1;
   }
-  C10_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
+  C10_CUDA_CHECK(
+      cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
   refs_[slot] = 1;
   return slot;
 #else

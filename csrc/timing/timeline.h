@@ -24,7 +24,17 @@
 // Threads. Backward boundaries arrive on autograd's thread; every public method takes one mutex.
 // NVTX: the step, data, loss, backward and other ranges are start/end ranges (they may end on
 // another thread); forward, optimizer, eval, module and user ranges are push/pop (they begin and
-// end on the calling thread).
+// end on the calling thread). The exact sequence of one training step (payload = step N):
+//   step start       start(kStep, "step N"), start(kData)
+//   forward_begin    end(data), push(kForward)         forward_end     pop(), start(kLoss)
+//   backward_begin   end(loss), start(kBackward)       backward_end    end(backward), start(kOther)
+//   optimizer_begin  end(other), push(kOptimizer)
+//   optimizer_end    pop(), end(step), [capture_end() if N+1 == capture_end,
+//                    capture_begin() if N+1 == capture_begin], then step N+1 starts as above
+// (step() instead of an optimizer: end(other), end(step), ...). Eval forwards: push(kEval)/pop();
+// modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
+// open. All of it lives in start_step, finish_step, cursor_start/cursor_push/end_cursor_range
+// and the eval/user/module methods of timeline.cpp. With options.nvtx false none is emitted.
 #pragma once
 
 #include <array>

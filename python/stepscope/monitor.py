@@ -107,7 +107,8 @@ class Monitor:
     ) -> None:
         models = [model] if isinstance(model, torch.nn.Module) else list(model)
         if not models or not all(isinstance(m, torch.nn.Module) for m in models):
-            raise TypeError(f"stepscope: Monitor needs a torch.nn.Module or a list of them; got {type(model).__name__}")
+            raise TypeError("stepscope: Monitor needs a torch.nn.Module or a list of them; "
+                            f"got {type(model).__name__}")
         if optimizers is None:
             opts: list = []
         elif isinstance(optimizers, torch.optim.Optimizer):
@@ -124,12 +125,13 @@ class Monitor:
             raise ValueError(f"stepscope: batch_size must be >= 1; got {batch_size}")
         if profile_steps is not None and (not isinstance(profile_steps, range) or profile_steps.step != 1
                                           or len(profile_steps) == 0 or profile_steps.start < 0):
-            raise ValueError(f"stepscope: profile_steps must be a non-empty range(a, b) of steps; got {profile_steps!r}")
+            raise ValueError("stepscope: profile_steps must be a non-empty range(a, b) of steps; "
+                             f"got {profile_steps!r}")
         if per_module and any(_is_compiled(m) for m in models):
-            warnings.warn("stepscope: per-module timing is not available for a torch.compile'd model (its submodules "
-                          "run inside compiled graphs, where hooks would either break the graph or never fire); "
-                          "phase timing still works. Time the uncompiled model to see per-module numbers.",
-                          stacklevel=2)
+            warnings.warn("stepscope: per-module timing is not available for a torch.compile'd model (its "
+                          "submodules run inside compiled graphs, where hooks would either break the graph or "
+                          "never fire); phase timing still works. Time the uncompiled model to see per-module "
+                          "numbers.", stacklevel=2)
             per_module = False
         self._models = models
         self._opts = opts
@@ -156,11 +158,13 @@ class Monitor:
     def attach(self) -> "Monitor":
         """Registers the hooks. Raises if this Monitor, or another one, is attached to the model."""
         if self._attached:
-            raise RuntimeError("stepscope: this Monitor is already attached; detach() it before attaching again")
+            raise RuntimeError("stepscope: this Monitor is already attached; detach() it before attaching "
+                               "again")
         for m in self._models:
             other = _attached_models.get(m)
             if other is not None:
-                raise RuntimeError(f"stepscope: another Monitor is already attached to this {type(m).__name__}; "
+                raise RuntimeError("stepscope: another Monitor is already attached to this "
+                                   f"{type(m).__name__}; "
                                    "detach it first (two Monitors would time every phase twice)")
         self._cuda = torch.cuda.is_available() and any(
             p.is_cuda for m in self._models for p in m.parameters())
@@ -186,7 +190,8 @@ class Monitor:
     def detach(self) -> None:
         """Removes every hook; the statistics stay readable. Raises if not attached."""
         if not self._attached:
-            raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never attached)")
+            raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never "
+                               "attached)")
         self._remove_all()
         self._tl.close()
         for m in self._models:
@@ -222,7 +227,8 @@ class Monitor:
             names = {s for s in sel if isinstance(s, str)} if sel is not True else set()
             types = tuple(s for s in sel if isinstance(s, type)) if sel is not True else ()
             if sel is not True and not names and not types:
-                raise TypeError("stepscope: per_module must be True or a list of submodule names or module types")
+                raise TypeError("stepscope: per_module must be True or a list of submodule names or module "
+                                "types")
             self._modules = []
             for k, m in enumerate(self._models):
                 for name, sub in m.named_modules():
@@ -303,7 +309,8 @@ class Monitor:
         if want and not self._module_handles:
             tl = self._tl
             for sub, i in self._modules:
-                self._module_handles.append(sub.register_forward_pre_hook(lambda m, a, i=i: tl.module_begin(i)))
+                self._module_handles.append(
+                    sub.register_forward_pre_hook(lambda m, a, i=i: tl.module_begin(i)))
                 self._module_handles.append(
                     sub.register_forward_hook(lambda m, a, o, i=i: tl.module_end(i), always_call=True))
         elif not want and self._module_handles:

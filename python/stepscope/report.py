@@ -72,8 +72,8 @@ def format_summary(rep: dict) -> str:
         if dev:
             d: Any = e["device"] or {}
             n = d.get("count", 0)
-            r += [_ms(d.get("mean")) if n else "-", _ms(d.get("p50")) if n else "-", _ms(d.get("p90")) if n else "-",
-                  _ms(d.get("p99")) if n else "-", f"{d.get('total', 0.0):.4f}" if n else "-",
+            r += [_ms(d.get(q)) if n else "-" for q in ("mean", "p50", "p90", "p99")]
+            r += [f"{d.get('total', 0.0):.4f}" if n else "-",
                   _pct(e.get("share_device")) if share and n else ""]
         rows.append(r)
 
@@ -88,7 +88,10 @@ def format_summary(rep: dict) -> str:
     for k, v in rep["modules"].items():
         add(f"module:{k}", v, share=False)
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = ["times in ms unless marked s; share = phase total / step total", fmt(head),
              "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]

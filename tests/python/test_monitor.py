@@ -23,7 +23,8 @@ from stepscope import _C
 # Phases also hold real work the sleeps do not cover (loss computation and autograd's start,
 # SGD's update, returning from backward: 0.2-0.8 ms each on this loaded 2-core machine): planted
 # times are long enough that this unplanted work stays inside the 5%.
-PLANT = {"data": 0.020, "forward": 0.020, "loss": 0.025, "backward": 0.025, "other": 0.015, "optimizer": 0.020}
+PLANT = {"data": 0.020, "forward": 0.020, "loss": 0.025, "backward": 0.025, "other": 0.015,
+         "optimizer": 0.020}
 PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
 TOL = 0.05
 
@@ -517,7 +518,8 @@ def test_cuda_device_times_match_hand_placed_events_without_syncs():
         hand = sum(a.elapsed_time(b) for a, b in zip(evs[::2], evs[1::2])) / 1e3
         got = rep["phases"][k]["device"]["total"]
         rows.append((k, got, hand))
-        print(f"{k:10s} monitor {got * 1e3:9.3f} ms   hand events {hand * 1e3:9.3f} ms   ratio {got / hand:.4f}")
+        print(f"{k:10s} monitor {got * 1e3:9.3f} ms   hand events {hand * 1e3:9.3f} ms   "
+              f"ratio {got / hand:.4f}")
     for k, got, hand in rows:
         assert got == pytest.approx(hand, rel=0.05), k
     assert rep["memory"] is not None and rep["memory"]["peak"] >= rep["memory"]["allocated"] > 0
