@@ -8,6 +8,7 @@
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
 #include "nvtx/nvtx.h"
+#include "timing/autograd_hook.h"
 #include "timing/timeline.h"
 
 namespace py = pybind11;
@@ -131,7 +132,7 @@ PYBIND11_MODULE(_C, m) {
   // (backward ones on autograd's thread), so each is one clock read, at most one event record and
   // the Timeline's own mutex, which is never held while calling back into Python.
   using stepscope::timing::Timeline;
-  py::class_<Timeline>(m, "Timeline",
+  py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
                        "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
       .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end) {
              TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
@@ -143,7 +144,7 @@ PYBIND11_MODULE(_C, m) {
              o.event_pool = event_pool;
              o.capture_begin = capture_begin;
              o.capture_end = capture_end;
-             return std::make_unique<Timeline>(o);
+             return std::make_shared<Timeline>(o);
            }),
            py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256, py::arg("event_pool") = 2048,
            py::arg("capture_begin") = -1, py::arg("capture_end") = -1)
@@ -160,6 +161,13 @@ PYBIND11_MODULE(_C, m) {
       .def("register_module", &Timeline::register_module, py::arg("name"))
       .def("module_begin", &Timeline::module_begin, py::arg("id"))
       .def("module_end", &Timeline::module_end, py::arg("id"))
+      .def("hook_backward",
+           [](const std::shared_ptr<Timeline>& self, const at::Tensor& output) {
+             return stepscope::timing::hook_backward(output, self);
+           },
+           py::arg("output"),
+           "C++ pre-hook on output.grad_fn: backward_begin() when the gradient reaches it, backward_end() at "
+           "autograd's final callback. False when output has no grad_fn.")
       .def("poll", &Timeline::poll)
       .def("open", &Timeline::open)
       .def("close", &Timeline::close)

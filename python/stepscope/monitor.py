@@ -264,12 +264,8 @@ class Monitor:
         if output is not None and torch.is_grad_enabled():
             t = _first_grad_tensor(output)
             if t is not None:
-                # A pre-hook on the output's grad_fn fires when the gradient reaches the output, as
-                # a tensor hook would, at about half the cost of Tensor.register_hook.
-                fn = t.grad_fn
-                if fn is not None:
-                    fn.register_prehook(self._grad_reaches_output)
-                else:
+                # A C++ pre-hook on the output's grad_fn: no Python (and no GIL) in the backward.
+                if not self._tl.hook_backward(t):
                     t.register_hook(self._grad_reaches_output)
 
     def _grad_reaches_output(self, grad: Any) -> None:

@@ -544,3 +544,38 @@ def test_cuda_pool_exhaustion_drops_instead_of_stalling():
     rep = mon.report()
     assert rep["steps"] == 10
     assert rep["dropped_device_samples"] > 0
+
+
+def test_backward_timed_for_a_leaf_output_too():
+    # A model returning a parameter itself: no grad_fn for the C++ pre-hook, a tensor hook instead.
+    class Leaf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.w
+
+    class Slow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            sleep(0.020, "backward")
+            return g * 2
+
+    m = Leaf()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    with stepscope.Monitor(m, opt) as mon:
+        for _ in range(3):
+            out = m(torch.randn(2, 4))
+            assert out.grad_fn is None
+            # backward begins when the gradient reaches the output, i.e. after Slow's backward
+            Slow.apply(out).sum().backward()
+            opt.step()
+    rep = mon.report()
+    assert rep["phases"]["backward"]["host"]["count"] == 3
+    assert rep["phases"]["loss"]["host"]["min"] >= 0.020
+    assert rep["phases"]["backward"]["host"]["max"] < 0.010
