@@ -5,6 +5,10 @@
     metrics.update(logits, labels)      # one kernel, no host sync
     print(metrics.compute())            # dict of tensors
 
+    with stepscope.Monitor(model, optimizer) as mon:   # phase timing hooks, no host syncs
+        ...                                            # the training loop, unchanged
+    print(mon.summary())                # data/forward/loss/backward/other/optimizer per step
+
 The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
 native classes live in stepscope._C.
 """

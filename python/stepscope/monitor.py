@@ -89,8 +89,12 @@ class Monitor:
         ring: how many recent steps are kept raw (:meth:`recent_steps`).
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
-    reported apart as ``eval_forward``, and eval time is left out of the training step.
-    Gradient accumulation (several forward/backward per step) needs nothing special.
+    reported apart as ``eval_forward``, and eval time is left out of the training step (so a
+    model trained in ``eval()`` mode, e.g. to freeze batch norm, has its forwards counted as
+    eval). Gradient accumulation (several forward/backward per step) needs nothing special.
+    Optimizers that run the model inside ``step(closure)`` (LBFGS) break the partition: call
+    :meth:`step` after them. Backward begins at a C++ pre-hook on the output's ``grad_fn``, which
+    compiled autograd does not support.
     """
 
     def __init__(
