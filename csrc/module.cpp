@@ -95,7 +95,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("state"), py::arg("normalize") = "none")
       .def(
           "check",
-          [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state); },
+          // Python raises the non-finite warning itself (a TORCH_WARN from here would only reach stderr).
+          [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state, false); },
           py::arg("state"));
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -141,7 +142,13 @@ class ClassificationMetrics:
         """
         state = self._state_or_empty()
         if check:
-            self._cfg.check(state)
+            nonfinite = self._cfg.check(state)[0]
+            if nonfinite:
+                unit = "sample(s)" if self.task == "multiclass" else "element(s)"
+                warnings.warn(
+                    f"stepscope: {nonfinite} {unit} had NaN or Inf predictions and were left out of every metric",
+                    stacklevel=2,
+                )
         return self._cfg.compute(state, self.beta)
 
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
