@@ -58,7 +58,8 @@ class ClassificationMetrics:
     ``ignore_index`` as a label index (torchmetrics drops label ``ignore_index`` from the macro
     average when 0 <= ignore_index < L); binary/multilabel ECE bins each element's positive
     probability against its target, as torchmetrics' BinaryCalibrationError does, and the loss is
-    binary cross-entropy (multiclass: cross-entropy).
+    binary cross-entropy (multiclass: cross-entropy); when nothing was counted every rate is 0
+    (zero_division), where torchmetrics' JaccardIndex returns NaN.
     """
 
     def __init__(
