@@ -28,7 +28,9 @@ class ClassificationMetrics:
             count nowhere.
         threshold: binary/multilabel: positive iff probability > threshold.
         input: ``"auto"``, ``"logits"`` or ``"probs"``. Binary/multilabel ``"auto"`` is
-            torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid).
+            torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid). The
+            whole batch counts, ignored positions included, as in torchmetrics' stat-score
+            metrics (its confusion-matrix and calibration metrics look at the kept ones only).
             Multiclass ``"auto"`` means logits; pass ``"probs"`` for softmax outputs (it changes
             the loss and the ECE confidence, never the argmax).
         confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
@@ -58,8 +60,9 @@ class ClassificationMetrics:
     ``ignore_index`` as a label index (torchmetrics drops label ``ignore_index`` from the macro
     average when 0 <= ignore_index < L); binary/multilabel ECE bins each element's positive
     probability against its target, as torchmetrics' BinaryCalibrationError does, and the loss is
-    binary cross-entropy (multiclass: cross-entropy); when nothing was counted every rate is 0
-    (zero_division), where torchmetrics' JaccardIndex returns NaN.
+    binary cross-entropy (multiclass: cross-entropy); an IoU average with no weight at all
+    (nothing counted, or no positive target for 'weighted') is 0 (zero_division) where
+    torchmetrics' JaccardIndex returns NaN.
     """
 
     def __init__(
