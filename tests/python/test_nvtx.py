@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import stepscope
 
@@ -302,6 +303,33 @@ def test_argument_checks():
     assert nvtx.range("x").argb == 0
 
 
+@needs_tool
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ranges_and_capture_window_on_cuda(tmp_path):
+    """On a GPU: ranges around CUDA work, and the capture window's cudaProfilerStart/Stop path
+    (taken only in a process that already has a CUDA context) leaves no CUDA error behind."""
+    events, out = run_traced(
+        """
+        import torch, stepscope
+        from stepscope._C import nvtx as nv
+        x = torch.randn(256, 256, device="cuda")
+        nv.capture_begin()
+        with stepscope.nvtx.range("matmul"):
+            y = x @ x
+        nv.capture_end()
+        torch.cuda.synchronize()
+        z = (y + 1).sum()        # a launch after the window: would raise on a left-over error
+        torch.cuda.synchronize()
+        print(nv.capture_open(), bool(torch.isfinite(z)))
+        """,
+        tmp_path,
+    )
+    assert out.split() == ["False", "True"]
+    assert [e.brief() for e in ranges(events)] == ["Start capture", "Push matmul", "Pop", "End"]
+    assert_balanced(events)
+
+
 # ---------------------------------------------------------------- the Monitor's ranges
 # Written against issue 4's contract; skipped until stepscope.Monitor exists.
 
@@ -375,6 +403,26 @@ def test_monitor_sequence(tmp_path):
     _, ca, cb, co = captures[0]
     assert (co["color"], co["category"]) == style(Phase.capture)
     assert steps[0][2] < ca < steps[1][1] and steps[1][2] < cb < steps[2][1]
+
+
+@needs_tool
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not hasattr(stepscope, "Monitor"), reason="stepscope.Monitor (issue 4) not merged yet")
+def test_monitor_sequence_cuda(tmp_path):
+    """The same loop on CUDA tensors: backward's range begins and ends on autograd's thread."""
+    code = MONITOR_LOOP.format(kwargs="")
+    code = code.replace("opt = torch.optim.SGD", "model = model.cuda()\nopt = torch.optim.SGD")
+    code = code.replace("torch.randn(5, 8), torch.randint(0, 4, (5,))",
+                        "torch.randn(5, 8, device='cuda'), torch.randint(0, 4, (5,), device='cuda')")
+    events, out = run_traced(code, tmp_path)
+    assert out.split() == ["done"]
+    assert_balanced(events)
+    spans = _spans(ranges(events))
+    steps = [s for s in spans if s[3]["category"] == str(_nv.phase_category(Phase.step))]
+    assert [s[3]["payload"] for s in steps] == ["0", "1", "2"]
+    for _, a, b, _ in steps:
+        assert [s[0] for s in spans if a < s[1] and s[2] < b and s[0] in PHASES] == PHASES
 
 
 @needs_tool
