@@ -1,11 +1,12 @@
 """Cost of one stepscope NVTX range (a push/pop pair), with no tool attached and under a tool.
 
-    PYTHONPATH=python python bench/nvtx_bench.py [--inject build/tests/nvtx_inject/libstepscope_nvtx_inject.so]
+    PYTHONPATH=python python bench/nvtx_bench.py \
+        [--inject build/tests/nvtx_inject/libstepscope_nvtx_inject.so]
 
 Every configuration runs in its own interpreter, because NVTX decides once, at a process's
 first NVTX call, whether a tool is attached (NVTX_INJECTION64_PATH):
   no tool        plain run: what every training step pays when nobody profiles
-  switched off   no tool and stepscope.nvtx.set_enabled(False)
+  tool, off      the test injection library attached, stepscope.nvtx.set_enabled(False)
   tool, count    the test injection library attached, recording nothing (the dispatch cost)
   tool, log      the test injection library writing one line per call to a file (a write(2)
                  per call: an upper bound, far slower than nsys's in-memory buffers)
@@ -74,19 +75,19 @@ def empty():
             pass
     return (time.perf_counter_ns() - t0) / n
 
-out = {"tool": nvtx.tool_attached(), "cpp": best(cpp), "py_new": best(py_new), "py_reused": best(py_reused),
-       "empty_with": best(empty)}
+out = {"tool": nvtx.tool_attached(), "cpp": best(cpp), "py_new": best(py_new),
+       "py_reused": best(py_reused), "empty_with": best(empty)}
 try:
     out["torch"] = best(torch_range)
-except (RuntimeError, AttributeError) as e:  # a CPU torch has no _nvtx
+except (RuntimeError, AttributeError):  # a CPU torch has no _nvtx
     out["torch"] = None
 print(json.dumps(out))
 """
 
 
 def find_inject() -> str | None:
-    hits = sorted(glob.glob(str(ROOT / "build*" / "**" / "libstepscope_nvtx_inject.so"), recursive=True),
-                  key=os.path.getmtime, reverse=True)
+    pattern = str(ROOT / "build*" / "**" / "libstepscope_nvtx_inject.so")
+    hits = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime, reverse=True)
     return hits[0] if hits else None
 
 
@@ -114,12 +115,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000, help="ranges per timing (no-tool columns)")
     ap.add_argument("--n-log", type=int, default=50_000, help="ranges per timing with the logging tool")
-    ap.add_argument("--inject", default=None, help="path of libstepscope_nvtx_inject.so (default: search build*/)")
+    ap.add_argument("--inject", default=None,
+                    help="path of libstepscope_nvtx_inject.so (default: the newest under build*/)")
     args = ap.parse_args()
     inject = args.inject or find_inject()
 
-    cols = {"no tool": run(args.n), "switched off": run(args.n, off=True)}
+    cols = {"no tool": run(args.n)}
     if inject:
+        cols["tool, off"] = run(args.n, off=True, inject=inject)
         cols["tool, count"] = run(args.n // 4, inject=inject)
         with tempfile.TemporaryDirectory() as d:
             cols["tool, log"] = run(args.n_log, inject=inject, log=os.path.join(d, "nvtx.log"))
@@ -136,18 +139,20 @@ def main() -> None:
         ("loop + empty `with` (floor)", "empty_with"),
     ]
     names = list(cols)
-    print("ns per range (push + pop), best of 5; " + ", ".join(f"{k}: n={v}" for k, v in
-                                                           zip(names, [args.n, args.n, args.n // 4, args.n_log])))
+    sizes = {"no tool": args.n, "tool, off": args.n, "tool, count": args.n // 4, "tool, log": args.n_log}
+    print("ns per range (push + pop), best of 5; " + ", ".join(f"{k}: n={sizes[k]}" for k in names))
     print(f"{'path':34s}" + "".join(f"{k:>14s}" for k in names))
     for label, key in rows:
         vals = [cols[k].get(key) if not (key == "torch" and k.startswith("tool")) else None for k in names]
         print(f"{label:34s}" + "".join(f"{fmt(v):>14s}" for v in vals))
     t = cols["no tool"]
     if t.get("torch"):
-        print(f"{'ratio stepscope/torch (Python)':34s}{t['py_new'] / t['torch']:14.2f}x  (no tool, new range object)")
+        print(f"{'ratio stepscope/torch (Python)':34s}{t['py_new'] / t['torch']:14.2f}x"
+              "  (no tool, new range object)")
     verdict = "meets" if t["cpp"] < 100.0 else "MISSES"
     print(f"C++ path, no tool: {t['cpp']:.1f} ns per range: {verdict} the < 100 ns (0.1 us) budget")
-    print("reproduce: PYTHONPATH=python python bench/nvtx_bench.py" + (f" --inject {inject}" if inject else ""))
+    cmd = "PYTHONPATH=python python bench/nvtx_bench.py" + (f" --inject {inject}" if inject else "")
+    print(f"reproduce: {cmd}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@
     stepscope.nvtx.mark("checkpoint saved")
 
 Ranges are push/pop ranges on the calling thread, in the domain "stepscope", category "user";
-names are registered strings. They cost one C++ call and a branch when no tool is attached
-(bench/nvtx_bench.py measures it); Nsight Systems shows them under the "stepscope" NVTX row of
-the thread (see docs/nsight.md). ``set_enabled(False)`` silences all stepscope ranges in the
+names are registered strings. With no tool attached (decided at import, as NVTX decides it at
+its first call) a range costs only its Python object and the `with` (bench/nvtx_bench.py
+measures it), and the decorator returns the function unchanged. Nsight Systems shows them
+under the "stepscope" NVTX row of the thread (see docs/nsight.md). ``set_enabled(False)`` silences all stepscope ranges in the
 process, the Monitor's included.
 """
 
@@ -28,6 +29,9 @@ from . import _C
 _nv = _C.nvtx
 _push = _nv.range_push
 _pop = _nv.range_pop
+# NVTX decides once per process, at its first call, whether a tool is attached; asking at
+# import makes that call, and with no tool (final) the ranges skip the two C++ calls entirely.
+_NO_TOOL: bool = not _nv.tool_attached()
 
 Color = Union[int, str, None]
 F = TypeVar("F", bound=Callable)
@@ -98,11 +102,13 @@ class range:  # noqa: A001  (stepscope.nvtx.range, like torch.cuda.nvtx.range)
         self.argb = _argb(color)
 
     def __enter__(self) -> "range":
-        _push(self.name, self.argb)
+        if not _NO_TOOL:
+            _push(self.name, self.argb)
         return self
 
     def __exit__(self, *exc) -> bool:
-        _pop()
+        if not _NO_TOOL:
+            _pop()
         return False
 
     def __call__(self, fn: F) -> F:
@@ -114,6 +120,8 @@ class range:  # noqa: A001  (stepscope.nvtx.range, like torch.cuda.nvtx.range)
                 f"stepscope.nvtx.range: cannot decorate generator or coroutine function {fn.__qualname__}: "
                 "a push/pop range would stay open across its suspensions; use `with` inside it instead")
         name, argb = self.name, self.argb
+        if _NO_TOOL:
+            return fn  # nothing can ever listen in this process: no wrapper, no cost
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -138,7 +146,9 @@ def mark(name: str, color: Color = None) -> None:
     """
     if not isinstance(name, str):
         raise TypeError(f"stepscope.nvtx.mark: name must be a str; got {type(name).__name__}")
-    _nv.mark(name, -1, _argb(color))
+    argb = _argb(color)
+    if not _NO_TOOL:
+        _nv.mark(name, -1, argb)
 
 
 def enabled() -> bool:
