@@ -12,6 +12,7 @@ native classes live in stepscope._C.
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
+from . import nvtx
 from .metrics import ClassificationMetrics
 
 __version__ = "0.1.0"
@@ -27,4 +28,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "build_info", "__version__"]
+__all__ = ["ClassificationMetrics", "build_info", "nvtx", "__version__"]
