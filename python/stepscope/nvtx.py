@@ -14,8 +14,8 @@ Ranges are push/pop ranges on the calling thread, in the domain "stepscope", cat
 names are registered strings. With no tool attached (decided at import, as NVTX decides it at
 its first call) a range costs only its Python object and the `with` (bench/nvtx_bench.py
 measures it), and the decorator returns the function unchanged. Nsight Systems shows them
-under the "stepscope" NVTX row of the thread (see the README, "Viewing in Nsight Systems"). ``set_enabled(False)``
-silences all stepscope ranges in the process, the Monitor's included.
+under the "stepscope" NVTX row of the thread (see the README, "Viewing in Nsight Systems").
+``set_enabled(False)`` silences all stepscope ranges in the process, the Monitor's included.
 """
 
 from __future__ import annotations
