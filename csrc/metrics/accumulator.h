@@ -33,9 +33,9 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
 // targets. normalize: "none" (int64 counts), "true" (rows sum to 1), "pred" (columns), "all".
 at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const std::string& normalize = "none");
 
-// The one host read: raises if any target was out of range (naming how many) and warns on
-// non-finite predictions. Returns {nonfinite, invalid, ignored}.
-std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state);
+// The one host read: raises if any target was out of range (naming how many) and, with warn,
+// warns (TORCH_WARN) on non-finite predictions. Returns {nonfinite, invalid, ignored}.
+std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn = true);
 
 class Accumulator {
  public:

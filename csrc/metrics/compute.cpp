@@ -164,7 +164,7 @@ at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const st
   return f32(safe_div(m, den.expand_as(m)));
 }
 
-std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state) {
+std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn) {
   const Layout lay = make_layout(cfg);
   // nonfinite, invalid and ignored are adjacent: one small device-to-host copy.
   const at::Tensor h = state.narrow(0, lay.nonfinite, 3).to(at::kCPU, at::kLong);
@@ -177,7 +177,7 @@ std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state) {
                       cfg.has_ignore_index ? " and not ignore_index=" + std::to_string(cfg.ignore_index) : "",
                       "; they were left out of every metric. Fix the labels, or set ignore_index.");
   }
-  if (v[0] > 0) {
+  if (warn && v[0] > 0) {
     TORCH_WARN("stepscope: ", v[0], cfg.task == Task::kMulticlass ? " sample(s)" : " element(s)",
                " had NaN or Inf predictions and were left out of every metric");
   }

@@ -81,8 +81,24 @@ void classification_update_meta(const at::Tensor& preds, const at::Tensor& targe
                                 int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
                                 std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
                                 bool confusion_matrix) {
-  (void)prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold, input_kind,
-                       confusion_matrix);
+  const bool symbolic = preds.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        target.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        state.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  if (!symbolic) {
+    (void)prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold, input_kind,
+                         confusion_matrix);
+    return;
+  }
+  // Traced with dynamic shapes: the checks that need concrete sizes run again in the real
+  // kernel; here only what symbolic sizes allow.
+  (void)make_layout(make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()),
+                                ignore_index.has_value(), ignore_index.value_or(0), threshold, input_kind,
+                                confusion_matrix));
+  STEPSCOPE_CHECK_FLOATING(preds);
+  STEPSCOPE_CHECK_INTEGRAL(target);
+  STEPSCOPE_CHECK_DEVICE(target, preds);
+  STEPSCOPE_CHECK_DEVICE(state, preds);
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
 }
 
 }  // namespace

@@ -91,6 +91,7 @@ void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
 }
 
 void Timeline::boundary(Phase closes, int64_t now, int ev) {
+  open_step_range();
   const int i = static_cast<int>(closes);
   const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
   const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
@@ -173,12 +174,16 @@ void Timeline::start_step(int64_t now, int ev) {
     nvtx::capture_begin();
     capturing_ = true;
   }
-  if (opts_.nvtx) {
-    char name[40];
-    std::snprintf(name, sizeof(name), "step %lld", static_cast<long long>(step_index_));
-    nvtx_step_ = nvtx::start(nvtx::Phase::kStep, name, step_index_);
-  }
+  // The step's NVTX range opens at its first boundary (boundary()), not here: a loop that stops,
+  // or code run after the last step but before detach, must not show up as a step in the trace.
   cursor_start(nvtx::Phase::kData);
+}
+
+void Timeline::open_step_range() {
+  if (!opts_.nvtx || nvtx_step_ != 0) return;
+  char name[40];
+  std::snprintf(name, sizeof(name), "step %lld", static_cast<long long>(step_index_));
+  nvtx_step_ = nvtx::start(nvtx::Phase::kStep, name, step_index_);
 }
 
 void Timeline::finish_step(int64_t now, int ev) {

@@ -25,15 +25,20 @@
 // NVTX: the step, data, loss, backward and other ranges are start/end ranges (they may end on
 // another thread); forward, optimizer, eval, module and user ranges are push/pop (they begin and
 // end on the calling thread). The exact sequence of one training step (payload = step N):
-//   step start       start(kStep, "step N"), start(kData)
-//   forward_begin    end(data), push(kForward)         forward_end     pop(), start(kLoss)
+//   step start       start(kData)
+//   forward_begin    start(kStep, "step N"), end(data), push(kForward)
+//                                                      forward_end     pop(), start(kLoss)
 //   backward_begin   end(loss), start(kBackward)       backward_end    end(backward), start(kOther)
 //   optimizer_begin  end(other), push(kOptimizer)
 //   optimizer_end    pop(), end(step), [capture_end() if N+1 == capture_end,
 //                    capture_begin() if N+1 == capture_begin], then step N+1 starts as above
-// (step() instead of an optimizer: end(other), end(step), ...). Eval forwards: push(kEval)/pop();
+// The step range opens at the step's first training boundary (usually forward_begin), so the
+// trace never holds a step that did not happen (after the last step, before detach); the data
+// range before it is its own range. (step() instead of an optimizer: end(other), end(step), ...).
+// Eval forwards: push(kEval)/pop();
 // modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
-// open. All of it lives in start_step, finish_step, cursor_start/cursor_push/end_cursor_range
+// open. All of it lives in start_step, open_step_range, finish_step, cursor_start/cursor_push/
+// end_cursor_range
 // and the eval/user/module methods of timeline.cpp. With options.nvtx false none is emitted.
 #pragma once
 
@@ -169,6 +174,7 @@ class Timeline {
   void cursor_start(nvtx::Phase p);
   void cursor_push(nvtx::Phase p);
   void open_locked();
+  void open_step_range();
   void pool_unref(int slot);
   void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
   void poll_locked();

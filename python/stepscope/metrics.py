@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,7 +28,9 @@ class ClassificationMetrics:
             count nowhere.
         threshold: binary/multilabel: positive iff probability > threshold.
         input: ``"auto"``, ``"logits"`` or ``"probs"``. Binary/multilabel ``"auto"`` is
-            torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid).
+            torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid). The
+            whole batch counts, ignored positions included, as in torchmetrics' stat-score
+            metrics (its confusion-matrix and calibration metrics look at the kept ones only).
             Multiclass ``"auto"`` means logits; pass ``"probs"`` for softmax outputs (it changes
             the loss and the ECE confidence, never the argmax).
         confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
@@ -57,7 +60,9 @@ class ClassificationMetrics:
     ``ignore_index`` as a label index (torchmetrics drops label ``ignore_index`` from the macro
     average when 0 <= ignore_index < L); binary/multilabel ECE bins each element's positive
     probability against its target, as torchmetrics' BinaryCalibrationError does, and the loss is
-    binary cross-entropy (multiclass: cross-entropy).
+    binary cross-entropy (multiclass: cross-entropy); an IoU average with no weight at all
+    (nothing counted, or no positive target for 'weighted') is 0 (zero_division) where
+    torchmetrics' JaccardIndex returns NaN.
     """
 
     def __init__(
@@ -141,7 +146,13 @@ class ClassificationMetrics:
         """
         state = self._state_or_empty()
         if check:
-            self._cfg.check(state)
+            nonfinite = self._cfg.check(state)[0]
+            if nonfinite:
+                unit = "sample(s)" if self.task == "multiclass" else "element(s)"
+                warnings.warn(
+                    f"stepscope: {nonfinite} {unit} had NaN or Inf predictions and were left out of every metric",
+                    stacklevel=2,
+                )
         return self._cfg.compute(state, self.beta)
 
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:

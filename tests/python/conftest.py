@@ -1,0 +1,31 @@
+import os
+import random
+
+import pytest
+import torch
+
+
+def pytest_report_header(config):
+    return f"stepscope test base seed: {BASE_SEED} (set STEPSCOPE_TEST_SEED to replay)"
+
+
+# Fresh random inputs every run; the base seed is printed in the header and in every failure.
+BASE_SEED = int(os.environ.get("STEPSCOPE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+@pytest.fixture
+def base_seed():
+    return BASE_SEED
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,644 @@
+"""ClassificationMetrics against a slow reference (exact counts), torchmetrics 1.9 and scikit-learn.
+
+Every case draws fresh random inputs from a seed derived from the run's base seed (printed in
+the pytest header and in every failure message): STEPSCOPE_TEST_SEED=<seed> replays a run.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchmetrics
+import torchmetrics.classification as tmc
+from sklearn import metrics as skm
+
+import stepscope
+
+CASES = 200
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = dict(atol=1e-6, rtol=1e-6)
+
+assert torchmetrics.__version__.startswith("1.9"), torchmetrics.__version__
+
+
+def close(actual, expected, msg, **tol):
+    actual = torch.as_tensor(actual).double().cpu()
+    expected = torch.as_tensor(expected).double().cpu()
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{msg}\n{m}", **(tol or TOL))
+
+
+def exact(actual, expected, msg):
+    a = torch.as_tensor(actual).cpu().long()
+    e = torch.as_tensor(expected).cpu().long()
+    assert torch.equal(a, e), f"{msg}\nactual   {a.tolist()}\nexpected {e.tolist()}"
+
+
+def zero_division(name, expected):
+    """torchmetrics' JaccardIndex divides 0 by 0 when an average has no weight at all (nothing
+    counted, or no positive target for 'weighted'); with zero_division=0 that is 0."""
+    return torch.nan_to_num(expected, nan=0.0) if name == "iou" else expected
+
+
+def split_batches(rng, n):
+    """1-3 uneven pieces: several updates must equal one."""
+    k = int(rng.integers(1, 4))
+    cuts = sorted(int(c) for c in rng.integers(0, n + 1, size=k - 1))
+    edges = [0] + cuts + [n]
+    return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+# ----------------------------------------------------------------------------- multiclass
+def multiclass_case(seed):
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    C = int(rng.choice([2, 3, 5, 10, 37, 100]))
+    N = int(rng.integers(0, 200))
+    extra = [(), (), (3,), (2, 4)][int(rng.integers(0, 4))]
+    dtype = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16][int(rng.integers(0, 5))]
+    ks = sorted({int(k) for k in rng.integers(1, C + 1, size=int(rng.integers(1, 3)))} | {1})
+    ignore = [None, None, -1, -100, int(rng.integers(0, C))][int(rng.integers(0, 5))]
+    kind = ["logits", "logits", "probs"][int(rng.integers(0, 3))]
+    # Logits built channel-last then moved: non-contiguous class dim (as from a conv net / .t()).
+    x = torch.randn(N, *extra, C, generator=g) * float(rng.choice([0.5, 2.0, 6.0]))
+    if kind == "probs":
+        x = x.softmax(-1)
+    preds = x.to(dtype).movedim(-1, 1)
+    if rng.random() < 0.5:
+        preds = preds.contiguous()
+    target = torch.randint(0, C, (N, *extra), generator=g)
+    if ignore is not None and N > 0:
+        target[torch.rand(target.shape, generator=g) < 0.15] = ignore
+    return dict(C=C, N=N, extra=extra, dtype=dtype, ks=tuple(ks), ignore=ignore, kind=kind, preds=preds,
+                target=target, rng=rng)
+
+
+def reference_multiclass(preds, target, C, ks, ignore, confmat=True):
+    """Slow, obvious: per-sample rows in float64 (exact for every input dtype)."""
+    P = preds.movedim(1, -1).reshape(-1, C).double()
+    T = target.reshape(-1).long()
+    keep = T != ignore if ignore is not None else torch.ones_like(T, dtype=torch.bool)
+    P, T = P[keep], T[keep]
+    pred = P.argmax(1)  # first index of the max: torch's documented tie rule
+    xt = P.gather(1, T[:, None])
+    j = torch.arange(C)[None, :]
+    rank = ((P > xt) | ((P == xt) & (j < T[:, None]))).sum(1)
+    return dict(
+        tp=torch.bincount(T[pred == T], minlength=C),
+        pred=torch.bincount(pred, minlength=C),
+        target=torch.bincount(T, minlength=C),
+        confmat=torch.bincount(T * C + pred, minlength=C * C).view(C, C) if confmat else None,
+        topk=[int((rank < k).sum()) for k in ks],
+        n=int(T.numel()),
+        ignored=int((~keep).sum()),
+    )
+
+
+def run_ours(case, task, device, **kw):
+    m = stepscope.ClassificationMetrics(task, device=device, **kw)
+    for a, b in split_batches(case["rng"], case["preds"].shape[0]):
+        m.update(case["preds"][a:b].to(device), case["target"][a:b].to(device))
+    return m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multiclass_random(base_seed, device):
+    for i in range(CASES):
+        seed = base_seed + 1000 * i + 1
+        c = multiclass_case(seed)
+        C, ks, ignore = c["C"], c["ks"], c["ignore"]
+        msg = (f"seed={seed} C={C} N={c['N']} extra={c['extra']} dtype={c['dtype']} ks={ks} ignore={ignore} "
+               f"kind={c['kind']} contiguous={c['preds'].is_contiguous()}")
+        m = run_ours(c, "multiclass", device, num_classes=C, top_k=ks, ignore_index=ignore, input=c["kind"],
+                     beta=2.0)
+        out = m.compute()
+        ref = reference_multiclass(c["preds"], c["target"], C, ks, ignore)
+        lay = m._cfg.layout
+        s = m.state.cpu()
+        exact(s[lay["tp"]:lay["tp"] + C], ref["tp"], "tp " + msg)
+        exact(s[lay["pred"]:lay["pred"] + C], ref["pred"], "pred " + msg)
+        exact(s[lay["target"]:lay["target"] + C], ref["target"], "target " + msg)
+        exact(out["confusion_matrix"], ref["confmat"], "confmat " + msg)
+        exact(out["samples"], ref["n"], "samples " + msg)
+        exact(out["ignored"], ref["ignored"], "ignored " + msg)
+        exact(s[lay["topk"]:lay["topk"] + len(ks)], ref["topk"], "topk " + msg)
+
+        # Loss: cross-entropy of the float64-upcast predictions.
+        P = c["preds"].double()
+        if c["N"] and ref["n"]:
+            logp = P.log() if c["kind"] == "probs" else P.log_softmax(1)
+            ce = F.nll_loss(logp, c["target"], ignore_index=ignore if ignore is not None else -12345,
+                            reduction="sum") / ref["n"]
+            close(out["loss"], ce, "loss " + msg, atol=1e-5, rtol=1e-5)
+
+        # torchmetrics, on the float32 upcast (our kernels read half/bf16 into float32 too).
+        tp32 = c["preds"].float()
+        tgt = c["target"]
+        if c["N"] == 0:
+            continue
+        common = dict(num_classes=C, ignore_index=ignore)
+        for avg, key in [("micro", "micro"), ("macro", "macro"), ("weighted", "weighted"), ("none", "per_class")]:
+            for name, cls in [("accuracy", tmc.MulticlassAccuracy), ("precision", tmc.MulticlassPrecision),
+                              ("recall", tmc.MulticlassRecall), ("f1", tmc.MulticlassF1Score),
+                              ("specificity", tmc.MulticlassSpecificity), ("iou", tmc.MulticlassJaccardIndex)]:
+                tm = cls(average=avg, **common)
+                tm.update(tp32, tgt)
+                close(out[f"{name}_{key}"], zero_division(name, tm.compute()), f"{name}_{key} " + msg)
+            tm = tmc.MulticlassFBetaScore(beta=2.0, average=avg, **common)
+            tm.update(tp32, tgt)
+            close(out[f"fbeta_{key}"], tm.compute(), f"fbeta_{key} " + msg)
+        for norm in ["true", "pred", "all"]:
+            tm = tmc.MulticlassConfusionMatrix(normalize=norm, **common)
+            tm.update(tp32, tgt)
+            close(m.confusion_matrix(norm), tm.compute(), f"confmat[{norm}] " + msg)
+        kept = tp32.movedim(1, -1)[tgt != ignore] if ignore is not None else tp32
+        if c["kind"] == "probs" or not bool(((kept >= 0) & (kept <= 1)).all()):
+            # torchmetrics' calibration guesses logits-vs-probabilities from the values; when a
+            # tiny batch of logits lies in [0, 1] it would skip the softmax we were told to apply.
+            tm = tmc.MulticlassCalibrationError(n_bins=15, norm="l1", **common)
+            tm.update(tp32, tgt)
+            close(out["ece"], tm.compute(), "ece " + msg, atol=2e-6, rtol=1e-5)
+        if c["dtype"] in (torch.float32, torch.float64):
+            # torch.topk orders ties arbitrarily; exact ties only arise in half precision.
+            for k in ks:
+                tm = tmc.MulticlassAccuracy(top_k=k, average="micro", **common)
+                tm.update(tp32, tgt)
+                close(out[f"top{k}_accuracy"], tm.compute(), f"top{k} " + msg)
+
+
+def test_multiclass_matches_sklearn(base_seed):
+    for i in range(60):
+        seed = base_seed + 7 * i + 3
+        rng = np.random.default_rng(seed)
+        g = torch.Generator().manual_seed(seed)
+        C = int(rng.integers(3, 30))
+        N = int(rng.integers(1, 300))
+        logits = torch.randn(N, C, generator=g)
+        y = torch.randint(0, C, (N,), generator=g)
+        m = stepscope.ClassificationMetrics("multiclass", num_classes=C, top_k=(1, 2))
+        m.update(logits, y)
+        out = m.compute()
+        yt, yp = y.numpy(), logits.argmax(1).numpy()
+        msg = f"seed={seed} C={C} N={N}"
+        close(out["accuracy"], skm.accuracy_score(yt, yp), msg)
+        for avg in ["micro", "macro", "weighted"]:
+            # With labels=None sklearn averages over classes present in y_true or y_pred: the
+            # same classes torchmetrics' (and our) macro average keeps.
+            p, r, f, _ = skm.precision_recall_fscore_support(yt, yp, average=avg, zero_division=0)
+            close(out[f"precision_{avg}"], p, f"precision_{avg} " + msg)
+            close(out[f"recall_{avg}"], r, f"recall_{avg} " + msg)
+            close(out[f"f1_{avg}"], f, f"f1_{avg} " + msg)
+        exact(out["confusion_matrix"], skm.confusion_matrix(yt, yp, labels=list(range(C))), "confmat " + msg)
+        close(out["iou_per_class"], skm.jaccard_score(yt, yp, labels=list(range(C)), average=None,
+                                                      zero_division=0), "iou " + msg)
+        close(out["top2_accuracy"], skm.top_k_accuracy_score(yt, logits.numpy(), k=2, labels=list(range(C))),
+              "top2 " + msg)
+        close(out["loss"], skm.log_loss(yt, logits.double().softmax(1).numpy(), labels=list(range(C))),
+              "loss " + msg, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- binary / multilabel
+def elementwise_case(seed, multilabel):
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    N = int(rng.integers(0, 200))
+    L = int(rng.integers(2, 12)) if multilabel else None  # torchmetrics needs L >= 2
+    extra = [(), (), (3,), (2, 3)][int(rng.integers(0, 4))]
+    shape = (N, L, *extra) if multilabel else (N, *extra)
+    dtype = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16][int(rng.integers(0, 5))]
+    ignore = [None, None, -1][int(rng.integers(0, 3))]
+    kind = ["auto", "auto", "logits", "probs"][int(rng.integers(0, 4))]
+    threshold = float(rng.choice([0.5, 0.3, 0.7]))
+    x = torch.randn(*shape, generator=g) * 2
+    # auto: either logits (most values outside [0, 1]) or probabilities.
+    if kind == "probs" or (kind == "auto" and rng.random() < 0.5):
+        x = x.sigmoid()
+    preds = x.to(dtype)
+    if multilabel and rng.random() < 0.5 and preds.dim() >= 2:
+        preds = preds.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous
+    target = torch.randint(0, 2, shape, generator=g)
+    if ignore is not None and N > 0:
+        target[torch.rand(shape, generator=g) < 0.15] = ignore
+    return dict(N=N, L=L, extra=extra, dtype=dtype, ignore=ignore, kind=kind, threshold=threshold, preds=preds,
+                target=target, rng=rng)
+
+
+def feed(tm, c, preds, target):
+    """The same updates for torchmetrics (which cannot take an empty batch with extra dims)."""
+    for a, b in c["batches"]:
+        if b > a:
+            tm.update(preds[a:b], target[a:b])
+
+
+def _elementwise_check(c, m, out, msg, multilabel):
+    preds, target, ignore = c["preds"].float(), c["target"], c["ignore"]
+    # torchmetrics decides logits-vs-probabilities per update; so does our kernel (c["batches"]).
+    keep = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+    n_valid = int(keep.sum())
+    exact(out["samples"], n_valid, "samples " + msg)
+    exact(out["ignored"], int((~keep).sum()), "ignored " + msg)
+    if c["N"] == 0:
+        return
+    # Loss: BCE of the float64 upcast, per update's logits/probs decision.
+    loss_sum = 0.0
+    for a, b in c["batches"]:
+        p, t = c["preds"][a:b].double(), target[a:b]
+        k = t != ignore if ignore is not None else torch.ones_like(t, dtype=torch.bool)
+        logits = c["kind"] == "logits" or (c["kind"] == "auto" and not bool(((p >= 0) & (p <= 1)).all()))
+        if k.any():
+            pv, tv = p[k], t[k].double()
+            loss_sum += float(F.binary_cross_entropy_with_logits(pv, tv, reduction="sum") if logits
+                              else F.binary_cross_entropy(pv, tv, reduction="sum"))
+    if n_valid:
+        close(out["loss"], loss_sum / n_valid, "loss " + msg, atol=1e-5, rtol=1e-5)
+    def in_unit(t):
+        return bool(((t >= 0) & (t <= 1)).all())
+
+    # torchmetrics' auto rule cannot be told "logits" for a batch that happens to lie in [0, 1].
+    if c["kind"] == "logits" and any(in_unit(c["preds"][a:b]) for a, b in c["batches"] if b > a):
+        return
+    # Its confusion-matrix and calibration metrics apply the rule to the non-ignored values only,
+    # its stat-score metrics (and stepscope, everywhere) to the whole batch: compare those two
+    # only where both rules agree.
+    rules_agree = ignore is None or all(
+        in_unit(c["preds"][a:b]) == in_unit(c["preds"][a:b][target[a:b] != ignore]) for a, b in c["batches"]
+    )
+    if multilabel:
+        common = dict(num_labels=c["L"], ignore_index=ignore, threshold=c["threshold"])
+        for avg, key in [("micro", "micro"), ("macro", "macro"), ("weighted", "weighted"), ("none", "per_class")]:
+            for name, cls in [("accuracy", tmc.MultilabelAccuracy), ("precision", tmc.MultilabelPrecision),
+                              ("recall", tmc.MultilabelRecall), ("f1", tmc.MultilabelF1Score),
+                              ("specificity", tmc.MultilabelSpecificity), ("iou", tmc.MultilabelJaccardIndex)]:
+                tm = cls(average=avg, **common)
+                feed(tm, c, preds, target)
+                close(out[f"{name}_{key}"], zero_division(name, tm.compute()), f"{name}_{key} " + msg)
+        if rules_agree:
+            tm = tmc.MultilabelConfusionMatrix(**common)
+            feed(tm, c, preds, target)
+            exact(out["confusion_matrix"], tm.compute(), "confmat " + msg)
+    else:
+        common = dict(ignore_index=ignore, threshold=c["threshold"])
+        for name, cls in [("accuracy", tmc.BinaryAccuracy), ("precision", tmc.BinaryPrecision),
+                          ("recall", tmc.BinaryRecall), ("f1", tmc.BinaryF1Score),
+                          ("specificity", tmc.BinarySpecificity), ("iou", tmc.BinaryJaccardIndex)]:
+            tm = cls(**common)
+            feed(tm, c, preds, target)
+            close(out[name], zero_division(name, tm.compute()), f"{name} " + msg)
+        if rules_agree:
+            tm = tmc.BinaryConfusionMatrix(**common)
+            feed(tm, c, preds, target)
+            exact(out["confusion_matrix"], tm.compute(), "confmat " + msg)
+            tm = tmc.BinaryCalibrationError(n_bins=15, norm="l1", ignore_index=ignore)
+            feed(tm, c, preds, target)
+            close(out["ece"], tm.compute(), "ece " + msg, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_elementwise_random(base_seed, device, task):
+    multilabel = task == "multilabel"
+    for i in range(CASES):
+        seed = base_seed + 1000 * i + (2 if multilabel else 5)
+        c = elementwise_case(seed, multilabel)
+        c["batches"] = split_batches(c["rng"], c["N"])
+        msg = (f"seed={seed} N={c['N']} L={c['L']} extra={c['extra']} dtype={c['dtype']} ignore={c['ignore']} "
+               f"kind={c['kind']} thr={c['threshold']}")
+        kw = dict(num_labels=c["L"]) if multilabel else {}
+        m = stepscope.ClassificationMetrics(task, ignore_index=c["ignore"], threshold=c["threshold"],
+                                            input=c["kind"], device=device, **kw)
+        for a, b in c["batches"]:
+            m.update(c["preds"][a:b].to(device), c["target"][a:b].to(device))
+        _elementwise_check(c, m, m.compute(), msg, multilabel)
+
+
+def test_binary_matches_sklearn(base_seed):
+    for i in range(40):
+        seed = base_seed + 11 * i
+        g = torch.Generator().manual_seed(seed)
+        N = int(np.random.default_rng(seed).integers(1, 500))
+        p = torch.rand(N, generator=g)
+        y = torch.randint(0, 2, (N,), generator=g)
+        m = stepscope.ClassificationMetrics("binary")
+        m.update(p, y)
+        out = m.compute()
+        yp = (p > 0.5).long().numpy()
+        msg = f"seed={seed} N={N}"
+        close(out["accuracy"], skm.accuracy_score(y, yp), msg)
+        close(out["precision"], skm.precision_score(y, yp, zero_division=0), msg)
+        close(out["recall"], skm.recall_score(y, yp, zero_division=0), msg)
+        close(out["f1"], skm.f1_score(y, yp, zero_division=0), msg)
+        close(out["iou"], skm.jaccard_score(y, yp, zero_division=0), msg)
+        exact(out["confusion_matrix"], skm.confusion_matrix(y, yp, labels=[0, 1]), msg)
+        close(out["loss"], skm.log_loss(y, p.double().numpy(), labels=[0, 1]), msg, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- edge cases and misuse
+def test_empty_batch_is_a_noop():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, device="cpu")
+    m.update(torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+    assert m.state.abs().sum() == 0
+    out = m.compute()
+    assert int(out["samples"]) == 0 and float(out["accuracy"]) == 0.0
+
+
+def test_single_class():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=1)
+    m.update(torch.randn(50, 1), torch.zeros(50, dtype=torch.long))
+    out = m.compute()
+    assert float(out["accuracy"]) == 1.0 and int(out["samples"]) == 50
+    close(out["loss"], 0.0, "C=1 loss")
+
+
+def test_large_vocabulary_bounded_state(base_seed):
+    C = 128000
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=C, top_k=(1, 5))
+    assert not m.keeps_confusion_matrix
+    g = torch.Generator().manual_seed(base_seed)
+    logits = torch.randn(16, C, generator=g)
+    y = torch.randint(0, C, (16,), generator=g)
+    m.update(logits, y)
+    assert m.state.numel() < 4 * C + 100  # O(C): no C x C anywhere
+    out = m.compute()
+    ref = reference_multiclass(logits, y, C, (1, 5), None, confmat=False)
+    close(out["top5_accuracy"], ref["topk"][1] / 16, f"seed={base_seed}")
+    with pytest.raises(ValueError, match="keeps no confusion matrix"):
+        m.confusion_matrix()
+    with pytest.raises(ValueError, match="too large"):
+        stepscope.ClassificationMetrics("multiclass", num_classes=C, confusion_matrix=True)
+
+
+def test_out_of_range_targets_are_counted_and_reported():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3)
+    m.update(torch.randn(6, 3), torch.tensor([0, 1, 2, 3, -5, 1]))
+    with pytest.raises(ValueError, match=r"2 target value\(s\) were outside \[0, 3\)"):
+        m.compute()
+    out = m.compute(check=False)
+    assert int(out["invalid_target"]) == 2 and int(out["samples"]) == 4
+    b = stepscope.ClassificationMetrics("binary")
+    b.update(torch.rand(4), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="not 0 or 1"):
+        b.compute()
+
+
+def test_nonfinite_predictions_are_counted_and_excluded():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3)
+    x = torch.tensor([[1.0, 2.0, 0.0], [float("nan"), 0.0, 0.0], [0.0, float("inf"), 1.0], [3.0, 0.0, 0.0]])
+    m.update(x, torch.tensor([1, 0, 1, 0]))
+    with pytest.warns(UserWarning, match="2 sample"):
+        out = m.compute()
+    assert int(out["nonfinite"]) == 2 and int(out["samples"]) == 2
+    assert float(out["accuracy"]) == 1.0 and torch.isfinite(out["loss"])
+
+
+def test_ignore_index_counts_nowhere():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3, ignore_index=-100)
+    m.update(torch.randn(5, 3), torch.tensor([-100, -100, -100, -100, -100]))
+    out = m.compute()
+    assert int(out["ignored"]) == 5 and int(out["samples"]) == 0
+    assert int(out["confusion_matrix"].sum()) == 0
+
+
+@pytest.mark.parametrize(
+    "preds,target,kw,match",
+    [
+        (torch.randn(64, 10), torch.zeros(32, dtype=torch.long), {}, r"got preds \[64, 10\] and target \[32\]"),
+        (torch.randn(8, 5), torch.zeros(8, dtype=torch.long), {}, r"preds has 5 classes in dim 1 but num_classes = 10"),
+        (torch.randn(8), torch.zeros(8, dtype=torch.long), {}, r"preds must have shape \[N, C\]"),
+        (torch.randn(8, 10), torch.zeros(8, 2, dtype=torch.long), {}, "target must have shape"),
+    ],
+)
+def test_bad_shapes_raise_before_anything_changes(preds, target, kw, match):
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=10, device="cpu", **kw)
+    with pytest.raises(ValueError, match=match):
+        m.update(preds, target)
+    assert m.state.abs().sum() == 0
+
+
+def test_bad_dtypes_and_devices():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, device="cpu")
+    with pytest.raises(TypeError, match="preds must be a floating tensor"):
+        m.update(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="target must be an integer tensor"):
+        m.update(torch.randn(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="same device"):
+        m.update(torch.randn(3, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes"):
+        stepscope.ClassificationMetrics("multiclass", num_classes=0)
+    with pytest.raises(ValueError, match="top_k"):
+        stepscope.ClassificationMetrics("multiclass", num_classes=3, top_k=(4,))
+    with pytest.raises(ValueError, match="task must be"):
+        stepscope.ClassificationMetrics("regression", num_classes=3)
+    with pytest.raises(ValueError, match="same shape"):
+        stepscope.ClassificationMetrics("binary").update(torch.rand(4), torch.zeros(5, dtype=torch.long))
+    assert m.state.abs().sum() == 0
+
+
+def test_target_dtypes(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    x = torch.randn(40, 6, generator=g)
+    y = torch.randint(0, 6, (40,), generator=g)
+    outs = []
+    for dt in [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]:
+        m = stepscope.ClassificationMetrics("multiclass", num_classes=6)
+        m.update(x, y.to(dt))
+        outs.append(m.state)
+    for s in outs[1:]:
+        assert torch.equal(s, outs[0])
+    b1 = stepscope.ClassificationMetrics("binary")
+    b2 = stepscope.ClassificationMetrics("binary")
+    t = torch.randint(0, 2, (40,), generator=g)
+    b1.update(x[:, 0], t.bool())
+    b2.update(x[:, 0], t)
+    assert torch.equal(b1.state, b2.state)
+
+
+def test_reset_and_state_dict_round_trip(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 3))
+    x, y = torch.randn(30, 5, generator=g), torch.randint(0, 5, (30,), generator=g)
+    m.update(x[:10], y[:10])
+    sd = m.state_dict()
+    m2 = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 3))
+    m2.load_state_dict(sd)
+    m.update(x[10:], y[10:])
+    m2.update(x[10:], y[10:])
+    assert torch.equal(m.state, m2.state)
+    torch.save(sd, "/tmp/_stepscope_sd.pt")
+    m3 = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 3))
+    m3.load_state_dict(torch.load("/tmp/_stepscope_sd.pt"))
+    assert torch.equal(m3.state, sd["state"])
+    with pytest.raises(ValueError, match="saved with config"):
+        stepscope.ClassificationMetrics("multiclass", num_classes=6).load_state_dict(sd)
+    m.reset()
+    assert m.state.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- op registration
+def _op_args(task, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    if task == "multiclass":
+        m = stepscope.ClassificationMetrics("multiclass", num_classes=7, top_k=(1, 3), ignore_index=-1, device=device)
+        preds, target = torch.randn(12, 7, generator=g), torch.randint(-1, 7, (12,), generator=g)
+    elif task == "binary":
+        m = stepscope.ClassificationMetrics("binary", device=device)
+        preds, target = torch.randn(12, 3, generator=g), torch.randint(0, 2, (12, 3), generator=g)
+    else:
+        m = stepscope.ClassificationMetrics("multilabel", num_labels=4, device=device)
+        preds, target = torch.rand(12, 4, generator=g), torch.randint(0, 2, (12, 4), generator=g)
+    args = (preds.to(device), target.to(device), m.state, {"binary": 0, "multiclass": 1, "multilabel": 2}[task],
+            m.num_classes, list(m.top_k), m.ignore_index, m.threshold, 0, m.keeps_confusion_matrix)
+    return m, args
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+def test_opcheck(task):
+    _, args = _op_args(task)
+    torch.library.opcheck(torch.ops.stepscope.classification_update.default, args)
+
+
+def test_torch_compile_fullgraph(base_seed):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(base_seed)
+    eager = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 2), device="cpu")
+    compiled = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 2), device="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, y):
+        logits = x * 2.0
+        compiled.update(logits, y)
+        return logits.sum()
+
+    for _ in range(3):
+        x, y = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)
+        step(x, y)
+        eager.update(x * 2.0, y)
+    assert torch.equal(compiled.state, eager.state)
+
+
+# ----------------------------------------------------------------------------- distributed
+def _gloo_worker(rank, world, init_file, seed, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(world * 37, 9, generator=g), torch.randint(0, 9, (world * 37,), generator=g)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=9, top_k=(1, 3), device="cpu")
+    m.update(x[rank::world], y[rank::world])
+    m.sync()
+    if rank == 0:
+        queue.put(m.state.clone())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_sync_equals_single_process(tmp_path, base_seed, world):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, world, str(tmp_path / "init"), base_seed, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    synced = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    g = torch.Generator().manual_seed(base_seed)
+    x, y = torch.randn(world * 37, 9, generator=g), torch.randint(0, 9, (world * 37,), generator=g)
+    single = stepscope.ClassificationMetrics("multiclass", num_classes=9, top_k=(1, 3), device="cpu")
+    single.update(x, y)
+    s, ref = synced, single.state
+    lay = single._cfg.layout
+    # Counts exactly; the float64 loss/confidence sums to rounding (summation order differs).
+    floats = {lay["loss"]} | set(range(lay["ece_conf"], lay["ece_conf"] + 16))
+    counts = [i for i in range(ref.numel()) if i not in floats]
+    assert torch.equal(s[counts], ref[counts])
+    torch.testing.assert_close(s, ref, rtol=1e-12, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+def test_cuda_equals_cpu_and_never_syncs(base_seed, task):
+    for i in range(50):
+        seed = base_seed + i
+        if task == "multiclass":
+            c = multiclass_case(seed)
+            kw = dict(num_classes=c["C"], top_k=c["ks"], ignore_index=c["ignore"], input=c["kind"])
+        else:
+            c = elementwise_case(seed, task == "multilabel")
+            kw = dict(ignore_index=c["ignore"], threshold=c["threshold"], input=c["kind"])
+            if task == "multilabel":
+                kw["num_labels"] = c["L"]
+        if c["dtype"] == torch.float64:
+            c["preds"] = c["preds"].float()
+        cpu = stepscope.ClassificationMetrics(task, device="cpu", **kw)
+        gpu = stepscope.ClassificationMetrics(task, device="cuda", **kw)
+        cpu.update(c["preds"], c["target"])
+        p, t = c["preds"].cuda(), c["target"].cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu.update(p, t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        lay = cpu._cfg.layout
+        floats = {lay["loss"]} | set(range(lay["ece_conf"], lay["ece_conf"] + 16))
+        counts = [j for j in range(cpu.state.numel()) if j not in floats]
+        msg = f"seed={seed} task={task}"
+        exact(gpu.state.cpu()[counts], cpu.state[counts], msg)
+        torch.testing.assert_close(gpu.state.cpu(), cpu.state, rtol=1e-5, atol=1e-4, msg=msg)
+
+
+@pytest.mark.cuda
+def test_cuda_one_launch_and_graph_capture(base_seed):
+    from torch.profiler import ProfilerActivity, profile
+
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=1000, top_k=(1, 5), device="cuda")
+    x = torch.randn(4096, 1000, device="cuda")
+    y = torch.randint(0, 1000, (4096,), device="cuda")
+    m.update(x, y)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m.update(x, y)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+    # CUDA graph capture and replay.
+    m.reset()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m.update(x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    m.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        m.update(x, y)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref = stepscope.ClassificationMetrics("multiclass", num_classes=1000, top_k=(1, 5), device="cpu")
+    ref.update(x.cpu(), y.cpu())
+    assert int(m.compute()["samples"]) == 3 * 4096
+    exact(m.state.cpu()[ref._cfg.layout["tp"]:ref._cfg.layout["tp"] + 1000] / 3,
+          ref.state[ref._cfg.layout["tp"]:ref._cfg.layout["tp"] + 1000], f"seed={base_seed}")
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    for task in ["multiclass", "binary", "multilabel"]:
+        _, args = _op_args(task, device="cuda")
+        torch.library.opcheck(torch.ops.stepscope.classification_update.default, args)
+
+
+def test_warnings_are_not_errors():
+    # compute() on a healthy state emits nothing.
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3)
+    m.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.compute()
