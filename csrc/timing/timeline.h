@@ -37,9 +37,9 @@
 // range before it is its own range. (step() instead of an optimizer: end(other), end(step), ...).
 // Eval forwards: push(kEval)/pop();
 // modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
-// open. All of it lives in start_step, open_step_range, finish_step, cursor_start/cursor_push/
-// end_cursor_range
-// and the eval/user/module methods of timeline.cpp. With options.nvtx false none is emitted.
+// open. All of it lives in start_step, open_step_range, finish_step, cursor_start, cursor_push,
+// end_cursor_range and the eval/user/module methods of timeline.cpp. With options.nvtx false none
+// is emitted.
 #pragma once
 
 #include <array>
