@@ -8,6 +8,8 @@
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
 #include "nvtx/nvtx.h"
+#include "timing/autograd_hook.h"
+#include "timing/timeline.h"
 
 namespace py = pybind11;
 using stepscope::metrics::Config;
@@ -40,6 +42,33 @@ py::dict layout_dict(const stepscope::metrics::Layout& l) {
   d["ignored"] = l.ignored;
   d["confmat"] = l.confmat;
   d["numel"] = l.numel;
+  return d;
+}
+
+py::dict series_dict(const stepscope::timing::SeriesSummary& s) {
+  py::dict d;
+  d["count"] = s.count;
+  d["total"] = s.total;
+  d["mean"] = s.mean;
+  d["std"] = s.std;
+  d["min"] = s.min;
+  d["max"] = s.max;
+  if (s.has_quantiles) {
+    d["p50"] = s.p50;
+    d["p90"] = s.p90;
+    d["p99"] = s.p99;
+  }
+  return d;
+}
+
+py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool device) {
+  py::dict d;
+  for (const auto& n : v) {
+    py::dict e;
+    e["host"] = series_dict(n.host);
+    e["device"] = device ? py::object(series_dict(n.device)) : py::object(py::none());
+    d[py::str(n.name)] = e;
+  }
   return d;
 }
 
@@ -99,6 +128,93 @@ PYBIND11_MODULE(_C, m) {
           // Python raises the non-finite warning itself (a TORCH_WARN from here would only reach stderr).
           [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state, false); },
           py::arg("state"));
+
+  // ---- timing: the Timeline behind stepscope.Monitor. The boundary methods run inside hooks
+  // (backward ones on autograd's thread), so each is one clock read, at most one event record and
+  // the Timeline's own mutex, which is never held while calling back into Python.
+  using stepscope::timing::Timeline;
+  py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
+                       "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
+      .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end) {
+             TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
+             TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
+             stepscope::timing::TimelineOptions o;
+             o.device = device;
+             o.nvtx = nvtx;
+             o.ring = ring;
+             o.event_pool = event_pool;
+             o.capture_begin = capture_begin;
+             o.capture_end = capture_end;
+             return std::make_shared<Timeline>(o);
+           }),
+           py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256, py::arg("event_pool") = 2048,
+           py::arg("capture_begin") = -1, py::arg("capture_end") = -1)
+      .def("forward_begin", &Timeline::forward_begin, py::arg("eval") = false, py::arg("batch") = -1)
+      .def("forward_end", &Timeline::forward_end)
+      .def("backward_begin", &Timeline::backward_begin)
+      .def("backward_end", &Timeline::backward_end)
+      .def("optimizer_begin", &Timeline::optimizer_begin)
+      .def("optimizer_end", &Timeline::optimizer_end, py::arg("end_step") = true)
+      .def("step", &Timeline::step)
+      .def("user_series", &Timeline::user_series, py::arg("name"))
+      .def("user_begin", &Timeline::user_begin, py::arg("id"))
+      .def("user_end", &Timeline::user_end, py::arg("id"))
+      .def("register_module", &Timeline::register_module, py::arg("name"))
+      .def("module_begin", &Timeline::module_begin, py::arg("id"))
+      .def("module_end", &Timeline::module_end, py::arg("id"))
+      .def("hook_backward",
+           [](const std::shared_ptr<Timeline>& self, const at::Tensor& output) {
+             return stepscope::timing::hook_backward(output, self);
+           },
+           py::arg("output"),
+           "C++ pre-hook on output.grad_fn: backward_begin() when the gradient reaches it, backward_end() at "
+           "autograd's final callback. False when output has no grad_fn.")
+      .def("poll", &Timeline::poll)
+      .def("open", &Timeline::open)
+      .def("close", &Timeline::close)
+      .def_property_readonly("steps", &Timeline::steps)
+      .def_property_readonly("device", &Timeline::device)
+      .def("report",
+           [](Timeline& tl) {
+             const auto r = tl.report();
+             py::dict d;
+             d["phases"] = named_dict(r.phases, r.device);
+             d["user"] = named_dict(r.user, r.device);
+             d["modules"] = named_dict(r.modules, r.device);
+             d["steps"] = r.steps;
+             d["samples"] = r.samples;
+             d["step_host_total"] = r.step_host_total;
+             d["dropped_device_samples"] = r.dropped_device_samples;
+             d["pending_device_samples"] = r.pending_device_samples;
+             d["device"] = r.device;
+             return d;
+           },
+           "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
+      .def("recent_steps",
+           [](const Timeline& tl) {
+             py::list out;
+             for (const auto& s : tl.recent_steps()) {
+               py::dict d;
+               d["step"] = s.index;
+               d["t0"] = s.t0 * 1e-9;
+               d["t1"] = s.t1 * 1e-9;
+               d["samples"] = s.samples;
+               py::dict host;
+               for (int i = 0; i < stepscope::timing::kNumPartition; ++i)
+                 host[stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(i))] = s.host[i];
+               d["host"] = host;
+               py::list spans;
+               for (int i = 0; i < s.n_spans; ++i)
+                 spans.append(py::make_tuple(
+                     stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(s.spans[i].phase)),
+                     s.spans[i].t0 * 1e-9, s.spans[i].t1 * 1e-9));
+               d["spans"] = spans;
+               d["truncated_spans"] = s.truncated;
+               out.append(d);
+             }
+             return out;
+           },
+           "The ring of the last steps, oldest first: host seconds per phase and raw spans (seconds since start).");
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;
   m.attr("DEFAULT_CONFMAT_LIMIT") = stepscope::metrics::kDefaultConfmatLimit;

@@ -43,6 +43,12 @@ rc=$?
 row "pytest -m cuda" "$(tail -1 "$OUT/pytest_cuda.log") (rc $rc)"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR|E )" "$OUT/pytest_cuda.log" | head -20
 
+# ---- Monitor: device phase times against hand-placed torch.cuda.Event pairs, under
+# set_sync_debug_mode('error') (the test prints the comparison table; -s keeps it)
+$PY -m pytest tests/python/test_monitor.py -m cuda -q -s -rs -p no:cacheprovider >"$OUT/monitor_cuda.log" 2>&1
+rc=$?
+row "monitor vs cuda events" "$(tail -1 "$OUT/monitor_cuda.log") (rc $rc)"
+
 # ---- ctest where GoogleTest was available there
 if [ -f build-device/CTestTestfile.cmake ] && command -v ctest >/dev/null; then
   ctest --test-dir build-device -j4 >"$OUT/ctest.log" 2>&1
@@ -64,6 +70,9 @@ row "total wall time" "$(($(date +%s) - t0)) s"
 echo
 echo "==== metrics bench (cuda) ===="
 cat "$OUT/metrics_bench_cuda.txt"
+echo
+echo "==== monitor: device phase times vs hand-placed events ===="
+grep -E "monitor .* hand events|^phase|^(data|forward|loss|backward|other|optimizer|step) " "$OUT/monitor_cuda.log" | head -20
 echo
 echo "==== device check summary ===="
 printf '%s\n' "${ROWS[@]}"

@@ -5,6 +5,10 @@
     metrics.update(logits, labels)      # one kernel, no host sync
     print(metrics.compute())            # dict of tensors
 
+    with stepscope.Monitor(model, optimizer) as mon:   # phase timing hooks, no host syncs
+        ...                                            # the training loop, unchanged
+    print(mon.summary())                # data/forward/loss/backward/other/optimizer per step
+
 The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
 native classes live in stepscope._C.
 """
@@ -14,6 +18,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from . import nvtx
 from .metrics import ClassificationMetrics
+from .monitor import Monitor
 
 __version__ = "0.1.0"
 
@@ -28,4 +33,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "build_info", "nvtx", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "build_info", "nvtx", "__version__"]

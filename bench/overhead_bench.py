@@ -1,0 +1,154 @@
+"""What does timing a training step cost? A ~1 ms CPU training step of a small MLP, timed
+
+  bare            no timing at all (the anchor)
+  monitor         stepscope.Monitor(model, opt)
+  monitor+module  stepscope.Monitor(model, opt, per_module=True, per_module_every=10)
+  module every 1  the same, every step sampled (the worst case)
+  perf_counter    hand-placed time.perf_counter() around the same six boundaries
+  torch.profiler  torch.profiler.profile(activities=[CPU]) around the loop
+
+Variants run interleaved in rounds (so drift on a shared machine hits all of them alike); the
+table gives each variant's best per-step time over rounds, its ratio to bare (best and median
+over rounds) and the extra cost per phase boundary (six boundaries per step: forward begin/end, backward begin/end, optimizer
+begin/end). A last line gives the raw cost of one _C.Timeline boundary call from Python.
+
+  python bench/overhead_bench.py [--rounds 15] [--steps 200] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import stepscope
+from stepscope import _C
+
+BOUNDARIES = 6
+
+
+def make(width: int, batch: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                torch.nn.ReLU(), torch.nn.Linear(width, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    xs = [torch.randn(batch, width) for _ in range(8)]
+    ys = [torch.randint(0, 10, (batch,)) for _ in range(8)]
+    return model, opt, xs, ys
+
+
+def run_bare(model, opt, xs, ys, steps):
+    f = torch.nn.functional.cross_entropy
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x, y = xs[i & 7], ys[i & 7]
+        loss = f(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_perf_counter(model, opt, xs, ys, steps):
+    # What people write by hand: a clock read at each boundary, accumulated per phase (host
+    # times only; backward's end is where loss.backward() returns).
+    f = torch.nn.functional.cross_entropy
+    pc = time.perf_counter
+    acc = dict.fromkeys(("data", "forward", "loss", "backward", "other", "optimizer"), 0.0)
+    t0 = time.perf_counter()
+    last = pc()
+    for i in range(steps):
+        x, y = xs[i & 7], ys[i & 7]
+        a = pc()
+        acc["data"] += a - last
+        out = model(x)
+        b = pc()
+        acc["forward"] += b - a
+        loss = f(out, y)
+        c = pc()
+        acc["loss"] += c - b
+        loss.backward()
+        d = pc()
+        acc["backward"] += d - c
+        e = pc()
+        acc["other"] += e - d
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = pc()
+        acc["optimizer"] += last - e
+    return (time.perf_counter() - t0) / steps
+
+
+def run_monitor(kw):
+    def run(model, opt, xs, ys, steps):
+        with stepscope.Monitor(model, opt, **kw):
+            return run_bare(model, opt, xs, ys, steps)
+    return run
+
+
+def run_profiler(model, opt, xs, ys, steps):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        return run_bare(model, opt, xs, ys, steps)
+
+
+def boundary_call_ns(n: int = 200_000) -> float:
+    tl = _C.Timeline(device=False, nvtx=True)
+    fb, fe = tl.forward_begin, tl.forward_end
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fb(False, 64)
+        fe()
+    return (time.perf_counter() - t0) / (2 * n) * 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--steps", type=int, default=200, help="steps per variant per round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    variants = {
+        "bare": run_bare,
+        "monitor": run_monitor({}),
+        "monitor+module": run_monitor({"per_module": True, "per_module_every": 10}),
+        "module every 1": run_monitor({"per_module": True, "per_module_every": 1}),
+        "perf_counter": run_perf_counter,
+        "torch.profiler": run_profiler,
+    }
+    model, opt, xs, ys = make(args.width, args.batch)
+    for fn in variants.values():  # warm every path (allocator, profiler init, hooks)
+        fn(model, opt, xs, ys, 20)
+    times: dict = {k: [] for k in variants}
+    for r in range(args.rounds):
+        order = list(variants.items())
+        if r % 2:
+            order.reverse()
+        for k, fn in order:
+            times[k].append(fn(model, opt, xs, ys, args.steps))
+    # Other processes share this machine: the minimum over rounds is the least disturbed run
+    # (timeit's rule); the median ratio shows how much the disturbance moves things.
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s), MLP {args.width}x3 batch {args.batch}, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':16s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(med)':>10s} {'us/boundary':>12s}")
+    for k in variants:
+        extra = (best[k] - best["bare"]) / BOUNDARIES * 1e6
+        per_b = "-" if k in ("bare", "torch.profiler") else f"{extra:.2f}"
+        print(f"{k:16s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {med[k] / med['bare']:10.4f} "
+              f"{per_b:>12s}")
+    print(f"_C.Timeline boundary call from Python (no hook): {boundary_call_ns():.0f} ns")
+    print("reproduce: python bench/overhead_bench.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+#include "timing/timeline.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+#include "nvtx/nvtx.h"
+
+namespace stepscope::timing {
+namespace {
+
+constexpr const char* kPhaseNames[] = {"data", "forward", "loss", "backward", "other", "optimizer", "step",
+                                       "eval_forward"};
+static_assert(sizeof(kPhaseNames) / sizeof(kPhaseNames[0]) == static_cast<size_t>(Phase::kCount));
+
+constexpr size_t kMaxUserSeries = 256;  // distinct user phase names: each keeps two histograms
+
+SeriesSummary summarize(const Series& s) {
+  SeriesSummary r;
+  r.count = s.stats.count();
+  r.total = s.stats.total() * 1e-9;
+  r.mean = s.stats.mean() * 1e-9;
+  r.std = s.stats.std() * 1e-9;
+  r.min = s.stats.min() * 1e-9;
+  r.max = s.stats.max() * 1e-9;
+  r.p50 = s.hist.quantile(0.50) * 1e-9;
+  r.p90 = s.hist.quantile(0.90) * 1e-9;
+  r.p99 = s.hist.quantile(0.99) * 1e-9;
+  r.has_quantiles = true;
+  return r;
+}
+
+SeriesSummary summarize(const Stats& s) {
+  SeriesSummary r;
+  r.count = s.count();
+  r.total = s.total() * 1e-9;
+  r.mean = s.mean() * 1e-9;
+  r.std = s.std() * 1e-9;
+  r.min = s.min() * 1e-9;
+  r.max = s.max() * 1e-9;
+  return r;
+}
+
+}  // namespace
+
+const char* phase_name(Phase p) { return kPhaseNames[static_cast<int>(p)]; }
+
+Timeline::Timeline(TimelineOptions opts)
+    : opts_(opts),
+      device_(opts.device && EventPool::available()),
+      origin_(std::chrono::steady_clock::now()),
+      pool_(opts.event_pool),
+      ring_(static_cast<size_t>(std::max(1, opts.ring))) {
+  std::lock_guard<std::mutex> g(mu_);
+  open_locked();
+}
+
+Timeline::~Timeline() { close(); }
+
+void Timeline::open() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!closed_) return;
+  open_locked();
+}
+
+void Timeline::open_locked() {
+  closed_ = false;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  last_ns_ = now;
+  last_ev_ = ev;  // the record's reference now belongs to "the last boundary"
+  start_step(now, ev);
+}
+
+int Timeline::record_event() {
+  if (!device_) return -1;
+  int s = pool_.record();
+  if (s < 0) {
+    poll_locked();  // completed events free their slots; still nothing free: the GPU lags, drop
+    s = pool_.record();
+  }
+  return s;
+}
+
+void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
+  for (int s : {a0, b0, a1, b1})
+    if (s >= 0) pool_.ref(s);
+  pending_.push_back(DevSpan{kind, id, a0, b0, a1, b1});
+}
+
+void Timeline::boundary(Phase closes, int64_t now, int ev) {
+  open_step_range();
+  const int i = static_cast<int>(closes);
+  const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
+  const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
+  host_[i].add(ns);
+  step_phase_[i] += ns;
+  if (cur_.n_spans < StepRecord::kMaxSpans) {
+    cur_.spans[cur_.n_spans++] = SpanRecord{static_cast<int16_t>(i), t0, now};
+  } else {
+    ++cur_.truncated;
+  }
+  if (device_) {
+    if (paused_) {
+      if (carry_a_ >= 0 && carry_b_ >= 0 && last_ev_ >= 0 && ev >= 0) {
+        queue(0, i, carry_a_, carry_b_, last_ev_, ev);
+      } else {
+        ++dropped_;
+      }
+    } else if (last_ev_ >= 0 && ev >= 0) {
+      queue(0, i, last_ev_, ev);
+    } else {
+      ++dropped_;
+    }
+  }
+  pool_unref(carry_a_);
+  pool_unref(carry_b_);
+  carry_a_ = carry_b_ = -1;
+  carry_ns_ = 0;
+  paused_ = false;
+  pool_unref(last_ev_);
+  last_ev_ = ev;  // takes over the record's reference
+  last_ns_ = now;
+  step_active_ = true;
+}
+
+void Timeline::pool_unref(int slot) {
+  if (slot >= 0) pool_.unref(slot);
+}
+
+void Timeline::end_cursor_range() {
+  if (nvtx_cursor_ != 0) {
+    nvtx::end(nvtx_cursor_);
+    nvtx_cursor_ = 0;
+  }
+  if (pushed_) {
+    // A forward or optimizer push whose end never came (the optimizer raised): pop it where it was
+    // pushed; another thread's stack is not ours to pop.
+    if (std::this_thread::get_id() == push_thread_) nvtx::pop();
+    pushed_ = false;
+  }
+}
+
+void Timeline::cursor_start(nvtx::Phase p) {
+  if (opts_.nvtx) nvtx_cursor_ = nvtx::start(p, nullptr, step_index_);
+}
+
+void Timeline::cursor_push(nvtx::Phase p) {
+  if (!opts_.nvtx) return;
+  nvtx::push(p, nullptr, step_index_);
+  pushed_ = true;
+  push_thread_ = std::this_thread::get_id();
+}
+
+void Timeline::start_step(int64_t now, int ev) {
+  step_t0_ = now;
+  pool_unref(step_ev_);
+  step_ev_ = ev;
+  if (ev >= 0) pool_.ref(ev);
+  std::fill(std::begin(step_phase_), std::end(step_phase_), 0.0);
+  step_samples_ = 0;
+  step_active_ = false;
+  step_has_pause_ = false;
+  cur_.n_spans = 0;
+  cur_.truncated = 0;
+  state_ = State::kIdle;
+  if (capturing_ && step_index_ == opts_.capture_end) {
+    nvtx::capture_end();
+    capturing_ = false;
+  }
+  if (!capturing_ && step_index_ == opts_.capture_begin && opts_.capture_end > opts_.capture_begin) {
+    nvtx::capture_begin();
+    capturing_ = true;
+  }
+  // The step's NVTX range opens at its first boundary (boundary()), not here: a loop that stops,
+  // or code run after the last step but before detach, must not show up as a step in the trace.
+  cursor_start(nvtx::Phase::kData);
+}
+
+void Timeline::open_step_range() {
+  if (!opts_.nvtx || nvtx_step_ != 0) return;
+  char name[40];
+  std::snprintf(name, sizeof(name), "step %lld", static_cast<long long>(step_index_));
+  nvtx_step_ = nvtx::start(nvtx::Phase::kStep, name, step_index_);
+}
+
+void Timeline::finish_step(int64_t now, int ev) {
+  double total = 0;
+  for (int i = 0; i < kNumPartition; ++i) total += step_phase_[i];
+  host_[static_cast<int>(Phase::kStep)].add(total);
+  if (device_) {
+    // An eval pause inside the step cuts it in pieces; the device step would include the eval
+    // work, so that step's device total is not sampled (its phases still are).
+    if (!step_has_pause_) {
+      if (step_ev_ >= 0 && ev >= 0) {
+        queue(0, static_cast<int>(Phase::kStep), step_ev_, ev);
+      } else {
+        ++dropped_;
+      }
+    }
+  }
+  StepRecord& r = ring_.push();
+  r.index = step_index_;
+  r.t0 = step_t0_;
+  r.t1 = now;
+  for (int i = 0; i < kNumPartition; ++i) r.host[i] = step_phase_[i] * 1e-9;
+  r.samples = step_samples_;
+  r.n_spans = cur_.n_spans;
+  r.truncated = cur_.truncated;
+  std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
+  ++steps_done_;
+  samples_done_ += step_samples_;
+  step_host_total_ += total;
+  if (nvtx_step_ != 0) {
+    nvtx::end(nvtx_step_);
+    nvtx_step_ = 0;
+  }
+  ++step_index_;
+  poll_locked();
+  start_step(now, ev);
+}
+
+void Timeline::forward_begin(bool eval, int64_t batch) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_) return;
+  if (fwd_depth_++ > 0) return;  // the model called inside its own forward: one forward
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  fwd_eval_ = eval;
+  if (eval) {
+    if (!paused_) {
+      // Cut the open training span here; it resumes at the next training boundary.
+      paused_ = true;
+      step_has_pause_ = true;
+      carry_t0_ = last_ns_;
+      carry_ns_ = now - last_ns_;
+      carry_a_ = last_ev_;  // the last boundary's reference moves to the carry
+      carry_b_ = ev;
+      if (ev >= 0) pool_.ref(ev);
+      last_ev_ = -1;
+    }
+    eval_t0_ = now;
+    eval_ev_ = ev;
+    if (opts_.nvtx) nvtx::push(nvtx::Phase::kEval, nullptr, step_index_);
+    return;
+  }
+  boundary(Phase::kData, now, ev);
+  end_cursor_range();
+  cursor_push(nvtx::Phase::kForward);
+  if (batch > 0) step_samples_ += batch;
+  state_ = State::kForward;
+}
+
+void Timeline::forward_end() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_ || fwd_depth_ == 0) return;
+  if (--fwd_depth_ > 0) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  if (fwd_eval_) {
+    host_[static_cast<int>(Phase::kEvalForward)].add(static_cast<double>(now - eval_t0_));
+    if (device_) {
+      if (eval_ev_ >= 0 && ev >= 0) {
+        queue(0, static_cast<int>(Phase::kEvalForward), eval_ev_, ev);
+      } else {
+        ++dropped_;
+      }
+    }
+    pool_unref(eval_ev_);
+    eval_ev_ = -1;
+    // The pause lasts until the next training boundary: training resumes from here.
+    pool_unref(last_ev_);
+    last_ev_ = ev;
+    last_ns_ = now;
+    if (opts_.nvtx) nvtx::pop();
+    return;
+  }
+  boundary(Phase::kForward, now, ev);
+  end_cursor_range();
+  cursor_start(nvtx::Phase::kLoss);
+  state_ = State::kAfterForward;
+}
+
+bool Timeline::backward_begin() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_ || state_ == State::kBackward) return false;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  boundary(Phase::kLoss, now, ev);
+  end_cursor_range();
+  cursor_start(nvtx::Phase::kBackward);
+  state_ = State::kBackward;
+  return true;
+}
+
+void Timeline::backward_end() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_ || state_ != State::kBackward) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  boundary(Phase::kBackward, now, ev);
+  end_cursor_range();
+  cursor_start(nvtx::Phase::kOther);
+  state_ = State::kAfterBackward;
+}
+
+void Timeline::optimizer_begin() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_ || state_ == State::kOptimizer) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  boundary(Phase::kOther, now, ev);
+  end_cursor_range();
+  cursor_push(nvtx::Phase::kOptimizer);
+  state_ = State::kOptimizer;
+}
+
+void Timeline::optimizer_end(bool end_step) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_ || state_ != State::kOptimizer) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  boundary(Phase::kOptimizer, now, ev);
+  end_cursor_range();
+  if (end_step) {
+    finish_step(now, ev);
+  } else {
+    cursor_start(nvtx::Phase::kOther);
+    state_ = State::kAfterOptimizer;
+  }
+}
+
+bool Timeline::step() {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(fwd_depth_ == 0, "stepscope: step() called inside the model's forward; call it after the "
+              "optimizer step (or where the step ends)");
+  if (closed_ || !step_active_) return false;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  boundary(Phase::kOther, now, ev);
+  end_cursor_range();
+  finish_step(now, ev);
+  return true;
+}
+
+int Timeline::user_series(const std::string& name) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (size_t i = 0; i < user_names_.size(); ++i)
+    if (user_names_[i] == name) return static_cast<int>(i);
+  TORCH_CHECK(user_names_.size() < kMaxUserSeries, "stepscope: more than ", kMaxUserSeries,
+              " distinct user phase names; phase names must be fixed labels, not per-step strings");
+  user_names_.push_back(name);
+  user_host_.emplace_back();
+  user_dev_.emplace_back();
+  user_open_.emplace_back();
+  return static_cast<int>(user_names_.size() - 1);
+}
+
+void Timeline::user_begin(int id) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < user_open_.size(), "stepscope: unknown user phase id ", id);
+  Open& o = user_open_[id];
+  if (o.depth++ > 0) return;
+  o.t0 = now_ns();
+  o.ev = record_event();
+  if (opts_.nvtx) nvtx::push(nvtx::Phase::kUser, user_names_[id].c_str(), step_index_);
+}
+
+void Timeline::user_end(int id) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < user_open_.size(), "stepscope: unknown user phase id ", id);
+  Open& o = user_open_[id];
+  if (o.depth == 0 || --o.depth > 0) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  user_host_[id].add(static_cast<double>(now - o.t0));
+  if (device_) {
+    if (o.ev >= 0 && ev >= 0) {
+      queue(1, id, o.ev, ev);
+    } else {
+      ++dropped_;
+    }
+  }
+  pool_unref(o.ev);
+  pool_unref(ev);
+  o.ev = -1;
+  if (opts_.nvtx) nvtx::pop();
+}
+
+int Timeline::register_module(const std::string& name) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (size_t i = 0; i < module_names_.size(); ++i)
+    if (module_names_[i] == name) return static_cast<int>(i);
+  module_names_.push_back(name);
+  module_host_.emplace_back();
+  module_dev_.emplace_back();
+  module_open_.emplace_back();
+  return static_cast<int>(module_names_.size() - 1);
+}
+
+void Timeline::module_begin(int id) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < module_open_.size(), "stepscope: unknown module id ", id);
+  Open& o = module_open_[id];
+  if (o.depth++ > 0) return;  // a module reused inside itself counts once
+  o.t0 = now_ns();
+  o.ev = record_event();
+  if (opts_.nvtx) nvtx::push(nvtx::Phase::kModule, module_names_[id].c_str(), step_index_);
+}
+
+void Timeline::module_end(int id) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < module_open_.size(), "stepscope: unknown module id ", id);
+  Open& o = module_open_[id];
+  if (o.depth == 0 || --o.depth > 0) return;
+  const int64_t now = now_ns();
+  const int ev = record_event();
+  module_host_[id].add(static_cast<double>(now - o.t0));
+  if (device_) {
+    if (o.ev >= 0 && ev >= 0) {
+      queue(2, id, o.ev, ev);
+    } else {
+      ++dropped_;
+    }
+  }
+  pool_unref(o.ev);
+  pool_unref(ev);
+  o.ev = -1;
+  if (opts_.nvtx) nvtx::pop();
+}
+
+void Timeline::poll() {
+  std::lock_guard<std::mutex> g(mu_);
+  poll_locked();
+}
+
+void Timeline::poll_locked() {
+  // In order, stopping at the first span still in flight: cheap, and a span recorded later on the
+  // same stream cannot be complete before it anyway.
+  while (!pending_.empty()) {
+    const DevSpan& d = pending_.front();
+    bool failed = false;
+    for (int s : {d.a0, d.b0, d.a1, d.b1}) {
+      if (s < 0) continue;
+      const int q = pool_.query(s);
+      if (q == 0) return;
+      if (q < 0) failed = true;
+    }
+    double ms = 0;
+    if (!failed) {
+      const float m0 = pool_.elapsed_ms(d.a0, d.b0);
+      const float m1 = d.a1 >= 0 ? pool_.elapsed_ms(d.a1, d.b1) : 0.f;
+      failed = m0 < 0 || m1 < 0;
+      ms = static_cast<double>(m0) + static_cast<double>(m1);
+    }
+    if (failed) {
+      ++dropped_;
+    } else {
+      const double ns = ms * 1e6;
+      if (d.kind == 0) {
+        dev_[d.id].add(ns);
+      } else if (d.kind == 1) {
+        user_dev_[d.id].add(ns);
+      } else {
+        module_dev_[d.id].add(ns);
+      }
+    }
+    for (int s : {d.a0, d.b0, d.a1, d.b1}) pool_unref(s);
+    pending_.pop_front();
+  }
+}
+
+void Timeline::close() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_) return;
+  end_cursor_range();
+  if (nvtx_step_ != 0) {
+    nvtx::end(nvtx_step_);
+    nvtx_step_ = 0;
+  }
+  if (capturing_) {
+    nvtx::capture_end();
+    capturing_ = false;
+  }
+  // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
+  for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_}) {
+    pool_unref(*s);
+    *s = -1;
+  }
+  for (auto* v : {&user_open_, &module_open_})
+    for (Open& o : *v) {
+      pool_unref(o.ev);
+      o = Open{};
+    }
+  paused_ = false;
+  carry_ns_ = 0;
+  fwd_depth_ = 0;
+  state_ = State::kIdle;
+  closed_ = true;
+  poll_locked();
+}
+
+int64_t Timeline::steps() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return steps_done_;
+}
+
+Report Timeline::report() {
+  std::lock_guard<std::mutex> g(mu_);
+  poll_locked();
+  Report r;
+  r.device = device_;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i)
+    r.phases.push_back(NamedSummary{kPhaseNames[i], summarize(host_[i]), summarize(dev_[i])});
+  for (size_t i = 0; i < user_names_.size(); ++i)
+    r.user.push_back(NamedSummary{user_names_[i], summarize(user_host_[i]), summarize(user_dev_[i])});
+  for (size_t i = 0; i < module_names_.size(); ++i)
+    r.modules.push_back(NamedSummary{module_names_[i], summarize(module_host_[i]), summarize(module_dev_[i])});
+  r.steps = steps_done_;
+  r.samples = samples_done_;
+  r.step_host_total = step_host_total_ * 1e-9;
+  r.dropped_device_samples = dropped_;
+  r.pending_device_samples = static_cast<int64_t>(pending_.size());
+  return r;
+}
+
+std::vector<StepRecord> Timeline::recent_steps() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<StepRecord> v;
+  v.reserve(ring_.size());
+  for (size_t i = 0; i < ring_.size(); ++i) v.push_back(ring_[i]);
+  return v;
+}
+
+ScopedPhase::ScopedPhase(Timeline& tl, Phase p, int64_t batch) : tl_(tl), phase_(p) {
+  switch (p) {
+    case Phase::kForward:
+      tl_.forward_begin(false, batch);
+      break;
+    case Phase::kBackward:
+      open_ = tl_.backward_begin();
+      break;
+    case Phase::kOptimizer:
+      tl_.optimizer_begin();
+      break;
+    default:
+      TORCH_CHECK(false, "stepscope: ScopedPhase takes kForward, kBackward or kOptimizer (data, loss and other are "
+                  "the gaps between them); got ", phase_name(p));
+  }
+}
+
+ScopedPhase::ScopedPhase(Timeline& tl, const std::string& user_phase) : tl_(tl), phase_(Phase::kCount) {
+  user_ = tl_.user_series(user_phase);
+  tl_.user_begin(user_);
+}
+
+ScopedPhase::~ScopedPhase() {
+  if (!open_) return;
+  if (user_ >= 0) {
+    tl_.user_end(user_);
+    return;
+  }
+  switch (phase_) {
+    case Phase::kForward:
+      tl_.forward_end();
+      break;
+    case Phase::kBackward:
+      tl_.backward_end();
+      break;
+    case Phase::kOptimizer:
+      tl_.optimizer_end(true);
+      break;
+    default:
+      break;
+  }
+}
+
+std::string format_summary(const Report& r) {
+  const double step_total = r.phases[static_cast<int>(Phase::kStep)].host.total;
+  const double dev_step_total = r.phases[static_cast<int>(Phase::kStep)].device.total;
+  std::ostringstream o;
+  char line[256];
+  std::snprintf(line, sizeof(line), "%-14s %7s %9s %9s %9s %9s %10s %7s", "phase", "count", "mean ms", "p50 ms",
+                "p90 ms", "p99 ms", "total s", "share");
+  o << line << (r.device ? "   device: mean ms  p50 ms  total s  share" : "") << '\n';
+  auto row = [&](const NamedSummary& s, bool share) {
+    std::snprintf(line, sizeof(line), "%-14s %7lld %9.3f %9.3f %9.3f %9.3f %10.4f %6.1f%%", s.name.c_str(),
+                  static_cast<long long>(s.host.count), s.host.mean * 1e3, s.host.p50 * 1e3, s.host.p90 * 1e3,
+                  s.host.p99 * 1e3, s.host.total, share && step_total > 0 ? 100.0 * s.host.total / step_total : 0.0);
+    o << line;
+    if (r.device) {
+      std::snprintf(line, sizeof(line), "   %15.3f %7.3f %8.4f %5.1f%%", s.device.mean * 1e3, s.device.p50 * 1e3,
+                    s.device.total,
+                    share && dev_step_total > 0 ? 100.0 * s.device.total / dev_step_total : 0.0);
+      o << line;
+    }
+    o << '\n';
+  };
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    if (r.phases[i].host.count == 0 && i != static_cast<int>(Phase::kStep)) continue;
+    row(r.phases[i], i <= static_cast<int>(Phase::kStep));
+  }
+  for (const auto& u : r.user) row(u, true);
+  std::snprintf(line, sizeof(line), "steps %lld, samples/s %.1f, dropped device samples %lld\n",
+                static_cast<long long>(r.steps), r.step_host_total > 0 ? r.samples / r.step_host_total : 0.0,
+                static_cast<long long>(r.dropped_device_samples));
+  o << line;
+  return o.str();
+}
+
+}  // namespace stepscope::timing

@@ -1,0 +1,247 @@
+// The training-step Timeline: hooks (Python) or a C++ loop report phase boundaries; the
+// Timeline turns them into a partition of each step with no unexplained time, host times from
+// std::chrono::steady_clock, device times from pooled CUDA events, NVTX ranges, and bounded
+// statistics.
+//
+//   stepscope::timing::Timeline tl({.device = torch::cuda::is_available()});
+//   for (...) {
+//     { stepscope::timing::ScopedPhase p(tl, stepscope::timing::Phase::kForward); out = model(x); }
+//     loss = criterion(out, y);
+//     { stepscope::timing::ScopedPhase p(tl, stepscope::timing::Phase::kBackward); loss.backward(); }
+//     { stepscope::timing::ScopedPhase p(tl, stepscope::timing::Phase::kOptimizer); opt.step(); }  // ends the step
+//   }
+//   std::cout << stepscope::timing::format_summary(tl.report());
+//
+// Partition. Every boundary closes the span open since the previous one and names it by the
+// boundary that closes it: forward begin closes `data`, forward end closes `forward`, backward
+// begin closes `loss`, backward end closes `backward`, optimizer begin closes `other`, optimizer
+// end closes `optimizer` and ends the step (so does step(), closing `other`). Spans therefore add
+// up to the step exactly. Gradient accumulation is several forward/backward pairs in one step;
+// the gap between a backward end and the next forward is that micro-batch's `data`.
+// Eval forwards (no grad, inference mode, eval()) are timed as `eval_forward` and the time from
+// the first eval forward to the next training boundary is left out of the training step.
+//
+// Threads. Backward boundaries arrive on autograd's thread; every public method takes one mutex.
+// NVTX: the step, data, loss, backward and other ranges are start/end ranges (they may end on
+// another thread); forward, optimizer, eval, module and user ranges are push/pop (they begin and
+// end on the calling thread). The exact sequence of one training step (payload = step N):
+//   step start       start(kData)
+//   forward_begin    start(kStep, "step N"), end(data), push(kForward)
+//                                                      forward_end     pop(), start(kLoss)
+//   backward_begin   end(loss), start(kBackward)       backward_end    end(backward), start(kOther)
+//   optimizer_begin  end(other), push(kOptimizer)
+//   optimizer_end    pop(), end(step), [capture_end() if N+1 == capture_end,
+//                    capture_begin() if N+1 == capture_begin], then step N+1 starts as above
+// The step range opens at the step's first training boundary (usually forward_begin), so the
+// trace never holds a step that did not happen (after the last step, before detach); the data
+// range before it is its own range. (step() instead of an optimizer: end(other), end(step), ...).
+// Eval forwards: push(kEval)/pop();
+// modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
+// open. All of it lives in start_step, open_step_range, finish_step, cursor_start, cursor_push,
+// end_cursor_range and the eval/user/module methods of timeline.cpp. With options.nvtx false none
+// is emitted.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nvtx/nvtx.h"
+#include "timing/event_pool.h"
+#include "timing/ring.h"
+#include "timing/stats.h"
+
+namespace stepscope::timing {
+
+// The training partition, then the other series kept with histograms.
+enum class Phase : int { kData = 0, kForward, kLoss, kBackward, kOther, kOptimizer, kStep, kEvalForward, kCount };
+constexpr int kNumPartition = 6;  // kData .. kOptimizer
+const char* phase_name(Phase p);
+
+struct TimelineOptions {
+  bool device = false;       // record CUDA events (ignored without CUDA at build or run time)
+  bool nvtx = true;          // emit NVTX ranges through stepscope::nvtx
+  int ring = 256;            // steps kept raw for traces
+  int event_pool = 2048;     // CUDA events at most in flight
+  int64_t capture_begin = -1;  // nvtx::capture_begin() when step `capture_begin` starts ...
+  int64_t capture_end = -1;    // ... and capture_end() when step `capture_end` starts (range semantics)
+};
+
+struct SeriesSummary {
+  int64_t count = 0;
+  double total = 0, mean = 0, std = 0, min = 0, max = 0, p50 = 0, p90 = 0, p99 = 0;  // seconds
+  bool has_quantiles = false;
+};
+
+struct NamedSummary {
+  std::string name;
+  SeriesSummary host, device;
+};
+
+struct SpanRecord {
+  int16_t phase = 0;  // Phase
+  int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+};
+
+struct StepRecord {
+  static constexpr int kMaxSpans = 32;
+  int64_t index = 0;
+  int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+  double host[kNumPartition] = {};  // seconds per phase
+  int64_t samples = 0;
+  int n_spans = 0;
+  int truncated = 0;  // spans beyond kMaxSpans
+  std::array<SpanRecord, kMaxSpans> spans;
+};
+
+struct Report {
+  std::vector<NamedSummary> phases;   // data .. optimizer, step, eval_forward
+  std::vector<NamedSummary> user;     // mon.phase(name) / ScopedPhase(tl, "name")
+  std::vector<NamedSummary> modules;  // per-module forward (no quantiles)
+  int64_t steps = 0;
+  int64_t samples = 0;
+  double step_host_total = 0;  // seconds
+  int64_t dropped_device_samples = 0;
+  int64_t pending_device_samples = 0;
+  bool device = false;
+};
+
+class Timeline {
+ public:
+  explicit Timeline(TimelineOptions opts = {});
+  ~Timeline();
+  Timeline(const Timeline&) = delete;
+  Timeline& operator=(const Timeline&) = delete;
+
+  // Boundaries. eval: the forward runs without grad / in inference mode / in eval(); batch:
+  // samples in it (< 0: unknown). Nested forwards (a model called inside itself) are ignored.
+  void forward_begin(bool eval = false, int64_t batch = -1);
+  void forward_end();
+  bool backward_begin();  // false when a backward is already open (a second output's hook)
+  void backward_end();
+  void optimizer_begin();
+  // end_step=false: more optimizers step in this step (several optimizers given).
+  void optimizer_end(bool end_step = true);
+  // Ends the step where no optimizer hook does (GradScaler skipping, closures). A no-op when
+  // nothing happened since the last step ended. Returns whether a step ended.
+  bool step();
+
+  int user_series(const std::string& name);  // index for user_begin/user_end
+  void user_begin(int id);
+  void user_end(int id);
+  int register_module(const std::string& name);
+  void module_begin(int id);
+  void module_end(int id);
+
+  // Resolves completed CUDA events (cudaEventQuery only); called at each step end.
+  void poll();
+  // Closes open NVTX ranges and the capture window and forgets the open step (detach); the
+  // statistics stay readable. open() starts a fresh step clock (attach again).
+  void close();
+  void open();
+
+  Report report();
+  std::vector<StepRecord> recent_steps() const;
+  int64_t steps() const;
+  bool device() const { return device_; }
+
+ private:
+  struct Open {  // an open user or module span
+    int64_t t0 = 0;
+    int ev = -1;
+    int depth = 0;
+  };
+  struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
+    int kind;       // 0 phase series, 1 user, 2 module
+    int id;
+    int a0, b0, a1, b1;
+  };
+  enum class State { kIdle, kForward, kAfterForward, kBackward, kAfterBackward, kOptimizer, kAfterOptimizer };
+
+  int64_t now_ns() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
+  }
+  int record_event();
+  void boundary(Phase closes, int64_t now, int ev);
+  void finish_step(int64_t now, int ev);
+  void start_step(int64_t now, int ev);
+  void end_cursor_range();
+  void cursor_start(nvtx::Phase p);
+  void cursor_push(nvtx::Phase p);
+  void open_locked();
+  void open_step_range();
+  void pool_unref(int slot);
+  void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
+  void poll_locked();
+
+  TimelineOptions opts_;
+  bool device_;
+  std::chrono::steady_clock::time_point origin_;
+  mutable std::mutex mu_;
+  EventPool pool_;
+
+  std::array<Series, static_cast<int>(Phase::kCount)> host_, dev_;
+  std::vector<std::string> user_names_, module_names_;
+  std::vector<Series> user_host_, user_dev_;
+  std::vector<Stats> module_host_, module_dev_;
+  std::vector<Open> user_open_, module_open_;
+  std::deque<DevSpan> pending_;
+  int64_t dropped_ = 0;
+
+  State state_ = State::kIdle;
+  int fwd_depth_ = 0;
+  bool fwd_eval_ = false;
+  int64_t last_ns_ = 0;
+  int last_ev_ = -1;
+  // Eval pause: the training span cut at the first eval forward, carried to the next boundary.
+  bool paused_ = false;
+  int64_t carry_ns_ = 0, carry_t0_ = 0;
+  int carry_a_ = -1, carry_b_ = -1;
+  int64_t eval_t0_ = 0;
+  int eval_ev_ = -1;
+
+  int64_t step_index_ = 0;
+  bool step_active_ = false;
+  bool step_has_pause_ = false;
+  int64_t step_t0_ = 0;
+  int step_ev_ = -1;
+  int64_t step_samples_ = 0;
+  double step_phase_[kNumPartition] = {};
+  StepRecord cur_;
+  Ring<StepRecord> ring_;
+  int64_t steps_done_ = 0, samples_done_ = 0;
+  double step_host_total_ = 0;
+
+  uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
+  bool pushed_ = false;  // a forward/optimizer push range is open ...
+  std::thread::id push_thread_;  // ... on this thread
+  bool capturing_ = false;
+  bool closed_ = false;
+};
+
+// RAII boundary pair for C++ loops: kForward, kBackward or kOptimizer (which ends the step).
+// batch: samples in a forward (samples/s).
+class ScopedPhase {
+ public:
+  ScopedPhase(Timeline& tl, Phase p, int64_t batch = -1);
+  ScopedPhase(Timeline& tl, const std::string& user_phase);
+  ~ScopedPhase();
+  ScopedPhase(const ScopedPhase&) = delete;
+  ScopedPhase& operator=(const ScopedPhase&) = delete;
+
+ private:
+  Timeline& tl_;
+  Phase phase_;
+  int user_ = -1;
+  bool open_ = true;
+};
+
+// A plain-text table of a report (the same layout as Python's Monitor.summary()).
+std::string format_summary(const Report& r);
+
+}  // namespace stepscope::timing

@@ -1,0 +1,246 @@
+// Timing core: histogram quantiles against exact quantiles, streaming moments, the ring buffer,
+// and the Timeline's partition under boundaries from two threads.
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "timing/ring.h"
+#include "timing/stats.h"
+#include "timing/timeline.h"
+
+using namespace stepscope::timing;
+
+namespace {
+
+uint32_t fresh_seed() {
+  const uint32_t s = std::random_device{}();
+  std::printf("seed %u\n", s);
+  return s;
+}
+
+double exact_quantile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(std::floor(q * static_cast<double>(v.size() - 1)))];
+}
+
+const NamedSummary& phase(const Report& r, Phase p) { return r.phases[static_cast<int>(p)]; }
+
+}  // namespace
+
+TEST(TimingHistogram, QuantilesWithinOnePercentOfExact) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  // Log-normal spreads over six decades of ns (µs to s), as step phases do; plus a bimodal mix.
+  std::lognormal_distribution<double> lognormal(std::log(2e6), 1.5);
+  std::uniform_real_distribution<double> uni(1e3, 5e4);
+  for (int trial = 0; trial < 4; ++trial) {
+    const int n = 1000 + static_cast<int>(rng() % 50000);
+    std::vector<double> xs(n);
+    for (auto& x : xs) x = (trial % 2 == 0) ? lognormal(rng) : ((rng() & 1) ? uni(rng) : 1e8 + uni(rng));
+    LogHistogram h;
+    for (double x : xs) h.add(x);
+    ASSERT_EQ(h.count(), n);
+    for (double q : {0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0}) {
+      const double exact = exact_quantile(xs, q);
+      EXPECT_NEAR(h.quantile(q), exact, 0.01 * exact) << "seed " << seed << " trial " << trial << " q " << q;
+    }
+  }
+}
+
+TEST(TimingHistogram, MergeEqualsOneHistogramOfAllSamples) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::exponential_distribution<double> ex(1e-6);
+  LogHistogram a, b, all;
+  for (int i = 0; i < 20000; ++i) {
+    const double x = ex(rng) + 1.0;
+    ((i % 3) ? a : b).add(x);
+    all.add(x);
+  }
+  a.merge(b);
+  EXPECT_EQ(a.count(), all.count());
+  EXPECT_EQ(a.buckets(), all.buckets());
+  for (double q : {0.5, 0.9, 0.99}) EXPECT_DOUBLE_EQ(a.quantile(q), all.quantile(q)) << "seed " << seed;
+}
+
+TEST(TimingHistogram, EmptyAndOutOfRange) {
+  LogHistogram h;
+  EXPECT_EQ(h.quantile(0.5), 0.0);
+  h.add(0.0);     // below range: clamped to the first bucket, min/max stay exact
+  h.add(1e15);    // above range: last bucket
+  EXPECT_EQ(h.count(), 2);
+  EXPECT_EQ(h.quantile(0.0), 0.0);
+  EXPECT_EQ(h.quantile(1.0), 1e15);
+}
+
+TEST(TimingStats, WelfordMatchesTwoPassAndMerges) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(1e7, 3e5);  // large mean, small spread: the naive formula fails
+  std::vector<double> xs(100000);
+  Stats s, s1, s2;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    xs[i] = nd(rng);
+    s.add(xs[i]);
+    (i < 30000 ? s1 : s2).add(xs[i]);
+  }
+  double mean = 0;
+  for (double x : xs) mean += x;
+  mean /= xs.size();
+  double var = 0;
+  for (double x : xs) var += (x - mean) * (x - mean);
+  var /= xs.size();
+  EXPECT_NEAR(s.mean(), mean, 1e-6 * mean) << "seed " << seed;
+  EXPECT_NEAR(s.std(), std::sqrt(var), 1e-6 * std::sqrt(var)) << "seed " << seed;
+  EXPECT_EQ(s.min(), *std::min_element(xs.begin(), xs.end()));
+  EXPECT_EQ(s.max(), *std::max_element(xs.begin(), xs.end()));
+  s1.merge(s2);
+  EXPECT_EQ(s1.count(), s.count());
+  EXPECT_NEAR(s1.mean(), s.mean(), 1e-9 * s.mean());
+  EXPECT_NEAR(s1.std(), s.std(), 1e-6 * s.std());
+}
+
+TEST(TimingRing, KeepsTheLastWOldestFirst) {
+  Ring<int> r(5);
+  EXPECT_EQ(r.size(), 0u);
+  for (int i = 0; i < 3; ++i) r.push() = i;
+  ASSERT_EQ(r.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(r[i], i);
+  for (int i = 3; i < 13; ++i) r.push() = i;
+  ASSERT_EQ(r.size(), 5u);
+  EXPECT_EQ(r.pushed(), 13u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(r[i], 8 + i);
+}
+
+TEST(TimingTimeline, PhasesPartitionTheStep) {
+  Timeline tl({.device = false, .nvtx = false, .ring = 4});
+  auto spin = [](int us) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+  };
+  for (int s = 0; s < 6; ++s) {
+    spin(300);  // data
+    tl.forward_begin(false, 8);
+    spin(500);
+    tl.forward_end();
+    spin(200);  // loss
+    ASSERT_TRUE(tl.backward_begin());
+    EXPECT_FALSE(tl.backward_begin());  // a second output's hook
+    spin(700);
+    tl.backward_end();
+    spin(100);  // other
+    tl.optimizer_begin();
+    spin(400);
+    tl.optimizer_end();
+  }
+  EXPECT_FALSE(tl.step());  // nothing happened since the optimizer ended the step
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, 6);
+  EXPECT_EQ(r.samples, 48);
+  double sum = 0;
+  for (int i = 0; i < kNumPartition; ++i) {
+    EXPECT_EQ(r.phases[i].host.count, 6) << phase_name(static_cast<Phase>(i));
+    sum += r.phases[i].host.total;
+  }
+  EXPECT_NEAR(sum, phase(r, Phase::kStep).host.total, 1e-9);
+  EXPECT_GE(phase(r, Phase::kBackward).host.min, 700e-6);
+  EXPECT_GE(phase(r, Phase::kForward).host.min, 500e-6);
+  EXPECT_LT(phase(r, Phase::kForward).host.p50, phase(r, Phase::kBackward).host.p50);
+  const auto recent = tl.recent_steps();
+  ASSERT_EQ(recent.size(), 4u);
+  EXPECT_EQ(recent.front().index, 2);
+  EXPECT_EQ(recent.back().index, 5);
+  EXPECT_EQ(recent.back().n_spans, kNumPartition);
+  EXPECT_EQ(recent.back().samples, 8);
+}
+
+TEST(TimingTimeline, EvalIsReportedApartAndLeftOutOfTheStep) {
+  Timeline tl({.device = false, .nvtx = false});
+  tl.forward_begin(false, 4);
+  tl.forward_end();
+  tl.backward_begin();
+  tl.backward_end();
+  tl.optimizer_begin();
+  tl.optimizer_end();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 3; ++i) {
+    tl.forward_begin(true, 4);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    tl.forward_end();
+  }
+  const double eval_wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  tl.forward_begin(false, 4);
+  tl.forward_end();
+  EXPECT_TRUE(tl.step());
+  const Report r = tl.report();
+  EXPECT_EQ(phase(r, Phase::kEvalForward).host.count, 3);
+  EXPECT_GE(phase(r, Phase::kEvalForward).host.min, 5e-3);
+  EXPECT_EQ(r.steps, 2);
+  EXPECT_EQ(r.samples, 8);  // eval batches are not training samples
+  EXPECT_LT(phase(r, Phase::kData).host.total, eval_wall / 3);
+}
+
+// Backward boundaries arrive on autograd's thread while the training thread records forwards and
+// user phases: every step must still be complete and partitioned, and nothing may race.
+TEST(TimingTimeline, TwoThreads) {
+  Timeline tl({.device = false, .nvtx = true});
+  const int steps = 2000;
+  std::atomic<int> stage{0};  // 1: backward may begin, 2: backward done
+  std::thread autograd([&] {
+    for (int s = 0; s < steps; ++s) {
+      while (stage.load() != 1) std::this_thread::yield();
+      tl.backward_begin();
+      tl.backward_end();
+      stage.store(2);
+    }
+  });
+  const int user = tl.user_series("metrics");
+  for (int s = 0; s < steps; ++s) {
+    tl.forward_begin(false, 2);
+    tl.forward_end();
+    stage.store(1);
+    tl.user_begin(user);  // concurrent with the backward on the other thread
+    tl.user_end(user);
+    while (stage.load() != 2) std::this_thread::yield();
+    stage.store(0);
+    tl.optimizer_begin();
+    tl.optimizer_end();
+  }
+  autograd.join();
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, steps);
+  EXPECT_EQ(phase(r, Phase::kBackward).host.count, steps);
+  EXPECT_EQ(r.user.at(0).host.count, steps);
+  double sum = 0;
+  for (int i = 0; i < kNumPartition; ++i) sum += r.phases[i].host.total;
+  EXPECT_NEAR(sum, phase(r, Phase::kStep).host.total, 1e-9 * steps);
+}
+
+TEST(TimingTimeline, ScopedPhaseAndClose) {
+  Timeline tl({.device = false, .nvtx = true});
+  for (int s = 0; s < 3; ++s) {
+    { ScopedPhase f(tl, Phase::kForward); }
+    { ScopedPhase b(tl, Phase::kBackward); }
+    { ScopedPhase u(tl, std::string("clip")); }
+    { ScopedPhase o(tl, Phase::kOptimizer); }
+  }
+  { ScopedPhase f(tl, Phase::kForward); }
+  tl.close();  // the partial fourth step is dropped
+  tl.forward_begin();  // ignored while closed
+  EXPECT_EQ(tl.steps(), 3);
+  tl.open();
+  { ScopedPhase f(tl, Phase::kForward); }
+  EXPECT_TRUE(tl.step());
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, 4);
+  EXPECT_EQ(r.user.at(0).name, "clip");
+  EXPECT_THROW({ ScopedPhase p(tl, Phase::kData); }, c10::Error);
+  EXPECT_NE(format_summary(r).find("optimizer"), std::string::npos);
+}

@@ -1,0 +1,581 @@
+"""stepscope.Monitor: planted sleeps in every phase must be reported where they were planted.
+
+Each planted sleep logs how long it really lasted (on a loaded machine a 10 ms sleep can last
+11 ms: that is the scheduler, not the Monitor), and the reported per-phase median must be within
+5% of the median planted duration. Sleeps are 6-25 ms, a few steps each.
+"""
+
+import collections
+import gc
+import os
+import statistics
+import random
+import time
+import warnings
+
+import pytest
+import torch
+import torch.optim.optimizer as optim_mod
+
+import stepscope
+from stepscope import _C
+
+# Phases also hold real work the sleeps do not cover (loss computation and autograd's start,
+# SGD's update, returning from backward: 0.2-0.8 ms each on this loaded 2-core machine): planted
+# times are long enough that this unplanted work stays inside the 5%.
+PLANT = {"data": 0.020, "forward": 0.020, "loss": 0.025, "backward": 0.025, "other": 0.015,
+         "optimizer": 0.020}
+PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
+TOL = 0.05
+
+
+SLEPT = collections.defaultdict(list)  # phase -> how long each planted sleep really lasted
+
+
+def sleep(s: float, phase: str = "") -> None:
+    # time.sleep overshoots by ~0.1 ms; spin the last 0.3 ms so the planted time is exact enough.
+    t0 = time.perf_counter()
+    end = t0 + s
+    if s > 0.0005:
+        time.sleep(s - 0.0003)
+    while time.perf_counter() < end:
+        pass
+    if phase:
+        SLEPT[phase].append(time.perf_counter() - t0)
+
+
+class SleepFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, secs):
+        ctx.secs = secs
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        sleep(ctx.secs, "backward")
+        return g, None
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise Boom("backward")
+
+
+class Planted(torch.nn.Module):
+    def __init__(self, fwd=PLANT["forward"], bwd=PLANT["backward"]):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+        self.fwd, self.bwd = fwd, bwd
+        self.fail_forward = False
+        self.fail_backward = False
+
+    def forward(self, x):
+        sleep(self.fwd, "eval_forward" if not (self.training and torch.is_grad_enabled()) else "forward")
+        if self.fail_forward:
+            raise Boom("forward")
+        y = SleepFn.apply(self.lin(x), self.bwd)
+        return RaiseInBackward.apply(y) if self.fail_backward else y
+
+
+class SlowSGD(torch.optim.SGD):
+    def __init__(self, params, secs=PLANT["optimizer"]):
+        super().__init__(params, lr=1e-3)
+        self.secs = secs
+        self.fail = False
+
+    def step(self, closure=None):
+        sleep(self.secs, "optimizer")
+        if self.fail:
+            raise Boom("optimizer")
+        return super().step(closure)
+
+
+def loader(n, batch=16, secs=PLANT["data"]):
+    for _ in range(n):
+        sleep(secs, "data")
+        yield torch.randn(batch, 8)
+
+
+def train_step(model, opt, x, plant=PLANT):
+    out = model(x)
+    sleep(plant["loss"], "loss")
+    loss = out.square().mean()
+    loss.backward()
+    sleep(plant["other"], "other")
+    opt.step()
+    opt.zero_grad()
+
+
+def p50(rep, phase):
+    return rep["phases"][phase]["host"]["p50"]
+
+
+def assert_close(got, want, what):
+    """`want`: the nominal planted time; the comparison is with the median of the real sleeps."""
+    real = statistics.median(SLEPT[what]) if SLEPT[what] else want
+    assert abs(got - real) <= TOL * real, (
+        f"{what}: reported {got * 1e3:.3f} ms, planted {want * 1e3:.3f} ms (slept {real * 1e3:.3f} ms)")
+
+
+def no_hooks(model, *opts):
+    mods = list(model.modules())
+    return (all(not m._forward_hooks and not m._forward_pre_hooks for m in mods)
+            and all(not o._optimizer_step_pre_hooks and not o._optimizer_step_post_hooks for o in opts)
+            and not optim_mod._global_optimizer_pre_hooks
+            and not optim_mod._global_optimizer_post_hooks)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    SLEPT.clear()
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+    yield
+
+
+def test_planted_phases_each_within_5_percent_and_sum_to_step():
+    model = Planted()
+    torch.optim.SGD(model.parameters())  # wraps SGD.step too: SlowSGD's super().step() nests the hooks
+    opt = SlowSGD(model.parameters())
+    steps = 6
+    with stepscope.Monitor(model, opt) as mon:
+        for x in loader(steps):
+            train_step(model, opt, x)
+    rep = mon.report()
+    print(mon.summary())
+    assert rep["steps"] == steps
+    assert rep["samples"] == 16 * steps
+    for ph in PARTITION:
+        assert rep["phases"][ph]["host"]["count"] == steps
+        assert_close(p50(rep, ph), PLANT[ph], ph)
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+    assert sum(rep["phases"][ph]["share_host"] for ph in PARTITION) == pytest.approx(1.0, rel=1e-9)
+    slept = sum(statistics.median(SLEPT[ph]) for ph in PARTITION)
+    assert abs(p50(rep, "step") - slept) <= TOL * slept
+    assert rep["samples_per_s"] == pytest.approx(rep["samples"] / rep["phases"]["step"]["host"]["total"])
+    ring = mon.recent_steps()
+    assert [r["step"] for r in ring] == list(range(steps))
+    assert [s[0] for s in ring[-1]["spans"]] == list(PARTITION)
+    assert no_hooks(model, opt)
+
+
+def test_global_optimizer_hooks_when_no_optimizer_given():
+    model = Planted(fwd=0.002, bwd=0.002)
+    opt = SlowSGD(model.parameters(), secs=0.020)
+    with stepscope.Monitor(model) as mon:
+        for x in loader(4, secs=0.002):
+            train_step(model, opt, x, plant=dict(PLANT, loss=0.001, other=0.001))
+        assert optim_mod._global_optimizer_pre_hooks
+    rep = mon.report()
+    assert rep["steps"] == 4
+    assert_close(p50(rep, "optimizer"), 0.020, "optimizer")
+    assert no_hooks(model, opt)
+
+
+def test_gradient_accumulation():
+    model, micro, steps = Planted(fwd=0.015, bwd=0.015), 3, 3
+    opt = SlowSGD(model.parameters(), secs=0.020)
+    plant = dict(PLANT, loss=0.020, other=0.015)
+    with stepscope.Monitor(model, opt) as mon:
+        batches = loader(micro * steps, secs=0.009)
+        for _ in range(steps):
+            for _ in range(micro):
+                x = next(batches)
+                out = model(x)
+                sleep(plant["loss"], "loss")
+                (out.square().mean() / micro).backward()
+            sleep(plant["other"], "other")
+            opt.step()
+            opt.zero_grad()
+    rep = mon.report()
+    assert rep["steps"] == steps
+    assert rep["samples"] == 16 * micro * steps
+    for ph, want in (("forward", 0.015), ("backward", 0.015), ("data", 0.009), ("loss", 0.020)):
+        assert rep["phases"][ph]["host"]["count"] == micro * steps, ph
+        assert_close(p50(rep, ph), want, ph)
+    # the gap after a micro-batch's backward closes at the next forward: it is that batch's data
+    assert rep["phases"]["other"]["host"]["count"] == steps
+    assert_close(p50(rep, "other"), 0.015, "other")
+    assert_close(p50(rep, "optimizer"), 0.020, "optimizer")
+    per_step = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION) / steps
+    assert per_step == pytest.approx(rep["phases"]["step"]["host"]["mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "eval"])
+def test_eval_is_reported_apart(mode):
+    model = Planted(fwd=0.012, bwd=0.004)
+    opt = SlowSGD(model.parameters(), secs=0.004)
+    plant = dict(PLANT, loss=0.002, other=0.002)
+    n_eval = 3
+    with stepscope.Monitor(model, opt) as mon:
+        for i, x in enumerate(loader(4, secs=0.010)):
+            train_step(model, opt, x, plant=plant)
+            if i % 2 == 0:
+                for _ in range(n_eval):
+                    sleep(0.005)  # eval data: neither training data nor eval forward
+                    if mode == "no_grad":
+                        with torch.no_grad():
+                            model(x)
+                    elif mode == "inference_mode":
+                        with torch.inference_mode():
+                            model(x)
+                    else:
+                        model.eval()
+                        model(x)
+                        model.train()
+    rep = mon.report()
+    assert rep["steps"] == 4
+    assert rep["phases"]["eval_forward"]["host"]["count"] == 2 * n_eval
+    assert_close(p50(rep, "eval_forward"), 0.012, "eval_forward")
+    assert rep["phases"]["forward"]["host"]["count"] == 4
+    assert rep["samples"] == 4 * 16
+    # The eval loop (3 x 17 ms) ran in the data gap of steps 1 and 3 and is left out of training
+    # data: that gap is the loader's 10 ms plus the 5 ms before the first eval forward. The bound
+    # leaves room for scheduler noise but not for the eval forwards.
+    assert rep["phases"]["data"]["host"]["max"] < 0.010 + 0.005 + 0.012
+
+
+def test_phase_and_manual_step_and_user_phases():
+    model = Planted(fwd=0.003, bwd=0.003)
+    with stepscope.Monitor(model) as mon:
+        for x in loader(3, secs=0.002):
+            out = model(x)
+            out.sum().backward()
+            with mon.phase("clip"):
+                sleep(0.012, "clip")
+            assert mon.step()  # no optimizer at all (e.g. GradScaler skipped the step)
+            assert not mon.step()  # nothing since: no empty step
+    rep = mon.report()
+    assert rep["steps"] == 3
+    assert rep["phases"]["optimizer"]["host"]["count"] == 0
+    assert rep["user"]["clip"]["host"]["count"] == 3
+    assert_close(rep["user"]["clip"]["host"]["p50"], 0.012, "clip")
+    # the user phase lies inside "other" (backward end -> step end)
+    assert rep["phases"]["other"]["host"]["min"] >= 0.012
+    assert "user:clip" in mon.summary()
+
+
+def test_per_module_sampled_and_ranked():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.slow = Planted(fwd=0.006, bwd=0.0)
+            self.fast = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fast(self.slow(x))
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    with stepscope.Monitor(net, opt, per_module=True, per_module_every=3) as mon:
+        for x in loader(7, secs=0.0):
+            net(x).sum().backward()
+            opt.step()
+    rep = mon.report()
+    mods = rep["modules"]
+    assert list(mods)[0] == "slow"  # ranked by time
+    assert mods["slow"]["host"]["count"] == 3  # steps 0, 3, 6
+    assert mods["fast"]["host"]["count"] == 3
+    assert mods["slow"]["host"]["mean"] >= 0.006
+    assert no_hooks(net, opt)
+
+    with stepscope.Monitor(net, opt, per_module=[torch.nn.Linear]) as mon:
+        net(next(loader(1, secs=0))).sum().backward()
+        opt.step()
+    assert set(mon.report()["modules"]) == {"slow.lin", "fast"}
+    with pytest.raises(ValueError, match="not found"):
+        stepscope.Monitor(net, opt, per_module=["nope"]).attach()
+    assert no_hooks(net, opt)
+
+
+def test_compiled_model_refuses_per_module_but_times_phases():
+    model = Planted(fwd=0.004, bwd=0.002)
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="torch.compile"):
+        mon = stepscope.Monitor(compiled, opt, per_module=True)
+    with mon:
+        for x in loader(3, secs=0.001):
+            compiled(x).sum().backward()
+            opt.step()
+    rep = mon.report()
+    assert rep["steps"] == 3
+    assert rep["modules"] == {}
+    assert rep["phases"]["forward"]["host"]["min"] >= 0.004
+
+
+def test_bad_use_is_refused_clearly():
+    model = Planted(fwd=0.0, bwd=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = stepscope.Monitor(model, opt)
+    with pytest.raises(RuntimeError, match="not attached"):
+        mon.detach()
+    with pytest.raises(RuntimeError, match="not attached"):
+        mon.step()
+    mon.attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        mon.attach()
+    with pytest.raises(RuntimeError, match="another Monitor"):
+        stepscope.Monitor(model).attach()
+    assert len(model._forward_pre_hooks) == 1  # the refused Monitor left nothing
+    mon.detach()
+    with pytest.raises(RuntimeError, match="not attached"):
+        mon.detach()
+    assert no_hooks(model, opt)
+    with pytest.raises(TypeError):
+        stepscope.Monitor("model")
+    with pytest.raises(TypeError):
+        stepscope.Monitor(model, [opt, "sgd"])
+    with pytest.raises(ValueError, match="profile_steps"):
+        stepscope.Monitor(model, profile_steps=range(5, 2))
+    # detach inside the with block is allowed; attach again later keeps accumulating
+    with stepscope.Monitor(model, opt) as mon2:
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+        mon2.detach()
+        model(torch.randn(2, 8))  # after detach: not recorded
+    mon2.attach()
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    mon2.detach()
+    assert mon2.report()["steps"] == 2
+    assert mon2.report()["phases"]["forward"]["host"]["count"] == 2
+
+
+def test_step_inside_forward_is_an_error():
+    class CallsStep(torch.nn.Module):
+        def forward(self, x):
+            self.mon.step()
+            return x
+
+    m = CallsStep()
+    with stepscope.Monitor(m) as mon:
+        m.mon = mon
+        with pytest.raises(RuntimeError, match="inside the model's forward"):
+            m(torch.randn(2, 2))
+    assert no_hooks(m)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "optimizer"])
+def test_exceptions_leave_no_hook_and_training_goes_on(where):
+    model = Planted(fwd=0.002, bwd=0.002)
+    opt = SlowSGD(model.parameters(), secs=0.002)
+    plant = dict(PLANT, loss=0.001, other=0.001)
+
+    def arm(on):
+        model.fail_forward = on and where == "forward"
+        model.fail_backward = on and where == "backward"
+        opt.fail = on and where == "optimizer"
+
+    # Caught inside the loop: the Monitor keeps timing the next steps.
+    with stepscope.Monitor(model, opt) as mon:
+        for i, x in enumerate(loader(4, secs=0.002)):
+            arm(i == 1)
+            try:
+                train_step(model, opt, x, plant=plant)
+            except Boom:
+                opt.zero_grad()
+    arm(False)
+    rep = mon.report()
+    assert rep["steps"] == 3
+    assert rep["phases"]["forward"]["host"]["count"] == 4
+    assert no_hooks(model, opt)
+    # Escaping the with block: every hook is gone, and the statistics stay readable.
+    with pytest.raises(Boom):
+        with stepscope.Monitor(model, opt) as mon:
+            arm(True)
+            train_step(model, opt, torch.randn(4, 8), plant=plant)
+    arm(False)
+    assert no_hooks(model, opt)
+    assert mon.report()["steps"] == 0
+    train_step(model, opt, torch.randn(4, 8), plant=dict(PLANT, loss=0, other=0))
+
+
+def test_model_called_outside_a_step_and_several_models_and_optimizers():
+    gen, disc = Planted(fwd=0.004, bwd=0.001), Planted(fwd=0.003, bwd=0.001)
+    og, od = SlowSGD(gen.parameters(), secs=0.002), SlowSGD(disc.parameters(), secs=0.003)
+    with stepscope.Monitor([gen, disc], [og, od], per_module=True) as mon:
+        gen(torch.randn(2, 8))  # a stray forward before any step: timed, no crash
+        for x in loader(3, secs=0.001):
+            disc(x).sum().backward()
+            od.step()  # first optimizer: the step goes on
+            gen(x).sum().backward()
+            og.step()  # both stepped: the step ends
+            og.zero_grad()
+            od.zero_grad()
+    rep = mon.report()
+    assert rep["steps"] == 3
+    assert rep["phases"]["optimizer"]["host"]["count"] == 6
+    assert rep["phases"]["forward"]["host"]["count"] == 7
+    assert {"0.lin", "1.lin"} <= set(rep["modules"])
+    assert no_hooks(gen, og) and no_hooks(disc, od)
+
+
+def test_nvtx_off_and_profile_steps_run():
+    model = Planted(fwd=0.0, bwd=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for kw in ({"nvtx": False}, {"profile_steps": range(1, 3)}):
+        with stepscope.Monitor(model, opt, **kw) as mon:
+            for x in loader(4, secs=0):
+                model(x).sum().backward()
+                opt.step()
+        assert mon.report()["steps"] == 4
+
+
+def test_million_steps_keep_memory_bounded():
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    tl = _C.Timeline(device=False, nvtx=True, ring=256)
+    u = tl.user_series("u")
+    fb, fe, bb, be, ob, oe = (tl.forward_begin, tl.forward_end, tl.backward_begin, tl.backward_end,
+                              tl.optimizer_begin, tl.optimizer_end)
+    for _ in range(1000):  # warm: every series and the ring allocated
+        fb(False, 8), fe(), bb(), be(), ob(), oe(True)
+    gc.collect()
+    before = rss_mb()
+    t0 = time.perf_counter()
+    for _ in range(10**6):
+        fb(False, 8)
+        fe()
+        bb()
+        be()
+        tl.user_begin(u)
+        tl.user_end(u)
+        ob()
+        oe(True)
+    dt = time.perf_counter() - t0
+    grown = rss_mb() - before
+    rep = tl.report()
+    print(f"10^6 steps: RSS grew {grown:.2f} MB ({dt:.1f} s, {dt / 8e6 * 1e9:.0f} ns per boundary call)")
+    assert rep["steps"] == 10**6 + 1000
+    assert len(tl.recent_steps()) == 256
+    assert grown < 50
+
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@needs_gpu
+def test_cuda_device_times_match_hand_placed_events_without_syncs():
+    torch.cuda.init()
+    dev = torch.device("cuda")
+    width, steps = 4096, 12
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(4)]).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    x = torch.randn(1024, width, device=dev)
+    ev = {k: [] for k in ("forward", "backward", "optimizer")}
+
+    def mark(k):
+        a = torch.cuda.Event(enable_timing=True)
+        a.record()
+        ev[k].append(a)
+
+    for _ in range(2):  # warm up kernels and the allocator before timing
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    with stepscope.Monitor(model, opt) as mon:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                mark("forward")
+                out = model(x)
+                mark("forward")
+                loss = out.square().mean()
+                mark("backward")
+                loss.backward()
+                mark("backward")
+                mark("optimizer")
+                opt.step()
+                mark("optimizer")
+                opt.zero_grad()
+            rep_live = mon.report()  # must not sync either
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    rep = mon.report()
+    print(mon.summary())
+    assert rep["device"] and rep["dropped_device_samples"] == 0 and rep["pending_device_samples"] == 0
+    assert rep_live["steps"] == steps
+    rows = []
+    for k, evs in ev.items():
+        hand = sum(a.elapsed_time(b) for a, b in zip(evs[::2], evs[1::2])) / 1e3
+        got = rep["phases"][k]["device"]["total"]
+        rows.append((k, got, hand))
+        print(f"{k:10s} monitor {got * 1e3:9.3f} ms   hand events {hand * 1e3:9.3f} ms   "
+              f"ratio {got / hand:.4f}")
+    for k, got, hand in rows:
+        assert got == pytest.approx(hand, rel=0.05), k
+    assert rep["memory"] is not None and rep["memory"]["peak"] >= rep["memory"]["allocated"] > 0
+
+
+@cuda
+@needs_gpu
+def test_cuda_pool_exhaustion_drops_instead_of_stalling():
+    dev = torch.device("cuda")
+    model = torch.nn.Linear(256, 256).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    x = torch.randn(64, 256, device=dev)
+    mon = stepscope.Monitor(model, opt)
+    mon._tl = _C.Timeline(device=True, nvtx=False, event_pool=4)  # a tiny pool, to run out
+    mon.attach()
+    torch.cuda._sleep(200_000_000)  # keep the GPU busy so events stay in flight
+    for _ in range(10):
+        model(x).sum().backward()
+        opt.step()
+    mon.detach()
+    torch.cuda.synchronize()
+    rep = mon.report()
+    assert rep["steps"] == 10
+    assert rep["dropped_device_samples"] > 0
+
+
+def test_backward_timed_for_a_leaf_output_too():
+    # A model returning a parameter itself: no grad_fn for the C++ pre-hook, a tensor hook instead.
+    class Leaf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.w
+
+    class Slow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            sleep(0.020, "backward")
+            return g * 2
+
+    m = Leaf()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    with stepscope.Monitor(m, opt) as mon:
+        for _ in range(3):
+            out = m(torch.randn(2, 4))
+            assert out.grad_fn is None
+            # backward begins when the gradient reaches the output, i.e. after Slow's backward
+            Slow.apply(out).sum().backward()
+            opt.step()
+    rep = mon.report()
+    assert rep["phases"]["backward"]["host"]["count"] == 3
+    assert rep["phases"]["loss"]["host"]["min"] >= 0.020
+    assert rep["phases"]["backward"]["host"]["max"] < 0.010
