@@ -3,7 +3,7 @@
     python examples/train_classifier.py [--epochs 15] [--device cpu|cuda]
 
 Metrics come from stepscope.ClassificationMetrics: one fused update per batch, read once per
-epoch. Where stepscope.Monitor is available, the step-time breakdown is printed at the end.
+epoch. stepscope.Monitor times every step's phases; its summary is printed at the end.
 """
 
 import argparse
@@ -40,14 +40,11 @@ def main() -> None:
     train_metrics = stepscope.ClassificationMetrics("multiclass", num_classes=10, top_k=(1, 3), device=dev)
     val_metrics = stepscope.ClassificationMetrics("multiclass", num_classes=10, top_k=(1, 3), device=dev)
 
-    monitor = stepscope.Monitor(model, opt) if hasattr(stepscope, "Monitor") else None
     print(f"stepscope {stepscope.__version__} {stepscope.build_info()}")
     print(f"digits: {n_train} train / {len(val_idx)} val samples, device {dev}")
     print(f"{'epoch':>5} {'loss':>7} {'acc':>6} {'val_loss':>8} {'val_acc':>7} {'val_f1':>7} {'val_top3':>8} {'ece':>6}")
     t0 = time.perf_counter()
-    if monitor is not None:
-        monitor.attach()
-    try:
+    with stepscope.Monitor(model, opt) as monitor:
         for epoch in range(args.epochs):
             model.train()
             order = train_idx[torch.randperm(n_train)]
@@ -71,12 +68,8 @@ def main() -> None:
             )
             train_metrics.reset()
             val_metrics.reset()
-    finally:
-        if monitor is not None:
-            monitor.detach()
     print(f"trained {args.epochs} epochs in {time.perf_counter() - t0:.2f} s")
-    if monitor is not None:
-        print(monitor.summary())
+    print(monitor.summary())
     final_acc = float(va["accuracy"])
     if final_acc < 0.9:
         raise SystemExit(f"validation accuracy {final_acc:.3f} is below 0.9: something is wrong")
