@@ -124,6 +124,11 @@ def main():
     ap.add_argument("--no-torchmetrics", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()
+    # One BLAS thread for numpy/scikit-learn: these calls gain nothing from more, and idle OpenBLAS
+    # workers spinning after them would steal the cores of the next measurement.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     seed = time.time_ns() % (2**31)
