@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstdio>
 #include <sstream>
 
@@ -345,40 +346,43 @@ bool Timeline::step() {
   return true;
 }
 
-int Timeline::user_series(const std::string& name) {
-  std::lock_guard<std::mutex> g(mu_);
-  for (size_t i = 0; i < user_names_.size(); ++i)
-    if (user_names_[i] == name) return static_cast<int>(i);
-  TORCH_CHECK(user_names_.size() < kMaxUserSeries, "stepscope: more than ", kMaxUserSeries,
-              " distinct user phase names; phase names must be fixed labels, not per-step strings");
-  user_names_.push_back(name);
-  user_host_.emplace_back();
-  user_dev_.emplace_back();
-  user_open_.emplace_back();
-  return static_cast<int>(user_names_.size() - 1);
+template <typename G>
+int Timeline::group_add(G& g, const std::string& name, size_t limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < g.names.size(); ++i)
+    if (g.names[i] == name) return static_cast<int>(i);
+  TORCH_CHECK(g.names.size() < limit, "stepscope: more than ", limit, " distinct ", g.what,
+              " names; phase names must be fixed labels, not per-step strings");
+  g.names.push_back(name);
+  g.host.emplace_back();
+  g.dev.emplace_back();
+  g.open.emplace_back();
+  return static_cast<int>(g.names.size() - 1);
 }
 
-void Timeline::user_begin(int id) {
-  std::lock_guard<std::mutex> g(mu_);
-  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < user_open_.size(), "stepscope: unknown user phase id ", id);
-  Open& o = user_open_[id];
-  if (o.depth++ > 0) return;
+template <typename G>
+void Timeline::group_begin(G& g, int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < g.open.size(), "stepscope: unknown ", g.what, " id ", id);
+  Open& o = g.open[id];
+  if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
   o.ev = record_event();
-  if (opts_.nvtx) nvtx::push(nvtx::Phase::kUser, user_names_[id].c_str(), step_index_);
+  if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
 
-void Timeline::user_end(int id) {
-  std::lock_guard<std::mutex> g(mu_);
-  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < user_open_.size(), "stepscope: unknown user phase id ", id);
-  Open& o = user_open_[id];
+template <typename G>
+void Timeline::group_end(G& g, int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < g.open.size(), "stepscope: unknown ", g.what, " id ", id);
+  Open& o = g.open[id];
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
   const int ev = record_event();
-  user_host_[id].add(static_cast<double>(now - o.t0));
+  g.host[id].add(static_cast<double>(now - o.t0));
   if (device_) {
     if (o.ev >= 0 && ev >= 0) {
-      queue(1, id, o.ev, ev);
+      queue(g.kind, id, o.ev, ev);
     } else {
       ++dropped_;
     }
@@ -389,47 +393,14 @@ void Timeline::user_end(int id) {
   if (opts_.nvtx) nvtx::pop();
 }
 
+int Timeline::user_series(const std::string& name) { return group_add(users_, name, kMaxUserSeries); }
+void Timeline::user_begin(int id) { group_begin(users_, id); }
+void Timeline::user_end(int id) { group_end(users_, id); }
 int Timeline::register_module(const std::string& name) {
-  std::lock_guard<std::mutex> g(mu_);
-  for (size_t i = 0; i < module_names_.size(); ++i)
-    if (module_names_[i] == name) return static_cast<int>(i);
-  module_names_.push_back(name);
-  module_host_.emplace_back();
-  module_dev_.emplace_back();
-  module_open_.emplace_back();
-  return static_cast<int>(module_names_.size() - 1);
+  return group_add(modules_, name, std::numeric_limits<size_t>::max());
 }
-
-void Timeline::module_begin(int id) {
-  std::lock_guard<std::mutex> g(mu_);
-  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < module_open_.size(), "stepscope: unknown module id ", id);
-  Open& o = module_open_[id];
-  if (o.depth++ > 0) return;  // a module reused inside itself counts once
-  o.t0 = now_ns();
-  o.ev = record_event();
-  if (opts_.nvtx) nvtx::push(nvtx::Phase::kModule, module_names_[id].c_str(), step_index_);
-}
-
-void Timeline::module_end(int id) {
-  std::lock_guard<std::mutex> g(mu_);
-  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < module_open_.size(), "stepscope: unknown module id ", id);
-  Open& o = module_open_[id];
-  if (o.depth == 0 || --o.depth > 0) return;
-  const int64_t now = now_ns();
-  const int ev = record_event();
-  module_host_[id].add(static_cast<double>(now - o.t0));
-  if (device_) {
-    if (o.ev >= 0 && ev >= 0) {
-      queue(2, id, o.ev, ev);
-    } else {
-      ++dropped_;
-    }
-  }
-  pool_unref(o.ev);
-  pool_unref(ev);
-  o.ev = -1;
-  if (opts_.nvtx) nvtx::pop();
-}
+void Timeline::module_begin(int id) { group_begin(modules_, id); }
+void Timeline::module_end(int id) { group_end(modules_, id); }
 
 void Timeline::poll() {
   std::lock_guard<std::mutex> g(mu_);
@@ -461,10 +432,10 @@ void Timeline::poll_locked() {
       const double ns = ms * 1e6;
       if (d.kind == 0) {
         dev_[d.id].add(ns);
-      } else if (d.kind == 1) {
-        user_dev_[d.id].add(ns);
+      } else if (d.kind == users_.kind) {
+        users_.dev[d.id].add(ns);
       } else {
-        module_dev_[d.id].add(ns);
+        modules_.dev[d.id].add(ns);
       }
     }
     for (int s : {d.a0, d.b0, d.a1, d.b1}) pool_unref(s);
@@ -489,7 +460,7 @@ void Timeline::close() {
     pool_unref(*s);
     *s = -1;
   }
-  for (auto* v : {&user_open_, &module_open_})
+  for (auto* v : {&users_.open, &modules_.open})
     for (Open& o : *v) {
       pool_unref(o.ev);
       o = Open{};
@@ -514,10 +485,10 @@ Report Timeline::report() {
   r.device = device_;
   for (int i = 0; i < static_cast<int>(Phase::kCount); ++i)
     r.phases.push_back(NamedSummary{kPhaseNames[i], summarize(host_[i]), summarize(dev_[i])});
-  for (size_t i = 0; i < user_names_.size(); ++i)
-    r.user.push_back(NamedSummary{user_names_[i], summarize(user_host_[i]), summarize(user_dev_[i])});
-  for (size_t i = 0; i < module_names_.size(); ++i)
-    r.modules.push_back(NamedSummary{module_names_[i], summarize(module_host_[i]), summarize(module_dev_[i])});
+  for (size_t i = 0; i < users_.names.size(); ++i)
+    r.user.push_back(NamedSummary{users_.names[i], summarize(users_.host[i]), summarize(users_.dev[i])});
+  for (size_t i = 0; i < modules_.names.size(); ++i)
+    r.modules.push_back(NamedSummary{modules_.names[i], summarize(modules_.host[i]), summarize(modules_.dev[i])});
   r.steps = steps_done_;
   r.samples = samples_done_;
   r.step_host_total = step_host_total_ * 1e-9;

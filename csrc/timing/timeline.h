@@ -178,6 +178,12 @@ class Timeline {
   void pool_unref(int slot);
   void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
   void poll_locked();
+  template <typename G>
+  int group_add(G& g, const std::string& name, size_t limit);
+  template <typename G>
+  void group_begin(G& g, int id);
+  template <typename G>
+  void group_end(G& g, int id);
 
   TimelineOptions opts_;
   bool device_;
@@ -186,10 +192,20 @@ class Timeline {
   EventPool pool_;
 
   std::array<Series, static_cast<int>(Phase::kCount)> host_, dev_;
-  std::vector<std::string> user_names_, module_names_;
-  std::vector<Series> user_host_, user_dev_;
-  std::vector<Stats> module_host_, module_dev_;
-  std::vector<Open> user_open_, module_open_;
+  // User phases and per-module spans: named, re-entrant (an inner re-entry counts once), timed
+  // on the host and, on CUDA, by an event pair. User phases keep histograms (Series); modules
+  // keep moments only (Stats), so that a model with thousands of modules stays small.
+  template <typename StatT>
+  struct SpanGroup {
+    int kind;          // DevSpan kind: 1 user, 2 module
+    nvtx::Phase phase;
+    const char* what;  // for error messages
+    std::vector<std::string> names;
+    std::vector<StatT> host, dev;
+    std::vector<Open> open;
+  };
+  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}};
+  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}};
   std::deque<DevSpan> pending_;
   int64_t dropped_ = 0;
 
