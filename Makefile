@@ -26,11 +26,11 @@ test-deps: deps
 	  || $(PYTHON) -m pip install pytest scikit-learn "torchmetrics==1.9.*" numpy
 
 build: deps
-	STEPSCOPE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	STEPSCOPE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pip install -v --no-build-isolation --no-deps -e .
 
 build-tests: test-deps
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(TEST_CUDA_ARCHS)}" STEPSCOPE_BUILD_DIR=$(BUILD_DIR) \
-	  $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	  $(PYTHON) -m pip install -v --no-build-isolation --no-deps -e .
 
 demo: build
 	$(PYTHON) examples/train_classifier.py
