@@ -125,6 +125,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   last_ev_ = ev;  // takes over the record's reference
   last_ns_ = now;
   step_active_ = true;
+  end_cursor_range();  // the phase just closed: so is its NVTX range
 }
 
 void Timeline::pool_unref(int slot) {
@@ -248,7 +249,6 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
     return;
   }
   boundary(Phase::kData, now, ev);
-  end_cursor_range();
   cursor_push(nvtx::Phase::kForward);
   if (batch > 0) step_samples_ += batch;
   state_ = State::kForward;
@@ -279,7 +279,6 @@ void Timeline::forward_end() {
     return;
   }
   boundary(Phase::kForward, now, ev);
-  end_cursor_range();
   cursor_start(nvtx::Phase::kLoss);
   state_ = State::kAfterForward;
 }
@@ -290,7 +289,6 @@ bool Timeline::backward_begin() {
   const int64_t now = now_ns();
   const int ev = record_event();
   boundary(Phase::kLoss, now, ev);
-  end_cursor_range();
   cursor_start(nvtx::Phase::kBackward);
   state_ = State::kBackward;
   return true;
@@ -302,7 +300,6 @@ void Timeline::backward_end() {
   const int64_t now = now_ns();
   const int ev = record_event();
   boundary(Phase::kBackward, now, ev);
-  end_cursor_range();
   cursor_start(nvtx::Phase::kOther);
   state_ = State::kAfterBackward;
 }
@@ -313,7 +310,6 @@ void Timeline::optimizer_begin() {
   const int64_t now = now_ns();
   const int ev = record_event();
   boundary(Phase::kOther, now, ev);
-  end_cursor_range();
   cursor_push(nvtx::Phase::kOptimizer);
   state_ = State::kOptimizer;
 }
@@ -324,7 +320,6 @@ void Timeline::optimizer_end(bool end_step) {
   const int64_t now = now_ns();
   const int ev = record_event();
   boundary(Phase::kOptimizer, now, ev);
-  end_cursor_range();
   if (end_step) {
     finish_step(now, ev);
   } else {
@@ -341,7 +336,6 @@ bool Timeline::step() {
   const int64_t now = now_ns();
   const int ev = record_event();
   boundary(Phase::kOther, now, ev);
-  end_cursor_range();
   finish_step(now, ev);
   return true;
 }

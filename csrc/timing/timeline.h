@@ -167,7 +167,7 @@ class Timeline {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
   }
   int record_event();
-  void boundary(Phase closes, int64_t now, int ev);
+  void boundary(Phase closes, int64_t now, int ev);  // records the phase, ends its NVTX range
   void finish_step(int64_t now, int ev);
   void start_step(int64_t now, int ev);
   void end_cursor_range();
