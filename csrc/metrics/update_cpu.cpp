@@ -229,7 +229,6 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   });
 }
 
-template <typename scalar_t>
 bool any_outside_unit(const at::Tensor& preds) {
   // torchmetrics' auto rule: the whole batch (ignored positions included) is probabilities iff
   // every value lies in [0, 1]; a NaN counts as outside.
@@ -246,7 +245,7 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
   const int64_t sN = in.preds.stride(0), sL = in.preds.stride(1), sD = in.preds.stride(2);
   const int64_t tN = in.target.stride(0), tL = in.target.stride(1), tD = in.target.stride(2);
   const bool logits =
-      cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit<scalar_t>(in.preds));
+      cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit(in.preds));
   const float thr = static_cast<float>(cfg.threshold);
   const bool per_label_valid = lay.valid_len > 1;
 

@@ -113,6 +113,9 @@ class ClassificationMetrics:
             _TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
             self.keeps_confusion_matrix,
         )
+        # The op's scalar arguments, built once: update() runs every step.
+        self._op_args = (_TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
+                         self.keeps_confusion_matrix)
         self.state: Optional[torch.Tensor] = None
         if device is not None:
             self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=device)
@@ -121,10 +124,7 @@ class ClassificationMetrics:
         """Accumulate one batch. No host sync; raises before touching the state on bad input."""
         if self.state is None:
             self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=preds.device)
-        torch.ops.stepscope.classification_update(
-            preds, target, self.state, _TASKS[self.task], self.num_classes, list(self.top_k),
-            self.ignore_index, self.threshold, _INPUTS[self.input], self.keeps_confusion_matrix,
-        )
+        torch.ops.stepscope.classification_update(preds, target, self.state, *self._op_args)
 
     def _state_or_empty(self) -> torch.Tensor:
         if self.state is None:
