@@ -65,7 +65,7 @@ const char* phase_name(Phase p);
 
 struct TimelineOptions {
   bool device = false;       // record CUDA events (ignored without CUDA at build or run time)
-  bool nvtx = true;          // emit NVTX ranges through stepscope::nvtx
+  bool nvtx = true;          // emit NVTX ranges through stepscope::nvtx (when a tool is attached)
   int ring = 256;            // steps kept raw for traces
   int event_pool = 2048;     // CUDA events at most in flight
   int64_t capture_begin = -1;  // nvtx::capture_begin() when step `capture_begin` starts ...
