@@ -7,17 +7,21 @@
   perf_counter    hand-placed time.perf_counter() around the same six boundaries
   torch.profiler  torch.profiler.profile(activities=[CPU]) around the loop
 
-Variants run interleaved in rounds (so drift on a shared machine hits all of them alike); the
-table gives each variant's best per-step time over rounds, its ratio to bare (best and median
-over rounds) and the extra cost per phase boundary (six boundaries per step: forward begin/end, backward begin/end, optimizer
-begin/end). A last line gives the raw cost of one _C.Timeline boundary call from Python.
+Variants run interleaved in rounds, in a fresh random order each round, so that drift on a shared
+machine hits all of them alike. The table gives each variant's best per-step time over rounds
+and two ratios to bare: of the best times, and the median over rounds of the ratio within a
+round (paired: both ran within a second of each other, so this one is the steadier on a noisy
+machine). Then the extra cost per step and per phase boundary (six boundaries per step: forward
+begin/end, backward begin/end, optimizer begin/end), both from the paired median. A last line
+gives the raw cost of one _C.Timeline boundary call from Python.
 
-  python bench/overhead_bench.py [--rounds 15] [--steps 200] [--threads 1]
+  python bench/overhead_bench.py [--rounds 41] [--steps 100] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -106,8 +110,8 @@ def boundary_call_ns(n: int = 200_000) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=21)
-    ap.add_argument("--steps", type=int, default=200, help="steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=41)
+    ap.add_argument("--steps", type=int, default=100, help="steps per variant per round")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
@@ -126,24 +130,25 @@ def main() -> int:
     for fn in variants.values():  # warm every path (allocator, profiler init, hooks)
         fn(model, opt, xs, ys, 20)
     times: dict = {k: [] for k in variants}
-    for r in range(args.rounds):
-        order = list(variants.items())
-        if r % 2:
-            order.reverse()
-        for k, fn in order:
-            times[k].append(fn(model, opt, xs, ys, args.steps))
+    order = list(variants)
+    rng = random.Random()  # a fresh order every run
+    for _ in range(args.rounds):
+        rng.shuffle(order)
+        for k in order:
+            times[k].append(variants[k](model, opt, xs, ys, args.steps))
     # Other processes share this machine: the minimum over rounds is the least disturbed run
-    # (timeit's rule); the median ratio shows how much the disturbance moves things.
+    # (timeit's rule); the paired median is the typical cost.
     best = {k: min(v) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: statistics.median(t / b for t, b in zip(v, times["bare"])) for k, v in times.items()}
+    extra = {k: statistics.median(t - b for t, b in zip(v, times["bare"])) * 1e6 for k, v in times.items()}
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), MLP {args.width}x3 batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':16s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(med)':>10s} {'us/boundary':>12s}")
+    print(f"{'variant':16s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
+          f"{'us/boundary':>12s}")
     for k in variants:
-        extra = (best[k] - best["bare"]) / BOUNDARIES * 1e6
-        per_b = "-" if k in ("bare", "torch.profiler") else f"{extra:.2f}"
-        print(f"{k:16s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {med[k] / med['bare']:10.4f} "
+        per_b = "-" if k in ("bare", "torch.profiler") else f"{extra[k] / BOUNDARIES:.2f}"
+        print(f"{k:16s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {ratio[k]:13.4f} {extra[k]:8.1f} "
               f"{per_b:>12s}")
     print(f"_C.Timeline boundary call from Python (no hook): {boundary_call_ns():.0f} ns")
     print("reproduce: python bench/overhead_bench.py " + " ".join(sys.argv[1:]))

@@ -7,16 +7,19 @@
 namespace stepscope::timing {
 namespace {
 
+// Runs on autograd's thread when the gradient reaches the output, inside the graph task, so the
+// final callback belongs to this backward pass.
+void gradient_reached(const std::shared_ptr<Timeline>& tl) {
+  if (tl->backward_begin()) {
+    torch::autograd::Engine::get_default_engine().queue_callback([tl] { tl->backward_end(); });
+  }
+}
+
 struct BackwardBegin final : torch::autograd::FunctionPreHook {
   explicit BackwardBegin(std::shared_ptr<Timeline> tl) : tl_(std::move(tl)) {}
 
-  // Runs on autograd's thread when the gradient reaches the output, inside the graph task, so
-  // the final callback belongs to this backward pass.
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-    if (tl_->backward_begin()) {
-      std::shared_ptr<Timeline> tl = tl_;
-      torch::autograd::Engine::get_default_engine().queue_callback([tl] { tl->backward_end(); });
-    }
+    gradient_reached(tl_);
     return grads;
   }
 
@@ -26,9 +29,13 @@ struct BackwardBegin final : torch::autograd::FunctionPreHook {
 }  // namespace
 
 bool hook_backward(const at::Tensor& output, const std::shared_ptr<Timeline>& tl) {
+  if (!output.requires_grad()) return false;
   const auto& fn = output.grad_fn();
-  if (!fn) return false;
-  fn->add_pre_hook(std::make_unique<BackwardBegin>(tl));
+  if (fn) {
+    fn->add_pre_hook(std::make_unique<BackwardBegin>(tl));
+  } else {
+    output.register_hook([tl](const at::Tensor&) { gradient_reached(tl); });
+  }
   return true;
 }
 

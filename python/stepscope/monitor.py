@@ -12,7 +12,9 @@ A step is partitioned with no unexplained time: ``data`` (gap before forward), `
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks only read a clock
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
-complete, so the Monitor never synchronises the device.
+complete, so the Monitor never synchronises the device. The hooks are C functions
+(``_C.StepHooks``) that CPython calls directly: this module only registers them and reads the
+results, and no Python runs per step unless CUDA memory counters or per-module sampling need it.
 """
 
 from __future__ import annotations
@@ -29,21 +31,14 @@ from . import report as _report
 
 _ModuleSel = Union[bool, Sequence[Union[str, type]]]
 
-# Models with an attached Monitor: two Monitors on one model would double-count every phase.
-_attached_models: "weakref.WeakKeyDictionary[torch.nn.Module, Monitor]" = weakref.WeakKeyDictionary()
+# Models with an attached Monitor: two Monitors on one model would double-count every phase. Both
+# sides are weak: a Monitor holds its models, so a strong value would keep the key alive forever.
+_attached_models: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
-def _first_grad_tensor(out: Any) -> Optional[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return out if out.requires_grad else None
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for o in out:
-            t = _first_grad_tensor(o)
-            if t is not None:
-                return t
-    return None
+def _attached_to(m: torch.nn.Module) -> Optional["Monitor"]:
+    r = _attached_models.get(m)
+    return r() if r is not None else None
 
 
 def _is_compiled(m: torch.nn.Module) -> bool:
@@ -146,12 +141,10 @@ class Monitor:
         self._batch = batch_size if batch_size is not None else -1
         self._ring = ring
         self._tl: Any = None
+        self._hooks: Any = None  # _C.StepHooks while attached
         self._handles: list = []
         self._module_handles: list = []
         self._modules: list = []  # (module, id)
-        self._stepped: set = set()
-        self._opt_in: Optional[torch.optim.Optimizer] = None
-        self._opt_depth = 0
         self._phases: dict = {}
         self._cuda = False
         self._mem_alloc: Optional[int] = None
@@ -165,15 +158,13 @@ class Monitor:
             raise RuntimeError("stepscope: this Monitor is already attached; detach() it before attaching "
                                "again")
         for m in self._models:
-            other = _attached_models.get(m)
+            other = _attached_to(m)
             if other is not None:
                 raise RuntimeError("stepscope: another Monitor is already attached to this "
                                    f"{type(m).__name__}; "
                                    "detach it first (two Monitors would time every phase twice)")
         self._cuda = torch.cuda.is_available() and any(
             p.is_cuda for m in self._models for p in m.parameters())
-        self._stepped.clear()
-        self._opt_in, self._opt_depth = None, 0
         if self._tl is None:
             cap = (self._profile.start, self._profile.stop) if self._profile is not None else (-1, -1)
             self._tl = _C.Timeline(device=self._cuda, nvtx=self._nvtx, ring=self._ring,
@@ -187,7 +178,7 @@ class Monitor:
             self._tl.close()
             raise
         for m in self._models:
-            _attached_models[m] = self
+            _attached_models[m] = weakref.ref(self)
         self._attached = True
         return self
 
@@ -197,9 +188,10 @@ class Monitor:
             raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never "
                                "attached)")
         self._remove_all()
+        self._hooks = None
         self._tl.close()
         for m in self._models:
-            if _attached_models.get(m) is self:
+            if _attached_to(m) is self:
                 del _attached_models[m]
         self._attached = False
 
@@ -215,17 +207,23 @@ class Monitor:
             self.detach()
 
     def _register(self) -> None:
+        # The hooks themselves are C functions (_C.StepHooks): the boundary logic lives in C++,
+        # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
+        every = self._every if self._per_module else 0
+        on_end = self._step_ended if (self._cuda or (every and every > 1)) else None
+        hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
+                                         every_step=self._cuda, module_every=every)
         for m in self._models:
-            self._handles.append(m.register_forward_pre_hook(self._forward_pre))
-            self._handles.append(m.register_forward_hook(self._forward_post, always_call=True))
+            self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
+            self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
         if self._opts:
             for o in self._opts:
-                self._handles.append(o.register_step_pre_hook(self._optimizer_pre))
-                self._handles.append(o.register_step_post_hook(self._optimizer_post))
+                self._handles.append(o.register_step_pre_hook(hk.optimizer_pre))
+                self._handles.append(o.register_step_post_hook(hk.optimizer_post))
         else:
-            self._handles.append(_optim_mod.register_optimizer_step_pre_hook(self._optimizer_pre))
-            self._handles.append(_optim_mod.register_optimizer_step_post_hook(self._optimizer_post))
+            self._handles.append(_optim_mod.register_optimizer_step_pre_hook(hk.optimizer_pre))
+            self._handles.append(_optim_mod.register_optimizer_step_post_hook(hk.optimizer_post))
         if self._per_module:
             sel = self._per_module
             names = {s for s in sel if isinstance(s, str)} if sel is not True else set()
@@ -240,12 +238,14 @@ class Monitor:
                         continue
                     if sel is True or name in names or (types and isinstance(sub, types)):
                         label = name if len(self._models) == 1 else f"{k}.{name}"
-                        self._modules.append((sub, tl.register_module(label)))
+                        i = tl.register_module(label)
+                        hk.add_module(sub, i)
+                        self._modules.append((sub, i))
             if names:
                 missing = names - {n for m in self._models for n, _ in m.named_modules()}
                 if missing:
                     raise ValueError(f"stepscope: per_module names not found in the model: {sorted(missing)}")
-            self._sample_modules()
+            self._sample_modules(tl.steps % self._every == 0)
 
     def _remove_all(self) -> None:
         for h in self._handles + self._module_handles:
@@ -253,72 +253,23 @@ class Monitor:
         self._handles = []
         self._module_handles = []
 
-    # ------------------------------------------------------------------ hooks (keep them small)
-    def _forward_pre(self, module: torch.nn.Module, args: tuple) -> None:
-        if self._opt_depth:  # the optimizer step raised (no post hook came)
-            self._opt_in, self._opt_depth = None, 0
-        ev = not module.training or not torch.is_grad_enabled()  # inference_mode disables grad too
-        b = self._batch
-        if b < 0 and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-            b = args[0].shape[0]
-        self._tl.forward_begin(ev, b)
-
-    def _forward_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._tl.forward_end()
-        if output is not None and torch.is_grad_enabled():
-            t = _first_grad_tensor(output)
-            if t is not None:
-                # A C++ pre-hook on the output's grad_fn: no Python (and no GIL) in the backward.
-                if not self._tl.hook_backward(t):
-                    t.register_hook(self._grad_reaches_output)
-
-    def _grad_reaches_output(self, grad: Any) -> None:
-        # Runs on autograd's thread. The final callback marks the end of this backward pass.
-        if self._tl.backward_begin():
-            torch.autograd.Variable._execution_engine.queue_callback(self._tl.backward_end)
-
-    # A subclass whose step() calls super().step() fires the hooks twice, nested (torch wraps every
-    # class's step once an instance of it exists): only the outermost pair is a boundary.
-    def _optimizer_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._opt_depth and self._opt_in is opt:
-            self._opt_depth += 1
-            return
-        self._opt_in, self._opt_depth = opt, 1  # a different optimizer: the previous step raised
-        self._tl.optimizer_begin()
-
-    def _optimizer_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._opt_in is not opt:
-            return
-        self._opt_depth -= 1
-        if self._opt_depth > 0:
-            return
-        self._opt_in = None
-        end = True
-        if len(self._opts) > 1:
-            self._stepped.add(id(opt))
-            end = len(self._stepped) >= len(self._opts)
-        self._tl.optimizer_end(end)
-        if end:
-            self._step_ended()
-
-    def _step_ended(self) -> None:
-        self._stepped.clear()
+    # ------------------------------------------------------------------ per step
+    def _step_ended(self, sample_modules: bool) -> None:
+        # Called by the hooks after a step ended: every step on CUDA, else only when per-module
+        # sampling switches on or off.
         if self._cuda:
             # The caching allocator's counters: host-side numbers, no device sync.
             self._mem_alloc = torch.cuda.memory_allocated()
             self._mem_peak = torch.cuda.max_memory_allocated()
         if self._modules:
-            self._sample_modules()
+            self._sample_modules(sample_modules)
 
-    def _sample_modules(self) -> None:
-        want = self._tl.steps % self._every == 0
+    def _sample_modules(self, want: bool) -> None:
         if want and not self._module_handles:
-            tl = self._tl
-            for sub, i in self._modules:
-                self._module_handles.append(
-                    sub.register_forward_pre_hook(lambda m, a, i=i: tl.module_begin(i)))
-                self._module_handles.append(
-                    sub.register_forward_hook(lambda m, a, o, i=i: tl.module_end(i), always_call=True))
+            hk = self._hooks
+            for sub, _ in self._modules:
+                self._module_handles.append(sub.register_forward_pre_hook(hk.module_pre))
+                self._module_handles.append(sub.register_forward_hook(hk.module_post, always_call=True))
         elif not want and self._module_handles:
             for h in self._module_handles:
                 h.remove()
@@ -333,10 +284,7 @@ class Monitor:
         """
         if not self._attached:
             raise RuntimeError("stepscope: Monitor.step() called while the Monitor is not attached")
-        ended = self._tl.step()
-        if ended:
-            self._step_ended()
-        return ended
+        return self._hooks.step()
 
     def phase(self, name: str) -> _Phase:
         """``with mon.phase("clip"):`` times a user phase (reported in ``user``, NVTX push/pop)."""

@@ -579,3 +579,88 @@ def test_backward_timed_for_a_leaf_output_too():
     assert rep["phases"]["backward"]["host"]["count"] == 3
     assert rep["phases"]["loss"]["host"]["min"] >= 0.020
     assert rep["phases"]["backward"]["host"]["max"] < 0.010
+
+
+def test_step_hooks_refuse_bad_arguments():
+    # The hooks are C functions: bad calls must raise Python exceptions, never crash.
+    tl = _C.Timeline()
+    hk = _C.step_hooks(tl)
+    m = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        hk.forward_pre(m)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        hk.forward_post(m, ())
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        hk.optimizer_post(None)
+    with pytest.raises(TypeError, match="takes 0 arguments"):
+        hk.step(1)
+    with pytest.raises(AttributeError):
+        hk.forward_pre(object(), ())  # no .training attribute
+    with pytest.raises(ValueError, match="module id"):
+        hk.add_module(m, -1)
+    with pytest.raises(TypeError):
+        hk.add_module(m, "lin")
+    with pytest.raises(ValueError, match="module_every"):
+        _C.step_hooks(tl, module_every=-1)
+    with pytest.raises(TypeError, match="callable"):
+        _C.step_hooks(tl, on_step_end=3)
+    # A forward whose output has no tensor, or a tensor without grad, or a deep nest: no hook, no error.
+    hk.forward_pre(m, ())
+    hk.forward_post(m, (), {"a": [1, (2, None)], "b": "x"})
+    hk.forward_pre(m, (torch.randn(3, 2),))
+    hk.forward_post(m, (), torch.randn(3))
+    deep = torch.randn(2, requires_grad=True) * 2
+    for _ in range(40):
+        deep = [deep]
+    hk.forward_pre(m, ())
+    hk.forward_post(m, (), deep)
+    assert hk.step() is True  # the forwards made the step active
+    assert hk.step() is False  # nothing since: a no-op
+
+
+def test_step_hooks_find_the_output_tensor_in_nested_outputs():
+    # tuples, lists, dicts (subclasses too) and namedtuples: the first tensor that requires grad.
+    Out = collections.namedtuple("Out", "aux logits")
+
+    class Nested(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 4)
+            self.kind = kind
+
+        def forward(self, x):
+            y = SleepFn.apply(self.lin(x), 0.015)
+            if self.kind == "dict":
+                return collections.OrderedDict(n=3, aux=x, logits=y)
+            if self.kind == "list":
+                return [None, (x, [y])]
+            return Out(aux=x, logits=y)
+
+    for kind in ("dict", "list", "namedtuple"):
+        m = Nested(kind)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        with stepscope.Monitor(m, opt) as mon:
+            for x in loader(2, secs=0):
+                out = m(x)
+                y = out["logits"] if kind == "dict" else (out[1][1][0] if kind == "list" else out.logits)
+                y.sum().backward()
+                opt.step()
+        back = mon.report()["phases"]["backward"]["host"]
+        assert back["count"] == 2, kind
+        assert back["min"] >= 0.015, kind  # the planted backward is inside the backward phase
+
+
+def test_monitor_dropped_while_attached_is_collected():
+    # model -> hooks -> the C hooks object -> the Monitor's step-end callback -> the Monitor -> model:
+    # a cycle the collector must be able to see through and free when the loop drops it all.
+    import weakref
+
+    model = Planted(fwd=0.0, bwd=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = stepscope.Monitor(model, opt, per_module=True, per_module_every=2).attach()
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    refs = [weakref.ref(o) for o in (mon, model, opt)]
+    del mon, model, opt
+    gc.collect()
+    assert all(r() is None for r in refs)
