@@ -53,6 +53,43 @@ TEST(TimingHistogram, QuantilesWithinOnePercentOfExact) {
   }
 }
 
+TEST(TimingHistogram, BucketsMatchTheLogFormula) {
+  // bucket_of computes ln without libm; it must agree with ceil(ln(x) / ln(gamma)) everywhere
+  // but within 1e-9 of a bucket edge, and every bucket's value must be within the relative error.
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> exponent(0.0, 13.5);
+  const double gamma = (1 + LogHistogram::kRelativeError) / (1 - LogHistogram::kRelativeError);
+  int edge = 0;
+  for (int k = 0; k < 1000000; ++k) {
+    const double x = std::pow(10.0, exponent(rng)) * (1 + 1e-12 * static_cast<double>(rng() % 1000));
+    const double v = std::log(x) / std::log(gamma);
+    const int want = std::min(static_cast<int>(std::ceil(v)), LogHistogram::kBuckets - 1);
+    const int got = LogHistogram::bucket_of(x);
+    if (std::abs(v - std::round(v)) < 1e-9) {
+      ++edge;
+      EXPECT_LE(std::abs(got - want), 1) << "seed " << seed << " x " << x;
+    } else {
+      ASSERT_EQ(got, want) << "seed " << seed << " x " << x;
+    }
+    if (want < LogHistogram::kBuckets - 1) {
+      ASSERT_NEAR(LogHistogram::bucket_value(got), x, 1.0001 * LogHistogram::kRelativeError * x) << "x " << x;
+    }
+  }
+  EXPECT_LT(edge, 100);
+  // Exact powers of two, the ends of the range and values outside it.
+  for (int e = 1; e < 43; ++e) {
+    const double x = std::ldexp(1.0, e);
+    EXPECT_EQ(LogHistogram::bucket_of(x), static_cast<int>(std::ceil(std::log(x) / std::log(gamma)))) << x;
+  }
+  EXPECT_EQ(LogHistogram::bucket_of(1.0), 0);
+  EXPECT_EQ(LogHistogram::bucket_of(0.5), 0);
+  EXPECT_EQ(LogHistogram::bucket_of(-3.0), 0);
+  EXPECT_EQ(LogHistogram::bucket_of(std::nan("")), 0);
+  EXPECT_EQ(LogHistogram::bucket_of(1e20), LogHistogram::kBuckets - 1);
+  EXPECT_EQ(LogHistogram::bucket_of(HUGE_VAL), LogHistogram::kBuckets - 1);
+}
+
 TEST(TimingHistogram, MergeEqualsOneHistogramOfAllSamples) {
   const uint32_t seed = fresh_seed();
   std::mt19937_64 rng(seed);
