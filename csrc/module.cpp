@@ -83,7 +83,7 @@ py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool 
 // a hook on every forward and step; through pybind11's dispatcher each call costs microseconds
 // in a real training step (its caches are cold by then), so these are METH_FASTCALL methods of a
 // small type whose state sits in one struct. They run with the GIL held; only the Timeline is
-// shared with autograd's thread, and it has its own mutex.
+// shared with autograd's thread, and it has its own lock.
 namespace hooks {
 
 using stepscope::timing::Timeline;
@@ -444,7 +444,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- timing: the Timeline behind stepscope.Monitor. The boundary methods run inside hooks
   // (backward ones on autograd's thread), so each is one clock read, at most one event record and
-  // the Timeline's own mutex, which is never held while calling back into Python.
+  // the Timeline's own lock, which is never held while calling back into Python.
   using stepscope::timing::Timeline;
   py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
                        "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")

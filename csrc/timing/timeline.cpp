@@ -57,14 +57,14 @@ Timeline::Timeline(TimelineOptions opts)
   // NVTX decides once per process whether a tool is attached; without one, no range call is made
   // at all (each boundary then touches neither the NVTX code nor the step name's formatting).
   opts_.nvtx = opts.nvtx && nvtx::tool_attached();
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   open_locked();
 }
 
 Timeline::~Timeline() { close(); }
 
 void Timeline::open() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (!closed_) return;
   open_locked();
 }
@@ -99,7 +99,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   const int i = static_cast<int>(closes);
   const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
   const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
-  host_[i].add(ns);
+  add_host(i, ns);
   step_phase_[i] += ns;
   if (cur_.n_spans < StepRecord::kMaxSpans) {
     cur_.spans[cur_.n_spans++] = SpanRecord{static_cast<int16_t>(i), t0, now};
@@ -129,6 +129,16 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   last_ns_ = now;
   step_active_ = true;
   end_cursor_range();  // the phase just closed: so is its NVTX range
+}
+
+void Timeline::add_host(int series, double ns) {
+  if (n_host_pending_ == kHostPending) fold_host();
+  host_pending_[n_host_pending_++] = HostSample{series, ns};
+}
+
+void Timeline::fold_host() {
+  for (int k = 0; k < n_host_pending_; ++k) host_[host_pending_[k].series].add(host_pending_[k].ns);
+  n_host_pending_ = 0;
 }
 
 void Timeline::pool_unref(int slot) {
@@ -194,7 +204,7 @@ void Timeline::open_step_range() {
 void Timeline::finish_step(int64_t now, int ev) {
   double total = 0;
   for (int i = 0; i < kNumPartition; ++i) total += step_phase_[i];
-  host_[static_cast<int>(Phase::kStep)].add(total);
+  add_host(static_cast<int>(Phase::kStep), total);
   if (device_) {
     // An eval pause inside the step cuts it in pieces; the device step would include the eval
     // work, so that step's device total is not sampled (its phases still are).
@@ -228,7 +238,7 @@ void Timeline::finish_step(int64_t now, int ev) {
 }
 
 void Timeline::forward_begin(bool eval, int64_t batch) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_) return;
   if (fwd_depth_++ > 0) return;  // the model called inside its own forward: one forward
   const int64_t now = now_ns();
@@ -258,13 +268,13 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
 }
 
 void Timeline::forward_end() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_ || fwd_depth_ == 0) return;
   if (--fwd_depth_ > 0) return;
   const int64_t now = now_ns();
   const int ev = record_event();
   if (fwd_eval_) {
-    host_[static_cast<int>(Phase::kEvalForward)].add(static_cast<double>(now - eval_t0_));
+    add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
     if (device_) {
       if (eval_ev_ >= 0 && ev >= 0) {
         queue(0, static_cast<int>(Phase::kEvalForward), eval_ev_, ev);
@@ -287,7 +297,7 @@ void Timeline::forward_end() {
 }
 
 bool Timeline::backward_begin() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kBackward) return false;
   const int64_t now = now_ns();
   const int ev = record_event();
@@ -298,7 +308,7 @@ bool Timeline::backward_begin() {
 }
 
 void Timeline::backward_end() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kBackward) return;
   const int64_t now = now_ns();
   const int ev = record_event();
@@ -308,7 +318,7 @@ void Timeline::backward_end() {
 }
 
 void Timeline::optimizer_begin() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kOptimizer) return;
   const int64_t now = now_ns();
   const int ev = record_event();
@@ -318,7 +328,7 @@ void Timeline::optimizer_begin() {
 }
 
 void Timeline::optimizer_end(bool end_step) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kOptimizer) return;
   const int64_t now = now_ns();
   const int ev = record_event();
@@ -332,7 +342,7 @@ void Timeline::optimizer_end(bool end_step) {
 }
 
 bool Timeline::step() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   TORCH_CHECK(fwd_depth_ == 0, "stepscope: step() called inside the model's forward; call it after the "
               "optimizer step (or where the step ends)");
   if (closed_ || !step_active_) return false;
@@ -345,7 +355,7 @@ bool Timeline::step() {
 
 template <typename G>
 int Timeline::group_add(G& g, const std::string& name, size_t limit) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   for (size_t i = 0; i < g.names.size(); ++i)
     if (g.names[i] == name) return static_cast<int>(i);
   TORCH_CHECK(g.names.size() < limit, "stepscope: more than ", limit, " distinct ", g.what,
@@ -359,7 +369,7 @@ int Timeline::group_add(G& g, const std::string& name, size_t limit) {
 
 template <typename G>
 void Timeline::group_begin(G& g, int id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < g.open.size(), "stepscope: unknown ", g.what, " id ", id);
   Open& o = g.open[id];
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
@@ -370,7 +380,7 @@ void Timeline::group_begin(G& g, int id) {
 
 template <typename G>
 void Timeline::group_end(G& g, int id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < g.open.size(), "stepscope: unknown ", g.what, " id ", id);
   Open& o = g.open[id];
   if (o.depth == 0 || --o.depth > 0) return;
@@ -400,7 +410,7 @@ void Timeline::module_begin(int id) { group_begin(modules_, id); }
 void Timeline::module_end(int id) { group_end(modules_, id); }
 
 void Timeline::poll() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   poll_locked();
 }
 
@@ -441,7 +451,7 @@ void Timeline::poll_locked() {
 }
 
 void Timeline::close() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   if (closed_) return;
   end_cursor_range();
   if (nvtx_step_ != 0) {
@@ -467,17 +477,19 @@ void Timeline::close() {
   fwd_depth_ = 0;
   state_ = State::kIdle;
   closed_ = true;
+  fold_host();  // the partial step's phases still count
   poll_locked();
 }
 
 int64_t Timeline::steps() const {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   return steps_done_;
 }
 
 Report Timeline::report() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   poll_locked();
+  fold_host();
   Report r;
   r.device = device_;
   for (int i = 0; i < static_cast<int>(Phase::kCount); ++i)
@@ -495,7 +507,7 @@ Report Timeline::report() {
 }
 
 std::vector<StepRecord> Timeline::recent_steps() const {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<SpinLock> g(mu_);
   std::vector<StepRecord> v;
   v.reserve(ring_.size());
   for (size_t i = 0; i < ring_.size(); ++i) v.push_back(ring_[i]);

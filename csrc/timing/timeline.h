@@ -21,7 +21,8 @@
 // Eval forwards (no grad, inference mode, eval()) are timed as `eval_forward` and the time from
 // the first eval forward to the next training boundary is left out of the training step.
 //
-// Threads. Backward boundaries arrive on autograd's thread; every public method takes one mutex.
+// Threads. Backward boundaries arrive on autograd's thread; every public method takes the
+// Timeline's one lock (a spin lock, timing/spin_lock.h).
 // NVTX: the step, data, loss, backward and other ranges are start/end ranges (they may end on
 // another thread); forward, optimizer, eval, module and user ranges are push/pop (they begin and
 // end on the calling thread). The exact sequence of one training step (payload = step N):
@@ -46,7 +47,6 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -54,6 +54,7 @@
 #include "nvtx/nvtx.h"
 #include "timing/event_pool.h"
 #include "timing/ring.h"
+#include "timing/spin_lock.h"
 #include "timing/stats.h"
 
 namespace stepscope::timing {
@@ -176,6 +177,8 @@ class Timeline {
   void open_locked();
   void open_step_range();
   void pool_unref(int slot);
+  void add_host(int series, double ns);
+  void fold_host();
   void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
   void poll_locked();
   template <typename G>
@@ -188,10 +191,20 @@ class Timeline {
   TimelineOptions opts_;
   bool device_;
   std::chrono::steady_clock::time_point origin_;
-  mutable std::mutex mu_;
+  mutable SpinLock mu_;
   EventPool pool_;
 
   std::array<Series, static_cast<int>(Phase::kCount)> host_, dev_;
+  // Host samples wait here and are folded into host_ when it fills (every ~18 steps), at close()
+  // and at report(): a boundary inside a hook then only stores two words, and the series' code and
+  // histograms, cold by then, are touched once per fold instead of at every boundary.
+  struct HostSample {
+    int series;
+    double ns;
+  };
+  static constexpr int kHostPending = 128;
+  std::array<HostSample, kHostPending> host_pending_;
+  int n_host_pending_ = 0;
   // User phases and per-module spans: named, re-entrant (an inner re-entry counts once), timed
   // on the host and, on CUDA, by an event pair. User phases keep histograms (Series); modules
   // keep moments only (Stats), so that a model with thousands of modules stays small.
