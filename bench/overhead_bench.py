@@ -8,10 +8,10 @@
   torch.profiler  torch.profiler.profile(activities=[CPU]) around the loop
 
 Variants run interleaved in rounds, in a fresh random order each round, so that drift on a shared
-machine hits all of them alike. The table gives each variant's best per-step time over rounds
-and two ratios to bare: of the best times, and the median over rounds of the ratio within a
-round (paired: both ran within a second of each other, so this one is the steadier on a noisy
-machine). Then the extra cost per step and per phase boundary (six boundaries per step: forward
+machine hits all of them alike; a run's time is its median step. The table gives each variant's
+best run over rounds and two ratios to bare: of the best runs, and the median over rounds of the
+ratio within a round (paired: both ran within a second of each other, so this one is the
+steadier on a noisy machine). Then the extra cost per step and per phase boundary (six boundaries per step: forward
 begin/end, backward begin/end, optimizer begin/end), both from the paired median. A last line
 gives the raw cost of one _C.Timeline boundary call from Python.
 
@@ -44,16 +44,23 @@ def make(width: int, batch: int, seed: int = 0):
     return model, opt, xs, ys
 
 
+# Each run returns its median step time: one clock read per step (in every variant alike), and a
+# step that the machine's other tenants preempted does not move a median the way it moves a mean.
 def run_bare(model, opt, xs, ys, steps):
     f = torch.nn.functional.cross_entropy
-    t0 = time.perf_counter()
+    pc = time.perf_counter
+    ts = [0.0] * steps
+    last = pc()
     for i in range(steps):
         x, y = xs[i & 7], ys[i & 7]
         loss = f(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
+        now = pc()
+        ts[i] = now - last
+        last = now
+    return statistics.median(ts)
 
 
 def run_perf_counter(model, opt, xs, ys, steps):
@@ -62,9 +69,10 @@ def run_perf_counter(model, opt, xs, ys, steps):
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
     acc = dict.fromkeys(("data", "forward", "loss", "backward", "other", "optimizer"), 0.0)
-    t0 = time.perf_counter()
+    ts = [0.0] * steps
     last = pc()
     for i in range(steps):
+        start = last
         x, y = xs[i & 7], ys[i & 7]
         a = pc()
         acc["data"] += a - last
@@ -83,12 +91,19 @@ def run_perf_counter(model, opt, xs, ys, steps):
         opt.zero_grad(set_to_none=True)
         last = pc()
         acc["optimizer"] += last - e
-    return (time.perf_counter() - t0) / steps
+        ts[i] = last - start
+    return statistics.median(ts)
 
 
 def run_monitor(kw):
+    # One Monitor per variant, attached for each run: a training loop attaches once, so its
+    # Timeline's allocation is not charged to every round.
+    mon = []
+
     def run(model, opt, xs, ys, steps):
-        with stepscope.Monitor(model, opt, **kw):
+        if not mon:
+            mon.append(stepscope.Monitor(model, opt, **kw))
+        with mon[0]:
             return run_bare(model, opt, xs, ys, steps)
     return run
 
