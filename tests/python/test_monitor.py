@@ -664,3 +664,44 @@ def test_monitor_dropped_while_attached_is_collected():
     del mon, model, opt
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_monitor_dropped_during_backward_is_safe():
+    # backward's end is a final callback queued when the gradient reached the output; the Monitor
+    # is detached and freed before it runs: the callback must still find its Timeline alive.
+    import weakref
+
+    box = {}
+
+    class DropsMonitor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if "mon" not in box:
+                return g
+            mon = box.pop("mon")
+            mon.detach()
+            ref = weakref.ref(mon)
+            del mon
+            gc.collect()
+            box["gone"] = ref() is None
+            return g
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return DropsMonitor.apply(self.lin(x))
+
+    m = M()
+    box["mon"] = stepscope.Monitor(m).attach()
+    m(torch.randn(3, 4)).sum().backward()
+    assert box["gone"]
+    # and the model trains on without hooks
+    m(torch.randn(3, 4)).sum().backward()
+    assert no_hooks(m)
