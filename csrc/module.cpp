@@ -335,12 +335,23 @@ PyMethodDef g_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 #undef STEPSCOPE_FASTCALL
 
+// sampling: whether per-module hooks belong on the step now running (the one rule, sample_now,
+// decides it; the Monitor reads it once at attach and is told of every change after).
+PyObject* get_sampling(PyObject* self, void* /*closure*/) {
+  return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->sampling);
+}
+
+PyGetSetDef g_getset[] = {
+    {"sampling", get_sampling, nullptr, "per-module hooks belong on the step now running", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
 PyType_Slot g_slots[] = {
     {Py_tp_doc, const_cast<char*>("The Monitor's hooks on one Timeline (stepscope._C.step_hooks() makes one).")},
     {Py_tp_dealloc, reinterpret_cast<void*>(dealloc)},
     {Py_tp_traverse, reinterpret_cast<void*>(traverse)},
     {Py_tp_clear, reinterpret_cast<void*>(clear)},
     {Py_tp_methods, g_methods},
+    {Py_tp_getset, g_getset},
     {0, nullptr}};
 
 PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -359,7 +370,7 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers,
   s->n_opts = static_cast<size_t>(optimizers);
   s->every_step = every_step;
   s->module_every = module_every;
-  s->sampling = sample_now(s.get());  // the Monitor samples the first step itself
+  s->sampling = sample_now(s.get());  // read by the Monitor at attach (the `sampling` attribute)
   if (!on_step_end.is_none()) s->on_step_end = on_step_end.release().ptr();
   Object* o = PyObject_GC_New(Object, g_type);
   if (o == nullptr) throw py::error_already_set();
@@ -475,13 +486,6 @@ PYBIND11_MODULE(_C, m) {
       .def("register_module", &Timeline::register_module, py::arg("name"))
       .def("module_begin", &Timeline::module_begin, py::arg("id"))
       .def("module_end", &Timeline::module_end, py::arg("id"))
-      .def("hook_backward",
-           [](const std::shared_ptr<Timeline>& self, const at::Tensor& output) {
-             return stepscope::timing::hook_backward(output, self);
-           },
-           py::arg("output"),
-           "C++ pre-hook on output.grad_fn: backward_begin() when the gradient reaches it, backward_end() at "
-           "autograd's final callback. False when output has no grad_fn.")
       .def("poll", &Timeline::poll)
       .def("open", &Timeline::open)
       .def("close", &Timeline::close)

@@ -211,7 +211,7 @@ class Monitor:
         # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
         every = self._every if self._per_module else 0
-        on_end = self._step_ended if (self._cuda or (every and every > 1)) else None
+        on_end = self._step_ended if (self._cuda or every > 1) else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
                                          every_step=self._cuda, module_every=every)
         for m in self._models:
@@ -245,7 +245,7 @@ class Monitor:
                 missing = names - {n for m in self._models for n, _ in m.named_modules()}
                 if missing:
                     raise ValueError(f"stepscope: per_module names not found in the model: {sorted(missing)}")
-            self._sample_modules(tl.steps % self._every == 0)
+            self._sample_modules(hk.sampling)
 
     def _remove_all(self) -> None:
         for h in self._handles + self._module_handles:

@@ -604,6 +604,8 @@ def test_step_hooks_refuse_bad_arguments():
         _C.step_hooks(tl, module_every=-1)
     with pytest.raises(TypeError, match="callable"):
         _C.step_hooks(tl, on_step_end=3)
+    assert hk.sampling is False  # no per-module timing
+    assert _C.step_hooks(tl, module_every=1).sampling is True
     # A forward whose output has no tensor, or a tensor without grad, or a deep nest: no hook, no error.
     hk.forward_pre(m, ())
     hk.forward_post(m, (), {"a": [1, (2, None)], "b": "x"})
