@@ -2,6 +2,7 @@
 // not bound here (they are TORCH_LIBRARY ops, reached as torch.ops.stepscope.*); this module
 // holds build information, the metrics configuration/compute functions and the stateful C++
 // classes.
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -73,8 +74,25 @@ py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool 
     py::dict e;
     e["host"] = series_dict(n.host);
     e["device"] = device ? py::object(series_dict(n.device)) : py::object(py::none());
+    if (n.parent != nullptr) e["parent"] = n.parent;
     d[py::str(n.name)] = e;
   }
+  return d;
+}
+
+py::dict warmup_dict(const stepscope::timing::WarmupSummary& w, bool device) {
+  using stepscope::timing::Phase;
+  py::dict host, dev;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    const char* name = stepscope::timing::phase_name(static_cast<Phase>(i));
+    host[name] = w.host[i];
+    if (device && w.device_count[i] > 0) dev[name] = w.device[i];
+  }
+  py::dict d;
+  d["steps"] = w.steps;
+  d["samples"] = w.samples;
+  d["host"] = host;
+  d["device"] = device ? py::object(dev) : py::object(py::none());
   return d;
 }
 
@@ -103,6 +121,8 @@ struct State {
   int64_t module_every = 0;
   bool sampling = false;
   std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
+  int64_t train_forwards = 0;     // training forwards seen ...
+  int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
 };
 
 struct Object {
@@ -176,6 +196,10 @@ PyObject* forward_pre(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
       const at::Tensor& t = THPVariable_Unpack(a0);
       if (t.dim() > 0) batch = t.size(0);
     }
+  }
+  if (!eval) {
+    ++s->train_forwards;
+    if (at::autocast::is_autocast_enabled(at::kCUDA)) ++s->autocast_forwards;
   }
   s->tl->forward_begin(eval, batch);
   Py_RETURN_NONE;
@@ -341,8 +365,14 @@ PyObject* get_sampling(PyObject* self, void* /*closure*/) {
   return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->sampling);
 }
 
+PyObject* get_autocast(PyObject* self, void* /*closure*/) {
+  const State* s = reinterpret_cast<Object*>(self)->s;
+  return Py_BuildValue("(LL)", static_cast<long long>(s->train_forwards), static_cast<long long>(s->autocast_forwards));
+}
+
 PyGetSetDef g_getset[] = {
     {"sampling", get_sampling, nullptr, "per-module hooks belong on the step now running", nullptr},
+    {"autocast_forwards", get_autocast, nullptr, "(training forwards, those under CUDA autocast)", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyType_Slot g_slots[] = {
@@ -459,9 +489,11 @@ PYBIND11_MODULE(_C, m) {
   using stepscope::timing::Timeline;
   py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
                        "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
-      .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end) {
+      .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end,
+                       int64_t warmup_steps) {
              TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
              TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
+             TORCH_CHECK_VALUE(warmup_steps >= 0, "stepscope: warmup_steps must be >= 0; got ", warmup_steps);
              stepscope::timing::TimelineOptions o;
              o.device = device;
              o.nvtx = nvtx;
@@ -469,10 +501,11 @@ PYBIND11_MODULE(_C, m) {
              o.event_pool = event_pool;
              o.capture_begin = capture_begin;
              o.capture_end = capture_end;
+             o.warmup_steps = warmup_steps;
              return std::make_shared<Timeline>(o);
            }),
            py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256, py::arg("event_pool") = 2048,
-           py::arg("capture_begin") = -1, py::arg("capture_end") = -1)
+           py::arg("capture_begin") = -1, py::arg("capture_end") = -1, py::arg("warmup_steps") = 0)
       .def("forward_begin", &Timeline::forward_begin, py::arg("eval") = false, py::arg("batch") = -1)
       .def("forward_end", &Timeline::forward_end)
       .def("backward_begin", &Timeline::backward_begin)
@@ -504,6 +537,20 @@ PYBIND11_MODULE(_C, m) {
              d["dropped_device_samples"] = r.dropped_device_samples;
              d["pending_device_samples"] = r.pending_device_samples;
              d["device"] = r.device;
+             d["warmup"] = warmup_dict(r.warmup, r.device);
+             py::list spikes;
+             for (const auto& sp : r.spikes) {
+               py::dict e;
+               e["step"] = sp.index;
+               e["duration"] = sp.duration;
+               e["step_median"] = sp.step_median;
+               e["phase"] = stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(sp.phase));
+               e["phase_time"] = sp.phase_time;
+               e["phase_median"] = sp.phase_median;
+               spikes.append(e);
+             }
+             d["spikes"] = spikes;
+             d["spikes_total"] = r.spikes_total;
              return d;
            },
            "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
@@ -527,6 +574,7 @@ PYBIND11_MODULE(_C, m) {
                      s.spans[i].t0 * 1e-9, s.spans[i].t1 * 1e-9));
                d["spans"] = spans;
                d["truncated_spans"] = s.truncated;
+               d["warmup"] = s.warmup;
                out.append(d);
              }
              return out;

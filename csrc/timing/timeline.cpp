@@ -91,7 +91,7 @@ int Timeline::record_event() {
 void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
   for (int s : {a0, b0, a1, b1})
     if (s >= 0) pool_.ref(s);
-  pending_.push_back(DevSpan{kind, id, a0, b0, a1, b1});
+  pending_.push_back(DevSpan{kind, id, warm_, a0, b0, a1, b1});
 }
 
 void Timeline::boundary(Phase closes, int64_t now, int ev) {
@@ -132,6 +132,10 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
 }
 
 void Timeline::add_host(int series, double ns) {
+  if (warm_) {
+    warm_sum_.host[series] += ns * 1e-9;
+    return;
+  }
   if (n_host_pending_ == kHostPending) fold_host();
   host_pending_[n_host_pending_++] = HostSample{series, ns};
 }
@@ -181,6 +185,7 @@ void Timeline::start_step(int64_t now, int ev) {
   cur_.n_spans = 0;
   cur_.truncated = 0;
   state_ = State::kIdle;
+  warm_ = step_index_ < opts_.warmup_steps;
   if (capturing_ && step_index_ == opts_.capture_end) {
     nvtx::capture_end();
     capturing_ = false;
@@ -224,10 +229,17 @@ void Timeline::finish_step(int64_t now, int ev) {
   r.samples = step_samples_;
   r.n_spans = cur_.n_spans;
   r.truncated = cur_.truncated;
+  r.warmup = warm_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
-  ++steps_done_;
-  samples_done_ += step_samples_;
-  step_host_total_ += total;
+  if (warm_) {
+    ++warm_sum_.steps;
+    warm_sum_.samples += step_samples_;
+  } else {
+    check_spike(total);
+    ++steps_done_;
+    samples_done_ += step_samples_;
+    step_host_total_ += total;
+  }
   if (nvtx_step_ != 0) {
     nvtx::end(nvtx_step_);
     nvtx_step_ = 0;
@@ -235,6 +247,42 @@ void Timeline::finish_step(int64_t now, int ev) {
   ++step_index_;
   poll_locked();
   start_step(now, ev);
+}
+
+void Timeline::check_spike(double total) {
+  // Multiplicative streaming median: each sample moves the estimate by a fixed factor towards
+  // itself, so it settles where as many samples fall above as below (within about 6%), in O(1)
+  // memory and a few multiplications per step.
+  constexpr double kUp = 1.0625, kDown = 1.0 / 1.0625;
+  auto track = [](double& m, double x) {
+    if (m <= 0) {
+      m = x;
+    } else if (x > m) {
+      m *= kUp;
+    } else if (x < m) {
+      m *= kDown;
+    }
+  };
+  if (steps_done_ >= kSpikeMinSteps && total > kSpikeFactor * med_step_) {
+    int grew = 0;
+    double most = -1;
+    for (int i = 0; i < kNumPartition; ++i) {
+      const double excess = step_phase_[i] - med_phase_[i];
+      if (excess > most) {
+        most = excess;
+        grew = i;
+      }
+    }
+    SpikeRecord& sp = spikes_.push();
+    sp.index = step_index_;
+    sp.duration = total * 1e-9;
+    sp.step_median = med_step_ * 1e-9;
+    sp.phase = grew;
+    sp.phase_time = step_phase_[grew] * 1e-9;
+    sp.phase_median = med_phase_[grew] * 1e-9;
+  }
+  track(med_step_, total);
+  for (int i = 0; i < kNumPartition; ++i) track(med_phase_[i], step_phase_[i]);
 }
 
 void Timeline::forward_begin(bool eval, int64_t batch) {
@@ -364,6 +412,7 @@ int Timeline::group_add(G& g, const std::string& name, size_t limit) {
   g.host.emplace_back();
   g.dev.emplace_back();
   g.open.emplace_back();
+  g.parent.push_back(nullptr);
   return static_cast<int>(g.names.size() - 1);
 }
 
@@ -375,6 +424,7 @@ void Timeline::group_begin(G& g, int id) {
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
   o.ev = record_event();
+  g.parent[id] = open_phase_name();
   if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
 
@@ -386,7 +436,7 @@ void Timeline::group_end(G& g, int id) {
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
   const int ev = record_event();
-  g.host[id].add(static_cast<double>(now - o.t0));
+  if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
   if (device_) {
     if (o.ev >= 0 && ev >= 0) {
       queue(g.kind, id, o.ev, ev);
@@ -398,6 +448,26 @@ void Timeline::group_end(G& g, int id) {
   pool_unref(ev);
   o.ev = -1;
   if (opts_.nvtx) nvtx::pop();
+}
+
+const char* Timeline::open_phase_name() const {
+  if (fwd_depth_ > 0 && fwd_eval_) return phase_name(Phase::kEvalForward);
+  switch (state_) {
+    case State::kIdle:
+      return phase_name(Phase::kData);
+    case State::kForward:
+      return phase_name(Phase::kForward);
+    case State::kAfterForward:
+      return phase_name(Phase::kLoss);
+    case State::kBackward:
+      return phase_name(Phase::kBackward);
+    case State::kOptimizer:
+      return phase_name(Phase::kOptimizer);
+    case State::kAfterBackward:
+    case State::kAfterOptimizer:
+      return phase_name(Phase::kOther);
+  }
+  return phase_name(Phase::kData);
 }
 
 int Timeline::user_series(const std::string& name) { return group_add(users_, name, kMaxUserSeries); }
@@ -437,7 +507,12 @@ void Timeline::poll_locked() {
       ++dropped_;
     } else {
       const double ns = ms * 1e6;
-      if (d.kind == 0) {
+      if (d.warm) {
+        if (d.kind == 0) {
+          warm_sum_.device[d.id] += ns * 1e-9;
+          ++warm_sum_.device_count[d.id];
+        }
+      } else if (d.kind == 0) {
         dev_[d.id].add(ns);
       } else if (d.kind == users_.kind) {
         users_.dev[d.id].add(ns);
@@ -483,7 +558,7 @@ void Timeline::close() {
 
 int64_t Timeline::steps() const {
   std::lock_guard<SpinLock> g(mu_);
-  return steps_done_;
+  return steps_done_ + warm_sum_.steps;
 }
 
 Report Timeline::report() {
@@ -495,7 +570,8 @@ Report Timeline::report() {
   for (int i = 0; i < static_cast<int>(Phase::kCount); ++i)
     r.phases.push_back(NamedSummary{kPhaseNames[i], summarize(host_[i]), summarize(dev_[i])});
   for (size_t i = 0; i < users_.names.size(); ++i)
-    r.user.push_back(NamedSummary{users_.names[i], summarize(users_.host[i]), summarize(users_.dev[i])});
+    r.user.push_back(
+        NamedSummary{users_.names[i], summarize(users_.host[i]), summarize(users_.dev[i]), users_.parent[i]});
   for (size_t i = 0; i < modules_.names.size(); ++i)
     r.modules.push_back(NamedSummary{modules_.names[i], summarize(modules_.host[i]), summarize(modules_.dev[i])});
   r.steps = steps_done_;
@@ -503,6 +579,9 @@ Report Timeline::report() {
   r.step_host_total = step_host_total_ * 1e-9;
   r.dropped_device_samples = dropped_;
   r.pending_device_samples = static_cast<int64_t>(pending_.size());
+  r.warmup = warm_sum_;
+  for (size_t i = 0; i < spikes_.size(); ++i) r.spikes.push_back(spikes_[i]);
+  r.spikes_total = static_cast<int64_t>(spikes_.pushed());
   return r;
 }
 

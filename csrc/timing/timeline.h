@@ -71,6 +71,10 @@ struct TimelineOptions {
   int event_pool = 2048;     // CUDA events at most in flight
   int64_t capture_begin = -1;  // nvtx::capture_begin() when step `capture_begin` starts ...
   int64_t capture_end = -1;    // ... and capture_end() when step `capture_end` starts (range semantics)
+  // The first `warmup_steps` steps are kept out of every statistic (histograms, moments, shares,
+  // samples/s, spikes) and only totalled apart (Report::warmup): compilation, CUDA-graph
+  // recording, autotuning and allocator growth happen there and would skew every mean.
+  int64_t warmup_steps = 0;
 };
 
 struct SeriesSummary {
@@ -82,6 +86,25 @@ struct SeriesSummary {
 struct NamedSummary {
   std::string name;
   SeriesSummary host, device;
+  const char* parent = nullptr;  // user phases: the partition phase open at their (last) begin
+};
+
+// Totals of the warm-up steps, per Phase (seconds); device totals over resolved samples only.
+struct WarmupSummary {
+  int64_t steps = 0;
+  int64_t samples = 0;
+  std::array<double, static_cast<size_t>(Phase::kCount)> host{}, device{};
+  std::array<int64_t, static_cast<size_t>(Phase::kCount)> device_count{};
+};
+
+// A step slower than kSpikeFactor x the running median step, and the phase that grew most
+// against its own running median (absolute excess).
+struct SpikeRecord {
+  int64_t index = 0;
+  double duration = 0;     // seconds
+  double step_median = 0;  // the running median step when it happened (seconds)
+  int phase = 0;           // Phase
+  double phase_time = 0, phase_median = 0;  // seconds, in this step / running median
 };
 
 struct SpanRecord {
@@ -97,6 +120,7 @@ struct StepRecord {
   int64_t samples = 0;
   int n_spans = 0;
   int truncated = 0;  // spans beyond kMaxSpans
+  bool warmup = false;
   std::array<SpanRecord, kMaxSpans> spans;
 };
 
@@ -110,7 +134,18 @@ struct Report {
   int64_t dropped_device_samples = 0;
   int64_t pending_device_samples = 0;
   bool device = false;
+  WarmupSummary warmup;
+  std::vector<SpikeRecord> spikes;  // the last kMaxSpikes, oldest first
+  int64_t spikes_total = 0;         // every spike seen, listed or not
 };
+
+// Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
+// "slow steps" uses 2-3x; 3x keeps a GC pause or a checkpoint, not ordinary jitter). The running
+// median is a multiplicative streaming estimate (one word per series, updated per step), so the
+// check costs a few multiplications at step end; it starts after kSpikeMinSteps steady steps.
+constexpr double kSpikeFactor = 3.0;
+constexpr int64_t kSpikeMinSteps = 5;
+constexpr int kMaxSpikes = 32;
 
 class Timeline {
  public:
@@ -148,7 +183,7 @@ class Timeline {
 
   Report report();
   std::vector<StepRecord> recent_steps() const;
-  int64_t steps() const;
+  int64_t steps() const;  // every completed step, warm-up included
   bool device() const { return device_; }
 
  private:
@@ -160,6 +195,7 @@ class Timeline {
   struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
     int kind;       // 0 phase series, 1 user, 2 module
     int id;
+    bool warm;      // recorded during a warm-up step: totalled apart
     int a0, b0, a1, b1;
   };
   enum class State { kIdle, kForward, kAfterForward, kBackward, kAfterBackward, kOptimizer, kAfterOptimizer };
@@ -178,6 +214,8 @@ class Timeline {
   void open_step_range();
   void pool_unref(int slot);
   void add_host(int series, double ns);
+  void check_spike(double total_ns);
+  const char* open_phase_name() const;
   void fold_host();
   void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
   void poll_locked();
@@ -216,9 +254,10 @@ class Timeline {
     std::vector<std::string> names;
     std::vector<StatT> host, dev;
     std::vector<Open> open;
+    std::vector<const char*> parent;
   };
-  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}};
-  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}};
+  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}, {}};
+  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}, {}};
   std::deque<DevSpan> pending_;
   int64_t dropped_ = 0;
 
@@ -245,6 +284,13 @@ class Timeline {
   Ring<StepRecord> ring_;
   int64_t steps_done_ = 0, samples_done_ = 0;
   double step_host_total_ = 0;
+  // Warm-up: whether the open step is one, and what the warm-up steps add up to.
+  bool warm_ = false;
+  WarmupSummary warm_sum_;
+  // Spikes: running medians (ns) of the step and of each phase's per-step total.
+  double med_step_ = 0;
+  double med_phase_[kNumPartition] = {};
+  Ring<SpikeRecord> spikes_{kMaxSpikes};
 
   uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
   bool pushed_ = false;  // a forward/optimizer push range is open ...
