@@ -19,6 +19,7 @@ results, and no Python runs per step unless CUDA memory counters or per-module s
 
 from __future__ import annotations
 
+import collections
 import warnings
 import weakref
 from typing import Any, Optional, Sequence, Union
@@ -27,6 +28,7 @@ import torch
 import torch.optim.optimizer as _optim_mod
 
 from . import _C
+from . import diagnose as _diagnose
 from . import report as _report
 
 _ModuleSel = Union[bool, Sequence[Union[str, type]]]
@@ -82,6 +84,11 @@ class Monitor:
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
         batch_size: samples per forward; default: the first input's leading dimension.
         ring: how many recent steps are kept raw (:meth:`recent_steps`).
+        warmup_steps: the first steps kept out of every statistic (histograms, means, shares,
+            samples/s, spikes) and reported apart in ``report()["warmup"]``. 3 by default:
+            ``torch.compile`` compiles on the first step, ``mode="reduce-overhead"`` records its
+            CUDA graphs on the next, and cuDNN autotuning and the caching allocator's growth happen
+            in the first steps too; a step of compilation is often 100x a steady one.
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
     reported apart as ``eval_forward``, and eval time is left out of the training step (so a
@@ -103,6 +110,7 @@ class Monitor:
         profile_steps: Optional[range] = None,
         batch_size: Optional[int] = None,
         ring: int = 256,
+        warmup_steps: int = 3,
     ) -> None:
         models = [model] if isinstance(model, torch.nn.Module) else list(model)
         if not models or not all(isinstance(m, torch.nn.Module) for m in models):
@@ -120,6 +128,8 @@ class Monitor:
             raise ValueError("stepscope: the same optimizer was given twice")
         if per_module_every < 1:
             raise ValueError(f"stepscope: per_module_every must be >= 1; got {per_module_every}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"stepscope: warmup_steps must be an int >= 0; got {warmup_steps!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"stepscope: batch_size must be >= 1; got {batch_size}")
         if profile_steps is not None and (not isinstance(profile_steps, range) or profile_steps.step != 1
@@ -140,6 +150,7 @@ class Monitor:
         self._profile = profile_steps
         self._batch = batch_size if batch_size is not None else -1
         self._ring = ring
+        self._warmup = warmup_steps
         self._tl: Any = None
         self._hooks: Any = None  # _C.StepHooks while attached
         self._handles: list = []
@@ -149,6 +160,8 @@ class Monitor:
         self._cuda = False
         self._mem_alloc: Optional[int] = None
         self._mem_peak: Optional[int] = None
+        self._mem_hist: collections.deque = collections.deque(maxlen=max(2, ring))
+        self._autocast = (0, 0)  # (training forwards, under CUDA autocast) of past attachments
         self._attached = False
 
     # ------------------------------------------------------------------ attach / detach
@@ -168,7 +181,7 @@ class Monitor:
         if self._tl is None:
             cap = (self._profile.start, self._profile.stop) if self._profile is not None else (-1, -1)
             self._tl = _C.Timeline(device=self._cuda, nvtx=self._nvtx, ring=self._ring,
-                                   capture_begin=cap[0], capture_end=cap[1])
+                                   capture_begin=cap[0], capture_end=cap[1], warmup_steps=self._warmup)
         else:
             self._tl.open()
         try:
@@ -188,6 +201,7 @@ class Monitor:
             raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never "
                                "attached)")
         self._remove_all()
+        self._autocast = self._autocast_counts()
         self._hooks = None
         self._tl.close()
         for m in self._models:
@@ -261,6 +275,7 @@ class Monitor:
             # The caching allocator's counters: host-side numbers, no device sync.
             self._mem_alloc = torch.cuda.memory_allocated()
             self._mem_peak = torch.cuda.max_memory_allocated()
+            self._mem_hist.append(self._mem_alloc)
         if self._modules:
             self._sample_modules(sample_modules)
 
@@ -302,18 +317,53 @@ class Monitor:
         """Steps completed so far."""
         return self._tl.steps if self._tl is not None else 0
 
+    def _autocast_counts(self) -> tuple:
+        done = self._hooks.autocast_forwards if self._hooks is not None else (0, 0)
+        return (self._autocast[0] + done[0], self._autocast[1] + done[1])
+
+    def _memory(self) -> Optional[dict]:
+        # Read here, at report time, not per step: each of these calls builds the allocator's
+        # whole statistics dict.
+        if self._mem_alloc is None:
+            return None
+        mem: dict = {"allocated": self._mem_alloc, "peak": self._mem_peak}
+        dev = next(p.device for m in self._models for p in m.parameters() if p.is_cuda)
+        mem["reserved"] = torch.cuda.memory_reserved(dev)
+        mem["peak_reserved"] = torch.cuda.max_memory_reserved(dev)
+        mem["total"] = torch.cuda.get_device_properties(dev).total_memory
+        hist = list(self._mem_hist)
+        if len(hist) >= 2:
+            ups = sum(b > a for a, b in zip(hist, hist[1:]))
+            mem["trend"] = {"steps": len(hist), "first": hist[0], "last": hist[-1],
+                            "rising_fraction": ups / (len(hist) - 1)}
+        return mem
+
+    def _context(self) -> dict:
+        params = [p for m in self._models for p in m.parameters()]
+        ctx: dict = {"param_dtype": str(params[0].dtype).replace("torch.", "") if params else None}
+        ctx["train_forwards"], ctx["autocast_forwards"] = self._autocast_counts()
+        if self._cuda:
+            dev = next(p.device for p in params if p.is_cuda)
+            ctx["cuda_capability"] = list(torch.cuda.get_device_capability(dev))
+        return ctx
+
     def report(self, top_modules: int = 10) -> dict:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`)."""
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
-        mem = None
-        if self._mem_alloc is not None:
-            mem = {"allocated": self._mem_alloc, "peak": self._mem_peak}
-        return _report.build_report(self._tl.report(), memory=mem, top_modules=top_modules)
+        return _report.build_report(self._tl.report(), memory=self._memory(), top_modules=top_modules,
+                                    context=self._context())
+
+    def diagnose(self) -> list:
+        """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
+        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first."""
+        return _diagnose.diagnose(self.report())
 
     def summary(self, top_modules: int = 10) -> str:
-        """A plain-text table: phase, count, mean, p50, p90, p99, total, share of step (host, device)."""
-        return _report.format_summary(self.report(top_modules=top_modules))
+        """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
+        then device), warm-up and spike lines, and the diagnosis ("What to fix first")."""
+        rep = self.report(top_modules=top_modules)
+        return _report.format_summary(rep, findings=_diagnose.diagnose(rep))
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""
