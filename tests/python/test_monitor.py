@@ -532,6 +532,12 @@ def test_cuda_pool_exhaustion_drops_instead_of_stalling():
     model = torch.nn.Linear(256, 256).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     x = torch.randn(64, 256, device=dev)
+    # Warm up first (cuBLAS handle, allocator, autograd's device thread): a first cuBLAS call inside
+    # the timed loop can outlast the planted sleep, and then the pool never runs dry.
+    for _ in range(3):
+        model(x).sum().backward()
+        opt.step()
+    torch.cuda.synchronize()
     mon = stepscope.Monitor(model, opt, warmup_steps=0)
     mon._tl = _C.Timeline(device=True, nvtx=False, event_pool=4)  # a tiny pool, to run out
     mon.attach()
