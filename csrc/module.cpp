@@ -538,6 +538,9 @@ PYBIND11_MODULE(_C, m) {
              d["pending_device_samples"] = r.pending_device_samples;
              d["device"] = r.device;
              d["warmup"] = warmup_dict(r.warmup, r.device);
+             py::dict lag;
+             for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
+             d["lag"] = r.device ? py::object(lag) : py::object(py::none());
              py::list spikes;
              for (const auto& sp : r.spikes) {
                py::dict e;

@@ -13,6 +13,7 @@ namespace stepscope::timing {
 EventPool::EventPool(int capacity) : capacity_(capacity > 0 ? capacity : 1), unmade_(capacity_) {
   events_.assign(capacity_, nullptr);
   refs_.assign(capacity_, 0);
+  stamps_.assign(capacity_, 0);
   free_.reserve(capacity_);
 }
 
@@ -91,6 +92,19 @@ float EventPool::elapsed_ms(int a, int b) const {
   }
 #endif
   return ms;
+}
+
+bool EventPool::synchronize(int slot) const {
+#if defined(STEPSCOPE_WITH_CUDA)
+  if (cudaEventSynchronize(static_cast<cudaEvent_t>(events_[slot])) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+#else
+  (void)slot;
+  return false;
+#endif
 }
 
 }  // namespace stepscope::timing

@@ -29,6 +29,11 @@ class EventPool {
   int query(int slot) const;
   // Milliseconds between two complete events.
   float elapsed_ms(int a, int b) const;
+  // The host clock (ns) at which the caller recorded the slot's event (queue lag).
+  void stamp(int slot, int64_t host_ns) { stamps_[slot] = host_ns; }
+  int64_t stamp(int slot) const { return stamps_[slot]; }
+  // Blocks until the slot's event completed: only for the one reference event at attach.
+  bool synchronize(int slot) const;
   int capacity() const { return capacity_; }
   int in_use() const { return capacity_ - static_cast<int>(free_.size()) - unmade_; }
 
@@ -38,6 +43,7 @@ class EventPool {
   int device_ = -1;
   std::vector<void*> events_;  // cudaEvent_t, kept opaque so this header needs no CUDA
   std::vector<int> refs_;
+  std::vector<int64_t> stamps_;
   std::vector<int> free_;
 };
 

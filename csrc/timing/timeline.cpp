@@ -71,20 +71,40 @@ void Timeline::open() {
 
 void Timeline::open_locked() {
   closed_ = false;
+  if (device_ && !clock_.valid()) {
+    // The one synchronisation, at attach and never again: once this event is complete the GPU's
+    // queue on this stream is empty, so the next event (the first step's) is reached as soon as
+    // it is recorded, and its host record time anchors the device clock (timing/device_clock.h).
+    const int ref = pool_.record();
+    const bool synced = ref >= 0 && pool_.synchronize(ref);
+    pool_unref(ref);
+    const int64_t now = now_ns();
+    const int ev = record_event(now);
+    if (synced && ev >= 0) {
+      clock_.anchor(static_cast<double>(now));
+      anchor_ev_ = ev;
+      pool_.ref(ev);
+    }
+    last_ns_ = now;
+    last_ev_ = ev;
+    start_step(now, ev);
+    return;
+  }
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   last_ns_ = now;
   last_ev_ = ev;  // the record's reference now belongs to "the last boundary"
   start_step(now, ev);
 }
 
-int Timeline::record_event() {
+int Timeline::record_event(int64_t now) {
   if (!device_) return -1;
   int s = pool_.record();
   if (s < 0) {
     poll_locked();  // completed events free their slots; still nothing free: the GPU lags, drop
     s = pool_.record();
   }
+  if (s >= 0) pool_.stamp(s, now);
   return s;
 }
 
@@ -290,7 +310,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
   if (closed_) return;
   if (fwd_depth_++ > 0) return;  // the model called inside its own forward: one forward
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   fwd_eval_ = eval;
   if (eval) {
     if (!paused_) {
@@ -320,7 +340,7 @@ void Timeline::forward_end() {
   if (closed_ || fwd_depth_ == 0) return;
   if (--fwd_depth_ > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   if (fwd_eval_) {
     add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
     if (device_) {
@@ -348,7 +368,7 @@ bool Timeline::backward_begin() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kBackward) return false;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kLoss, now, ev);
   cursor_start(nvtx::Phase::kBackward);
   state_ = State::kBackward;
@@ -359,7 +379,7 @@ void Timeline::backward_end() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kBackward) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kBackward, now, ev);
   cursor_start(nvtx::Phase::kOther);
   state_ = State::kAfterBackward;
@@ -369,7 +389,7 @@ void Timeline::optimizer_begin() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kOptimizer) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kOther, now, ev);
   cursor_push(nvtx::Phase::kOptimizer);
   state_ = State::kOptimizer;
@@ -379,7 +399,7 @@ void Timeline::optimizer_end(bool end_step) {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kOptimizer) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kOptimizer, now, ev);
   if (end_step) {
     finish_step(now, ev);
@@ -395,7 +415,7 @@ bool Timeline::step() {
               "optimizer step (or where the step ends)");
   if (closed_ || !step_active_) return false;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kOther, now, ev);
   finish_step(now, ev);
   return true;
@@ -423,7 +443,7 @@ void Timeline::group_begin(G& g, int id) {
   Open& o = g.open[id];
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
-  o.ev = record_event();
+  o.ev = record_event(o.t0);
   g.parent[id] = open_phase_name();
   if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
@@ -435,7 +455,7 @@ void Timeline::group_end(G& g, int id) {
   Open& o = g.open[id];
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
   if (device_) {
     if (o.ev >= 0 && ev >= 0) {
@@ -484,9 +504,32 @@ void Timeline::poll() {
   poll_locked();
 }
 
+void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double seen) {
+  // The boundary that closed the phase is the span's last event; the event before it opened the
+  // phase. When the opening event is the clock's anchor (the usual chain: consecutive boundaries),
+  // the phase's own elapsed time places it; otherwise (after an eval pause, a dropped sample or a
+  // re-attach) one more elapsed-time query against the anchor does.
+  const bool two = d.a1 >= 0;
+  const int open = two ? d.a1 : d.a0, close = two ? d.b1 : d.b0;
+  double elapsed_ms;
+  if (open == anchor_ev_) {
+    elapsed_ms = two ? m1 : m0;
+  } else {
+    const float m = pool_.elapsed_ms(anchor_ev_, close);
+    if (m < 0) return;  // failed, or recorded before the anchor: no lag sample, keep the anchor
+    elapsed_ms = m;
+  }
+  const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
+  if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
+  pool_.ref(close);
+  pool_unref(anchor_ev_);
+  anchor_ev_ = close;
+}
+
 void Timeline::poll_locked() {
   // In order, stopping at the first span still in flight: cheap, and a span recorded later on the
   // same stream cannot be complete before it anyway.
+  const double seen = static_cast<double>(now_ns());
   while (!pending_.empty()) {
     const DevSpan& d = pending_.front();
     bool failed = false;
@@ -502,6 +545,7 @@ void Timeline::poll_locked() {
       const float m1 = d.a1 >= 0 ? pool_.elapsed_ms(d.a1, d.b1) : 0.f;
       failed = m0 < 0 || m1 < 0;
       ms = static_cast<double>(m0) + static_cast<double>(m1);
+      if (!failed && d.kind == 0 && d.id < kNumPartition && anchor_ev_ >= 0) place_on_host_clock(d, m0, m1, seen);
     }
     if (failed) {
       ++dropped_;
@@ -580,6 +624,12 @@ Report Timeline::report() {
   r.dropped_device_samples = dropped_;
   r.pending_device_samples = static_cast<int64_t>(pending_.size());
   r.warmup = warm_sum_;
+  if (device_) {
+    // Named by the boundary that closes each phase (diagnose.PHASE_BOUNDS reads these names).
+    static constexpr const char* kBoundary[kNumPartition] = {"forward_begin", "forward_end", "backward_begin",
+                                                             "backward_end", "optimizer_begin", "optimizer_end"};
+    for (int i = 0; i < kNumPartition; ++i) r.lag.push_back(NamedSummary{kBoundary[i], summarize(lag_[i]), {}});
+  }
   for (size_t i = 0; i < spikes_.size(); ++i) r.spikes.push_back(spikes_[i]);
   r.spikes_total = static_cast<int64_t>(spikes_.pushed());
   return r;

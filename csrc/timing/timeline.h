@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "nvtx/nvtx.h"
+#include "timing/device_clock.h"
 #include "timing/event_pool.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
@@ -135,6 +136,9 @@ struct Report {
   int64_t pending_device_samples = 0;
   bool device = false;
   WarmupSummary warmup;
+  // CUDA queue lag per boundary (named by the boundary: forward_begin .. optimizer_end): how long
+  // after the host reached it the GPU did. Empty without device timing.
+  std::vector<NamedSummary> lag;
   std::vector<SpikeRecord> spikes;  // the last kMaxSpikes, oldest first
   int64_t spikes_total = 0;         // every spike seen, listed or not
 };
@@ -203,7 +207,8 @@ class Timeline {
   int64_t now_ns() const {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
   }
-  int record_event();
+  int record_event(int64_t now);
+  void place_on_host_clock(const DevSpan& d, float m0, float m1, double seen);
   void boundary(Phase closes, int64_t now, int ev);  // records the phase, ends its NVTX range
   void finish_step(int64_t now, int ev);
   void start_step(int64_t now, int ev);
@@ -291,6 +296,11 @@ class Timeline {
   double med_step_ = 0;
   double med_phase_[kNumPartition] = {};
   Ring<SpikeRecord> spikes_{kMaxSpikes};
+  // Queue lag: the device clock mapped onto the host's (timing/device_clock.h), anchored at a
+  // resolved boundary event that this Timeline keeps a reference to.
+  DeviceClock clock_;
+  int anchor_ev_ = -1;
+  std::array<Series, kNumPartition> lag_;
 
   uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
   bool pushed_ = false;  // a forward/optimizer push range is open ...

@@ -21,7 +21,9 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     end, ``reserved``/``peak_reserved``/``total`` when read, or None), ``dropped_device_samples``
     and ``pending_device_samples`` (events the GPU had not reached yet), ``warmup`` (``steps``,
     ``samples``, ``host``/``device`` totals per phase in seconds: the first ``warmup_steps``
-    steps, kept out of everything else), ``spikes`` (the last 32 steps slower than 3x the
+    steps, kept out of everything else), ``lag`` (CUDA only, else None: per boundary
+    ``forward_begin`` .. ``optimizer_end``, stats of the time from the host reaching it to the
+    GPU reaching it), ``spikes`` (the last 32 steps slower than 3x the
     running median step: ``step``, ``duration``, ``step_median``, ``phase`` (the one that grew
     most against its own running median), ``phase_time``, ``phase_median``), ``spikes_total``,
     and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
@@ -54,6 +56,7 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
         "dropped_device_samples": raw["dropped_device_samples"],
         "pending_device_samples": raw["pending_device_samples"],
         "warmup": raw.get("warmup"),
+        "lag": raw.get("lag"),
         "spikes": list(raw.get("spikes", [])),
         "spikes_total": raw.get("spikes_total", 0),
         "context": dict(context or {}),

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "timing/device_clock.h"
 #include "timing/ring.h"
 #include "timing/stats.h"
 #include "timing/timeline.h"
@@ -153,6 +154,49 @@ TEST(TimingRing, KeepsTheLastWOldestFirst) {
   ASSERT_EQ(r.size(), 5u);
   EXPECT_EQ(r.pushed(), 13u);
   for (int i = 0; i < 5; ++i) EXPECT_EQ(r[i], 8 + i);
+}
+
+TEST(TimingDeviceClock, ChainsAndClampsIntoTheWindow) {
+  DeviceClock c;
+  EXPECT_FALSE(c.valid());
+  c.anchor(1000);
+  EXPECT_TRUE(c.valid());
+  EXPECT_DOUBLE_EQ(c.place(500, 1200, 5000), 300);  // reached at 1500, recorded at 1200
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 1500);
+  EXPECT_DOUBLE_EQ(c.place(100, 1550, 5000), 50);
+  // The chain says 1700, but the host recorded it at 1800: the GPU cannot be earlier.
+  EXPECT_DOUBLE_EQ(c.place(100, 1800, 5000), 0);
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 1800);
+  // The chain says 9800, but a query saw it complete at 6000.
+  EXPECT_DOUBLE_EQ(c.place(8000, 2000, 6000), 4000);
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 6000);
+}
+
+TEST(TimingDeviceClock, StaysCloseUnderDriftAndRounding) {
+  // A GPU clock 50 ppm fast, elapsed times rounded to cudaEventElapsedTime's float ms, 10^5
+  // boundaries 0.2-2 ms apart; the queue drains every 200 boundaries (about half a second).
+  // Chaining alone drifts by milliseconds; with the clamps the error is bounded by the drift since
+  // the queue last drained (here under 30 us), so every lag stays within 50 us of the truth.
+  std::mt19937 rng(fresh_seed());
+  std::uniform_real_distribution<double> gap(0.2e6, 2e6), lag(0, 3e6), poll(0, 2e6);
+  DeviceClock clamped, chained;
+  double host = 0, dev = 0, worst = 0, worst_chained = 0;
+  clamped.anchor(0);
+  chained.anchor(0);
+  double chained_ns = 0;
+  for (int i = 0; i < 100000; ++i) {
+    host += gap(rng);
+    const double true_lag = i % 200 == 0 ? 0.0 : lag(rng);
+    const double next_dev = std::max(host + true_lag, dev);  // in order on the stream
+    const double elapsed = static_cast<double>(static_cast<float>((next_dev - dev) * (1 + 5e-5) * 1e-6)) * 1e6;
+    dev = next_dev;
+    const double est = clamped.place(elapsed, host, dev + poll(rng));
+    worst = std::max(worst, std::abs(est - (dev - host)));
+    chained_ns += elapsed;
+    worst_chained = std::max(worst_chained, std::abs((chained_ns - host) - (dev - host)));
+  }
+  EXPECT_LT(worst, 50e3);
+  EXPECT_GT(worst_chained, 1e6);  // without the clamps the same inputs drift past 1 ms
 }
 
 TEST(TimingTimeline, PhasesPartitionTheStep) {

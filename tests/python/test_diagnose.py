@@ -329,3 +329,51 @@ def test_summary_max_column_and_user_phase_under_its_phase():
     assert "(" in clip_row and "%)" in clip_row  # its share is shown as part of other's
     h = rep["phases"]["step"]["host"]
     assert h["max"] >= h["p99"] >= h["p50"] > 0
+
+
+# --------------------------------------------------------------------------- on a GPU
+def gpu_loop(steps: int, width: int, item_in_loss: bool, batch: int = 64):
+    dev = torch.device("cuda")
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)]).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, width, device=dev)
+    mon = stepscope.Monitor(model, opt)
+    mon.attach()  # the one synchronisation happens here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            loss = model(x).square().mean()
+            if item_in_loss:
+                torch.cuda.set_sync_debug_mode(0)
+                loss.item()  # the planted sync, inside "loss"
+                torch.cuda.set_sync_debug_mode("error")
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        rep_live = mon.report()  # reading the report must not sync either
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    mon.detach()
+    torch.cuda.synchronize()
+    return mon, rep_live
+
+
+@pytest.mark.cuda
+def test_cuda_lag_names_a_sync_in_loss():
+    # A GPU-heavy forward (the queue is long when the loss begins) and loss.item(): the lag
+    # collapses inside "loss".
+    mon, _ = gpu_loop(60, 4096, item_in_loss=True, batch=4096)
+    rep = mon.report()
+    assert set(rep["lag"]) == {b for pair in dg.PHASE_BOUNDS.values() for b in pair}
+    found = {f["rule"]: f for f in mon.diagnose()}
+    assert "sync_in_phase" in found, (rep["lag"], mon.summary())
+    assert found["sync_in_phase"]["title"].endswith("inside loss")
+
+
+@pytest.mark.cuda
+def test_cuda_tiny_mlp_is_launch_bound():
+    mon, rep_live = gpu_loop(200, 64, item_in_loss=False)
+    assert rep_live["steps"] > 0
+    found = {f["rule"] for f in mon.diagnose()}
+    assert "launch_bound" in found, (mon.report()["lag"], mon.summary())
+    assert "sync_in_phase" not in found
