@@ -326,7 +326,8 @@ class ScopedPhase {
   bool open_ = true;
 };
 
-// A plain-text table of a report (the same layout as Python's Monitor.summary()).
+// A plain-text table of a report for LibTorch loops: host (and device) mean, p50 and total per phase.
+// Python's Monitor.summary() has its own, wider layout (report.py).
 std::string format_summary(const Report& r);
 
 }  // namespace stepscope::timing
