@@ -85,12 +85,18 @@ struct NamedSummary {
 };
 
 struct SpanRecord {
-  int16_t phase = 0;  // Phase
+  enum Kind : int8_t { kPartition = 0, kUser = 1, kModule = 2 };
+  int16_t phase = 0;  // Phase (kPartition spans)
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+  int8_t kind = kPartition;
+  int32_t id = -1;  // user phase or module id (span_name() names it)
 };
 
 struct StepRecord {
-  static constexpr int kMaxSpans = 32;
+  static constexpr int kMaxSpans = 64;
+  // User and module spans stop being kept this many slots before the end, so that a model with
+  // many modules cannot push the step's own partition spans out of the record.
+  static constexpr int kPartitionReserve = 16;
   int64_t index = 0;
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
   double host[kNumPartition] = {};  // seconds per phase
@@ -148,6 +154,8 @@ class Timeline {
 
   Report report();
   std::vector<StepRecord> recent_steps() const;
+  // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
+  std::string span_name(int kind, int id) const;
   int64_t steps() const;
   bool device() const { return device_; }
 
