@@ -102,7 +102,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   add_host(i, ns);
   step_phase_[i] += ns;
   if (cur_.n_spans < StepRecord::kMaxSpans) {
-    cur_.spans[cur_.n_spans++] = SpanRecord{static_cast<int16_t>(i), t0, now, SpanRecord::kPartition, -1};
+    cur_.spans[cur_.n_spans++] = SpanRecord{t0, now, -1, static_cast<int16_t>(i), SpanRecord::kPartition};
   } else {
     ++cur_.truncated;
   }
@@ -398,8 +398,8 @@ void Timeline::group_end(G& g, int id) {
   pool_unref(ev);
   o.ev = -1;
   if (cur_.n_spans < StepRecord::kMaxSpans - StepRecord::kPartitionReserve) {
-    cur_.spans[cur_.n_spans++] =
-        SpanRecord{0, o.t0, now, static_cast<int8_t>(g.kind == users_.kind ? SpanRecord::kUser : SpanRecord::kModule), id};
+    const int8_t kind = g.kind == users_.kind ? SpanRecord::kUser : SpanRecord::kModule;
+    cur_.spans[cur_.n_spans++] = SpanRecord{o.t0, now, id, 0, kind};
   } else {
     ++cur_.truncated;
   }

@@ -84,13 +84,14 @@ struct NamedSummary {
   SeriesSummary host, device;
 };
 
-struct SpanRecord {
+struct SpanRecord {  // 24 bytes: the ring holds kMaxSpans of these per step
   enum Kind : int8_t { kPartition = 0, kUser = 1, kModule = 2 };
-  int16_t phase = 0;  // Phase (kPartition spans)
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+  int32_t id = -1;         // user phase or module id (span_name() names it)
+  int16_t phase = 0;       // Phase (kPartition spans)
   int8_t kind = kPartition;
-  int32_t id = -1;  // user phase or module id (span_name() names it)
 };
+static_assert(sizeof(SpanRecord) == 24);
 
 struct StepRecord {
   static constexpr int kMaxSpans = 64;
