@@ -47,6 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = str(e) if str(e).startswith("stepscope:") else f"stepscope: {e}"
         print(msg, file=sys.stderr)
         return 2
+    except (KeyError, TypeError, AttributeError) as e:
+        # The right format and schema, but fields missing or of the wrong type: edited or truncated.
+        print(f"stepscope: {args.run} is a damaged stepscope run ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     return 0
 
 

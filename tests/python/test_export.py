@@ -469,6 +469,11 @@ def test_cli_bad_files_one_line_no_traceback(tmp_path, capsys):
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
         assert out == "" and len(lines) == 1 and lines[0].startswith("stepscope: "), (what, err)
+    good = json.loads(open(_write(tmp_path / "g.json", export.run_data(_train(steps=2)))).read())
+    good["report"] = {"steps": 2}
+    assert main(["report", _write(tmp_path / "h.json", good)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("stepscope: ") and "damaged" in err and len(err.strip().splitlines()) == 1
     # One real process (each costs a torch import): exit status and stderr as a shell sees them.
     for path in (bad["missing"], bad["newer"]):
         r = _cli("report", path)
