@@ -277,7 +277,7 @@ class Monitor:
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
         # Called by the hooks after a step ended: every step on CUDA, else only when per-module
-        # sampling switches on or off.
+        # sampling switches on or off, and on every print_every-th step.
         if self._cuda:
             # The caching allocator's counters: host-side numbers, no device sync.
             self._mem_alloc = torch.cuda.memory_allocated()
