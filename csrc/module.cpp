@@ -115,11 +115,15 @@ struct State {
   int opt_depth = 0;                // ... and its nesting (subclass steps calling super().step())
   // Python work at a step's end: on_step_end(sample_modules) is called after every step when
   // every_step (CUDA memory counters), else only when per-module sampling (one step in
-  // module_every, 0: none) switches on or off.
+  // module_every, 0: none) switches on or off ...
   PyObject* on_step_end = nullptr;  // strong reference, or null
   bool every_step = false;
   int64_t module_every = 0;
   bool sampling = false;
+  // ... and also on every print_every-th step (0: never); a countdown, so no step pays for more
+  // than a decrement. It starts aligned with the Timeline's step count (steps % print_every == 0).
+  int64_t print_every = 0;
+  int64_t until_print = 0;
   std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
   int64_t train_forwards = 0;     // training forwards seen ...
   int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
@@ -168,7 +172,9 @@ bool sample_now(const State* s) { return s->module_every > 0 && s->tl->steps() %
 PyObject* step_ended(State* s) {
   s->stepped.clear();
   const bool want = sample_now(s);
-  if (s->on_step_end == nullptr || (!s->every_step && want == s->sampling)) Py_RETURN_NONE;
+  const bool print = s->print_every > 0 && --s->until_print == 0;
+  if (print) s->until_print = s->print_every;
+  if (s->on_step_end == nullptr || (!s->every_step && !print && want == s->sampling)) Py_RETURN_NONE;
   s->sampling = want;
   return PyObject_CallOneArg(s->on_step_end, want ? Py_True : Py_False);
 }
@@ -388,10 +394,11 @@ PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DE
                       g_slots};
 
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers, py::object on_step_end,
-                bool every_step, int64_t module_every) {
+                bool every_step, int64_t module_every, int64_t print_every) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
   TORCH_CHECK_VALUE(optimizers >= 0, "stepscope: optimizers must be >= 0; got ", optimizers);
   TORCH_CHECK_VALUE(module_every >= 0, "stepscope: module_every must be >= 0; got ", module_every);
+  TORCH_CHECK_VALUE(print_every >= 0, "stepscope: print_every must be >= 0; got ", print_every);
   TORCH_CHECK_TYPE(on_step_end.is_none() || PyCallable_Check(on_step_end.ptr()),
                    "stepscope: on_step_end must be callable or None");
   auto s = std::make_unique<State>();
@@ -400,6 +407,8 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers,
   s->n_opts = static_cast<size_t>(optimizers);
   s->every_step = every_step;
   s->module_every = module_every;
+  s->print_every = print_every;
+  if (print_every > 0) s->until_print = print_every - s->tl->steps() % print_every;
   s->sampling = sample_now(s.get());  // read by the Monitor at attach (the `sampling` attribute)
   if (!on_step_end.is_none()) s->on_step_end = on_step_end.release().ptr();
   Object* o = PyObject_GC_New(Object, g_type);
@@ -416,11 +425,12 @@ void init(py::module_& m) {
   m.add_object("StepHooks", py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_type)));
   m.def("step_hooks", &make, py::arg("timeline"), py::arg("batch") = -1, py::arg("optimizers") = 0,
         py::arg("on_step_end") = py::none(), py::arg("every_step") = false, py::arg("module_every") = 0,
+        py::arg("print_every") = 0,
         "The Monitor's hooks on `timeline`: forward_pre/forward_post for the model, optimizer_pre/optimizer_post "
         "for the optimizers (with optimizers > 1 a step ends when that many distinct ones stepped), "
         "module_pre/module_post for submodules given to add_module(), and step(). After a step ends, "
         "on_step_end(sample_modules) is called: every step with every_step, else only when per-module sampling "
-        "(one step in module_every) switches on or off. Hooks that CPython calls directly, without pybind11's "
+        "(one step in module_every) switches on or off, and on every print_every-th step. Hooks that CPython calls directly, without pybind11's "
         "dispatcher.");
 }
 
@@ -570,19 +580,30 @@ PYBIND11_MODULE(_C, m) {
                for (int i = 0; i < stepscope::timing::kNumPartition; ++i)
                  host[stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(i))] = s.host[i];
                d["host"] = host;
-               py::list spans;
-               for (int i = 0; i < s.n_spans; ++i)
-                 spans.append(py::make_tuple(
-                     stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(s.spans[i].phase)),
-                     s.spans[i].t0 * 1e-9, s.spans[i].t1 * 1e-9));
+               using stepscope::timing::SpanRecord;
+               py::list spans, user, modules;
+               for (int i = 0; i < s.n_spans; ++i) {
+                 const SpanRecord& r = s.spans[i];
+                 if (r.kind == SpanRecord::kPartition) {
+                   spans.append(py::make_tuple(
+                       stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(r.phase)), r.t0 * 1e-9,
+                       r.t1 * 1e-9));
+                 } else {
+                   (r.kind == SpanRecord::kUser ? user : modules)
+                       .append(py::make_tuple(tl.span_name(r.kind, r.id), r.t0 * 1e-9, r.t1 * 1e-9));
+                 }
+               }
                d["spans"] = spans;
+               d["user_spans"] = user;
+               d["module_spans"] = modules;
                d["truncated_spans"] = s.truncated;
                d["warmup"] = s.warmup;
                out.append(d);
              }
              return out;
            },
-           "The ring of the last steps, oldest first: host seconds per phase and raw spans (seconds since start).");
+           "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, and the user "
+           "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start).");
 
   hooks::init(m);
 

@@ -122,7 +122,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   add_host(i, ns);
   step_phase_[i] += ns;
   if (cur_.n_spans < StepRecord::kMaxSpans) {
-    cur_.spans[cur_.n_spans++] = SpanRecord{static_cast<int16_t>(i), t0, now};
+    cur_.spans[cur_.n_spans++] = SpanRecord{t0, now, -1, static_cast<int16_t>(i), SpanRecord::kPartition};
   } else {
     ++cur_.truncated;
   }
@@ -467,6 +467,12 @@ void Timeline::group_end(G& g, int id) {
   pool_unref(o.ev);
   pool_unref(ev);
   o.ev = -1;
+  if (cur_.n_spans < StepRecord::kMaxSpans - StepRecord::kPartitionReserve) {
+    const int8_t kind = g.kind == users_.kind ? SpanRecord::kUser : SpanRecord::kModule;
+    cur_.spans[cur_.n_spans++] = SpanRecord{o.t0, now, id, 0, kind};
+  } else {
+    ++cur_.truncated;
+  }
   if (opts_.nvtx) nvtx::pop();
 }
 
@@ -641,6 +647,14 @@ std::vector<StepRecord> Timeline::recent_steps() const {
   v.reserve(ring_.size());
   for (size_t i = 0; i < ring_.size(); ++i) v.push_back(ring_[i]);
   return v;
+}
+
+std::string Timeline::span_name(int kind, int id) const {
+  std::lock_guard<SpinLock> g(mu_);
+  const auto& names = kind == SpanRecord::kUser ? users_.names : modules_.names;
+  TORCH_CHECK(kind != SpanRecord::kPartition && id >= 0 && static_cast<size_t>(id) < names.size(),
+              "stepscope: no span name for kind ", kind, " id ", id);
+  return names[id];
 }
 
 ScopedPhase::ScopedPhase(Timeline& tl, Phase p, int64_t batch) : tl_(tl), phase_(p) {

@@ -108,13 +108,20 @@ struct SpikeRecord {
   double phase_time = 0, phase_median = 0;  // seconds, in this step / running median
 };
 
-struct SpanRecord {
-  int16_t phase = 0;  // Phase
+struct SpanRecord {  // 24 bytes: the ring holds kMaxSpans of these per step
+  enum Kind : int8_t { kPartition = 0, kUser = 1, kModule = 2 };
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+  int32_t id = -1;         // user phase or module id (span_name() names it)
+  int16_t phase = 0;       // Phase (kPartition spans)
+  int8_t kind = kPartition;
 };
+static_assert(sizeof(SpanRecord) == 24);
 
 struct StepRecord {
-  static constexpr int kMaxSpans = 32;
+  static constexpr int kMaxSpans = 64;
+  // User and module spans stop being kept this many slots before the end, so that a model with
+  // many modules cannot push the step's own partition spans out of the record.
+  static constexpr int kPartitionReserve = 16;
   int64_t index = 0;
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
   double host[kNumPartition] = {};  // seconds per phase
@@ -187,6 +194,8 @@ class Timeline {
 
   Report report();
   std::vector<StepRecord> recent_steps() const;
+  // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
+  std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
   bool device() const { return device_; }
 

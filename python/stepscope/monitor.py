@@ -20,6 +20,8 @@ results, and no Python runs per step unless CUDA memory counters or per-module s
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import warnings
 import weakref
 from typing import Any, Optional, Sequence, Union
@@ -89,6 +91,11 @@ class Monitor:
             ``torch.compile`` compiles on the first step, ``mode="reduce-overhead"`` records its
             CUDA graphs on the next, and cuDNN autotuning and the caching allocator's growth happen
             in the first steps too; a step of compilation is often 100x a steady one.
+        trace: a path: :meth:`export_trace` writes the trace there at detach (Perfetto / Chrome JSON,
+            gzip'd when it ends in ``.gz``).
+        print_every: every n steps, log one line (step, p50 step time, largest phase and its share,
+            samples/s, memory) at INFO on the ``"stepscope"`` logger; 0 (default): off. Python runs
+            only on those steps (the step hooks count in C).
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
     reported apart as ``eval_forward``, and eval time is left out of the training step (so a
@@ -111,6 +118,8 @@ class Monitor:
         batch_size: Optional[int] = None,
         ring: int = 256,
         warmup_steps: int = 3,
+        trace: Optional[Union[str, "os.PathLike[str]"]] = None,
+        print_every: int = 0,
     ) -> None:
         models = [model] if isinstance(model, torch.nn.Module) else list(model)
         if not models or not all(isinstance(m, torch.nn.Module) for m in models):
@@ -130,6 +139,10 @@ class Monitor:
             raise ValueError(f"stepscope: per_module_every must be >= 1; got {per_module_every}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"stepscope: warmup_steps must be an int >= 0; got {warmup_steps!r}")
+        if not isinstance(print_every, int) or isinstance(print_every, bool) or print_every < 0:
+            raise ValueError(f"stepscope: print_every must be an int >= 0; got {print_every!r}")
+        if trace is not None and not isinstance(trace, (str, os.PathLike)):
+            raise TypeError(f"stepscope: trace must be a path or None; got {type(trace).__name__}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"stepscope: batch_size must be >= 1; got {batch_size}")
         if profile_steps is not None and (not isinstance(profile_steps, range) or profile_steps.step != 1
@@ -160,9 +173,12 @@ class Monitor:
         self._cuda = False
         self._mem_alloc: Optional[int] = None
         self._mem_peak: Optional[int] = None
-        self._mem_hist: collections.deque = collections.deque(maxlen=max(2, ring))
         self._autocast = (0, 0)  # (training forwards, under CUDA autocast) of past attachments
         self._attached = False
+        self._trace = trace
+        self._print_every = print_every
+        # (step, allocated, reserved) at each step's end on CUDA, for the trace's and CSV's memory.
+        self._mem_steps: collections.deque = collections.deque(maxlen=ring)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "Monitor":
@@ -208,6 +224,8 @@ class Monitor:
             if _attached_to(m) is self:
                 del _attached_models[m]
         self._attached = False
+        if self._trace is not None:
+            self.export_trace(self._trace)
 
     @property
     def attached(self) -> bool:
@@ -225,9 +243,10 @@ class Monitor:
         # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
         every = self._every if self._per_module else 0
-        on_end = self._step_ended if (self._cuda or every > 1) else None
+        on_end = self._step_ended if (self._cuda or every > 1 or self._print_every) else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
-                                         every_step=self._cuda, module_every=every)
+                                         every_step=self._cuda, module_every=every,
+                                         print_every=self._print_every)
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
@@ -270,14 +289,20 @@ class Monitor:
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
         # Called by the hooks after a step ended: every step on CUDA, else only when per-module
-        # sampling switches on or off.
+        # sampling switches on or off, and on every print_every-th step.
         if self._cuda:
             # The caching allocator's counters: host-side numbers, no device sync.
             self._mem_alloc = torch.cuda.memory_allocated()
             self._mem_peak = torch.cuda.max_memory_allocated()
-            self._mem_hist.append(self._mem_alloc)
+            # Reserved memory is read at report time only: each of these calls builds the
+            # allocator's whole statistics dict, and this runs every step.
+            self._mem_steps.append((self._tl.steps - 1, self._mem_alloc, None))
         if self._modules:
             self._sample_modules(sample_modules)
+        if self._print_every and self._tl.steps % self._print_every == 0:
+            from .export import live_line
+
+            logging.getLogger("stepscope").info(live_line(self.report(), self._tl.steps))
 
     def _sample_modules(self, want: bool) -> None:
         if want and not self._module_handles:
@@ -331,7 +356,7 @@ class Monitor:
         mem["reserved"] = torch.cuda.memory_reserved(dev)
         mem["peak_reserved"] = torch.cuda.max_memory_reserved(dev)
         mem["total"] = torch.cuda.get_device_properties(dev).total_memory
-        hist = list(self._mem_hist)
+        hist = [a for _, a, _ in self._mem_steps]
         if len(hist) >= 2:
             ups = sum(b > a for a, b in zip(hist, hist[1:]))
             mem["trend"] = {"steps": len(hist), "first": hist[0], "last": hist[-1],
@@ -362,12 +387,37 @@ class Monitor:
     def summary(self, top_modules: int = 10) -> str:
         """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
         then device), warm-up and spike lines, and the diagnosis ("What to fix first")."""
-        rep = self.report(top_modules=top_modules)
-        return _report.format_summary(rep, findings=_diagnose.diagnose(rep))
+        return _report.format_summary(self.report(top_modules=top_modules), findings=self.diagnose())
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""
         return self._tl.recent_steps() if self._tl is not None else []
+
+    def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or
+        chrome://tracing (gzip'd when ``path`` ends in ``.gz``); see :func:`stepscope.export.trace_events`.
+
+            mon.export_trace("run.trace.json.gz")
+        """
+        from . import export
+
+        export.write_trace(self, path)
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Writes the report, the ring of recent steps, the diagnosis (when this Monitor has one),
+        build info and versions as JSON; :func:`stepscope.load` reads it back.
+
+            mon.save("run.json"); print(stepscope.load("run.json").summary())
+        """
+        from . import export
+
+        export.save(self, path)
+
+    def to_csv(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """One CSV row per step in the ring; see :func:`stepscope.export.write_csv`."""
+        from . import export
+
+        export.write_csv(self, path)
 
     def __repr__(self) -> str:
         return f"Monitor(models={len(self._models)}, attached={self._attached}, steps={self.steps})"

@@ -304,6 +304,47 @@ TEST(TimingTimeline, TwoThreads) {
   EXPECT_NEAR(sum, phase(r, Phase::kStep).host.total, 1e-9 * steps);
 }
 
+TEST(TimingTimeline, RingKeepsUserAndModuleSpansWithinTheirStep) {
+  Timeline tl({.device = false, .nvtx = false});
+  const int mod = tl.register_module("encoder");
+  const int many = 70;  // module spans past the reserve are counted, not kept
+  tl.forward_begin();
+  for (int k = 0; k < many; ++k) {
+    tl.module_begin(mod);
+    tl.module_end(mod);
+  }
+  tl.forward_end();
+  EXPECT_TRUE(tl.backward_begin());
+  tl.backward_end();
+  { ScopedPhase u(tl, std::string("clip")); }
+  { ScopedPhase o(tl, Phase::kOptimizer); }
+  const auto recent = tl.recent_steps();
+  ASSERT_EQ(recent.size(), 1u);
+  const StepRecord& r = recent[0];
+  int partition = 0, modules = 0, users = 0;
+  for (int i = 0; i < r.n_spans; ++i) {
+    const SpanRecord& s = r.spans[i];
+    EXPECT_LE(s.t0, s.t1);
+    EXPECT_GE(s.t0, r.t0);
+    EXPECT_LE(s.t1, r.t1);
+    if (s.kind == SpanRecord::kPartition) {
+      ++partition;
+    } else if (s.kind == SpanRecord::kModule) {
+      ++modules;
+      EXPECT_EQ(tl.span_name(s.kind, s.id), "encoder");
+    } else {
+      ++users;
+      EXPECT_EQ(tl.span_name(s.kind, s.id), "clip");
+    }
+  }
+  EXPECT_EQ(partition, kNumPartition);  // all six phases survive the 70 module spans
+  EXPECT_EQ(users, 0);                  // clip closed after the reserve was reached
+  EXPECT_EQ(modules, StepRecord::kMaxSpans - StepRecord::kPartitionReserve - 1);  // after `data`
+  EXPECT_EQ(r.truncated, many - modules + 1);
+  EXPECT_THROW(tl.span_name(SpanRecord::kPartition, 0), c10::Error);
+  EXPECT_THROW(tl.span_name(SpanRecord::kModule, 5), c10::Error);
+}
+
 TEST(TimingTimeline, ScopedPhaseAndClose) {
   Timeline tl({.device = false, .nvtx = true});
   for (int s = 0; s < 3; ++s) {

@@ -280,8 +280,10 @@ def test_e2e_warmup_kept_apart():
     ring = warm.recent_steps()
     steady = [sum(r["host"].values()) for r in ring if not r["warmup"]]
     assert len(steady) == 20 and w["mean"] == pytest.approx(sum(steady) / 20, rel=1e-9)
-    # The steady state: the statistics read like the planted 5.5 ms step, not like the 255 ms one.
-    assert w["mean"] == pytest.approx(w["p50"], rel=0.05)
+    # The steady state: p50 is the steady steps' median (within the histogram's 0.5%), not moved
+    # by the 255 ms step.
+    steady.sort()
+    assert steady[9] * 0.99 <= w["p50"] <= steady[10] * 1.01
     assert w["max"] < 0.1
     assert c["mean"] > 1.5 * c["p50"]  # without warm-up the one slow step moves the mean
     wu = warm.report()["warmup"]
@@ -377,3 +379,12 @@ def test_cuda_tiny_mlp_is_launch_bound():
     found = {f["rule"] for f in mon.diagnose()}
     assert "launch_bound" in found, (mon.report()["lag"], mon.summary())
     assert "sync_in_phase" not in found
+
+
+def test_saved_run_without_findings_is_diagnosed_from_its_report():
+    from stepscope.export import SavedRun
+
+    rep = crafted({"data": 20.0})
+    run = SavedRun({"format": "stepscope.run", "schema": 1, "report": rep, "recent_steps": []})
+    assert run.diagnose() == dg.diagnose(rep) and run.diagnose()[0]["rule"] == "input_bound"
+    assert "What to fix first:" in run.summary()
