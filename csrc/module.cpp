@@ -80,6 +80,19 @@ py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool 
   return d;
 }
 
+// CUDA allocator counters, or None when none were read (CPU, or no step ended yet).
+py::object memory_dict(const stepscope::timing::DeviceMemory& m, bool peaks) {
+  if (m.allocated < 0) return py::none();
+  py::dict d;
+  d["allocated"] = m.allocated;
+  d["reserved"] = m.reserved;
+  if (peaks) {
+    d["peak"] = m.peak_allocated;
+    d["peak_reserved"] = m.peak_reserved;
+  }
+  return d;
+}
+
 py::dict warmup_dict(const stepscope::timing::WarmupSummary& w, bool device) {
   using stepscope::timing::Phase;
   py::dict host, dev;
@@ -548,6 +561,7 @@ PYBIND11_MODULE(_C, m) {
              d["pending_device_samples"] = r.pending_device_samples;
              d["device"] = r.device;
              d["warmup"] = warmup_dict(r.warmup, r.device);
+             d["memory"] = memory_dict(r.memory, true);
              py::dict lag;
              for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
              d["lag"] = r.device ? py::object(lag) : py::object(py::none());
@@ -597,6 +611,7 @@ PYBIND11_MODULE(_C, m) {
                d["user_spans"] = user;
                d["module_spans"] = modules;
                d["truncated_spans"] = s.truncated;
+               d["memory"] = memory_dict(s.memory, false);
                d["warmup"] = s.warmup;
                out.append(d);
              }

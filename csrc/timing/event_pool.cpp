@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #if defined(STEPSCOPE_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -92,6 +93,23 @@ float EventPool::elapsed_ms(int a, int b) const {
   }
 #endif
   return ms;
+}
+
+bool read_device_memory(int device, DeviceMemory* out) {
+#if defined(STEPSCOPE_WITH_CUDA)
+  if (device < 0) return false;
+  // Index 0 of each StatArray is the aggregate over pool kinds (StatType::AGGREGATE).
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  out->allocated = s.allocated_bytes[0].current;
+  out->peak_allocated = s.allocated_bytes[0].peak;
+  out->reserved = s.reserved_bytes[0].current;
+  out->peak_reserved = s.reserved_bytes[0].peak;
+  return true;
+#else
+  (void)device;
+  (void)out;
+  return false;
+#endif
 }
 
 bool EventPool::synchronize(int slot) const {

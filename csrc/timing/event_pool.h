@@ -12,6 +12,15 @@
 
 namespace stepscope::timing {
 
+// The CUDA caching allocator's counters for one device (bytes), read on the host: the allocator's
+// own bookkeeping, no device synchronisation. What torch.cuda.memory_stats() reports, without
+// building its Python dict.
+struct DeviceMemory {
+  int64_t allocated = -1, peak_allocated = -1, reserved = -1, peak_reserved = -1;
+};
+// False (and `out` untouched) without CUDA or for a device < 0.
+bool read_device_memory(int device, DeviceMemory* out);
+
 class EventPool {
  public:
   explicit EventPool(int capacity);
@@ -35,6 +44,7 @@ class EventPool {
   // Blocks until the slot's event completed: only for the one reference event at attach.
   bool synchronize(int slot) const;
   int capacity() const { return capacity_; }
+  int device() const { return device_; }  // the device of the first recorded event; -1 before
   int in_use() const { return capacity_ - static_cast<int>(free_.size()) - unmade_; }
 
  private:

@@ -250,6 +250,8 @@ void Timeline::finish_step(int64_t now, int ev) {
   r.n_spans = cur_.n_spans;
   r.truncated = cur_.truncated;
   r.warmup = warm_;
+  if (device_) read_device_memory(pool_.device(), &memory_);
+  r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
   if (warm_) {
     ++warm_sum_.steps;
@@ -630,6 +632,7 @@ Report Timeline::report() {
   r.dropped_device_samples = dropped_;
   r.pending_device_samples = static_cast<int64_t>(pending_.size());
   r.warmup = warm_sum_;
+  r.memory = memory_;
   if (device_) {
     // Named by the boundary that closes each phase (diagnose.PHASE_BOUNDS reads these names).
     static constexpr const char* kBoundary[kNumPartition] = {"forward_begin", "forward_end", "backward_begin",

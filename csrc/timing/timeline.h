@@ -129,6 +129,7 @@ struct StepRecord {
   int n_spans = 0;
   int truncated = 0;  // spans beyond kMaxSpans
   bool warmup = false;
+  DeviceMemory memory;  // CUDA allocator counters at the step's end (-1 without device timing)
   std::array<SpanRecord, kMaxSpans> spans;
 };
 
@@ -143,6 +144,7 @@ struct Report {
   int64_t pending_device_samples = 0;
   bool device = false;
   WarmupSummary warmup;
+  DeviceMemory memory;  // at the last step's end (-1 without device timing)
   // CUDA queue lag per boundary (named by the boundary: forward_begin .. optimizer_end): how long
   // after the host reached it the GPU did. Empty without device timing.
   std::vector<NamedSummary> lag;
@@ -308,6 +310,7 @@ class Timeline {
   // Queue lag: the device clock mapped onto the host's (timing/device_clock.h), anchored at a
   // resolved boundary event that this Timeline keeps a reference to.
   DeviceClock clock_;
+  DeviceMemory memory_;  // read at each step's end on CUDA
   int anchor_ev_ = -1;
   std::array<Series, kNumPartition> lag_;
 

@@ -121,14 +121,11 @@ def _monitor_data(mon: Any) -> dict:
     from . import _C, __version__
 
     torch = sys.modules.get("torch")
-    mem = {s: (a, r) for s, a, r in getattr(mon, "_mem_steps", ())}
     ring = []
     for r in mon.recent_steps():
         e = dict(r)
         for k in ("spans", "user_spans", "module_spans"):
             e[k] = [list(s) for s in r.get(k, ())]
-        m = mem.get(r["step"])
-        e["memory"] = {"allocated": m[0], "reserved": m[1]} if m is not None else None
         ring.append(e)
     diagnose = getattr(mon, "diagnose", None)
     return _finite({

@@ -14,12 +14,12 @@ step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks on
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
 complete, so the Monitor never synchronises the device. The hooks are C functions
 (``_C.StepHooks``) that CPython calls directly: this module only registers them and reads the
-results, and no Python runs per step unless CUDA memory counters or per-module sampling need it.
+results, and no Python runs per step unless per-module sampling or ``print_every`` need it (CUDA
+memory counters are read in C++ at each step's end).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import warnings
@@ -171,14 +171,10 @@ class Monitor:
         self._modules: list = []  # (module, id)
         self._phases: dict = {}
         self._cuda = False
-        self._mem_alloc: Optional[int] = None
-        self._mem_peak: Optional[int] = None
         self._autocast = (0, 0)  # (training forwards, under CUDA autocast) of past attachments
         self._attached = False
         self._trace = trace
         self._print_every = print_every
-        # (step, allocated, reserved) at each step's end on CUDA, for the trace's and CSV's memory.
-        self._mem_steps: collections.deque = collections.deque(maxlen=ring)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "Monitor":
@@ -243,9 +239,9 @@ class Monitor:
         # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
         every = self._every if self._per_module else 0
-        on_end = self._step_ended if (self._cuda or every > 1 or self._print_every) else None
+        on_end = self._step_ended if (every > 1 or self._print_every) else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
-                                         every_step=self._cuda, module_every=every,
+                                         every_step=False, module_every=every,
                                          print_every=self._print_every)
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
@@ -288,15 +284,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
-        # Called by the hooks after a step ended: every step on CUDA, else only when per-module
-        # sampling switches on or off, and on every print_every-th step.
-        if self._cuda:
-            # The caching allocator's counters: host-side numbers, no device sync.
-            self._mem_alloc = torch.cuda.memory_allocated()
-            self._mem_peak = torch.cuda.max_memory_allocated()
-            # Reserved memory is read at report time only: each of these calls builds the
-            # allocator's whole statistics dict, and this runs every step.
-            self._mem_steps.append((self._tl.steps - 1, self._mem_alloc, None))
+        # Called by the hooks after a step ended, only when per-module sampling switches on or
+        # off, and on every print_every-th step.
         if self._modules:
             self._sample_modules(sample_modules)
         if self._print_every and self._tl.steps % self._print_every == 0:
@@ -346,17 +335,15 @@ class Monitor:
         done = self._hooks.autocast_forwards if self._hooks is not None else (0, 0)
         return (self._autocast[0] + done[0], self._autocast[1] + done[1])
 
-    def _memory(self) -> Optional[dict]:
-        # Read here, at report time, not per step: each of these calls builds the allocator's
-        # whole statistics dict.
-        if self._mem_alloc is None:
+    def _memory(self, raw: dict) -> Optional[dict]:
+        # The allocator's counters at the last step's end come from the Timeline (read in C++ every
+        # step); the device's size and the trend over the ring are added here, at report time.
+        if raw.get("memory") is None:
             return None
-        mem: dict = {"allocated": self._mem_alloc, "peak": self._mem_peak}
+        mem = dict(raw["memory"])
         dev = next(p.device for m in self._models for p in m.parameters() if p.is_cuda)
-        mem["reserved"] = torch.cuda.memory_reserved(dev)
-        mem["peak_reserved"] = torch.cuda.max_memory_reserved(dev)
         mem["total"] = torch.cuda.get_device_properties(dev).total_memory
-        hist = [a for _, a, _ in self._mem_steps]
+        hist = [r["memory"]["allocated"] for r in self._tl.recent_steps() if r.get("memory")]
         if len(hist) >= 2:
             ups = sum(b > a for a, b in zip(hist, hist[1:]))
             mem["trend"] = {"steps": len(hist), "first": hist[0], "last": hist[-1],
@@ -376,7 +363,8 @@ class Monitor:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`)."""
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
-        return _report.build_report(self._tl.report(), memory=self._memory(), top_modules=top_modules,
+        raw = self._tl.report()
+        return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
                                     context=self._context())
 
     def diagnose(self) -> list:

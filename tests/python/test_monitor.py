@@ -713,3 +713,36 @@ def test_monitor_dropped_during_backward_is_safe():
     # and the model trains on without hooks
     m(torch.randn(3, 4)).sum().backward()
     assert no_hooks(m)
+
+
+def test_cpu_has_no_memory_counters():
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+    assert mon.report()["memory"] is None
+    assert all(r["memory"] is None for r in mon.recent_steps())
+
+
+@pytest.mark.cuda
+def test_cuda_memory_counters_read_in_cpp_at_step_end():
+    dev = torch.device("cuda")
+    model = torch.nn.Linear(512, 512).to(dev)
+    opt = torch.optim.Adam(model.parameters())
+    seen = []
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        # Registered after the Monitor's: runs right after the step ended, before anything frees.
+        h = opt.register_step_post_hook(lambda *a: seen.append(
+            (torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev), torch.cuda.max_memory_allocated(dev))))
+        for _ in range(5):
+            model(torch.randn(64, 512, device=dev)).sum().backward()
+            opt.step()
+        h.remove()
+    rep = mon.report()
+    ring = mon.recent_steps()
+    assert [r["memory"]["allocated"] for r in ring] == [s[0] for s in seen]
+    assert [r["memory"]["reserved"] for r in ring] == [s[1] for s in seen]
+    assert rep["memory"]["allocated"] == seen[-1][0] and rep["memory"]["peak"] == seen[-1][2]
+    assert rep["memory"]["total"] == torch.cuda.get_device_properties(dev).total_memory
