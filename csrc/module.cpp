@@ -78,6 +78,20 @@ py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool 
   return d;
 }
 
+py::dict report_dict(const stepscope::timing::Report& r) {
+  py::dict d;
+  d["phases"] = named_dict(r.phases, r.device);
+  d["user"] = named_dict(r.user, r.device);
+  d["modules"] = named_dict(r.modules, r.device);
+  d["steps"] = r.steps;
+  d["samples"] = r.samples;
+  d["step_host_total"] = r.step_host_total;
+  d["dropped_device_samples"] = r.dropped_device_samples;
+  d["pending_device_samples"] = r.pending_device_samples;
+  d["device"] = r.device;
+  return d;
+}
+
 
 // ---- timing: the Monitor's hooks as plain CPython callables. nn.Module and the optimizers call
 // a hook on every forward and step; through pybind11's dispatcher each call costs microseconds
@@ -491,22 +505,14 @@ PYBIND11_MODULE(_C, m) {
       .def("close", &Timeline::close)
       .def_property_readonly("steps", &Timeline::steps)
       .def_property_readonly("device", &Timeline::device)
-      .def("report",
-           [](Timeline& tl) {
-             const auto r = tl.report();
-             py::dict d;
-             d["phases"] = named_dict(r.phases, r.device);
-             d["user"] = named_dict(r.user, r.device);
-             d["modules"] = named_dict(r.modules, r.device);
-             d["steps"] = r.steps;
-             d["samples"] = r.samples;
-             d["step_host_total"] = r.step_host_total;
-             d["dropped_device_samples"] = r.dropped_device_samples;
-             d["pending_device_samples"] = r.pending_device_samples;
-             d["device"] = r.device;
-             return d;
-           },
+      .def("report", [](Timeline& tl) { return report_dict(tl.report()); },
            "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
+      .def("pack",
+           [](Timeline& tl) {
+             auto v = tl.pack();
+             return torch::tensor(v, torch::dtype(torch::kFloat64));
+           },
+           "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it).")
       .def("recent_steps",
            [](const Timeline& tl) {
              py::list out;
@@ -532,6 +538,27 @@ PYBIND11_MODULE(_C, m) {
              return out;
            },
            "The ring of the last steps, oldest first: host seconds per phase and raw spans (seconds since start).");
+
+  m.attr("PACKED_WORDS") = stepscope::timing::kPackedWords;
+  m.def(
+      "report_from_packed",
+      [](const at::Tensor& packed) {
+        TORCH_CHECK_TYPE(packed.scalar_type() == at::kDouble, "stepscope: packed statistics must be float64; got ",
+                         packed.scalar_type());
+        TORCH_CHECK_VALUE(packed.numel() > 0 && packed.numel() % stepscope::timing::kPackedWords == 0,
+                          "stepscope: packed statistics must hold a whole number of buffers of PACKED_WORDS (",
+                          stepscope::timing::kPackedWords, ") doubles; got ", packed.numel());
+        const auto c = packed.to(at::kCPU).contiguous();
+        stepscope::timing::Report r;
+        {
+          py::gil_scoped_release nogil;
+          r = stepscope::timing::report_from_packed(c.data_ptr<double>(), c.numel() / stepscope::timing::kPackedWords);
+        }
+        return report_dict(r);
+      },
+      py::arg("packed"),
+      "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
+      "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");
 
   hooks::init(m);
 
