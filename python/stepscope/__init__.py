@@ -16,6 +16,7 @@ native classes live in stepscope._C.
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
+from . import distributed
 from . import nvtx
 from .metrics import ClassificationMetrics
 from .monitor import Monitor
@@ -33,4 +34,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "Monitor", "build_info", "nvtx", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "build_info", "distributed", "nvtx", "__version__"]

@@ -302,8 +302,17 @@ class Monitor:
         """Steps completed so far."""
         return self._tl.steps if self._tl is not None else 0
 
-    def report(self, top_modules: int = 10) -> dict:
-        """Statistics so far, in seconds (see :func:`stepscope.report.build_report`)."""
+    def report(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> dict:
+        """Statistics so far, in seconds (see :func:`stepscope.report.build_report`).
+
+        ``gather=True``: merged over the ranks of ``group`` (default: the default process group)
+        by one all_gather, plus a per-rank view in ``ranks`` (see
+        :func:`stepscope.distributed.gather_report`); a collective, so every rank must call it.
+        """
+        if gather:
+            from . import distributed
+
+            return distributed.gather_report(self, group, top_modules=top_modules)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
         mem = None
@@ -311,9 +320,18 @@ class Monitor:
             mem = {"allocated": self._mem_alloc, "peak": self._mem_peak}
         return _report.build_report(self._tl.report(), memory=mem, top_modules=top_modules)
 
-    def summary(self, top_modules: int = 10) -> str:
-        """A plain-text table: phase, count, mean, p50, p90, p99, total, share of step (host, device)."""
-        return _report.format_summary(self.report(top_modules=top_modules))
+    def summary(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> str:
+        """A plain-text table: phase, count, mean, p50, p90, p99, total, share of step (host, device).
+
+        ``gather=True``: the table merged over the ranks, then the per-rank p50 table (a
+        collective, as in :meth:`report`).
+        """
+        rep = self.report(top_modules=top_modules, gather=gather, group=group)
+        if not gather:
+            return _report.format_summary(rep)
+        from . import distributed
+
+        return _report.format_summary(rep) + "\n\n" + distributed.format_ranks(rep)
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""
