@@ -331,6 +331,24 @@ def test_straggler_rule_thresholds_and_ddp_aligned_steps():
     assert distributed.straggler_findings(_rep_with([0.010], [0.006])) == []
 
 
+def test_straggler_rule_names_a_device_phase_on_cuda():
+    # The host loop of every rank looks alike, but rank 1's forward kernels take 6 ms longer (a slower
+    # GPU): its host step stretches in loss (the host waits on the loss) and the device forward says why.
+    rep = _rep_with([0.010, 0.010, 0.010], [0.0065, 0.0065, 0.0065])
+    for p in rep["ranks"]["per_rank"]:
+        slow = p["rank"] == 1
+        p["p50"]["loss"] += 0.005 if slow else 0.0
+        p["p50"]["step"] += 0.005 if slow else 0.0
+        p["device_p50"] = {k: 0.0 for k in p["p50"]}
+        p["device_p50"]["forward"] = 0.008 if slow else 0.002
+    f = distributed.straggler_findings(rep)
+    assert [(x["evidence"]["rank"], x["severity"]) for x in f] == [(1, "critical")]
+    assert f[0]["title"].endswith("most of it in forward (device)")
+    # Without device times everywhere, only host phases are compared.
+    rep["ranks"]["per_rank"][0]["device_p50"] = None
+    assert distributed.straggler_findings(rep)[0]["title"].endswith("most of it in loss")
+
+
 def test_ddp_train_example_runs_with_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
