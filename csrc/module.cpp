@@ -109,6 +109,38 @@ py::dict warmup_dict(const stepscope::timing::WarmupSummary& w, bool device) {
   return d;
 }
 
+py::dict report_dict(const stepscope::timing::Report& r) {
+  py::dict d;
+  d["phases"] = named_dict(r.phases, r.device);
+  d["user"] = named_dict(r.user, r.device);
+  d["modules"] = named_dict(r.modules, r.device);
+  d["steps"] = r.steps;
+  d["samples"] = r.samples;
+  d["step_host_total"] = r.step_host_total;
+  d["dropped_device_samples"] = r.dropped_device_samples;
+  d["pending_device_samples"] = r.pending_device_samples;
+  d["device"] = r.device;
+  d["warmup"] = warmup_dict(r.warmup, r.device);
+  d["memory"] = memory_dict(r.memory, true);
+  py::dict lag;
+  for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
+  d["lag"] = r.device ? py::object(lag) : py::object(py::none());
+  py::list spikes;
+  for (const auto& sp : r.spikes) {
+    py::dict e;
+    e["step"] = sp.index;
+    e["duration"] = sp.duration;
+    e["step_median"] = sp.step_median;
+    e["phase"] = stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(sp.phase));
+    e["phase_time"] = sp.phase_time;
+    e["phase_median"] = sp.phase_median;
+    spikes.append(e);
+  }
+  d["spikes"] = spikes;
+  d["spikes_total"] = r.spikes_total;
+  return d;
+}
+
 
 // ---- timing: the Monitor's hooks as plain CPython callables. nn.Module and the optimizers call
 // a hook on every forward and step; through pybind11's dispatcher each call costs microseconds
@@ -547,40 +579,14 @@ PYBIND11_MODULE(_C, m) {
       .def("close", &Timeline::close)
       .def_property_readonly("steps", &Timeline::steps)
       .def_property_readonly("device", &Timeline::device)
-      .def("report",
-           [](Timeline& tl) {
-             const auto r = tl.report();
-             py::dict d;
-             d["phases"] = named_dict(r.phases, r.device);
-             d["user"] = named_dict(r.user, r.device);
-             d["modules"] = named_dict(r.modules, r.device);
-             d["steps"] = r.steps;
-             d["samples"] = r.samples;
-             d["step_host_total"] = r.step_host_total;
-             d["dropped_device_samples"] = r.dropped_device_samples;
-             d["pending_device_samples"] = r.pending_device_samples;
-             d["device"] = r.device;
-             d["warmup"] = warmup_dict(r.warmup, r.device);
-             d["memory"] = memory_dict(r.memory, true);
-             py::dict lag;
-             for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
-             d["lag"] = r.device ? py::object(lag) : py::object(py::none());
-             py::list spikes;
-             for (const auto& sp : r.spikes) {
-               py::dict e;
-               e["step"] = sp.index;
-               e["duration"] = sp.duration;
-               e["step_median"] = sp.step_median;
-               e["phase"] = stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(sp.phase));
-               e["phase_time"] = sp.phase_time;
-               e["phase_median"] = sp.phase_median;
-               spikes.append(e);
-             }
-             d["spikes"] = spikes;
-             d["spikes_total"] = r.spikes_total;
-             return d;
-           },
+      .def("report", [](Timeline& tl) { return report_dict(tl.report()); },
            "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
+      .def("pack",
+           [](Timeline& tl) {
+             auto v = tl.pack();
+             return torch::tensor(v, torch::dtype(torch::kFloat64));
+           },
+           "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it).")
       .def("recent_steps",
            [](const Timeline& tl) {
              py::list out;
@@ -619,6 +625,27 @@ PYBIND11_MODULE(_C, m) {
            },
            "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, and the user "
            "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start).");
+
+  m.attr("PACKED_WORDS") = stepscope::timing::kPackedWords;
+  m.def(
+      "report_from_packed",
+      [](const at::Tensor& packed) {
+        TORCH_CHECK_TYPE(packed.scalar_type() == at::kDouble, "stepscope: packed statistics must be float64; got ",
+                         packed.scalar_type());
+        TORCH_CHECK_VALUE(packed.numel() > 0 && packed.numel() % stepscope::timing::kPackedWords == 0,
+                          "stepscope: packed statistics must hold a whole number of buffers of PACKED_WORDS (",
+                          stepscope::timing::kPackedWords, ") doubles; got ", packed.numel());
+        const auto c = packed.to(at::kCPU).contiguous();
+        stepscope::timing::Report r;
+        {
+          py::gil_scoped_release nogil;
+          r = stepscope::timing::report_from_packed(c.data_ptr<double>(), c.numel() / stepscope::timing::kPackedWords);
+        }
+        return report_dict(r);
+      },
+      py::arg("packed"),
+      "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
+      "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");
 
   hooks::init(m);
 

@@ -4,6 +4,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace stepscope::timing {
 
@@ -37,6 +39,29 @@ void Stats::merge(const Stats& o) {
   total_ += o.total_;
   min_ = std::min(min_, o.min_);
   max_ = std::max(max_, o.max_);
+}
+
+void Stats::to_moments(double* out) const {
+  out[0] = static_cast<double>(n_);
+  out[1] = mean_;
+  out[2] = m2_;
+  out[3] = total_;
+  out[4] = min_;
+  out[5] = max_;
+}
+
+Stats Stats::from_moments(const double* in) {
+  // Counts travel as doubles; anything but a whole number >= 0 below 2^53 is a corrupt buffer.
+  if (!(in[0] >= 0 && in[0] <= 9007199254740992.0 && std::floor(in[0]) == in[0]))
+    throw std::invalid_argument("stepscope: packed statistics hold a bad sample count: " + std::to_string(in[0]));
+  Stats s;
+  s.n_ = static_cast<int64_t>(in[0]);
+  s.mean_ = in[1];
+  s.m2_ = in[2];
+  s.total_ = in[3];
+  s.min_ = in[4];
+  s.max_ = in[5];
+  return s;
 }
 
 double Stats::std() const { return n_ > 1 ? std::sqrt(std::max(0.0, m2_ / static_cast<double>(n_))) : 0.0; }
@@ -105,6 +130,23 @@ void LogHistogram::merge(const LogHistogram& o) {
     max_ = std::max(max_, o.max_);
   }
   n_ += o.n_;
+}
+
+LogHistogram LogHistogram::from_counts(const double* counts, double min, double max) {
+  LogHistogram h;
+  for (int i = 0; i < kBuckets; ++i) {
+    const double c = counts[i];
+    if (!(c >= 0 && c <= 9007199254740992.0 && std::floor(c) == c))
+      throw std::invalid_argument("stepscope: packed histogram bucket " + std::to_string(i) +
+                                  " holds a bad count: " + std::to_string(c));
+    h.counts_[i] = static_cast<uint64_t>(c);
+    h.n_ += static_cast<int64_t>(c);
+  }
+  if (h.n_ > 0) {
+    h.min_ = min;
+    h.max_ = max;
+  }
+  return h;
 }
 
 double LogHistogram::quantile(double q) const {

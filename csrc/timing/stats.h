@@ -21,6 +21,12 @@ class Stats {
   double min() const { return n_ ? min_ : 0.0; }
   double max() const { return n_ ? max_ : 0.0; }
 
+  // The raw state as kMoments doubles (count, mean, m2, total, min, max) and back: how the
+  // statistics of several processes travel in one float64 buffer. The round trip is exact.
+  static constexpr int kMoments = 6;
+  void to_moments(double* out) const;
+  static Stats from_moments(const double* in);  // throws std::invalid_argument on a bad count
+
  private:
   int64_t n_ = 0;
   double mean_ = 0, m2_ = 0, total_ = 0, min_ = 0, max_ = 0;
@@ -48,6 +54,12 @@ class LogHistogram {
   const std::vector<uint64_t>& buckets() const { return counts_; }
   static int bucket_of(double x);
   static double bucket_value(int i);
+  double min() const { return n_ ? min_ : 0.0; }
+  double max() const { return n_ ? max_ : 0.0; }
+  // A histogram from kBuckets counts (whole numbers >= 0, as doubles: float64 holds counts up
+  // to 2^53 exactly) and the exact extremes; the count is their sum. With the counts, min and
+  // max of another histogram it answers every quantile exactly as that one does.
+  static LogHistogram from_counts(const double* counts, double min, double max);  // throws std::invalid_argument
 
  private:
   std::vector<uint64_t> counts_;

@@ -6,6 +6,8 @@
 #include <limits>
 #include <cstdio>
 #include <sstream>
+#include <stdexcept>
+#include <string>
 
 #include "nvtx/nvtx.h"
 
@@ -734,6 +736,69 @@ std::string format_summary(const Report& r) {
                 static_cast<long long>(r.dropped_device_samples));
   o << line;
   return o.str();
+}
+
+namespace {
+// "SSP1": the first word of a packed buffer, so that a buffer from another build or of another
+// kind is refused instead of read as counts.
+constexpr double kPackedTag = 1397969969.0;
+}  // namespace
+
+std::vector<double> Timeline::pack() {
+  std::lock_guard<SpinLock> g(mu_);
+  poll_locked();
+  fold_host();
+  std::vector<double> v(kPackedWords, 0.0);
+  v[0] = kPackedTag;
+  v[1] = static_cast<double>(Phase::kCount);
+  v[2] = LogHistogram::kBuckets;
+  v[3] = device_ ? 1.0 : 0.0;
+  v[4] = static_cast<double>(steps_done_);
+  v[5] = static_cast<double>(samples_done_);
+  v[6] = step_host_total_;
+  v[7] = static_cast<double>(dropped_);
+  v[8] = static_cast<double>(pending_.size());
+  double* p = v.data() + kPackedHeader;
+  for (const auto* series : {&host_, &dev_})
+    for (const Series& s : *series) {
+      s.stats.to_moments(p);
+      p[Stats::kMoments] = s.hist.min();
+      p[Stats::kMoments + 1] = s.hist.max();
+      const auto& c = s.hist.buckets();
+      for (int i = 0; i < LogHistogram::kBuckets; ++i) p[Stats::kMoments + 2 + i] = static_cast<double>(c[i]);
+      p += kPackedSeries;
+    }
+  return v;
+}
+
+Report report_from_packed(const double* buffers, int64_t n) {
+  if (n < 1) throw std::invalid_argument("stepscope: report_from_packed needs at least one buffer");
+  constexpr int kSeries = static_cast<int>(Phase::kCount);
+  std::array<Series, kSeries> host, dev;
+  Report r;
+  double step_ns = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const double* v = buffers + b * kPackedWords;
+    if (v[0] != kPackedTag || v[1] != kSeries || v[2] != LogHistogram::kBuckets)
+      throw std::invalid_argument("stepscope: buffer " + std::to_string(b) +
+                                  " is not a packed Timeline of this build (layout tag, phase or bucket count differ)");
+    r.device = r.device || v[3] != 0;
+    r.steps = std::max(r.steps, static_cast<int64_t>(v[4]));
+    r.samples += static_cast<int64_t>(v[5]);
+    step_ns = std::max(step_ns, v[6]);
+    r.dropped_device_samples += static_cast<int64_t>(v[7]);
+    r.pending_device_samples += static_cast<int64_t>(v[8]);
+    const double* p = v + kPackedHeader;
+    for (auto* series : {&host, &dev})
+      for (Series& s : *series) {
+        s.stats.merge(Stats::from_moments(p));
+        s.hist.merge(LogHistogram::from_counts(p + Stats::kMoments + 2, p[Stats::kMoments], p[Stats::kMoments + 1]));
+        p += kPackedSeries;
+      }
+  }
+  r.step_host_total = step_ns * 1e-9;
+  for (int i = 0; i < kSeries; ++i) r.phases.push_back(NamedSummary{kPhaseNames[i], summarize(host[i]), summarize(dev[i])});
+  return r;
 }
 
 }  // namespace stepscope::timing

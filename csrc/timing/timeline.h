@@ -195,6 +195,8 @@ class Timeline {
   void open();
 
   Report report();
+  // The raw statistics behind report()'s phases as kPackedWords doubles (see report_from_packed).
+  std::vector<double> pack();
   std::vector<StepRecord> recent_steps() const;
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
@@ -337,6 +339,22 @@ class ScopedPhase {
   int user_ = -1;
   bool open_ = true;
 };
+
+// Packed raw statistics: one fixed-size float64 buffer per process, so that torch.distributed
+// gathers every rank's in one all_gather, and any set of them merges into the summaries a local
+// report() gives (same Stats, same histogram quantile code: one buffer gives back its Timeline's
+// report() phases exactly). Layout: kPackedHeader words (tag, Phase::kCount, kBuckets, device,
+// steps, samples, step host ns, dropped and pending device samples, 0), then per phase, host
+// then device: Stats moments, histogram min and max, kBuckets counts. User phases and modules
+// are left out (their names differ between processes). ~390 KB.
+constexpr int kPackedHeader = 10;
+constexpr int kPackedSeries = Stats::kMoments + 2 + LogHistogram::kBuckets;
+constexpr int kPackedWords = kPackedHeader + 2 * static_cast<int>(Phase::kCount) * kPackedSeries;
+// Merges n packed buffers laid end to end (n * kPackedWords doubles): series add up; steps is the
+// most any buffer has (ranks step together), samples and device sample counts add up, the step
+// host total is the largest (ranks run at once), device is any buffer's. Throws
+// std::invalid_argument on a buffer of another layout or with corrupt counts.
+Report report_from_packed(const double* buffers, int64_t n);
 
 // A plain-text table of a report for LibTorch loops: host (and device) mean, p50 and total per phase.
 // Python's Monitor.summary() has its own, wider layout (report.py).

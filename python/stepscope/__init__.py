@@ -16,7 +16,7 @@ native classes live in stepscope._C.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, export, nvtx
+from . import _C, diagnose, distributed, export, nvtx
 from .export import SavedRun, load, log_tensorboard, plot
 from .metrics import ClassificationMetrics
 from .monitor import Monitor
@@ -34,5 +34,5 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "export", "load", "log_tensorboard",
-           "nvtx", "plot", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "diagnose", "distributed", "export", "load",
+           "log_tensorboard", "nvtx", "plot", "__version__"]

@@ -17,6 +17,7 @@ queue lag, no per-module timing) stays silent. Thresholds cite where they come f
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Optional
 
 SEVERITIES = ("info", "warn", "critical")
@@ -292,8 +293,96 @@ def rule_dropped(rep: dict) -> list:
         "the steps that were sampled. Nothing to fix in the model.")]
 
 
+# --------------------------------------------------------------------------- distributed
+# Phases a straggler is looked for in. DDP's gradient all-reduce ends backward on every rank at
+# the same moment (the fast ranks wait inside it for the slow one), so a slow rank shows as a
+# *short* backward elsewhere and backward cannot name the culprit; `other` is left out for the
+# same reason (collective waits queued after backward land there).
+STRAGGLER_PHASES = ("data", "forward", "loss", "optimizer")
+STRAGGLER_WARN = 0.10
+STRAGGLER_CRITICAL = 0.20
+
+
+def _per_step(entry: dict, key: str, p50: dict) -> float:
+    # A phase's typical time per step: under gradient accumulation data/forward/loss happen
+    # several times per step.
+    steps = entry["count"]["step"]
+    return p50[key] * entry["count"][key] / steps if steps else 0.0
+
+
+def rule_straggler(rep: dict) -> list:
+    """The straggler rule: a rank that holds the others back, and the phase where it loses time.
+
+    Compared per rank, relative to the median rank's p50 step: the p50 step itself, and the time
+    outside backward and ``other`` (the p50s of data, forward, loss and optimizer per step). Under
+    DDP the gradient all-reduce makes every rank's step equally long (the fast ranks wait in it),
+    so the second measure is the one that finds the slow rank there; without synchronisation the
+    first does. A rank over by >= 10% gives a ``warn`` finding, >= 20% a ``critical`` one, naming
+    the phase among data, forward, loss, optimizer (and, with CUDA events, their device times)
+    that exceeds the median rank most. Returns [] without ``rep["ranks"]`` (a local report) or
+    with a single rank.
+
+    Example:
+        >>> rule_straggler(mon.report(gather=True))  # doctest: +SKIP
+        [{'rule': 'straggler', 'severity': 'critical', 'title': 'rank 3 is a straggler: ...', ...}]
+    """
+    ranks = rep.get("ranks")
+    if not ranks or ranks["world_size"] < 2:
+        return []
+    per = [p for p in ranks["per_rank"] if p["count"]["step"] > 0]
+    if len(per) < 2:
+        return []
+    med_step = statistics.median_low(p["p50"]["step"] for p in per)
+    if med_step <= 0:
+        return []
+    own = {p["rank"]: sum(_per_step(p, k, p["p50"]) for k in STRAGGLER_PHASES) for p in per}
+    med_own = statistics.median_low(own.values())
+    candidates = [(k, "p50", k) for k in STRAGGLER_PHASES]
+    if all(p["device_p50"] is not None for p in per):
+        candidates += [(k, "device_p50", f"{k} (device)") for k in STRAGGLER_PHASES]
+    med_phase = {label: statistics.median_low(_per_step(p, k, p[src]) for p in per) for k, src, label in candidates}
+    out = []
+    for p in per:
+        r = p["rank"]
+        over_step = (p["p50"]["step"] - med_step) / med_step
+        over_own = (own[r] - med_own) / med_step
+        over = max(over_step, over_own)
+        if over < STRAGGLER_WARN:
+            continue
+        diffs = {label: _per_step(p, k, p[src]) - med_phase[label] for k, src, label in candidates}
+        phase = max(diffs, key=lambda label: diffs[label])
+        severity = "critical" if over >= STRAGGLER_CRITICAL else "warn"
+        out.append({
+            "rule": "straggler",
+            "severity": severity,
+            "title": f"rank {r} is a straggler: {100 * over:.0f}% of a step over the median rank, "
+                     f"most of it in {phase}",
+            "evidence": {
+                "rank": r,
+                "world_size": ranks["world_size"],
+                "p50_step": p["p50"]["step"],
+                "median_p50_step": med_step,
+                "time_outside_backward": own[r],
+                "median_time_outside_backward": med_own,
+                "phase_excess": diffs[phase],
+                "over_median": over,
+            },
+            "advice": (f"Rank {r} spends {1e3 * diffs[phase]:.2f} ms more per step in {phase} than the median rank, "
+                       "and every rank waits for it at the gradient all-reduce. Backward is not compared: "
+                       "DistributedDataParallel's all-reduce makes every rank's backward end together, so the "
+                       "fast ranks' wait shows up there. For data, give that rank's "
+                       "torch.utils.data.DataLoader more num_workers (and pin_memory=True), or check that the "
+                       "DistributedSampler shards are even; for compute phases, check that rank's device and "
+                       "inputs."),
+            # The share of the median step the others spend waiting for this rank.
+            "saving": min(over, 1.0),
+        })
+    return out
+
+
 RULES: list = [rule_input_bound, rule_optimizer_heavy, rule_jitter, rule_launch_bound, rule_sync_in_phase,
-               rule_memory, rule_precision, rule_eval_share, rule_module_dominates, rule_warmup, rule_dropped]
+               rule_memory, rule_precision, rule_eval_share, rule_module_dominates, rule_warmup, rule_dropped,
+               rule_straggler]
 
 
 def diagnose(rep: dict, rules: Optional[list] = None) -> list:

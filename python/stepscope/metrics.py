@@ -37,6 +37,12 @@ class ClassificationMetrics:
             that 100k-class vocabularies stay O(C) in memory.
         beta: F-beta's beta; an ``fbeta_*`` entry is reported when beta != 1.
         device: where the state lives. Default: the device of the first ``update``.
+        sync_on_compute: under torch.distributed, whether ``compute()`` returns the metrics of
+            every rank's data together. ``None`` (default): yes when torch.distributed is
+            initialised and the world size is > 1; ``True``: yes, and an error when it is not
+            initialised; ``False``: this rank's data only.
+        process_group: the group ``compute()`` and ``sync()`` reduce over (default: the default
+            group).
 
     Example:
         >>> m = ClassificationMetrics("multiclass", num_classes=3, top_k=(1, 2))
@@ -49,6 +55,15 @@ class ClassificationMetrics:
     capture. ``compute`` does one small host read to check the health counters (it raises if
     targets were out of range, warns on non-finite predictions); ``compute(check=False)`` does
     none.
+
+    Distributed: like torchmetrics (whose ``sync_on_compute=True`` default syncs whenever
+    torch.distributed is initialised), ``compute()`` is global by default, and the local state is
+    left as it was, so accumulation goes on per rank and ``reset()`` stays local. torchmetrics
+    gathers every state tensor of every rank (one all_gather per state) and reduces them; here the
+    whole state is one float64 vector of sums, so the sync is one ``all_reduce`` of a copy of it
+    (counts stay exact up to 2^53). ``compute()`` is then a collective: every rank calls it.
+    ``sync()`` sums the state itself in place instead (a copy is not kept); after it, compute()
+    does not reduce again until ``reset()``.
 
     Semantics are torchmetrics 1.9's defaults (and scikit-learn's where it has the metric):
     zero_division 0; multiclass macro averages skip classes with tp + fp + fn == 0; weighted
@@ -77,6 +92,8 @@ class ClassificationMetrics:
         confusion_matrix: Optional[bool] = None,
         beta: float = 1.0,
         device: Union[str, torch.device, None] = None,
+        sync_on_compute: Optional[bool] = None,
+        process_group: object = None,
     ) -> None:
         if task not in _TASKS:
             raise ValueError(f"stepscope: task must be one of {sorted(_TASKS)}; got {task!r}")
@@ -101,6 +118,11 @@ class ClassificationMetrics:
             confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
         if beta <= 0:
             raise ValueError(f"stepscope: beta must be > 0; got {beta}")
+        if sync_on_compute not in (None, True, False):
+            raise TypeError(f"stepscope: sync_on_compute must be None, True or False; got {sync_on_compute!r}")
+        self.sync_on_compute = sync_on_compute
+        self.process_group = process_group
+        self._synced_in_place = False  # sync() made the state global: compute() must not sum it again
         self.task = task
         self.num_classes = n
         self.top_k = top_k
@@ -143,8 +165,18 @@ class ClassificationMetrics:
 
         With ``check=True`` one small host read checks the counters first: ValueError if any
         target was out of range (saying how many), a warning for non-finite predictions.
+
+        Under torch.distributed (see ``sync_on_compute``) the metrics are those of all ranks'
+        data: one all_reduce of a copy of the state, the local state untouched.
         """
         state = self._state_or_empty()
+        if self._should_sync():
+            import torch.distributed as dist
+
+            if self.state is None:  # this rank saw no data: it still takes part with zeros
+                state = state.to(self._comm_device())
+            state = state.clone()
+            dist.all_reduce(state, op=dist.ReduceOp.SUM, group=self.process_group)
         if check:
             nonfinite = self._cfg.check(state)[0]
             if nonfinite:
@@ -155,11 +187,29 @@ class ClassificationMetrics:
                 )
         return self._cfg.compute(state, self.beta)
 
+    def _should_sync(self) -> bool:
+        if self.sync_on_compute is False or self._synced_in_place:
+            return False
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        if self.sync_on_compute is True and not ready:
+            raise RuntimeError("stepscope: sync_on_compute=True but torch.distributed is not initialised; "
+                               "call torch.distributed.init_process_group first or pass sync_on_compute=None")
+        return ready and dist.get_world_size(self.process_group) > 1
+
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
         """Confusion matrix (rows = targets): multiclass [C, C], binary [2, 2], multilabel [L, 2, 2].
 
         normalize: ``"none"`` (int64 counts), ``"true"`` (rows sum to 1), ``"pred"`` (columns)
-        or ``"all"``.
+        or ``"all"``. This rank's counts only; ``compute()["confusion_matrix"]`` is the global one.
         """
         return self._cfg.confusion_matrix(self._state_or_empty(), normalize)
 
@@ -167,14 +217,19 @@ class ClassificationMetrics:
         """Zero the state in place (stays valid inside captured CUDA graphs)."""
         if self.state is not None:
             self.state.zero_()
+        self._synced_in_place = False
 
     def sync(self, process_group=None) -> None:
-        """Sum the state over all ranks: one all_reduce of one float64 tensor (Gloo or NCCL)."""
+        """Sum the state over all ranks in place: one all_reduce of one float64 tensor (Gloo or NCCL).
+
+        ``process_group`` defaults to the one given at construction."""
         import torch.distributed as dist
 
         if self.state is None:
             raise RuntimeError("stepscope: sync() before any update: the state's device is unknown")
-        dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=process_group)
+        group = process_group if process_group is not None else self.process_group
+        dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=group)
+        self._synced_in_place = True
 
     def _config_dict(self) -> dict:
         return {
@@ -203,6 +258,7 @@ class ClassificationMetrics:
             self.state = state.detach().clone()
         else:
             self.state.copy_(state)
+        self._synced_in_place = False
 
     def __repr__(self) -> str:
         return f"ClassificationMetrics({self._config_dict()})"

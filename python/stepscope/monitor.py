@@ -359,23 +359,40 @@ class Monitor:
             ctx["cuda_capability"] = list(torch.cuda.get_device_capability(dev))
         return ctx
 
-    def report(self, top_modules: int = 10) -> dict:
-        """Statistics so far, in seconds (see :func:`stepscope.report.build_report`)."""
+    def report(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> dict:
+        """Statistics so far, in seconds (see :func:`stepscope.report.build_report`).
+
+        ``gather=True``: merged over the ranks of ``group`` (default: the default process group)
+        by one all_gather, plus a per-rank view in ``ranks`` (see
+        :func:`stepscope.distributed.gather_report`); a collective, so every rank must call it.
+        """
+        if gather:
+            from . import distributed
+
+            return distributed.gather_report(self, group, top_modules=top_modules)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
         raw = self._tl.report()
         return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
                                     context=self._context())
 
-    def diagnose(self) -> list:
+    def diagnose(self, *, gather: bool = False, group: Any = None) -> list:
         """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
-        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first."""
-        return _diagnose.diagnose(self.report())
+        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first. ``gather=True``
+        diagnoses the report gathered over the ranks (a collective), which adds the straggler rule.
+        """
+        return _diagnose.diagnose(self.report(gather=gather, group=group))
 
-    def summary(self, top_modules: int = 10) -> str:
+    def summary(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> str:
         """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
-        then device), warm-up and spike lines, and the diagnosis ("What to fix first")."""
-        return _report.format_summary(self.report(top_modules=top_modules), findings=self.diagnose())
+        then device), warm-up and spike lines, and the diagnosis ("What to fix first").
+
+        ``gather=True``: the table merged over the ranks, the per-rank p50 table, and the
+        diagnosis of the gathered report (the straggler rule included); a collective, as in
+        :meth:`report`.
+        """
+        rep = self.report(top_modules=top_modules, gather=gather, group=group)
+        return _report.format_summary(rep, findings=_diagnose.diagnose(rep) if gather else self.diagnose())
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""

@@ -142,6 +142,8 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         lines.append(f"spikes (steps > 3x the running median): {rep.get('spikes_total', len(spikes))}; last: "
                      f"step {last['step']} {_ms(last['duration'])} ms against {_ms(last['step_median'])}, "
                      f"{last['phase']} {_ms(last['phase_time'])} ms against {_ms(last['phase_median'])}")
+    if rep.get("ranks"):
+        lines.append(format_ranks(rep))
     if findings is not None:
         lines.append(format_findings(findings))
     return "\n".join(lines)
@@ -157,3 +159,23 @@ def format_findings(findings: list) -> str:
         out.append(f"  {i}. [{f['severity']}] {f['title']}{saving}")
         out.append(f"     {f['advice']}")
     return "\n".join(out)
+
+
+def format_ranks(rep: dict) -> str:
+    """Per-rank p50 table (ms) of a gathered report: one row per rank, then the slowest rank and
+    skew per phase."""
+    ranks = rep["ranks"]
+    names = list(PARTITION) + ["step"]
+    head = ["rank"] + names
+    rows = [[str(p["rank"])] + [f"{1e3 * p['p50'][k]:.3f}" for k in names] for p in ranks["per_rank"]]
+    rows.append(["slowest"] + [str(ranks["phases"][k]["slowest_rank"]) for k in names])
+    rows.append(["skew"] + ["-" if ranks["phases"][k]["skew"] is None else f"{100 * ranks['phases'][k]['skew']:.1f}%"
+                            for k in names])
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+
+    def fmt(r: list) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    lines = [f"per rank p50 (ms), {ranks['world_size']} ranks; skew = (slowest - median) / median step",
+             fmt(head), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + [fmt(r) for r in rows])

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <random>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -365,4 +366,180 @@ TEST(TimingTimeline, ScopedPhaseAndClose) {
   EXPECT_EQ(r.user.at(0).name, "clip");
   EXPECT_THROW({ ScopedPhase p(tl, Phase::kData); }, c10::Error);
   EXPECT_NE(format_summary(r).find("optimizer"), std::string::npos);
+}
+
+// ---- packed statistics: what travels between ranks (Timeline::pack, report_from_packed)
+
+TEST(TimingStats, MomentsRoundTripExactly) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> ln(10.0, 1.0);
+  Stats s;
+  for (int i = 0; i < 1000; ++i) s.add(ln(rng));
+  double m[Stats::kMoments];
+  s.to_moments(m);
+  const Stats t = Stats::from_moments(m);
+  EXPECT_EQ(t.count(), s.count());
+  EXPECT_EQ(t.total(), s.total());
+  EXPECT_EQ(t.mean(), s.mean());
+  EXPECT_EQ(t.std(), s.std());
+  EXPECT_EQ(t.min(), s.min());
+  EXPECT_EQ(t.max(), s.max());
+  m[0] = -1;
+  EXPECT_THROW(Stats::from_moments(m), std::invalid_argument);
+  m[0] = 2.5;
+  EXPECT_THROW(Stats::from_moments(m), std::invalid_argument);
+}
+
+TEST(TimingHistogram, FromCountsAnswersLikeTheOriginal) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> ln(12.0, 2.0);
+  LogHistogram h;
+  for (int i = 0; i < 5000; ++i) h.add(ln(rng));
+  std::vector<double> c(h.buckets().begin(), h.buckets().end());
+  const LogHistogram g = LogHistogram::from_counts(c.data(), h.min(), h.max());
+  EXPECT_EQ(g.count(), h.count());
+  EXPECT_EQ(g.buckets(), h.buckets());
+  for (double q : {0.0, 0.01, 0.5, 0.9, 0.99, 1.0}) EXPECT_EQ(g.quantile(q), h.quantile(q)) << "q " << q;
+  c[7] = -3;
+  EXPECT_THROW(LogHistogram::from_counts(c.data(), 1, 2), std::invalid_argument);
+  c[7] = std::nan("");
+  EXPECT_THROW(LogHistogram::from_counts(c.data(), 1, 2), std::invalid_argument);
+}
+
+namespace {
+
+void expect_same_summary(const SeriesSummary& a, const SeriesSummary& b, const char* what) {
+  EXPECT_EQ(a.count, b.count) << what;
+  EXPECT_EQ(a.total, b.total) << what;
+  EXPECT_EQ(a.mean, b.mean) << what;
+  EXPECT_EQ(a.std, b.std) << what;
+  EXPECT_EQ(a.min, b.min) << what;
+  EXPECT_EQ(a.max, b.max) << what;
+  EXPECT_EQ(a.p50, b.p50) << what;
+  EXPECT_EQ(a.p90, b.p90) << what;
+  EXPECT_EQ(a.p99, b.p99) << what;
+  EXPECT_EQ(a.has_quantiles, b.has_quantiles) << what;
+}
+
+// A few steps with phases of `us` microseconds of spinning, so each Timeline has its own numbers.
+void run_steps(Timeline& tl, int steps, int us) {
+  auto spin = [](int n) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(n);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+  };
+  for (int s = 0; s < steps; ++s) {
+    spin(us);
+    tl.forward_begin(false, 4);
+    spin(us);
+    tl.forward_end();
+    ASSERT_TRUE(tl.backward_begin());
+    spin(2 * us);
+    tl.backward_end();
+    tl.optimizer_begin();
+    spin(us / 2);
+    tl.optimizer_end();
+  }
+}
+
+// The packed layout written from a Series, as Timeline::pack writes each one.
+void write_series(double* p, const Series& s) {
+  s.stats.to_moments(p);
+  p[Stats::kMoments] = s.hist.min();
+  p[Stats::kMoments + 1] = s.hist.max();
+  for (int i = 0; i < LogHistogram::kBuckets; ++i) p[Stats::kMoments + 2 + i] = static_cast<double>(s.hist.buckets()[i]);
+}
+
+}  // namespace
+
+TEST(TimingPacked, OneBufferGivesBackTheLocalReportExactly) {
+  Timeline tl({.device = false, .nvtx = false});
+  run_steps(tl, 7, 50);
+  tl.forward_begin(true, 3);  // an eval forward: its own series travels too
+  tl.forward_end();
+  const std::vector<double> v = tl.pack();
+  ASSERT_EQ(v.size(), static_cast<size_t>(kPackedWords));
+  const Report local = tl.report();
+  const Report back = report_from_packed(v.data(), 1);
+  ASSERT_EQ(back.phases.size(), local.phases.size());
+  for (size_t i = 0; i < local.phases.size(); ++i) {
+    EXPECT_EQ(back.phases[i].name, local.phases[i].name);
+    expect_same_summary(back.phases[i].host, local.phases[i].host, local.phases[i].name.c_str());
+    expect_same_summary(back.phases[i].device, local.phases[i].device, local.phases[i].name.c_str());
+  }
+  EXPECT_EQ(back.steps, 7);
+  EXPECT_EQ(back.samples, local.samples);
+  EXPECT_EQ(back.step_host_total, local.step_host_total);
+  EXPECT_EQ(back.device, local.device);
+  EXPECT_TRUE(back.user.empty());
+}
+
+TEST(TimingPacked, MergeOfTimelinesAddsCountsAndTotals) {
+  Timeline a({.device = false, .nvtx = false}), b({.device = false, .nvtx = false});
+  run_steps(a, 5, 40);
+  run_steps(b, 9, 120);
+  std::vector<double> both = a.pack();
+  const std::vector<double> vb = b.pack();
+  both.insert(both.end(), vb.begin(), vb.end());
+  const Report ra = a.report(), rb = b.report(), m = report_from_packed(both.data(), 2);
+  EXPECT_EQ(m.steps, 9);  // ranks step together: the most any rank has
+  EXPECT_EQ(m.samples, ra.samples + rb.samples);
+  EXPECT_EQ(m.step_host_total, std::max(ra.step_host_total, rb.step_host_total));
+  for (size_t i = 0; i < m.phases.size(); ++i) {
+    const auto &x = ra.phases[i].host, &y = rb.phases[i].host, &z = m.phases[i].host;
+    EXPECT_EQ(z.count, x.count + y.count) << m.phases[i].name;
+    EXPECT_DOUBLE_EQ(z.total, x.total + y.total) << m.phases[i].name;
+    if (z.count == 0) continue;
+    EXPECT_EQ(z.min, std::min(x.min, y.min)) << m.phases[i].name;
+    EXPECT_EQ(z.max, std::max(x.max, y.max)) << m.phases[i].name;
+    EXPECT_GE(z.p50, std::min(x.p50, y.p50)) << m.phases[i].name;
+    EXPECT_LE(z.p50, std::max(x.p50, y.p50)) << m.phases[i].name;
+  }
+}
+
+TEST(TimingPacked, MergedQuantilesEqualOneHistogramOfAllSamples) {
+  // Hand-made buffers with known samples in the data phase: the merged quantiles must be the
+  // quantiles of one histogram of every sample, the moments those of all samples.
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> ln(14.0, 1.5);
+  constexpr int kRanks = 4;
+  std::vector<double> bufs(static_cast<size_t>(kRanks) * kPackedWords, 0.0);
+  Series all;
+  for (int r = 0; r < kRanks; ++r) {
+    Series s;
+    for (int i = 0; i < 500 + 300 * r; ++i) {
+      const double x = ln(rng) * (1.0 + r);
+      s.add(x);
+      all.add(x);
+    }
+    double* v = bufs.data() + static_cast<size_t>(r) * kPackedWords;
+    const std::vector<double> header = Timeline({.nvtx = false}).pack();  // an empty Timeline's header
+    std::copy(header.begin(), header.begin() + kPackedHeader, v);
+    write_series(v + kPackedHeader + static_cast<int>(Phase::kData) * kPackedSeries, s);
+  }
+  const Report m = report_from_packed(bufs.data(), kRanks);
+  const SeriesSummary& d = phase(m, Phase::kData).host;
+  EXPECT_EQ(d.count, all.stats.count());
+  EXPECT_EQ(d.min, all.stats.min() * 1e-9);
+  EXPECT_EQ(d.max, all.stats.max() * 1e-9);
+  EXPECT_NEAR(d.mean, all.stats.mean() * 1e-9, 1e-12 * d.mean);
+  EXPECT_NEAR(d.std, all.stats.std() * 1e-9, 1e-9 * d.std);
+  EXPECT_EQ(d.p50, all.hist.quantile(0.5) * 1e-9) << "seed " << seed;
+  EXPECT_EQ(d.p90, all.hist.quantile(0.9) * 1e-9) << "seed " << seed;
+  EXPECT_EQ(d.p99, all.hist.quantile(0.99) * 1e-9) << "seed " << seed;
+  EXPECT_EQ(phase(m, Phase::kForward).host.count, 0);
+}
+
+TEST(TimingPacked, RefusesForeignBuffers) {
+  Timeline tl({.nvtx = false});
+  std::vector<double> v = tl.pack();
+  EXPECT_THROW(report_from_packed(v.data(), 0), std::invalid_argument);
+  v[0] = 42;
+  EXPECT_THROW(report_from_packed(v.data(), 1), std::invalid_argument);
+  v = tl.pack();
+  v[kPackedHeader] = -1;  // the data phase's sample count
+  EXPECT_THROW(report_from_packed(v.data(), 1), std::invalid_argument);
 }

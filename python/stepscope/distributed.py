@@ -1,0 +1,141 @@
+"""One view of every rank: a Monitor's statistics gathered at report time, and the straggler rule.
+
+    mon.report(gather=True)        # every rank calls it (a collective); every rank gets the view
+    print(mon.summary(gather=True))
+
+Each rank packs its raw phase statistics (moments and log-histogram counts per phase, host and
+device, a fixed :data:`stepscope._C.PACKED_WORDS` float64 words plus two for CUDA memory) into
+one tensor, and a single ``all_gather`` of that tensor over the group (NCCL or Gloo, whatever
+torch.distributed runs) brings every rank's to every rank. Nothing is exchanged during the steps.
+The merged and per-rank summaries come from the same C++ code as a local report, so the numbers
+shown for rank r are exactly rank r's own ``mon.report()``. The straggler rule
+(``straggler_findings``, also in :data:`stepscope.diagnose.RULES`) reads the gathered report.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional
+
+import torch
+
+from . import _C
+from . import report as _report
+from .diagnose import STRAGGLER_CRITICAL, STRAGGLER_PHASES, STRAGGLER_WARN  # noqa: F401  (re-exported)
+from .diagnose import rule_straggler as straggler_findings  # noqa: F401  (the public name)
+
+_TAIL = 2  # CUDA memory allocated and peak, after the packed Timeline
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("stepscope: gather=True needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group) on every rank")
+    return dist
+
+
+def _comm_device(dist: Any, group: Any) -> torch.device:
+    # NCCL moves CUDA tensors only; Gloo (and the rest) take CPU tensors.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None) -> torch.Tensor:
+    """Every rank's packed statistics, ``[world_size, PACKED_WORDS + 2]`` float64 on the CPU.
+
+    One ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.14) over ``group`` (default: the default group); every rank of the
+    group must call it.
+    """
+    dist = _dist()
+    if mon._tl is None:
+        raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
+    mem = (float(memory["allocated"]), float(memory["peak"])) if memory else (-1.0, -1.0)
+    local = torch.cat([mon._tl.pack(), torch.tensor(mem, dtype=torch.float64)])
+    dev = _comm_device(dist, group)
+    local = local.to(dev)
+    world = dist.get_world_size(group)
+    out = torch.empty(world * local.numel(), dtype=torch.float64, device=dev)
+    # torch >= 2.14 names it all_gather_single (all_gather_into_tensor is deprecated there).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)
+    return out.view(world, -1).cpu()
+
+
+def _memory(row: torch.Tensor) -> dict | None:
+    alloc, peak = float(row[-2]), float(row[-1])
+    return None if alloc < 0 else {"allocated": int(alloc), "peak": int(peak)}
+
+
+def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 10) -> dict:
+    """The gathered report from ``gather_packed``'s tensor (a pure function, for tests and tools).
+
+    ``phases``, ``steps``, ``samples``, ``samples_per_s`` are merged over the ranks (a phase's
+    statistics are those of every rank's samples together; ``steps`` the most any rank made,
+    samples summed, samples/s = all samples over the slowest rank's summed step time); ``user`` and
+    ``modules`` are this rank's own (``local``); ``memory`` the rank with the highest peak.
+    ``ranks`` holds ``world_size``; ``per_rank`` (per rank: ``steps``, ``samples``, ``p50`` of each
+    phase and of the step in seconds, ``count`` of each, ``device_p50`` likewise or None,
+    ``memory``); ``phases`` (per phase and the step: ``slowest_rank``, ``slowest_p50``,
+    ``median_p50`` over the ranks, and ``skew`` = (slowest - median) / median p50 step). The
+    median is the lower middle rank's value for an even number of ranks (a real rank's number).
+    """
+    if packed.dim() != 2 or packed.shape[1] != _C.PACKED_WORDS + _TAIL:
+        raise ValueError(f"stepscope: gathered statistics must be [world_size, {_C.PACKED_WORDS + _TAIL}]; "
+                         f"got {list(packed.shape)}")
+    body = packed[:, : _C.PACKED_WORDS].contiguous()
+    mems = [_memory(packed[r]) for r in range(packed.shape[0])]
+    known = [m for m in mems if m is not None]
+    merged_mem = max(known, key=lambda m: m["peak"]) if known else None
+    rep = _report.build_report(_C.report_from_packed(body), memory=merged_mem, top_modules=top_modules)
+    # What is not merged is this rank's own: names differ between ranks (user phases, modules), and
+    # warm-up, spikes, queue lag and the diagnosis context are per process.
+    for k in ("user", "modules", "warmup", "spikes", "spikes_total", "lag", "context"):
+        rep[k] = local.get(k)
+
+    names = list(_report.PARTITION) + ["step"]
+    per_rank = []
+    for r in range(body.shape[0]):
+        raw = _C.report_from_packed(body[r])
+        ph = raw["phases"]
+        per_rank.append({
+            "rank": r,
+            "steps": raw["steps"],
+            "samples": raw["samples"],
+            "count": {k: ph[k]["host"]["count"] for k in names},
+            "p50": {k: ph[k]["host"]["p50"] for k in names},
+            "device_p50": {k: ph[k]["device"]["p50"] for k in names} if raw["device"] else None,
+            "memory": mems[r],
+        })
+    # The median rank is a real rank (the lower middle one for an even count): with two ranks the
+    # slow one is compared with the fast one, not with their average.
+    med_step = statistics.median_low(p["p50"]["step"] for p in per_rank)
+    phases = {}
+    for k in names:
+        vals = [p["p50"][k] for p in per_rank]
+        slow = max(range(len(vals)), key=lambda r: vals[r])
+        med = statistics.median_low(vals)
+        phases[k] = {"slowest_rank": slow, "slowest_p50": vals[slow], "median_p50": med,
+                     "skew": (vals[slow] - med) / med_step if med_step > 0 else None}
+    rep["ranks"] = {"world_size": len(per_rank), "per_rank": per_rank, "phases": phases}
+    return rep
+
+
+def gather_report(mon: Any, group: Any = None, top_modules: int = 10) -> dict:
+    """``mon.report()`` merged over the ranks of ``group``, with a per-rank view (``ranks``).
+
+    A collective: every rank of the group calls it, and each gets the same ``phases`` and
+    ``ranks`` (see :func:`report_from_gathered`). Exactly one ``all_gather`` of one fixed-size
+    tensor; nothing is exchanged during the steps.
+
+    Example (under torchrun)::
+
+        rep = mon.report(gather=True)
+        if dist.get_rank() == 0:
+            print(rep["ranks"]["phases"]["data"])   # slowest rank, its p50, the skew
+    """
+    local = mon.report(top_modules=top_modules)
+    packed = gather_packed(mon, group, local["memory"])
+    return report_from_gathered(packed, local, top_modules=top_modules)
