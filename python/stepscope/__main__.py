@@ -1,8 +1,12 @@
-"""The stepscope command line: ``python -m stepscope report run.json [--png out.png] [--trace out.json.gz]``.
+"""The stepscope command line.
 
-Prints the summary table and the diagnosis of a run saved with ``Monitor.save``; optionally
-writes its PNG dashboard and its Perfetto trace. A missing, foreign or newer file is one line on
-stderr and exit status 2.
+    python -m stepscope report run.json [--png out.png] [--trace out.json.gz]
+    python -m stepscope merge rank0.json.gz rank1.json.gz -o all.json.gz
+
+``report`` prints the summary table and the diagnosis of a run saved with ``Monitor.save``, and
+optionally writes its PNG dashboard and its Perfetto trace. ``merge`` puts the traces of several
+ranks (each from its own ``Monitor.export_trace``) in one file, one process per rank on one time
+axis. A missing, foreign or newer file is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--png", metavar="OUT.png", help="also write the 1200x800 dashboard (needs matplotlib)")
     rp.add_argument("--trace", metavar="OUT.json[.gz]",
                     help="also write the Chrome/Perfetto trace of the saved steps (gzip when it ends in .gz)")
+    mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
+                        description="Merge traces written by Monitor.export_trace on several ranks into one "
+                        "Perfetto/Chrome trace: one process per rank, shifted onto one time axis by each "
+                        "Monitor's start time.")
+    mp.add_argument("traces", nargs="+", help="trace files (.json or .json.gz) written by export_trace")
+    mp.add_argument("-o", "--output", required=True, metavar="OUT.json[.gz]", help="the merged trace")
     return ap
 
 
@@ -33,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import export
 
     try:
+        if args.command == "merge":
+            merged = export.merge_traces(args.traces, args.output)
+            print(f"wrote {args.output}: {len(args.traces)} trace(s), {len(merged['traceEvents'])} events")
+            return 0
         run = export.load(args.run)
         print(run.summary())  # ends with the diagnosis ("What to fix first")
         if args.png:
@@ -47,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (KeyError, TypeError, AttributeError) as e:
         # The right format and schema, but fields missing or of the wrong type: edited or truncated.
-        print(f"stepscope: {args.run} is a damaged stepscope run ({type(e).__name__}: {e})", file=sys.stderr)
+        what = args.run if args.command == "report" else "a trace"
+        print(f"stepscope: {what} is damaged ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
     return 0
 

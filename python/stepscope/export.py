@@ -31,7 +31,7 @@ import platform
 import sys
 import tempfile
 import textwrap
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from . import diagnose as _diagnose
 from .report import PARTITION, format_summary
@@ -133,6 +133,7 @@ def _monitor_data(mon: Any) -> dict:
         "schema": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rank": _rank(),
+        "origin_unix_ns": getattr(mon, "_origin_unix_ns", None),
         "report": mon.report(),
         "recent_steps": ring,
         "diagnosis": diagnose() if callable(diagnose) else None,
@@ -339,7 +340,8 @@ def trace_events(source: Source) -> dict:
                      "args": {"sort_index": tid}})
     # "traceEvents" first: Perfetto tells the JSON trace format from the file's first bytes.
     return {"traceEvents": meta + ev, "displayTimeUnit": "ms",
-            "otherData": {"producer": "stepscope", "versions": data.get("versions"), "rank": pid}}
+            "otherData": {"producer": "stepscope", "versions": data.get("versions"), "rank": pid,
+                          "origin_unix_ns": data.get("origin_unix_ns")}}
 
 
 def write_trace(source: Source, path: PathLike) -> None:
@@ -348,6 +350,74 @@ def write_trace(source: Source, path: PathLike) -> None:
         stepscope.export.write_trace(mon, "run.trace.json.gz")   # open in ui.perfetto.dev
     """
     _atomic_write(path, _encode(trace_events(source), path))
+
+
+def read_trace(path: PathLike) -> dict:
+    """A trace written by :func:`write_trace` (JSON or gzip'd JSON); ValueError for anything else."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stepscope: no such file: {p}") from None
+    try:
+        obj = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"stepscope: {p} is not a trace (not JSON: {e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("traceEvents"), list):
+        raise ValueError(f"stepscope: {p} is not a trace-event file (no \"traceEvents\" list)")
+    if (obj.get("otherData") or {}).get("producer") != "stepscope":
+        raise ValueError(f"stepscope: {p} was not written by stepscope (Monitor.export_trace)")
+    return obj
+
+
+def merge_traces(paths: Sequence[PathLike], out: PathLike) -> dict:
+    """Merges the traces of several ranks (each written by its own ``export_trace``) into one
+    file, atomically: one process per rank, on one time axis.
+
+    Each trace counts µs from its own Monitor's start; the wall-clock time of that start
+    (``otherData.origin_unix_ns``) shifts every file onto the earliest one's axis (exact on one
+    machine, as good as the clocks' synchronisation across machines). Two files with the same
+    ``pid`` (ranks written without torch.distributed) get distinct pids, in the order given.
+    Returns the merged object.
+
+        stepscope.export.merge_traces(["rank0.json.gz", "rank1.json.gz"], "all.json.gz")
+    """
+    if not paths:
+        raise ValueError("stepscope: merge_traces needs at least one trace")
+    traces = [read_trace(p) for p in paths]
+    origins = [(t.get("otherData") or {}).get("origin_unix_ns") for t in traces]
+    base = min((o for o in origins if o is not None), default=None)
+    events: list = []
+    used: set = set()
+    ranks = []
+    for t, origin in zip(traces, origins):
+        pids = sorted({e["pid"] for e in t["traceEvents"] if "pid" in e})
+        remap = {}
+        for pid in pids:
+            new = pid
+            while new in used:
+                new += 1
+            remap[pid] = new
+            used.add(new)
+        shift = (origin - base) / 1e3 if origin is not None and base is not None else 0.0
+        for e in t["traceEvents"]:
+            e = dict(e)
+            if "pid" in e:
+                e["pid"] = remap[e["pid"]]
+            if "ts" in e:
+                e["ts"] = e["ts"] + shift
+            if e.get("ph") == "M" and e.get("name") == "process_name":
+                e["args"] = {"name": f"stepscope rank {e['pid']}"}
+            if e.get("ph") == "M" and e.get("name") == "process_sort_index":
+                e["args"] = {"sort_index": e["pid"]}
+            events.append(e)
+        ranks.append(sorted(remap.values()))
+    merged = {"traceEvents": events, "displayTimeUnit": "ms",
+              "otherData": {"producer": "stepscope", "merged_from": [os.fspath(p) for p in paths], "ranks": ranks,
+                            "origin_unix_ns": base}}
+    _atomic_write(out, _encode(merged, out))
+    return merged
 
 
 # ----------------------------------------------------------------------------------------- CSV

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import weakref
 from typing import Any, Optional, Sequence, Union
@@ -192,6 +193,9 @@ class Monitor:
             p.is_cuda for m in self._models for p in m.parameters())
         if self._tl is None:
             cap = (self._profile.start, self._profile.stop) if self._profile is not None else (-1, -1)
+            # The Timeline's clock starts now; its wall-clock time lets traces of several ranks be
+            # laid on one time axis (export.merge_traces).
+            self._origin_unix_ns = time.time_ns()
             self._tl = _C.Timeline(device=self._cuda, nvtx=self._nvtx, ring=self._ring,
                                    capture_begin=cap[0], capture_end=cap[1], warmup_steps=self._warmup)
         else:

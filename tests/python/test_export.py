@@ -8,6 +8,7 @@ ring's own start/end times.
 import csv
 import gzip
 import json
+import time
 import logging
 import os
 import subprocess
@@ -515,3 +516,41 @@ def test_exports_make_no_host_sync_while_training(tmp_path):
     assert any(e["ph"] == "C" and e["name"] == "CUDA memory" for e in obj["traceEvents"])
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert rows and all(int(r["memory_allocated"]) > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------- merge
+def test_merge_traces_one_process_per_rank_on_one_time_axis(tmp_path):
+    paths = []
+    mons = []
+    for k in range(2):
+        mon = _train(steps=4)
+        mons.append(mon)
+        p = tmp_path / f"rank{k}.json.gz"
+        mon.export_trace(p)
+        paths.append(p)
+        time.sleep(0.01)
+    out = tmp_path / "all.json.gz"
+    r = _cli("merge", *map(str, paths), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    merged = _read_trace(out)
+    xs = validate_trace(merged)  # still nests per (pid, tid), metadata names every pid/tid
+    singles = [_read_trace(p) for p in paths]
+    assert {e["pid"] for e in xs} == {0, 1}  # both were written as pid 0 (no torch.distributed)
+    assert len(merged["traceEvents"]) == sum(len(t["traceEvents"]) for t in singles)
+    # Rank 1's Monitor started later: its events move right by the difference of the starts.
+    shift = (mons[1]._origin_unix_ns - mons[0]._origin_unix_ns) / 1e3
+    assert shift > 10_000
+    first = {pid: min(e["ts"] for e in xs if e["pid"] == pid and e["name"].startswith("step ")) for pid in (0, 1)}
+    own = [min(e["ts"] for e in t["traceEvents"] if e.get("ph") == "X" and e["name"].startswith("step "))
+           for t in singles]
+    assert first[0] == pytest.approx(own[0]) and first[1] == pytest.approx(own[1] + shift)
+
+
+def test_merge_refuses_what_is_not_a_stepscope_trace(tmp_path):
+    foreign = tmp_path / "x.json"
+    foreign.write_text(json.dumps({"traceEvents": []}))
+    for bad in (foreign, tmp_path / "missing.json"):
+        r = _cli("merge", str(bad), "-o", str(tmp_path / "o.json"))
+        assert r.returncode == 2 and r.stderr.startswith("stepscope: ") and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
