@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -13,7 +13,7 @@ _TASKS = {"binary": 0, "multiclass": 1, "multilabel": 2}
 _INPUTS = {"auto": 0, "logits": 1, "probs": 2}
 
 
-class ClassificationMetrics:
+class ClassificationMetrics(torch.nn.Module):
     """Accuracy, precision, recall, F1/F-beta, specificity, IoU, confusion matrix, top-k accuracy,
     mean loss and calibration error (ECE), all from one pass over the predictions.
 
@@ -36,13 +36,26 @@ class ClassificationMetrics:
         confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
             that 100k-class vocabularies stay O(C) in memory.
         beta: F-beta's beta; an ``fbeta_*`` entry is reported when beta != 1.
-        device: where the state lives. Default: the device of the first ``update``.
+        device: where the state lives. Default: the CPU until ``.to()`` places it, or else the
+            device of the first ``update``.
+        class_dim: multiclass/multilabel: the dimension of preds that holds the classes (labels);
+            default 1 (``[N, C, d1, ...]``). ``-1`` takes language-model logits ``[B, T, V]``
+            with target ``[B, T]`` as they are: preds are read through a ``movedim`` view, never
+            copied (the kernels take strided rows).
+        persistent: keep the state in the ``state_dict`` of the module that holds this one.
 
     Example:
         >>> m = ClassificationMetrics("multiclass", num_classes=3, top_k=(1, 2))
         >>> m.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 2]))
         >>> float(m.compute()["accuracy"])
         0.5
+
+    A ``torch.nn.Module``: the state is one float64 buffer named ``state`` (``.to()`` moves it;
+    with ``persistent=True`` a parent module's ``state_dict`` saves it as ``<attribute>.state``,
+    beside ``<attribute>._extra_state``, the configuration, which ``load_state_dict`` checks).
+    Calling the module, ``m(preds, target)``, accumulates like ``update`` and returns that
+    batch's metrics (torchmetrics' convention; one more state-sized buffer, no host sync).
+    ``compute(scalars=True)`` and ``log_dict()`` give only the single-number entries, for loggers.
 
     ``update`` launches one kernel (two for binary/multilabel ``"auto"`` on CUDA) and never
     synchronises with the host; it runs under ``torch.compile(fullgraph=True)`` and CUDA graph
@@ -77,7 +90,10 @@ class ClassificationMetrics:
         confusion_matrix: Optional[bool] = None,
         beta: float = 1.0,
         device: Union[str, torch.device, None] = None,
+        class_dim: int = 1,
+        persistent: bool = True,
     ) -> None:
+        super().__init__()
         if task not in _TASKS:
             raise ValueError(f"stepscope: task must be one of {sorted(_TASKS)}; got {task!r}")
         if input not in _INPUTS:
@@ -101,6 +117,11 @@ class ClassificationMetrics:
             confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
         if beta <= 0:
             raise ValueError(f"stepscope: beta must be > 0; got {beta}")
+        if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+            raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
+        if task == "binary" and class_dim != 1:
+            raise ValueError("stepscope: class_dim applies to multiclass and multilabel preds; binary has no "
+                             "class dimension")
         self.task = task
         self.num_classes = n
         self.top_k = top_k
@@ -116,22 +137,57 @@ class ClassificationMetrics:
         # The op's scalar arguments, built once: update() runs every step.
         self._op_args = (_TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
                          self.keeps_confusion_matrix)
-        self.state: Optional[torch.Tensor] = None
-        if device is not None:
-            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=device)
+        self.class_dim = class_dim
+        self.state: torch.Tensor
+        self.register_buffer("state", torch.zeros(self._cfg.numel, dtype=torch.float64, device=device),
+                             persistent=persistent)
+        # The state follows the first update's device until it is placed (device=, .to(), a load).
+        self._placed = device is not None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ClassificationMetrics":
+        def keep_float64(t: torch.Tensor) -> torch.Tensor:
+            # A parent's .half() or .to(dtype) reaches buffers too; counts must stay float64.
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        out = super()._apply(keep_float64, recurse)
+        self._placed = True
+        return out
+
+    def _inputs(self, preds: torch.Tensor, target: torch.Tensor) -> tuple:
+        if self.class_dim == 1 or self.task == "binary":
+            return preds, target
+        if not -preds.dim() <= self.class_dim < preds.dim():
+            raise ValueError(f"stepscope: class_dim={self.class_dim} is out of range for preds of shape "
+                             f"{tuple(preds.shape)}")
+        # Views: the kernels read strided rows. Multilabel targets have the labels where preds do.
+        if self.task == "multilabel" and target.dim() == preds.dim():
+            target = target.movedim(self.class_dim, 1)
+        return preds.movedim(self.class_dim, 1), target
+
+    def _place(self, device: torch.device) -> None:
+        if self.state.device != device and not self._placed:
+            self.state = self.state.to(device)
+        self._placed = True
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Accumulate one batch. No host sync; raises before touching the state on bad input."""
-        if self.state is None:
-            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=preds.device)
-        torch.ops.stepscope.classification_update(preds, target, self.state, *self._op_args)
+        self._place(preds.device)
+        torch.ops.stepscope.classification_update(*self._inputs(preds, target), self.state, *self._op_args)
+
+    def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
+        """Accumulates the batch (as ``update``) and returns its own metrics: ``compute()``'s keys for
+        this batch alone. No host sync (the health counters are in the dict, not checked)."""
+        self._place(preds.device)
+        batch = torch.zeros_like(self.state)
+        torch.ops.stepscope.classification_update(*self._inputs(preds, target), batch, *self._op_args)
+        self.state.add_(batch)
+        return self._cfg.compute(batch, self.beta)
 
     def _state_or_empty(self) -> torch.Tensor:
-        if self.state is None:
-            return torch.zeros(self._cfg.numel, dtype=torch.float64)
         return self.state
 
-    def compute(self, check: bool = True) -> dict:
+    def compute(self, check: bool = True, scalars: bool = False) -> dict:
         """All metrics as a dict of tensors on the state's device.
 
         Keys (multiclass/multilabel): ``accuracy`` (micro) and ``<metric>_<average>`` for metric
@@ -143,6 +199,8 @@ class ClassificationMetrics:
 
         With ``check=True`` one small host read checks the counters first: ValueError if any
         target was out of range (saying how many), a warning for non-finite predictions.
+        ``scalars=True`` keeps only single-number entries (no ``*_per_class``, no confusion matrix),
+        as loggers such as Lightning's ``self.log_dict`` need.
         """
         state = self._state_or_empty()
         if check:
@@ -153,7 +211,14 @@ class ClassificationMetrics:
                     f"stepscope: {nonfinite} {unit} had NaN or Inf predictions and were left out of every metric",
                     stacklevel=2,
                 )
-        return self._cfg.compute(state, self.beta)
+        out = self._cfg.compute(state, self.beta)
+        if scalars:
+            out = {k: v for k, v in out.items() if v.numel() == 1}
+        return out
+
+    def log_dict(self, prefix: str = "", check: bool = True) -> dict:
+        """``compute(scalars=True)`` with each key prefixed, e.g. ``self.log_dict(m.log_dict("train/"))``."""
+        return {prefix + k: v for k, v in self.compute(check=check, scalars=True).items()}
 
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
         """Confusion matrix (rows = targets): multiclass [C, C], binary [2, 2], multilabel [L, 2, 2].
@@ -165,15 +230,12 @@ class ClassificationMetrics:
 
     def reset(self) -> None:
         """Zero the state in place (stays valid inside captured CUDA graphs)."""
-        if self.state is not None:
-            self.state.zero_()
+        self.state.zero_()
 
     def sync(self, process_group=None) -> None:
         """Sum the state over all ranks: one all_reduce of one float64 tensor (Gloo or NCCL)."""
         import torch.distributed as dist
 
-        if self.state is None:
-            raise RuntimeError("stepscope: sync() before any update: the state's device is unknown")
         dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=process_group)
 
     def _config_dict(self) -> dict:
@@ -183,26 +245,34 @@ class ClassificationMetrics:
             "confusion_matrix": self.keeps_confusion_matrix,
         }
 
-    def state_dict(self) -> dict:
-        """The state (a copy) and the configuration it belongs to."""
-        return {"config": self._config_dict(), "state": self._state_or_empty().detach().clone()}
+    # state_dict: nn.Module's, with the configuration as extra state (``_extra_state``); a load
+    # checks it before any tensor is copied.
+    def get_extra_state(self) -> dict:
+        return self._config_dict()
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict()``; the configuration must match this object's."""
-        if sd.get("config") != self._config_dict():
-            raise ValueError(
-                f"stepscope: state_dict was saved with config {sd.get('config')}, "
-                f"this object has {self._config_dict()}"
-            )
-        state = sd["state"]
-        if state.dtype != torch.float64 or state.shape != (self._cfg.numel,):
-            raise ValueError(
-                f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} {tuple(state.shape)}"
-            )
-        if self.state is None:
-            self.state = state.detach().clone()
-        else:
-            self.state.copy_(state)
+    def set_extra_state(self, state: Any) -> None:
+        self._check_config(state)
 
-    def __repr__(self) -> str:
-        return f"ClassificationMetrics({self._config_dict()})"
+    def _check_config(self, config: Any) -> None:
+        if config != self._config_dict():
+            raise ValueError(f"stepscope: state_dict was saved with config {config}, this object has "
+                             f"{self._config_dict()}")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's, also taking the ``{"config", "state"}`` dicts saved by earlier versions."""
+        if "config" in state_dict and "state" in state_dict and "_extra_state" not in state_dict:
+            state_dict = {"state": state_dict["state"], "_extra_state": state_dict["config"]}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "_extra_state" in state_dict:
+            self._check_config(state_dict[prefix + "_extra_state"])
+        state = state_dict.get(prefix + "state")
+        if state is not None and (state.dtype != torch.float64 or state.shape != (self._cfg.numel,)):
+            raise ValueError(f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} "
+                             f"{tuple(state.shape)}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._placed = True
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._config_dict().items())
