@@ -185,3 +185,75 @@ def test_lightning_callback_refuses_bad_arguments_and_detaches_on_errors():
         trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(2), batch_size=None))
     assert not cb.monitor.attached
     assert not lit._forward_hooks and not lit._forward_pre_hooks
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def tiny_lm():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return transformers, transformers.GPT2LMHeadModel(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n, T=12, V=64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, V, (n, T), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_hf_trainer_steps_are_optimizer_steps(tmp_path, capsys, accumulate):
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    cb = StepscopeCallback()
+    seen = []
+
+    class Logger(transformers.TrainerCallback):  # a logger placed after ours
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=2, disable_tqdm=True, learning_rate=1e-3,
+        dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64),
+                                 callbacks=[cb, Logger()])
+    trainer.train()
+    out = capsys.readouterr().out
+    rep = cb.monitor.report()
+    print(out)
+    assert not cb.monitor.attached
+    assert rep["steps"] == trainer.state.global_step == 4
+    assert rep["phases"]["forward"]["host"]["count"] == 4 * accumulate
+    assert rep["phases"]["backward"]["host"]["count"] == 4 * accumulate
+    assert rep["phases"]["optimizer"]["host"]["count"] == 4
+    assert rep["samples"] == 4 * 4 * accumulate
+    for row in ("forward", "backward", "optimizer", "steps 4"):
+        assert f"\n{row}" in out, row
+    assert cb.loss_in_forward and "'forward' includes the loss" in out
+    # the phases reached the loggers after the callback
+    assert any(h.get("stepscope/optimizer_p50_ms", 0) > 0 for h in seen), seen
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_hf_optimizer_wrapper_is_unwrapped():
+    pytest.importorskip("transformers")
+    from stepscope.integrations.transformers import unwrap_optimizer
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+
+    class Wrapper(torch.optim.Optimizer):  # an Optimizer subclass without Optimizer.__init__
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    assert unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
+    assert unwrap_optimizer(opt) is opt
+    with pytest.raises(TypeError, match="cannot find a torch optimizer inside the Trainer's object"):
+        unwrap_optimizer(object())
