@@ -217,8 +217,10 @@ class ClassificationMetrics(torch.nn.Module):
         return out
 
     def log_dict(self, prefix: str = "", check: bool = True) -> dict:
-        """``compute(scalars=True)`` with each key prefixed, e.g. ``self.log_dict(m.log_dict("train/"))``."""
-        return {prefix + k: v for k, v in self.compute(check=check, scalars=True).items()}
+        """``compute(scalars=True)`` with each key prefixed and counts as float64 (loggers reduce
+        floating values), e.g. ``self.log_dict(m.log_dict("train/"))`` in a LightningModule."""
+        return {prefix + k: v if v.is_floating_point() else v.double()
+                for k, v in self.compute(check=check, scalars=True).items()}
 
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
         """Confusion matrix (rows = targets): multiclass [C, C], binary [2, 2], multilabel [L, 2, 2].

@@ -257,3 +257,32 @@ def test_hf_optimizer_wrapper_is_unwrapped():
     assert unwrap_optimizer(opt) is opt
     with pytest.raises(TypeError, match="cannot find a torch optimizer inside the Trainer's object"):
         unwrap_optimizer(object())
+
+
+# ----------------------------------------------------------------------------- examples
+def run_example(name, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "python")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--device", "cpu", *args], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    print(f"{name}: {time.perf_counter() - t0:.1f} s")
+    return r.stdout
+
+
+def test_example_segmentation():
+    out = run_example("segmentation.py")
+    assert "val IoU per class" in out and "\nforward" in out and "steps 48" in out
+
+
+def test_example_lm_tokens():
+    out = run_example("lm_tokens.py")
+    assert "metric state: 96055 float64 values for V = 32000" in out  # O(V), no V x V matrix
+    assert "padding ignored" in out and "steps 30" in out
+
+
+def test_example_lightning():
+    pytest.importorskip("lightning.pytorch")
+    out = run_example("lightning_train.py")  # manual optimization: the callback tests above
+    assert "steps 69 (optimizer steps 69)" in out and "'val/accuracy'" in out and "'stepscope/f1_macro'" in out

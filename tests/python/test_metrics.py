@@ -723,6 +723,8 @@ def test_scalars_and_log_dict_only_single_numbers(base_seed):
     logged = m.log_dict("train/")
     assert set(logged) == {"train/" + k for k in sc}
     assert torch.equal(logged["train/accuracy"], sc["accuracy"])
+    assert all(v.is_floating_point() for v in logged.values())
+    assert float(logged["train/samples"]) == 20
 
 
 @pytest.mark.parametrize("shape", [(3, 7), (2, 3, 4)])

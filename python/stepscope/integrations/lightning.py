@@ -134,5 +134,5 @@ class StepscopeCallback(pl.Callback):
         self._next_log = mon.steps + self.log_every_n_steps
         logged = _common.phase_scalars(mon.report(), self.prefix)
         if self.metrics is not None:
-            logged.update({k: v.float() for k, v in self.metrics.log_dict(self.prefix).items()})
+            logged.update(self.metrics.log_dict(self.prefix))
         pl_module.log_dict(logged, on_step=True, on_epoch=False)
