@@ -73,8 +73,8 @@ def main() -> None:
     model = Digits(manual=args.manual)
     cb = StepscopeCallback(metrics=stepscope.ClassificationMetrics("multiclass", num_classes=10),
                            log_every_n_steps=10)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                         logger=False,
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[cb])
     trainer.fit(model, train, val)  # the callback prints the step summary at the end
@@ -86,7 +86,8 @@ def main() -> None:
     if rep["steps"] != trainer.global_step:
         raise SystemExit("stepscope's step count differs from Lightning's: something is wrong")
     if logged["val/accuracy"] < 0.85:
-        raise SystemExit(f"validation accuracy {logged['val/accuracy']:.3f} is below 0.85: something is wrong")
+        raise SystemExit(f"validation accuracy {logged['val/accuracy']:.3f} is below 0.85: "
+                         "something is wrong")
 
 
 if __name__ == "__main__":

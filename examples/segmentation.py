@@ -28,8 +28,8 @@ def synthetic(n: int, classes: int, size: int, g: torch.Generator) -> tuple:
         for _ in range(3):
             c = int(torch.randint(1, classes, (1,), generator=g))
             h, w = (int(v) for v in torch.randint(4, size // 2, (2,), generator=g))
-            r, s = int(torch.randint(1, size - h - 1, (1,), generator=g)), int(torch.randint(1, size - w - 1, (1,),
-                                                                                             generator=g))
+            r = int(torch.randint(1, size - h - 1, (1,), generator=g))
+            s = int(torch.randint(1, size - w - 1, (1,), generator=g))
             y[i, r - 1:r + h + 1, s - 1:s + w + 1] = VOID
             y[i, r:r + h, s:s + w] = c
             x[i, :, r:r + h, s:s + w] += colours[c].view(3, 1, 1)
@@ -78,7 +78,8 @@ def main() -> None:
             with torch.no_grad():
                 val_m.update(model(x_val.to(dev)), y_val.to(dev))
             tr, va = train_m.compute(), val_m.compute()
-            print(f"{epoch:5d} {float(tr['loss']):7.4f} {float(tr['accuracy']):7.3f} {float(va['mean_iou']):8.3f} "
+            print(f"{epoch:5d} {float(tr['loss']):7.4f} {float(tr['accuracy']):7.3f} "
+                  f"{float(va['mean_iou']):8.3f} "
                   f"{float(va['accuracy']):7.3f} {int(va['ignored']):8d}")
             train_m.reset()
             if epoch < args.epochs - 1:

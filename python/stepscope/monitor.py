@@ -68,8 +68,8 @@ def _check_arguments(model: Any, optimizers: Any) -> tuple:
     """Monitor's (model, optimizers), with errors that name the mistake."""
     if isinstance(model, torch.optim.Optimizer):
         if isinstance(optimizers, torch.nn.Module):
-            raise TypeError(f"stepscope: Monitor(model, optimizers) got an optimizer ({_what(model)}) first and a "
-                            f"model ({_what(optimizers)}) second: the arguments are swapped")
+            raise TypeError(f"stepscope: Monitor(model, optimizers) got an optimizer ({_what(model)}) first "
+                            f"and a model ({_what(optimizers)}) second: the arguments are swapped")
         raise TypeError(f"stepscope: Monitor's first argument must be the model (a torch.nn.Module); got an "
                         f"optimizer ({_what(model)}): Monitor(model, optimizer)")
     if isinstance(model, torch.nn.Module):
@@ -365,7 +365,8 @@ class Monitor:
         if not self._attached:
             raise RuntimeError("stepscope: Monitor.mark() needs an attached Monitor")
         if boundary not in MARKS:
-            raise ValueError(f"stepscope: unknown boundary {boundary!r}; mark() takes one of {', '.join(MARKS)}")
+            raise ValueError(f"stepscope: unknown boundary {boundary!r}; mark() takes one of "
+                             f"{', '.join(MARKS)}")
         if batch is not None and boundary != "forward_begin":
             raise ValueError(f"stepscope: mark({boundary!r}) takes no batch (only 'forward_begin' does)")
         tl = self._tl

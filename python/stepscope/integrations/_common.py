@@ -14,7 +14,10 @@ def batch_size(batch: Any) -> Optional[int]:
     """The leading dimension of the first tensor in a batch (a tensor, a sequence or a mapping)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else None
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    if isinstance(batch, Mapping):
+        items = batch.values()
+    else:
+        items = batch if isinstance(batch, (list, tuple)) else ()
     for b in items:
         n = batch_size(b)
         if n is not None:

@@ -28,7 +28,8 @@ except ImportError:  # the standalone package
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
     except ImportError as e:
-        raise ImportError("stepscope.integrations.lightning needs Lightning: pip install stepscope[lightning]") from e
+        raise ImportError("stepscope.integrations.lightning needs Lightning: "
+                          "pip install stepscope[lightning]") from e
 
 from ..metrics import ClassificationMetrics
 from ..monitor import Monitor
@@ -62,7 +63,8 @@ class StepscopeCallback(pl.Callback):
         if metrics is not None and not isinstance(metrics, ClassificationMetrics):
             raise TypeError("stepscope: metrics must be a stepscope.ClassificationMetrics or None; got "
                             f"{type(metrics).__name__}")
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+        n = log_every_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
         if trace is not None and not hasattr(Monitor, "export_chrome_trace"):
             raise NotImplementedError("stepscope: trace= needs Monitor.export_chrome_trace, which this build "
@@ -124,9 +126,10 @@ class StepscopeCallback(pl.Callback):
         self._mark("forward_end")
         if self.metrics is not None:
             if not isinstance(outputs, Mapping) or "preds" not in outputs or "target" not in outputs:
-                raise ValueError("stepscope: StepscopeCallback(metrics=...) needs training_step to return a dict "
-                                 "with 'preds' and 'target' (and 'loss'); got "
-                                 f"{type(outputs).__name__}{sorted(outputs) if isinstance(outputs, Mapping) else ''}")
+                keys = sorted(outputs) if isinstance(outputs, Mapping) else ""
+                raise ValueError("stepscope: StepscopeCallback(metrics=...) needs training_step to return a "
+                                 f"dict with 'preds' and 'target' (and 'loss'); got "
+                                 f"{type(outputs).__name__}{keys}")
             self.metrics.update(outputs["preds"].detach(), outputs["target"])
         mon = self.monitor
         if mon is None or self.log_every_n_steps == 0 or mon.steps < self._next_log:

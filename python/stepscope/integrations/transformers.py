@@ -29,8 +29,8 @@ except ImportError as e:
 from ..monitor import Monitor
 from . import _common
 
-LOSS_NOTE = ("note: the model computes its loss inside forward (labels given), so 'forward' includes the loss; "
-             "'loss' is the Trainer's time between the model's return and the backward.")
+LOSS_NOTE = ("note: the model computes its loss inside forward (labels given), so 'forward' includes the "
+             "loss; 'loss' is the Trainer's time between the model's return and the backward.")
 
 
 def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
