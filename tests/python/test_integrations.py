@@ -1,7 +1,9 @@
 """Framework callbacks (Lightning, Hugging Face Trainer) and the examples, on CPU.
 
 Planted sleeps in the loader, the training step, the backward (a custom autograd Function) and
-the optimizer: each reported phase must be within 5% of what was really slept. Each framework's
+the optimizer: each reported phase must be within 5% of what was really slept. Lightning's own
+work between its hooks (1-2 ms a phase on a loaded 2-core machine) stays inside the 5% only with
+plants of 30-60 ms. Each framework's
 tests skip cleanly when it is not installed (``make test`` installs both).
 """
 
@@ -21,7 +23,7 @@ import stepscope
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 0.05
-PLANT = {"data": 0.040, "forward": 0.040, "backward": 0.030, "optimizer": 0.030}
+PLANT = {"data": 0.060, "forward": 0.050, "backward": 0.030, "optimizer": 0.030}
 SLEPT = collections.defaultdict(list)
 
 
