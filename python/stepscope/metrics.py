@@ -40,8 +40,9 @@ class ClassificationMetrics(torch.nn.Module):
             device of the first ``update``.
         class_dim: multiclass/multilabel: the dimension of preds that holds the classes (labels);
             default 1 (``[N, C, d1, ...]``). ``-1`` takes language-model logits ``[B, T, V]``
-            with target ``[B, T]`` as they are: preds are read through a ``movedim`` view, never
-            copied (the kernels take strided rows).
+            with target ``[B, T]`` as they are (multilabel: target ``[N, ..., L]`` like preds):
+            inputs are read through a ``movedim`` view, never copied (the kernels take strided
+            rows).
         persistent: keep the state in the ``state_dict`` of the module that holds this one.
 
     Example:
