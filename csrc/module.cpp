@@ -160,7 +160,9 @@ PyObject* step_ended(State* s) {
 // An optimizer step whose post hook never came (it raised): torch's step wrapper holds the call's
 // args tuple while it runs (the pre hook sees it), so a tuple only this State still holds
 // belongs to a call that is over. The step's time up to here counts as the optimizer's, and the
-// step goes on. (A nested super().step() or a closure running the model is a call still running.)
+// step goes on. (A nested super().step() or a closure running the model is a call still running;
+// a pre hook of someone else's that returns replacement args would make a running call look
+// finished, and its closure would then be timed as a new step's forward.)
 void drop_raised_step(State* s) {
   if (s->opt_depth == 0 || s->opt_args == nullptr || Py_REFCNT(s->opt_args) > 1) return;
   Py_CLEAR(s->opt_in);

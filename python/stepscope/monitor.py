@@ -329,7 +329,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ user API
     def step(self) -> bool:
-        """Ends the step where no optimizer hook does (GradScaler skipped the step, closures).
+        """Ends the step where no optimizer hook does (GradScaler skipped the step).
 
         A no-op (returns False) when nothing happened since the last step ended, so calling it
         after every ``optimizer.step()`` is safe.
