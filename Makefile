@@ -24,6 +24,8 @@ test-deps: deps
 	  || echo "warning: googletest unavailable: C++ tests will be skipped"
 	@$(PYTHON) -c "import pytest, sklearn, torchmetrics, numpy" 2>/dev/null \
 	  || $(PYTHON) -m pip install pytest scikit-learn "torchmetrics==1.9.*" numpy
+	@$(PYTHON) -c "import matplotlib, tensorboard" 2>/dev/null \
+	  || $(PYTHON) -m pip install matplotlib tensorboard
 	@# The framework integrations' tests (CPU); pinning the torch already installed keeps pip from replacing it.
 	@$(PYTHON) -c "import lightning, transformers, accelerate" 2>/dev/null \
 	  || $(PYTHON) -m pip install "lightning>=2.0" "transformers>=4.40" "accelerate>=0.26" \
@@ -37,6 +39,7 @@ build-tests: test-deps
 	  $(PYTHON) -m pip install -v --no-build-isolation --no-deps -e .
 
 demo: build
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install matplotlib
 	$(PYTHON) examples/train_classifier.py
 
 test: build-tests

@@ -2,6 +2,7 @@
 // not bound here (they are TORCH_LIBRARY ops, reached as torch.ops.stepscope.*); this module
 // holds build information, the metrics configuration/compute functions and the stateful C++
 // classes.
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -73,8 +74,38 @@ py::dict named_dict(const std::vector<stepscope::timing::NamedSummary>& v, bool 
     py::dict e;
     e["host"] = series_dict(n.host);
     e["device"] = device ? py::object(series_dict(n.device)) : py::object(py::none());
+    if (n.parent != nullptr) e["parent"] = n.parent;
     d[py::str(n.name)] = e;
   }
+  return d;
+}
+
+// CUDA allocator counters, or None when none were read (CPU, or no step ended yet).
+py::object memory_dict(const stepscope::timing::DeviceMemory& m, bool peaks) {
+  if (m.allocated < 0) return py::none();
+  py::dict d;
+  d["allocated"] = m.allocated;
+  d["reserved"] = m.reserved;
+  if (peaks) {
+    d["peak"] = m.peak_allocated;
+    d["peak_reserved"] = m.peak_reserved;
+  }
+  return d;
+}
+
+py::dict warmup_dict(const stepscope::timing::WarmupSummary& w, bool device) {
+  using stepscope::timing::Phase;
+  py::dict host, dev;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    const char* name = stepscope::timing::phase_name(static_cast<Phase>(i));
+    host[name] = w.host[i];
+    if (device && w.device_count[i] > 0) dev[name] = w.device[i];
+  }
+  py::dict d;
+  d["steps"] = w.steps;
+  d["samples"] = w.samples;
+  d["host"] = host;
+  d["device"] = device ? py::object(dev) : py::object(py::none());
   return d;
 }
 
@@ -101,12 +132,18 @@ struct State {
   bool opt_foreign = false;
   // Python work at a step's end: on_step_end(sample_modules) is called after every step when
   // every_step (CUDA memory counters), else only when per-module sampling (one step in
-  // module_every, 0: none) switches on or off.
+  // module_every, 0: none) switches on or off ...
   PyObject* on_step_end = nullptr;  // strong reference, or null
   bool every_step = false;
   int64_t module_every = 0;
   bool sampling = false;
+  // ... and also on every print_every-th step (0: never); a countdown, so no step pays for more
+  // than a decrement. It starts aligned with the Timeline's step count (steps % print_every == 0).
+  int64_t print_every = 0;
+  int64_t until_print = 0;
   std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
+  int64_t train_forwards = 0;     // training forwards seen ...
+  int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
 };
 
 struct Object {
@@ -152,7 +189,9 @@ bool sample_now(const State* s) { return s->module_every > 0 && s->tl->steps() %
 PyObject* step_ended(State* s) {
   s->stepped.clear();
   const bool want = sample_now(s);
-  if (s->on_step_end == nullptr || (!s->every_step && want == s->sampling)) Py_RETURN_NONE;
+  const bool print = s->print_every > 0 && --s->until_print == 0;
+  if (print) s->until_print = s->print_every;
+  if (s->on_step_end == nullptr || (!s->every_step && !print && want == s->sampling)) Py_RETURN_NONE;
   s->sampling = want;
   return PyObject_CallOneArg(s->on_step_end, want ? Py_True : Py_False);
 }
@@ -196,6 +235,10 @@ PyObject* forward_pre(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
       const at::Tensor& t = THPVariable_Unpack(a0);
       if (t.dim() > 0) batch = t.size(0);
     }
+  }
+  if (!eval) {
+    ++s->train_forwards;
+    if (at::autocast::is_autocast_enabled(at::kCUDA)) ++s->autocast_forwards;
   }
   s->tl->forward_begin(eval, batch);
   Py_RETURN_NONE;
@@ -392,8 +435,14 @@ PyObject* get_sampling(PyObject* self, void* /*closure*/) {
   return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->sampling);
 }
 
+PyObject* get_autocast(PyObject* self, void* /*closure*/) {
+  const State* s = reinterpret_cast<Object*>(self)->s;
+  return Py_BuildValue("(LL)", static_cast<long long>(s->train_forwards), static_cast<long long>(s->autocast_forwards));
+}
+
 PyGetSetDef g_getset[] = {
     {"sampling", get_sampling, nullptr, "per-module hooks belong on the step now running", nullptr},
+    {"autocast_forwards", get_autocast, nullptr, "(training forwards, those under CUDA autocast)", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyType_Slot g_slots[] = {
@@ -409,10 +458,11 @@ PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DE
                       g_slots};
 
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers, py::object on_step_end,
-                bool every_step, int64_t module_every) {
+                bool every_step, int64_t module_every, int64_t print_every) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
   TORCH_CHECK_VALUE(optimizers >= 0, "stepscope: optimizers must be >= 0; got ", optimizers);
   TORCH_CHECK_VALUE(module_every >= 0, "stepscope: module_every must be >= 0; got ", module_every);
+  TORCH_CHECK_VALUE(print_every >= 0, "stepscope: print_every must be >= 0; got ", print_every);
   TORCH_CHECK_TYPE(on_step_end.is_none() || PyCallable_Check(on_step_end.ptr()),
                    "stepscope: on_step_end must be callable or None");
   auto s = std::make_unique<State>();
@@ -421,6 +471,8 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers,
   s->n_opts = static_cast<size_t>(optimizers);
   s->every_step = every_step;
   s->module_every = module_every;
+  s->print_every = print_every;
+  if (print_every > 0) s->until_print = print_every - s->tl->steps() % print_every;
   s->sampling = sample_now(s.get());  // read by the Monitor at attach (the `sampling` attribute)
   if (!on_step_end.is_none()) s->on_step_end = on_step_end.release().ptr();
   Object* o = PyObject_GC_New(Object, g_type);
@@ -437,11 +489,12 @@ void init(py::module_& m) {
   m.add_object("StepHooks", py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_type)));
   m.def("step_hooks", &make, py::arg("timeline"), py::arg("batch") = -1, py::arg("optimizers") = 0,
         py::arg("on_step_end") = py::none(), py::arg("every_step") = false, py::arg("module_every") = 0,
+        py::arg("print_every") = 0,
         "The Monitor's hooks on `timeline`: forward_pre/forward_post for the model, optimizer_pre/optimizer_post "
         "for the optimizers (with optimizers > 1 a step ends when that many distinct ones stepped), "
         "module_pre/module_post for submodules given to add_module(), and step(). After a step ends, "
         "on_step_end(sample_modules) is called: every step with every_step, else only when per-module sampling "
-        "(one step in module_every) switches on or off. Hooks that CPython calls directly, without pybind11's "
+        "(one step in module_every) switches on or off, and on every print_every-th step. Hooks that CPython calls directly, without pybind11's "
         "dispatcher.");
 }
 
@@ -510,9 +563,11 @@ PYBIND11_MODULE(_C, m) {
   using stepscope::timing::Timeline;
   py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
                        "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
-      .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end) {
+      .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end,
+                       int64_t warmup_steps) {
              TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
              TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
+             TORCH_CHECK_VALUE(warmup_steps >= 0, "stepscope: warmup_steps must be >= 0; got ", warmup_steps);
              stepscope::timing::TimelineOptions o;
              o.device = device;
              o.nvtx = nvtx;
@@ -520,10 +575,11 @@ PYBIND11_MODULE(_C, m) {
              o.event_pool = event_pool;
              o.capture_begin = capture_begin;
              o.capture_end = capture_end;
+             o.warmup_steps = warmup_steps;
              return std::make_shared<Timeline>(o);
            }),
            py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256, py::arg("event_pool") = 2048,
-           py::arg("capture_begin") = -1, py::arg("capture_end") = -1)
+           py::arg("capture_begin") = -1, py::arg("capture_end") = -1, py::arg("warmup_steps") = 0)
       .def("forward_begin", &Timeline::forward_begin, py::arg("eval") = false, py::arg("batch") = -1)
       .def("forward_end", &Timeline::forward_end)
       .def("backward_begin", &Timeline::backward_begin)
@@ -555,6 +611,24 @@ PYBIND11_MODULE(_C, m) {
              d["dropped_device_samples"] = r.dropped_device_samples;
              d["pending_device_samples"] = r.pending_device_samples;
              d["device"] = r.device;
+             d["warmup"] = warmup_dict(r.warmup, r.device);
+             d["memory"] = memory_dict(r.memory, true);
+             py::dict lag;
+             for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
+             d["lag"] = r.device ? py::object(lag) : py::object(py::none());
+             py::list spikes;
+             for (const auto& sp : r.spikes) {
+               py::dict e;
+               e["step"] = sp.index;
+               e["duration"] = sp.duration;
+               e["step_median"] = sp.step_median;
+               e["phase"] = stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(sp.phase));
+               e["phase_time"] = sp.phase_time;
+               e["phase_median"] = sp.phase_median;
+               spikes.append(e);
+             }
+             d["spikes"] = spikes;
+             d["spikes_total"] = r.spikes_total;
              return d;
            },
            "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
@@ -571,18 +645,31 @@ PYBIND11_MODULE(_C, m) {
                for (int i = 0; i < stepscope::timing::kNumPartition; ++i)
                  host[stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(i))] = s.host[i];
                d["host"] = host;
-               py::list spans;
-               for (int i = 0; i < s.n_spans; ++i)
-                 spans.append(py::make_tuple(
-                     stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(s.spans[i].phase)),
-                     s.spans[i].t0 * 1e-9, s.spans[i].t1 * 1e-9));
+               using stepscope::timing::SpanRecord;
+               py::list spans, user, modules;
+               for (int i = 0; i < s.n_spans; ++i) {
+                 const SpanRecord& r = s.spans[i];
+                 if (r.kind == SpanRecord::kPartition) {
+                   spans.append(py::make_tuple(
+                       stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(r.phase)), r.t0 * 1e-9,
+                       r.t1 * 1e-9));
+                 } else {
+                   (r.kind == SpanRecord::kUser ? user : modules)
+                       .append(py::make_tuple(tl.span_name(r.kind, r.id), r.t0 * 1e-9, r.t1 * 1e-9));
+                 }
+               }
                d["spans"] = spans;
+               d["user_spans"] = user;
+               d["module_spans"] = modules;
                d["truncated_spans"] = s.truncated;
+               d["memory"] = memory_dict(s.memory, false);
+               d["warmup"] = s.warmup;
                out.append(d);
              }
              return out;
            },
-           "The ring of the last steps, oldest first: host seconds per phase and raw spans (seconds since start).");
+           "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, and the user "
+           "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start).");
 
   hooks::init(m);
 

@@ -81,9 +81,9 @@ def main() -> None:
     logged = {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items())}
     print("logged:", logged)
     rep = cb.monitor.report()
-    print(f"steps {rep['steps']} (optimizer steps {trainer.global_step}), "
+    print(f"steps {cb.monitor.steps} (optimizer steps {trainer.global_step}), "
           f"forward p50 {rep['phases']['forward']['host']['p50'] * 1e3:.3f} ms")
-    if rep["steps"] != trainer.global_step:
+    if cb.monitor.steps != trainer.global_step:  # warm-up steps included: every completed step
         raise SystemExit("stepscope's step count differs from Lightning's: something is wrong")
     if logged["val/accuracy"] < 0.85:
         raise SystemExit(f"validation accuracy {logged['val/accuracy']:.3f} is below 0.85: "

@@ -3,7 +3,9 @@
     python examples/train_classifier.py [--epochs 15] [--device cpu|cuda]
 
 Metrics come from stepscope.ClassificationMetrics: one fused update per batch, read once per
-epoch. stepscope.Monitor times every step's phases; its summary is printed at the end.
+epoch. stepscope.Monitor times every step's phases; its summary is printed at the end, and the
+run is written as a Perfetto trace (stepscope_demo.trace.json.gz) and a PNG dashboard
+(stepscope_demo.png) in the current folder.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def main() -> None:
     print(f"digits: {n_train} train / {len(val_idx)} val samples, device {dev}")
     print(f"{'epoch':>5} {'loss':>7} {'acc':>6} {'val_loss':>8} {'val_acc':>7} {'val_f1':>7} {'val_top3':>8} {'ece':>6}")
     t0 = time.perf_counter()
-    with stepscope.Monitor(model, opt) as monitor:
+    with stepscope.Monitor(model, opt, trace="stepscope_demo.trace.json.gz") as monitor:
         for epoch in range(args.epochs):
             model.train()
             order = train_idx[torch.randperm(n_train)]
@@ -70,6 +72,12 @@ def main() -> None:
             val_metrics.reset()
     print(f"trained {args.epochs} epochs in {time.perf_counter() - t0:.2f} s")
     print(monitor.summary())
+    print("trace (open in https://ui.perfetto.dev): stepscope_demo.trace.json.gz")
+    try:
+        stepscope.plot(monitor, "stepscope_demo.png")
+        print("dashboard: stepscope_demo.png")
+    except ImportError as e:  # matplotlib is optional: pip install 'stepscope[plot]'
+        print(e)
     final_acc = float(va["accuracy"])
     if final_acc < 0.9:
         raise SystemExit(f"validation accuracy {final_acc:.3f} is below 0.9: something is wrong")

@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #if defined(STEPSCOPE_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -13,6 +14,7 @@ namespace stepscope::timing {
 EventPool::EventPool(int capacity) : capacity_(capacity > 0 ? capacity : 1), unmade_(capacity_) {
   events_.assign(capacity_, nullptr);
   refs_.assign(capacity_, 0);
+  stamps_.assign(capacity_, 0);
   free_.reserve(capacity_);
 }
 
@@ -91,6 +93,36 @@ float EventPool::elapsed_ms(int a, int b) const {
   }
 #endif
   return ms;
+}
+
+bool read_device_memory(int device, DeviceMemory* out) {
+#if defined(STEPSCOPE_WITH_CUDA)
+  if (device < 0) return false;
+  // Index 0 of each StatArray is the aggregate over pool kinds (StatType::AGGREGATE).
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  out->allocated = s.allocated_bytes[0].current;
+  out->peak_allocated = s.allocated_bytes[0].peak;
+  out->reserved = s.reserved_bytes[0].current;
+  out->peak_reserved = s.reserved_bytes[0].peak;
+  return true;
+#else
+  (void)device;
+  (void)out;
+  return false;
+#endif
+}
+
+bool EventPool::synchronize(int slot) const {
+#if defined(STEPSCOPE_WITH_CUDA)
+  if (cudaEventSynchronize(static_cast<cudaEvent_t>(events_[slot])) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+#else
+  (void)slot;
+  return false;
+#endif
 }
 
 }  // namespace stepscope::timing

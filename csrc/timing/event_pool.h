@@ -12,6 +12,15 @@
 
 namespace stepscope::timing {
 
+// The CUDA caching allocator's counters for one device (bytes), read on the host: the allocator's
+// own bookkeeping, no device synchronisation. What torch.cuda.memory_stats() reports, without
+// building its Python dict.
+struct DeviceMemory {
+  int64_t allocated = -1, peak_allocated = -1, reserved = -1, peak_reserved = -1;
+};
+// False (and `out` untouched) without CUDA or for a device < 0.
+bool read_device_memory(int device, DeviceMemory* out);
+
 class EventPool {
  public:
   explicit EventPool(int capacity);
@@ -29,7 +38,13 @@ class EventPool {
   int query(int slot) const;
   // Milliseconds between two complete events.
   float elapsed_ms(int a, int b) const;
+  // The host clock (ns) at which the caller recorded the slot's event (queue lag).
+  void stamp(int slot, int64_t host_ns) { stamps_[slot] = host_ns; }
+  int64_t stamp(int slot) const { return stamps_[slot]; }
+  // Blocks until the slot's event completed: only for the one reference event at attach.
+  bool synchronize(int slot) const;
   int capacity() const { return capacity_; }
+  int device() const { return device_; }  // the device of the first recorded event; -1 before
   int in_use() const { return capacity_ - static_cast<int>(free_.size()) - unmade_; }
 
  private:
@@ -38,6 +53,7 @@ class EventPool {
   int device_ = -1;
   std::vector<void*> events_;  // cudaEvent_t, kept opaque so this header needs no CUDA
   std::vector<int> refs_;
+  std::vector<int64_t> stamps_;
   std::vector<int> free_;
 };
 

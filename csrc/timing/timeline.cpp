@@ -71,27 +71,47 @@ void Timeline::open() {
 
 void Timeline::open_locked() {
   closed_ = false;
+  if (device_ && !clock_.valid()) {
+    // The one synchronisation, at attach and never again: once this event is complete the GPU's
+    // queue on this stream is empty, so the next event (the first step's) is reached as soon as
+    // it is recorded, and its host record time anchors the device clock (timing/device_clock.h).
+    const int ref = pool_.record();
+    const bool synced = ref >= 0 && pool_.synchronize(ref);
+    pool_unref(ref);
+    const int64_t now = now_ns();
+    const int ev = record_event(now);
+    if (synced && ev >= 0) {
+      clock_.anchor(static_cast<double>(now));
+      anchor_ev_ = ev;
+      pool_.ref(ev);
+    }
+    last_ns_ = now;
+    last_ev_ = ev;
+    start_step(now, ev);
+    return;
+  }
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   last_ns_ = now;
   last_ev_ = ev;  // the record's reference now belongs to "the last boundary"
   start_step(now, ev);
 }
 
-int Timeline::record_event() {
+int Timeline::record_event(int64_t now) {
   if (!device_) return -1;
   int s = pool_.record();
   if (s < 0) {
     poll_locked();  // completed events free their slots; still nothing free: the GPU lags, drop
     s = pool_.record();
   }
+  if (s >= 0) pool_.stamp(s, now);
   return s;
 }
 
 void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
   for (int s : {a0, b0, a1, b1})
     if (s >= 0) pool_.ref(s);
-  pending_.push_back(DevSpan{kind, id, a0, b0, a1, b1});
+  pending_.push_back(DevSpan{kind, id, warm_, a0, b0, a1, b1});
 }
 
 void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
@@ -102,7 +122,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   add_host(i, ns);
   step_phase_[i] += ns;
   if (cur_.n_spans < StepRecord::kMaxSpans) {
-    cur_.spans[cur_.n_spans++] = SpanRecord{static_cast<int16_t>(i), t0, now};
+    cur_.spans[cur_.n_spans++] = SpanRecord{t0, now, -1, static_cast<int16_t>(i), SpanRecord::kPartition};
   } else {
     ++cur_.truncated;
   }
@@ -132,6 +152,10 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
 }
 
 void Timeline::add_host(int series, double ns) {
+  if (warm_) {
+    warm_sum_.host[series] += ns * 1e-9;
+    return;
+  }
   if (n_host_pending_ == kHostPending) fold_host();
   host_pending_[n_host_pending_++] = HostSample{series, ns};
 }
@@ -183,6 +207,7 @@ void Timeline::start_step(int64_t now, int ev) {
   cur_.n_spans = 0;
   cur_.truncated = 0;
   state_ = State::kIdle;
+  warm_ = step_index_ < opts_.warmup_steps;
   if (capturing_ && step_index_ == opts_.capture_end) {
     nvtx::capture_end();
     capturing_ = false;
@@ -226,10 +251,19 @@ void Timeline::finish_step(int64_t now, int ev) {
   r.samples = step_samples_;
   r.n_spans = cur_.n_spans;
   r.truncated = cur_.truncated;
+  r.warmup = warm_;
+  if (device_) read_device_memory(pool_.device(), &memory_);
+  r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
-  ++steps_done_;
-  samples_done_ += step_samples_;
-  step_host_total_ += total;
+  if (warm_) {
+    ++warm_sum_.steps;
+    warm_sum_.samples += step_samples_;
+  } else {
+    check_spike(total);
+    ++steps_done_;
+    samples_done_ += step_samples_;
+    step_host_total_ += total;
+  }
   if (nvtx_step_ != 0) {
     nvtx::end(nvtx_step_);
     nvtx_step_ = 0;
@@ -239,12 +273,48 @@ void Timeline::finish_step(int64_t now, int ev) {
   start_step(now, ev);
 }
 
+void Timeline::check_spike(double total) {
+  // Multiplicative streaming median: each sample moves the estimate by a fixed factor towards
+  // itself, so it settles where as many samples fall above as below (within about 6%), in O(1)
+  // memory and a few multiplications per step.
+  constexpr double kUp = 1.0625, kDown = 1.0 / 1.0625;
+  auto track = [](double& m, double x) {
+    if (m <= 0) {
+      m = x;
+    } else if (x > m) {
+      m *= kUp;
+    } else if (x < m) {
+      m *= kDown;
+    }
+  };
+  if (steps_done_ >= kSpikeMinSteps && total > kSpikeFactor * med_step_) {
+    int grew = 0;
+    double most = -1;
+    for (int i = 0; i < kNumPartition; ++i) {
+      const double excess = step_phase_[i] - med_phase_[i];
+      if (excess > most) {
+        most = excess;
+        grew = i;
+      }
+    }
+    SpikeRecord& sp = spikes_.push();
+    sp.index = step_index_;
+    sp.duration = total * 1e-9;
+    sp.step_median = med_step_ * 1e-9;
+    sp.phase = grew;
+    sp.phase_time = step_phase_[grew] * 1e-9;
+    sp.phase_median = med_phase_[grew] * 1e-9;
+  }
+  track(med_step_, total);
+  for (int i = 0; i < kNumPartition; ++i) track(med_phase_[i], step_phase_[i]);
+}
+
 void Timeline::forward_begin(bool eval, int64_t batch) {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_) return;
   if (fwd_depth_++ > 0) return;  // the model called inside its own forward: one forward
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   fwd_eval_ = eval;
   if (eval) {
     flush_optimizer_begin();  // an eval forward inside the optimizer step is no closure
@@ -286,7 +356,7 @@ void Timeline::forward_end() {
   if (closed_ || fwd_depth_ == 0) return;
   if (--fwd_depth_ > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   if (fwd_eval_) {
     add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
     if (device_) {
@@ -315,7 +385,7 @@ bool Timeline::backward_begin() {
   if (closed_ || state_ == State::kBackward) return false;
   flush_optimizer_begin();
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kLoss, now, ev);
   cursor_start(nvtx::Phase::kBackward);
   state_ = State::kBackward;
@@ -326,7 +396,7 @@ void Timeline::backward_end() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kBackward) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kBackward, now, ev);
   cursor_start(in_closure_ ? nvtx::Phase::kOptimizer : nvtx::Phase::kOther);
   state_ = State::kAfterBackward;
@@ -341,7 +411,7 @@ void Timeline::optimizer_begin() {
     return;
   }
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   if (in_closure_) {  // after the closure ran: an ordinary boundary
     boundary(Phase::kOther, now, ev);
   } else {
@@ -371,7 +441,7 @@ void Timeline::optimizer_end(bool end_step) {
   const bool closure_end = in_closure_ && fwd_depth_ == 0 && state_ != State::kBackward;
   if (state_ != State::kOptimizer && !closure_end) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   flush_optimizer_begin();
   boundary(Phase::kOptimizer, now, ev);
   in_closure_ = false;
@@ -391,7 +461,7 @@ bool Timeline::step() {
   flush_optimizer_begin();
   if (!step_active_) return false;
   const int64_t now = now_ns();
-  const int ev = record_event();
+  const int ev = record_event(now);
   boundary(Phase::kOther, now, ev);
   finish_step(now, ev);
   return true;
@@ -413,6 +483,7 @@ int Timeline::group_add(G& g, const std::string& name, size_t limit) {
   g.host.emplace_back();
   g.dev.emplace_back();
   g.open.emplace_back();
+  g.parent.push_back(nullptr);
   return static_cast<int>(g.names.size() - 1);
 }
 
@@ -423,7 +494,8 @@ void Timeline::group_begin(G& g, int id) {
   Open& o = g.open[id];
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
-  o.ev = record_event();
+  o.ev = record_event(o.t0);
+  g.parent[id] = open_phase_name();
   if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
 
@@ -434,8 +506,8 @@ void Timeline::group_end(G& g, int id) {
   Open& o = g.open[id];
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event();
-  g.host[id].add(static_cast<double>(now - o.t0));
+  const int ev = record_event(now);
+  if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
   if (device_) {
     if (o.ev >= 0 && ev >= 0) {
       queue(g.kind, id, o.ev, ev);
@@ -446,7 +518,33 @@ void Timeline::group_end(G& g, int id) {
   pool_unref(o.ev);
   pool_unref(ev);
   o.ev = -1;
+  if (cur_.n_spans < StepRecord::kMaxSpans - StepRecord::kPartitionReserve) {
+    const int8_t kind = g.kind == users_.kind ? SpanRecord::kUser : SpanRecord::kModule;
+    cur_.spans[cur_.n_spans++] = SpanRecord{o.t0, now, id, 0, kind};
+  } else {
+    ++cur_.truncated;
+  }
   if (opts_.nvtx) nvtx::pop();
+}
+
+const char* Timeline::open_phase_name() const {
+  if (fwd_depth_ > 0 && fwd_eval_) return phase_name(Phase::kEvalForward);
+  switch (state_) {
+    case State::kIdle:
+      return phase_name(Phase::kData);
+    case State::kForward:
+      return phase_name(Phase::kForward);
+    case State::kAfterForward:
+      return phase_name(Phase::kLoss);
+    case State::kBackward:
+      return phase_name(Phase::kBackward);
+    case State::kOptimizer:
+      return phase_name(Phase::kOptimizer);
+    case State::kAfterBackward:
+    case State::kAfterOptimizer:
+      return phase_name(Phase::kOther);
+  }
+  return phase_name(Phase::kData);
 }
 
 int Timeline::user_series(const std::string& name) { return group_add(users_, name, kMaxUserSeries); }
@@ -463,9 +561,32 @@ void Timeline::poll() {
   poll_locked();
 }
 
+void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double seen) {
+  // The boundary that closed the phase is the span's last event; the event before it opened the
+  // phase. When the opening event is the clock's anchor (the usual chain: consecutive boundaries),
+  // the phase's own elapsed time places it; otherwise (after an eval pause, a dropped sample or a
+  // re-attach) one more elapsed-time query against the anchor does.
+  const bool two = d.a1 >= 0;
+  const int open = two ? d.a1 : d.a0, close = two ? d.b1 : d.b0;
+  double elapsed_ms;
+  if (open == anchor_ev_) {
+    elapsed_ms = two ? m1 : m0;
+  } else {
+    const float m = pool_.elapsed_ms(anchor_ev_, close);
+    if (m < 0) return;  // failed, or recorded before the anchor: no lag sample, keep the anchor
+    elapsed_ms = m;
+  }
+  const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
+  if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
+  pool_.ref(close);
+  pool_unref(anchor_ev_);
+  anchor_ev_ = close;
+}
+
 void Timeline::poll_locked() {
   // In order, stopping at the first span still in flight: cheap, and a span recorded later on the
   // same stream cannot be complete before it anyway.
+  const double seen = static_cast<double>(now_ns());
   while (!pending_.empty()) {
     const DevSpan& d = pending_.front();
     bool failed = false;
@@ -481,12 +602,18 @@ void Timeline::poll_locked() {
       const float m1 = d.a1 >= 0 ? pool_.elapsed_ms(d.a1, d.b1) : 0.f;
       failed = m0 < 0 || m1 < 0;
       ms = static_cast<double>(m0) + static_cast<double>(m1);
+      if (!failed && d.kind == 0 && d.id < kNumPartition && anchor_ev_ >= 0) place_on_host_clock(d, m0, m1, seen);
     }
     if (failed) {
       ++dropped_;
     } else {
       const double ns = ms * 1e6;
-      if (d.kind == 0) {
+      if (d.warm) {
+        if (d.kind == 0) {
+          warm_sum_.device[d.id] += ns * 1e-9;
+          ++warm_sum_.device_count[d.id];
+        }
+      } else if (d.kind == 0) {
         dev_[d.id].add(ns);
       } else if (d.kind == users_.kind) {
         users_.dev[d.id].add(ns);
@@ -534,7 +661,7 @@ void Timeline::close() {
 
 int64_t Timeline::steps() const {
   std::lock_guard<SpinLock> g(mu_);
-  return steps_done_;
+  return steps_done_ + warm_sum_.steps;
 }
 
 Report Timeline::report() {
@@ -546,7 +673,8 @@ Report Timeline::report() {
   for (int i = 0; i < static_cast<int>(Phase::kCount); ++i)
     r.phases.push_back(NamedSummary{kPhaseNames[i], summarize(host_[i]), summarize(dev_[i])});
   for (size_t i = 0; i < users_.names.size(); ++i)
-    r.user.push_back(NamedSummary{users_.names[i], summarize(users_.host[i]), summarize(users_.dev[i])});
+    r.user.push_back(
+        NamedSummary{users_.names[i], summarize(users_.host[i]), summarize(users_.dev[i]), users_.parent[i]});
   for (size_t i = 0; i < modules_.names.size(); ++i)
     r.modules.push_back(NamedSummary{modules_.names[i], summarize(modules_.host[i]), summarize(modules_.dev[i])});
   r.steps = steps_done_;
@@ -554,6 +682,16 @@ Report Timeline::report() {
   r.step_host_total = step_host_total_ * 1e-9;
   r.dropped_device_samples = dropped_;
   r.pending_device_samples = static_cast<int64_t>(pending_.size());
+  r.warmup = warm_sum_;
+  r.memory = memory_;
+  if (device_) {
+    // Named by the boundary that closes each phase (diagnose.PHASE_BOUNDS reads these names).
+    static constexpr const char* kBoundary[kNumPartition] = {"forward_begin", "forward_end", "backward_begin",
+                                                             "backward_end", "optimizer_begin", "optimizer_end"};
+    for (int i = 0; i < kNumPartition; ++i) r.lag.push_back(NamedSummary{kBoundary[i], summarize(lag_[i]), {}});
+  }
+  for (size_t i = 0; i < spikes_.size(); ++i) r.spikes.push_back(spikes_[i]);
+  r.spikes_total = static_cast<int64_t>(spikes_.pushed());
   return r;
 }
 
@@ -563,6 +701,14 @@ std::vector<StepRecord> Timeline::recent_steps() const {
   v.reserve(ring_.size());
   for (size_t i = 0; i < ring_.size(); ++i) v.push_back(ring_[i]);
   return v;
+}
+
+std::string Timeline::span_name(int kind, int id) const {
+  std::lock_guard<SpinLock> g(mu_);
+  const auto& names = kind == SpanRecord::kUser ? users_.names : modules_.names;
+  TORCH_CHECK(kind != SpanRecord::kPartition && id >= 0 && static_cast<size_t>(id) < names.size(),
+              "stepscope: no span name for kind ", kind, " id ", id);
+  return names[id];
 }
 
 ScopedPhase::ScopedPhase(Timeline& tl, Phase p, int64_t batch) : tl_(tl), phase_(p) {

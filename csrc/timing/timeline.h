@@ -65,6 +65,7 @@
 #include <vector>
 
 #include "nvtx/nvtx.h"
+#include "timing/device_clock.h"
 #include "timing/event_pool.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
@@ -84,6 +85,10 @@ struct TimelineOptions {
   int event_pool = 2048;     // CUDA events at most in flight
   int64_t capture_begin = -1;  // nvtx::capture_begin() when step `capture_begin` starts ...
   int64_t capture_end = -1;    // ... and capture_end() when step `capture_end` starts (range semantics)
+  // The first `warmup_steps` steps are kept out of every statistic (histograms, moments, shares,
+  // samples/s, spikes) and only totalled apart (Report::warmup): compilation, CUDA-graph
+  // recording, autotuning and allocator growth happen there and would skew every mean.
+  int64_t warmup_steps = 0;
 };
 
 struct SeriesSummary {
@@ -95,21 +100,49 @@ struct SeriesSummary {
 struct NamedSummary {
   std::string name;
   SeriesSummary host, device;
+  const char* parent = nullptr;  // user phases: the partition phase open at their (last) begin
 };
 
-struct SpanRecord {
-  int16_t phase = 0;  // Phase
-  int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+// Totals of the warm-up steps, per Phase (seconds); device totals over resolved samples only.
+struct WarmupSummary {
+  int64_t steps = 0;
+  int64_t samples = 0;
+  std::array<double, static_cast<size_t>(Phase::kCount)> host{}, device{};
+  std::array<int64_t, static_cast<size_t>(Phase::kCount)> device_count{};
 };
+
+// A step slower than kSpikeFactor x the running median step, and the phase that grew most
+// against its own running median (absolute excess).
+struct SpikeRecord {
+  int64_t index = 0;
+  double duration = 0;     // seconds
+  double step_median = 0;  // the running median step when it happened (seconds)
+  int phase = 0;           // Phase
+  double phase_time = 0, phase_median = 0;  // seconds, in this step / running median
+};
+
+struct SpanRecord {  // 24 bytes: the ring holds kMaxSpans of these per step
+  enum Kind : int8_t { kPartition = 0, kUser = 1, kModule = 2 };
+  int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
+  int32_t id = -1;         // user phase or module id (span_name() names it)
+  int16_t phase = 0;       // Phase (kPartition spans)
+  int8_t kind = kPartition;
+};
+static_assert(sizeof(SpanRecord) == 24);
 
 struct StepRecord {
-  static constexpr int kMaxSpans = 32;
+  static constexpr int kMaxSpans = 64;
+  // User and module spans stop being kept this many slots before the end, so that a model with
+  // many modules cannot push the step's own partition spans out of the record.
+  static constexpr int kPartitionReserve = 16;
   int64_t index = 0;
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
   double host[kNumPartition] = {};  // seconds per phase
   int64_t samples = 0;
   int n_spans = 0;
   int truncated = 0;  // spans beyond kMaxSpans
+  bool warmup = false;
+  DeviceMemory memory;  // CUDA allocator counters at the step's end (-1 without device timing)
   std::array<SpanRecord, kMaxSpans> spans;
 };
 
@@ -123,7 +156,22 @@ struct Report {
   int64_t dropped_device_samples = 0;
   int64_t pending_device_samples = 0;
   bool device = false;
+  WarmupSummary warmup;
+  DeviceMemory memory;  // at the last step's end (-1 without device timing)
+  // CUDA queue lag per boundary (named by the boundary: forward_begin .. optimizer_end): how long
+  // after the host reached it the GPU did. Empty without device timing.
+  std::vector<NamedSummary> lag;
+  std::vector<SpikeRecord> spikes;  // the last kMaxSpikes, oldest first
+  int64_t spikes_total = 0;         // every spike seen, listed or not
 };
+
+// Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
+// "slow steps" uses 2-3x; 3x keeps a GC pause or a checkpoint, not ordinary jitter). The running
+// median is a multiplicative streaming estimate (one word per series, updated per step), so the
+// check costs a few multiplications at step end; it starts after kSpikeMinSteps steady steps.
+constexpr double kSpikeFactor = 3.0;
+constexpr int64_t kSpikeMinSteps = 5;
+constexpr int kMaxSpikes = 32;
 
 class Timeline {
  public:
@@ -164,7 +212,9 @@ class Timeline {
 
   Report report();
   std::vector<StepRecord> recent_steps() const;
-  int64_t steps() const;
+  // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
+  std::string span_name(int kind, int id) const;
+  int64_t steps() const;  // every completed step, warm-up included
   bool device() const { return device_; }
 
  private:
@@ -176,6 +226,7 @@ class Timeline {
   struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
     int kind;       // 0 phase series, 1 user, 2 module
     int id;
+    bool warm;      // recorded during a warm-up step: totalled apart
     int a0, b0, a1, b1;
   };
   enum class State { kIdle, kForward, kAfterForward, kBackward, kAfterBackward, kOptimizer, kAfterOptimizer };
@@ -183,7 +234,8 @@ class Timeline {
   int64_t now_ns() const {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
   }
-  int record_event();
+  int record_event(int64_t now);
+  void place_on_host_clock(const DevSpan& d, float m0, float m1, double seen);
   // Records the phase and ends its NVTX range (with nvtx false the range is left open: a
   // deferred optimizer_begin recorded at optimizer_end, whose optimizer range is open).
   void boundary(Phase closes, int64_t now, int ev, bool nvtx = true);
@@ -197,6 +249,8 @@ class Timeline {
   void open_step_range();
   void pool_unref(int slot);
   void add_host(int series, double ns);
+  void check_spike(double total_ns);
+  const char* open_phase_name() const;
   void fold_host();
   void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
   void poll_locked();
@@ -235,9 +289,10 @@ class Timeline {
     std::vector<std::string> names;
     std::vector<StatT> host, dev;
     std::vector<Open> open;
+    std::vector<const char*> parent;
   };
-  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}};
-  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}};
+  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}, {}};
+  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}, {}};
   std::deque<DevSpan> pending_;
   int64_t dropped_ = 0;
 
@@ -272,6 +327,19 @@ class Timeline {
   Ring<StepRecord> ring_;
   int64_t steps_done_ = 0, samples_done_ = 0;
   double step_host_total_ = 0;
+  // Warm-up: whether the open step is one, and what the warm-up steps add up to.
+  bool warm_ = false;
+  WarmupSummary warm_sum_;
+  // Spikes: running medians (ns) of the step and of each phase's per-step total.
+  double med_step_ = 0;
+  double med_phase_[kNumPartition] = {};
+  Ring<SpikeRecord> spikes_{kMaxSpikes};
+  // Queue lag: the device clock mapped onto the host's (timing/device_clock.h), anchored at a
+  // resolved boundary event that this Timeline keeps a reference to.
+  DeviceClock clock_;
+  DeviceMemory memory_;  // read at each step's end on CUDA
+  int anchor_ev_ = -1;
+  std::array<Series, kNumPartition> lag_;
 
   uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
   bool pushed_ = false;  // a forward/optimizer push range is open ...
@@ -297,7 +365,8 @@ class ScopedPhase {
   bool open_ = true;
 };
 
-// A plain-text table of a report (the same layout as Python's Monitor.summary()).
+// A plain-text table of a report for LibTorch loops: host (and device) mean, p50 and total per phase.
+// Python's Monitor.summary() has its own, wider layout (report.py).
 std::string format_summary(const Report& r);
 
 }  // namespace stepscope::timing

@@ -8,6 +8,7 @@
     with stepscope.Monitor(model, optimizer) as mon:   # phase timing hooks, no host syncs
         ...                                            # the training loop, unchanged
     print(mon.summary())                # data/forward/loss/backward/other/optimizer per step
+    mon.save("run.json"); mon.export_trace("run.trace.json.gz")   # see stepscope.export
 
 The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
 native classes live in stepscope._C.
@@ -15,8 +16,8 @@ native classes live in stepscope._C.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C
-from . import nvtx
+from . import _C, export, nvtx
+from .export import SavedRun, load, log_tensorboard, plot
 from .metrics import ClassificationMetrics
 from .monitor import Monitor
 
@@ -33,4 +34,5 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "Monitor", "build_info", "nvtx", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "export", "load", "log_tensorboard",
+           "nvtx", "plot", "__version__"]

@@ -14,11 +14,14 @@ step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks on
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
 complete, so the Monitor never synchronises the device. The hooks are C functions
 (``_C.StepHooks``) that CPython calls directly: this module only registers them and reads the
-results, and no Python runs per step unless CUDA memory counters or per-module sampling need it.
+results, and no Python runs per step unless per-module sampling or ``print_every`` need it (CUDA
+memory counters are read in C++ at each step's end).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -28,6 +31,7 @@ import torch
 import torch.optim.optimizer as _optim_mod
 
 from . import _C
+from . import diagnose as _diagnose
 from . import report as _report
 
 _ModuleSel = Union[bool, Sequence[Union[str, type]]]
@@ -139,6 +143,16 @@ class Monitor:
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
         batch_size: samples per forward; default: the first input's leading dimension.
         ring: how many recent steps are kept raw (:meth:`recent_steps`).
+        warmup_steps: the first steps kept out of every statistic (histograms, means, shares,
+            samples/s, spikes) and reported apart in ``report()["warmup"]``. 3 by default:
+            ``torch.compile`` compiles on the first step, ``mode="reduce-overhead"`` records its
+            CUDA graphs on the next, and cuDNN autotuning and the caching allocator's growth happen
+            in the first steps too; a step of compilation is often 100x a steady one.
+        trace: a path: :meth:`export_trace` writes the trace there at detach (Perfetto / Chrome JSON,
+            gzip'd when it ends in ``.gz``).
+        print_every: every n steps, log one line (step, p50 step time, largest phase and its share,
+            samples/s, memory) at INFO on the ``"stepscope"`` logger; 0 (default): off. Python runs
+            only on those steps (the step hooks count in C).
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
     reported apart as ``eval_forward``, and eval time is left out of the training step (so a
@@ -166,12 +180,21 @@ class Monitor:
         profile_steps: Optional[range] = None,
         batch_size: Optional[int] = None,
         ring: int = 256,
+        warmup_steps: int = 3,
+        trace: Optional[Union[str, "os.PathLike[str]"]] = None,
+        print_every: int = 0,
     ) -> None:
         models, opts = _check_arguments(model, optimizers)
         if len({id(o) for o in opts}) != len(opts):
             raise ValueError("stepscope: the same optimizer was given twice")
         if per_module_every < 1:
             raise ValueError(f"stepscope: per_module_every must be >= 1; got {per_module_every}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"stepscope: warmup_steps must be an int >= 0; got {warmup_steps!r}")
+        if not isinstance(print_every, int) or isinstance(print_every, bool) or print_every < 0:
+            raise ValueError(f"stepscope: print_every must be an int >= 0; got {print_every!r}")
+        if trace is not None and not isinstance(trace, (str, os.PathLike)):
+            raise TypeError(f"stepscope: trace must be a path or None; got {type(trace).__name__}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"stepscope: batch_size must be >= 1; got {batch_size}")
         if profile_steps is not None and (not isinstance(profile_steps, range) or profile_steps.step != 1
@@ -192,6 +215,7 @@ class Monitor:
         self._profile = profile_steps
         self._batch = batch_size if batch_size is not None else -1
         self._ring = ring
+        self._warmup = warmup_steps
         self._tl: Any = None
         self._hooks: Any = None  # _C.StepHooks while attached
         self._handles: list = []
@@ -199,9 +223,10 @@ class Monitor:
         self._modules: list = []  # (module, id)
         self._phases: dict = {}
         self._cuda = False
-        self._mem_alloc: Optional[int] = None
-        self._mem_peak: Optional[int] = None
+        self._autocast = (0, 0)  # (training forwards, under CUDA autocast) of past attachments
         self._attached = False
+        self._trace = trace
+        self._print_every = print_every
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "Monitor":
@@ -220,7 +245,7 @@ class Monitor:
         if self._tl is None:
             cap = (self._profile.start, self._profile.stop) if self._profile is not None else (-1, -1)
             self._tl = _C.Timeline(device=self._cuda, nvtx=self._nvtx, ring=self._ring,
-                                   capture_begin=cap[0], capture_end=cap[1])
+                                   capture_begin=cap[0], capture_end=cap[1], warmup_steps=self._warmup)
         else:
             self._tl.open()
         try:
@@ -240,12 +265,15 @@ class Monitor:
             raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never "
                                "attached)")
         self._remove_all()
+        self._autocast = self._autocast_counts()
         self._hooks = None
         self._tl.close()
         for m in self._models:
             if _attached_to(m) is self:
                 del _attached_models[m]
         self._attached = False
+        if self._trace is not None:
+            self.export_trace(self._trace)
 
     @property
     def attached(self) -> bool:
@@ -263,9 +291,10 @@ class Monitor:
         # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
         every = self._every if self._per_module else 0
-        on_end = self._step_ended if (self._cuda or every > 1) else None
+        on_end = self._step_ended if (every > 1 or self._print_every) else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
-                                         every_step=self._cuda, module_every=every)
+                                         every_step=False, module_every=every,
+                                         print_every=self._print_every)
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
@@ -307,14 +336,14 @@ class Monitor:
 
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
-        # Called by the hooks after a step ended: every step on CUDA, else only when per-module
-        # sampling switches on or off.
-        if self._cuda:
-            # The caching allocator's counters: host-side numbers, no device sync.
-            self._mem_alloc = torch.cuda.memory_allocated()
-            self._mem_peak = torch.cuda.max_memory_allocated()
+        # Called by the hooks after a step ended, only when per-module sampling switches on or
+        # off, and on every print_every-th step.
         if self._modules:
             self._sample_modules(sample_modules)
+        if self._print_every and self._tl.steps % self._print_every == 0:
+            from .export import live_line
+
+            logging.getLogger("stepscope").info(live_line(self.report(), self._tl.steps))
 
     def _sample_modules(self, want: bool) -> None:
         if want and not self._module_handles:
@@ -406,22 +435,81 @@ class Monitor:
         """Steps completed so far."""
         return self._tl.steps if self._tl is not None else 0
 
+    def _autocast_counts(self) -> tuple:
+        done = self._hooks.autocast_forwards if self._hooks is not None else (0, 0)
+        return (self._autocast[0] + done[0], self._autocast[1] + done[1])
+
+    def _memory(self, raw: dict) -> Optional[dict]:
+        # The allocator's counters at the last step's end come from the Timeline (read in C++ every
+        # step); the device's size and the trend over the ring are added here, at report time.
+        if raw.get("memory") is None:
+            return None
+        mem = dict(raw["memory"])
+        dev = next(p.device for m in self._models for p in m.parameters() if p.is_cuda)
+        mem["total"] = torch.cuda.get_device_properties(dev).total_memory
+        hist = [r["memory"]["allocated"] for r in self._tl.recent_steps() if r.get("memory")]
+        if len(hist) >= 2:
+            ups = sum(b > a for a, b in zip(hist, hist[1:]))
+            mem["trend"] = {"steps": len(hist), "first": hist[0], "last": hist[-1],
+                            "rising_fraction": ups / (len(hist) - 1)}
+        return mem
+
+    def _context(self) -> dict:
+        params = [p for m in self._models for p in m.parameters()]
+        ctx: dict = {"param_dtype": str(params[0].dtype).replace("torch.", "") if params else None}
+        ctx["train_forwards"], ctx["autocast_forwards"] = self._autocast_counts()
+        if self._cuda:
+            dev = next(p.device for p in params if p.is_cuda)
+            ctx["cuda_capability"] = list(torch.cuda.get_device_capability(dev))
+        return ctx
+
     def report(self, top_modules: int = 10) -> dict:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`)."""
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
-        mem = None
-        if self._mem_alloc is not None:
-            mem = {"allocated": self._mem_alloc, "peak": self._mem_peak}
-        return _report.build_report(self._tl.report(), memory=mem, top_modules=top_modules)
+        raw = self._tl.report()
+        return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
+                                    context=self._context())
+
+    def diagnose(self) -> list:
+        """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
+        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first."""
+        return _diagnose.diagnose(self.report())
 
     def summary(self, top_modules: int = 10) -> str:
-        """A plain-text table: phase, count, mean, p50, p90, p99, total, share of step (host, device)."""
-        return _report.format_summary(self.report(top_modules=top_modules))
+        """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
+        then device), warm-up and spike lines, and the diagnosis ("What to fix first")."""
+        return _report.format_summary(self.report(top_modules=top_modules), findings=self.diagnose())
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""
         return self._tl.recent_steps() if self._tl is not None else []
+
+    def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or
+        chrome://tracing (gzip'd when ``path`` ends in ``.gz``); see :func:`stepscope.export.trace_events`.
+
+            mon.export_trace("run.trace.json.gz")
+        """
+        from . import export
+
+        export.write_trace(self, path)
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Writes the report, the ring of recent steps, the diagnosis (when this Monitor has one),
+        build info and versions as JSON; :func:`stepscope.load` reads it back.
+
+            mon.save("run.json"); print(stepscope.load("run.json").summary())
+        """
+        from . import export
+
+        export.save(self, path)
+
+    def to_csv(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """One CSV row per step in the ring; see :func:`stepscope.export.write_csv`."""
+        from . import export
+
+        export.write_csv(self, path)
 
     def __repr__(self) -> str:
         return f"Monitor(models={len(self._models)}, attached={self._attached}, steps={self.steps})"

@@ -7,17 +7,27 @@ from typing import Any, Optional
 PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
 
 
-def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10) -> dict:
+def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10,
+                 context: Optional[dict] = None) -> dict:
     """Shapes ``_C.Timeline.report()`` for people.
 
     Keys: ``steps``, ``samples``, ``samples_per_s`` (training samples over summed step time),
     ``device`` (whether device times were recorded), ``phases`` (``data`` .. ``optimizer``,
     ``step``, ``eval_forward``; each ``{"host": stats, "device": stats or None, "share_host",
     "share_device"}``; stats are count/total/mean/std/min/max/p50/p90/p99 in seconds; share is
-    the phase's total over the step total), ``user`` (``mon.phase`` names, same shape),
-    ``modules`` (top ``top_modules`` by device time, host time without CUDA), ``memory``
-    (``allocated``/``peak`` bytes at the last step end, or None), ``dropped_device_samples`` and
-    ``pending_device_samples`` (events the GPU had not reached yet).
+    the phase's total over the step total), ``user`` (``mon.phase`` names, same shape, plus
+    ``parent``: the partition phase they ran in), ``modules`` (top ``top_modules`` by device
+    time, host time without CUDA), ``memory`` (bytes: ``allocated``/``peak`` at the last step
+    end, ``reserved``/``peak_reserved``/``total`` when read, or None), ``dropped_device_samples``
+    and ``pending_device_samples`` (events the GPU had not reached yet), ``warmup`` (``steps``,
+    ``samples``, ``host``/``device`` totals per phase in seconds: the first ``warmup_steps``
+    steps, kept out of everything else), ``lag`` (CUDA only, else None: per boundary
+    ``forward_begin`` .. ``optimizer_end``, stats of the time from the host reaching it to the
+    GPU reaching it), ``spikes`` (the last 32 steps slower than 3x the
+    running median step: ``step``, ``duration``, ``step_median``, ``phase`` (the one that grew
+    most against its own running median), ``phase_time``, ``phase_median``), ``spikes_total``,
+    and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
+    Steps and step statistics count steady (post-warm-up) steps only.
     """
     dev = bool(raw["device"])
     step = raw["phases"]["step"]
@@ -45,6 +55,11 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
         "memory": memory,
         "dropped_device_samples": raw["dropped_device_samples"],
         "pending_device_samples": raw["pending_device_samples"],
+        "warmup": raw.get("warmup"),
+        "lag": raw.get("lag"),
+        "spikes": list(raw.get("spikes", [])),
+        "spikes_total": raw.get("spikes_total", 0),
+        "context": dict(context or {}),
     }
 
 
@@ -56,35 +71,45 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_summary(rep: dict) -> str:
-    """The table: phase, count, mean, p50, p90, p99 (ms), total (s), share of step; host columns,
-    then the same for the device when CUDA events were recorded."""
+def format_summary(rep: dict, findings: Optional[list] = None) -> str:
+    """The table: phase, count, mean, p50, p90, p99, max (ms), total (s), share of step; host
+    columns, then the same for the device when CUDA events were recorded. User phases sit under
+    the partition phase they ran in (their share is part of that phase's, not added to it).
+    Warm-up and spikes follow in one line each, then ``findings`` (``diagnose()``'s list) as
+    "What to fix first", when given."""
     dev = rep["device"]
-    head = ["phase", "count", "mean", "p50", "p90", "p99", "total s", "share"]
+    head = ["phase", "count", "mean", "p50", "p90", "p99", "max", "total s", "share"]
     if dev:
-        head += ["dev mean", "dev p50", "dev p90", "dev p99", "dev total s", "dev share"]
+        head += ["dev mean", "dev p50", "dev p90", "dev p99", "dev max", "dev total s", "dev share"]
     rows: list = []
 
-    def add(name: str, e: dict, share: bool = True) -> None:
+    def add(name: str, e: dict, share: bool = True, nested: bool = False) -> None:
         h = e["host"]
+
+        def pct(x: Optional[float]) -> str:
+            return f"({_pct(x)})" if nested and x is not None else _pct(x)
+
         r = [name, str(h["count"]), _ms(h["mean"]), _ms(h.get("p50")), _ms(h.get("p90")), _ms(h.get("p99")),
-             f"{h['total']:.4f}", _pct(e.get("share_host")) if share else ""]
+             _ms(h.get("max")), f"{h['total']:.4f}", pct(e.get("share_host")) if share else ""]
         if dev:
             d: Any = e["device"] or {}
             n = d.get("count", 0)
-            r += [_ms(d.get(q)) if n else "-" for q in ("mean", "p50", "p90", "p99")]
+            r += [_ms(d.get(q)) if n else "-" for q in ("mean", "p50", "p90", "p99", "max")]
             r += [f"{d.get('total', 0.0):.4f}" if n else "-",
-                  _pct(e.get("share_device")) if share and n else ""]
+                  pct(e.get("share_device")) if share and n else ""]
         rows.append(r)
 
+    users = dict(rep["user"])
     for k in PARTITION:
         if rep["phases"][k]["host"]["count"]:
             add(k, rep["phases"][k])
+        for name in [u for u, v in users.items() if v.get("parent") == k]:
+            add(f"  user:{name}", users.pop(name), nested=True)
     add("step", rep["phases"]["step"])
     if rep["phases"]["eval_forward"]["host"]["count"]:
         add("eval_forward", rep["phases"]["eval_forward"], share=False)
-    for k, v in rep["user"].items():
-        add(f"user:{k}", v)
+    for k, v in users.items():
+        add(f"user:{k}", v, share=False)
     for k, v in rep["modules"].items():
         add(f"module:{k}", v, share=False)
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
@@ -92,16 +117,43 @@ def format_summary(rep: dict) -> str:
     def fmt(r: list) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
-    lines = ["times in ms unless marked s; share = phase total / step total", fmt(head),
-             "  ".join("-" * w for w in widths)]
+    lines = ["times in ms unless marked s; share = phase total / step total; (share) = part of the phase above",
+             fmt(head), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]
     tail = [f"steps {rep['steps']}"]
     if rep["samples_per_s"] is not None and rep["samples"]:
         tail.append(f"samples/s {rep['samples_per_s']:.1f}")
-    if rep["memory"] is not None:
-        tail.append(f"CUDA memory allocated {rep['memory']['allocated'] / 2**20:.1f} MiB, "
-                    f"peak {rep['memory']['peak'] / 2**20:.1f} MiB")
+    mem = rep["memory"]
+    if mem is not None:
+        m = f"CUDA memory allocated {mem['allocated'] / 2**20:.1f} MiB, peak {mem['peak'] / 2**20:.1f} MiB"
+        if mem.get("peak_reserved") is not None:
+            m += f", peak reserved {mem['peak_reserved'] / 2**20:.1f} MiB"
+        tail.append(m)
     if dev:
         tail.append(f"dropped device samples {rep['dropped_device_samples']}")
     lines.append(", ".join(tail))
+    warm = rep.get("warmup")
+    if warm and warm["steps"]:
+        lines.append(f"warm-up: {warm['steps']} step(s), {warm['host']['step']:.4f} s, kept out of every "
+                     "number above")
+    spikes = rep.get("spikes") or []
+    if spikes:
+        last = spikes[-1]
+        lines.append(f"spikes (steps > 3x the running median): {rep.get('spikes_total', len(spikes))}; last: "
+                     f"step {last['step']} {_ms(last['duration'])} ms against {_ms(last['step_median'])}, "
+                     f"{last['phase']} {_ms(last['phase_time'])} ms against {_ms(last['phase_median'])}")
+    if findings is not None:
+        lines.append(format_findings(findings))
     return "\n".join(lines)
+
+
+def format_findings(findings: list) -> str:
+    """"What to fix first": one line per finding (severity, title, advice), largest saving first."""
+    if not findings:
+        return "What to fix first: nothing stands out."
+    out = ["What to fix first:"]
+    for i, f in enumerate(findings, 1):
+        saving = f" (~{100 * f['saving']:.0f}% of the step)" if f.get("saving") else ""
+        out.append(f"  {i}. [{f['severity']}] {f['title']}{saving}")
+        out.append(f"     {f['advice']}")
+    return "\n".join(out)

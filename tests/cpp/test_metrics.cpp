@@ -196,6 +196,7 @@ TEST(Accumulator, BadInputIsRefusedBeforeAnyChange) {
   EXPECT_EQ(acc.state().abs().sum().item<double>(), 0.0);
   try {
     acc.update(torch::randn({64, 4}), torch::zeros({32}, torch::kLong));
+    ADD_FAILURE() << "a [64, 4] / [32] update was accepted";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("got preds [64, 4] and target [32]"), std::string::npos) << e.what();
   }

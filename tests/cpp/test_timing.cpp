@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "timing/device_clock.h"
 #include "timing/ring.h"
 #include "timing/stats.h"
 #include "timing/timeline.h"
@@ -153,6 +154,49 @@ TEST(TimingRing, KeepsTheLastWOldestFirst) {
   ASSERT_EQ(r.size(), 5u);
   EXPECT_EQ(r.pushed(), 13u);
   for (int i = 0; i < 5; ++i) EXPECT_EQ(r[i], 8 + i);
+}
+
+TEST(TimingDeviceClock, ChainsAndClampsIntoTheWindow) {
+  DeviceClock c;
+  EXPECT_FALSE(c.valid());
+  c.anchor(1000);
+  EXPECT_TRUE(c.valid());
+  EXPECT_DOUBLE_EQ(c.place(500, 1200, 5000), 300);  // reached at 1500, recorded at 1200
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 1500);
+  EXPECT_DOUBLE_EQ(c.place(100, 1550, 5000), 50);
+  // The chain says 1700, but the host recorded it at 1800: the GPU cannot be earlier.
+  EXPECT_DOUBLE_EQ(c.place(100, 1800, 5000), 0);
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 1800);
+  // The chain says 9800, but a query saw it complete at 6000.
+  EXPECT_DOUBLE_EQ(c.place(8000, 2000, 6000), 4000);
+  EXPECT_DOUBLE_EQ(c.anchor_ns(), 6000);
+}
+
+TEST(TimingDeviceClock, StaysCloseUnderDriftAndRounding) {
+  // A GPU clock 50 ppm fast, elapsed times rounded to cudaEventElapsedTime's float ms, 10^5
+  // boundaries 0.2-2 ms apart; the queue drains every 200 boundaries (about half a second).
+  // Chaining alone drifts by milliseconds; with the clamps the error is bounded by the drift since
+  // the queue last drained (here under 30 us), so every lag stays within 50 us of the truth.
+  std::mt19937 rng(fresh_seed());
+  std::uniform_real_distribution<double> gap(0.2e6, 2e6), lag(0, 3e6), poll(0, 2e6);
+  DeviceClock clamped, chained;
+  double host = 0, dev = 0, worst = 0, worst_chained = 0;
+  clamped.anchor(0);
+  chained.anchor(0);
+  double chained_ns = 0;
+  for (int i = 0; i < 100000; ++i) {
+    host += gap(rng);
+    const double true_lag = i % 200 == 0 ? 0.0 : lag(rng);
+    const double next_dev = std::max(host + true_lag, dev);  // in order on the stream
+    const double elapsed = static_cast<double>(static_cast<float>((next_dev - dev) * (1 + 5e-5) * 1e-6)) * 1e6;
+    dev = next_dev;
+    const double est = clamped.place(elapsed, host, dev + poll(rng));
+    worst = std::max(worst, std::abs(est - (dev - host)));
+    chained_ns += elapsed;
+    worst_chained = std::max(worst_chained, std::abs((chained_ns - host) - (dev - host)));
+  }
+  EXPECT_LT(worst, 50e3);
+  EXPECT_GT(worst_chained, 1e6);  // without the clamps the same inputs drift past 1 ms
 }
 
 TEST(TimingTimeline, PhasesPartitionTheStep) {
@@ -360,6 +404,47 @@ TEST(TimingTimeline, TwoThreads) {
   double sum = 0;
   for (int i = 0; i < kNumPartition; ++i) sum += r.phases[i].host.total;
   EXPECT_NEAR(sum, phase(r, Phase::kStep).host.total, 1e-9 * steps);
+}
+
+TEST(TimingTimeline, RingKeepsUserAndModuleSpansWithinTheirStep) {
+  Timeline tl({.device = false, .nvtx = false});
+  const int mod = tl.register_module("encoder");
+  const int many = 70;  // module spans past the reserve are counted, not kept
+  tl.forward_begin();
+  for (int k = 0; k < many; ++k) {
+    tl.module_begin(mod);
+    tl.module_end(mod);
+  }
+  tl.forward_end();
+  EXPECT_TRUE(tl.backward_begin());
+  tl.backward_end();
+  { ScopedPhase u(tl, std::string("clip")); }
+  { ScopedPhase o(tl, Phase::kOptimizer); }
+  const auto recent = tl.recent_steps();
+  ASSERT_EQ(recent.size(), 1u);
+  const StepRecord& r = recent[0];
+  int partition = 0, modules = 0, users = 0;
+  for (int i = 0; i < r.n_spans; ++i) {
+    const SpanRecord& s = r.spans[i];
+    EXPECT_LE(s.t0, s.t1);
+    EXPECT_GE(s.t0, r.t0);
+    EXPECT_LE(s.t1, r.t1);
+    if (s.kind == SpanRecord::kPartition) {
+      ++partition;
+    } else if (s.kind == SpanRecord::kModule) {
+      ++modules;
+      EXPECT_EQ(tl.span_name(s.kind, s.id), "encoder");
+    } else {
+      ++users;
+      EXPECT_EQ(tl.span_name(s.kind, s.id), "clip");
+    }
+  }
+  EXPECT_EQ(partition, kNumPartition);  // all six phases survive the 70 module spans
+  EXPECT_EQ(users, 0);                  // clip closed after the reserve was reached
+  EXPECT_EQ(modules, StepRecord::kMaxSpans - StepRecord::kPartitionReserve - 1);  // after `data`
+  EXPECT_EQ(r.truncated, many - modules + 1);
+  EXPECT_THROW(tl.span_name(SpanRecord::kPartition, 0), c10::Error);
+  EXPECT_THROW(tl.span_name(SpanRecord::kModule, 5), c10::Error);
 }
 
 TEST(TimingTimeline, ScopedPhaseAndClose) {

@@ -121,7 +121,7 @@ def fit(manual=False, accumulate=1, batches=7, **cb_kwargs):
     pl, lit = lightning_module(manual)
     from stepscope.integrations.lightning import StepscopeCallback
 
-    cb = StepscopeCallback(**cb_kwargs)
+    cb = StepscopeCallback(warmup_steps=0, **cb_kwargs)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          accumulate_grad_batches=accumulate, callbacks=[cb])
@@ -159,9 +159,11 @@ def test_lightning_phases_match_their_plants(manual, accumulate, capsys):
     assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
 
 
-def test_lightning_logs_phases_and_metrics_to_callback_metrics():
+def test_lightning_logs_phases_and_metrics_to_callback_metrics(tmp_path):
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
-    trainer, cb = fit(batches=4, metrics=metrics, log_every_n_steps=2, summary=False)
+    trace = tmp_path / "run.trace.json"
+    trainer, cb = fit(batches=4, metrics=metrics, log_every_n_steps=2, summary=False, trace=str(trace))
+    assert trace.stat().st_size > 0  # written by the Monitor when the callback detached it
     logged = trainer.callback_metrics
     for key in ("stepscope/forward_p50_ms", "stepscope/optimizer_share", "stepscope/accuracy",
                 "stepscope/f1_macro", "stepscope/loss"):
@@ -215,7 +217,7 @@ def test_hf_trainer_steps_are_optimizer_steps(tmp_path, capsys, accumulate):
     transformers, model = tiny_lm()
     from stepscope.integrations.transformers import StepscopeCallback
 
-    cb = StepscopeCallback()
+    cb = StepscopeCallback(warmup_steps=0)
     seen = []
 
     class Logger(transformers.TrainerCallback):  # a logger placed after ours
@@ -276,13 +278,14 @@ def run_example(name, *args):
 
 def test_example_segmentation():
     out = run_example("segmentation.py")
-    assert "val IoU per class" in out and "\nforward" in out and "steps 48" in out
+    assert "val IoU per class" in out and "\nforward" in out
+    assert "steps 45" in out and "warm-up: 3 step(s)" in out  # 48 steps, the Monitor's default warm-up
 
 
 def test_example_lm_tokens():
     out = run_example("lm_tokens.py")
     assert "metric state: 96055 float64 values for V = 32000" in out  # O(V), no V x V matrix
-    assert "padding ignored" in out and "steps 30" in out
+    assert "padding ignored" in out and "steps 27" in out and "warm-up: 3 step(s)" in out
 
 
 def test_example_lightning():

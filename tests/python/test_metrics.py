@@ -399,30 +399,40 @@ def test_ignore_index_counts_nowhere():
     assert int(out["confusion_matrix"].sum()) == 0
 
 
+MISUSE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
 @pytest.mark.parametrize(
     "preds,target,kw,match",
     [
         (torch.randn(64, 10), torch.zeros(32, dtype=torch.long), {}, r"got preds \[64, 10\] and target \[32\]"),
+        (torch.randn(8, 4), torch.zeros(7, dtype=torch.long), {"num_classes": 4}, r"got preds \[8, 4\] and target \[7\]"),
         (torch.randn(8, 5), torch.zeros(8, dtype=torch.long), {}, r"preds has 5 classes in dim 1 but num_classes = 10"),
         (torch.randn(8), torch.zeros(8, dtype=torch.long), {}, r"preds must have shape \[N, C\]"),
         (torch.randn(8, 10), torch.zeros(8, 2, dtype=torch.long), {}, "target must have shape"),
+        (torch.randn(0, 0), torch.zeros(1, 2, 3, 4, dtype=torch.long), {}, "preds has 0 classes"),
     ],
 )
-def test_bad_shapes_raise_before_anything_changes(preds, target, kw, match):
-    m = stepscope.ClassificationMetrics("multiclass", num_classes=10, device="cpu", **kw)
+def test_bad_shapes_raise_before_anything_changes(preds, target, kw, match, device):
+    kw = {"num_classes": 10, **kw}
+    m = stepscope.ClassificationMetrics("multiclass", device=device, **kw)
     with pytest.raises(ValueError, match=match):
-        m.update(preds, target)
+        m.update(preds.to(device), target.to(device))
     assert m.state.abs().sum() == 0
 
 
-def test_bad_dtypes_and_devices():
-    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, device="cpu")
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
+def test_bad_dtypes_and_devices(device):
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, device=device)
     with pytest.raises(TypeError, match="preds must be a floating tensor"):
-        m.update(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        m.update(torch.zeros(3, 4, dtype=torch.long, device=device), torch.zeros(3, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match="target must be an integer tensor"):
-        m.update(torch.randn(3, 4), torch.zeros(3))
+        m.update(torch.randn(3, 4, device=device), torch.zeros(3, device=device))
     with pytest.raises(ValueError, match="same device"):
         m.update(torch.randn(3, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="same device"):
+        m.update(torch.randn(3, 4, device=device), torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="num_classes"):
         stepscope.ClassificationMetrics("multiclass", num_classes=0)
     with pytest.raises(ValueError, match="top_k"):
@@ -430,8 +440,57 @@ def test_bad_dtypes_and_devices():
     with pytest.raises(ValueError, match="task must be"):
         stepscope.ClassificationMetrics("regression", num_classes=3)
     with pytest.raises(ValueError, match="same shape"):
-        stepscope.ClassificationMetrics("binary").update(torch.rand(4), torch.zeros(5, dtype=torch.long))
+        stepscope.ClassificationMetrics("binary", device=device).update(
+            torch.rand(4, device=device), torch.zeros(5, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match=r"labels in dim 1 but num_labels = 3"):
+        stepscope.ClassificationMetrics("multilabel", num_labels=3, device=device).update(
+            torch.rand(4, 2, device=device), torch.zeros(4, 2, dtype=torch.long, device=device))
     assert m.state.abs().sum() == 0
+
+
+def run_fuzz(device: str, seed: int, cases: int) -> dict:
+    """The misuse fuzz in a child process: a crash there is a failed case, not a dead test run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("misuse_fuzz.py")
+    p = subprocess.run([sys.executable, str(script), "--device", device, "--seed", str(seed), "--cases", str(cases)],
+                       capture_output=True, text=True, timeout=600)
+    out = {}
+    for line in p.stdout.splitlines():
+        rec = json.loads(line)
+        out[rec["seed"]] = rec["outcome"]
+    last = max(out, default=seed - 1)
+    assert p.returncode == 0 and len(out) == cases, (
+        f"misuse fuzz on {device} died (rc {p.returncode}) at case seed {last + 1} "
+        f"(replay: python {script} --device {device} --seed {last + 1} --cases 1)\n{p.stderr[-2000:]}")
+    return out
+
+
+def test_misuse_fuzz_cpu_never_crashes(base_seed):
+    out = run_fuzz("cpu", base_seed, 400)
+    bad = {s: o for s, o in out.items() if not (o == "ok" or o.startswith(("TypeError:", "ValueError:")))}
+    assert not bad, f"base seed {base_seed}: {bad}"
+    # The fuzz must reach the op's checks and its kernels, not just the constructor.
+    assert sum(o == "ok" for o in out.values()) >= 20
+    assert sum("stepscope: preds" in o or "stepscope: target" in o for o in out.values()) >= 50
+
+
+@pytest.mark.cuda
+def test_misuse_fuzz_cuda_raises_what_cpu_raises(base_seed):
+    cpu = run_fuzz("cpu", base_seed, 400)
+    cuda = run_fuzz("cuda", base_seed, 400)
+    differ = {}
+    for s, o in cpu.items():
+        c = cuda[s]
+        if c == o:
+            continue
+        if o == "ok" and c.startswith("TypeError:") and "float64 preds are supported on CPU only" in c:
+            continue  # float64 is a CPU-only dtype, said as such
+        differ[s] = (o, c)
+    assert not differ, f"base seed {base_seed}: cpu vs cuda {differ}"
 
 
 def test_target_dtypes(base_seed):

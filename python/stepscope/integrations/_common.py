@@ -39,11 +39,5 @@ def phase_scalars(rep: dict, prefix: str) -> dict:
 
 
 def closing_text(mon: Any, note: str = "") -> str:
-    """The summary, the diagnosis where this build has one, and a note on what the numbers mean."""
-    parts = [mon.summary()]
-    diagnose = getattr(mon, "diagnose", None)
-    if callable(diagnose):
-        parts.append(str(diagnose()))
-    if note:
-        parts.append(note)
-    return "\n".join(parts)
+    """The summary (with its diagnosis) and a note on what the numbers mean."""
+    return mon.summary() + ("\n" + note if note else "")

@@ -44,9 +44,9 @@ class StepscopeCallback(pl.Callback):
             a mapping with ``"preds"`` and ``"target"``; its scalar entries are logged.
         log_every_n_steps: log (``pl_module.log``, so they reach ``trainer.callback_metrics``
             and the loggers) every this many optimizer steps; 0: never.
-        summary: print the summary table (and diagnosis, where this build has one) at the end.
-        trace: a path for a Chrome/Perfetto trace written at the end (needs a build with
-            ``Monitor.export_chrome_trace``; refused otherwise).
+        summary: print the summary table (with its diagnosis) at the end.
+        trace: a path: the Monitor writes a Perfetto / Chrome trace of the recent steps there
+            when it detaches (:meth:`stepscope.Monitor.export_trace`).
         prefix: of every logged name.
         **monitor_kwargs: passed to :class:`stepscope.Monitor` (``per_module``, ``nvtx``, ...).
 
@@ -66,13 +66,11 @@ class StepscopeCallback(pl.Callback):
         n = log_every_n_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
-        if trace is not None and not hasattr(Monitor, "export_chrome_trace"):
-            raise NotImplementedError("stepscope: trace= needs Monitor.export_chrome_trace, which this build "
-                                      "does not have")
         self.metrics = metrics
         self.log_every_n_steps = log_every_n_steps
         self.summary = summary
-        self.trace = trace
+        if trace is not None:
+            monitor_kwargs = dict(monitor_kwargs, trace=trace)  # the Monitor writes it at detach
         self.prefix = prefix
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Optional[Monitor] = None
@@ -88,8 +86,6 @@ class StepscopeCallback(pl.Callback):
         if mon is None or not mon.attached:
             return
         mon.detach()
-        if self.trace is not None:
-            mon.export_chrome_trace(self.trace)
         if self.summary and trainer.is_global_zero:
             print(_common.closing_text(mon))
 

@@ -56,7 +56,7 @@ class StepscopeCallback(TrainerCallback):
     """Times each optimizer step of a ``transformers.Trainer`` (:class:`stepscope.Monitor`).
 
     Args:
-        summary: print the summary table (and diagnosis, where this build has one) at the end.
+        summary: print the summary table (with its diagnosis) at the end.
         log: add phase p50s (ms) and shares to the Trainer's logs (``on_log``), for the
             loggers after this callback in the list.
         prefix: of every logged name.

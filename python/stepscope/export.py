@@ -1,0 +1,547 @@
+"""Taking a run's numbers elsewhere: a Perfetto/Chrome trace, a JSON file, CSV, a PNG dashboard,
+TensorBoard scalars and a one-line live summary.
+
+    mon.export_trace("run.trace.json.gz")   # Perfetto (ui.perfetto.dev) or chrome://tracing
+    mon.save("run.json")                     # report + ring of recent steps + diagnosis + versions
+    run = stepscope.load("run.json")         # JSON only: safe to open a file from anyone
+    print(run.summary())                     # the same table as mon.summary()
+    stepscope.plot(run, "run.png")           # 1200x800 dashboard (needs matplotlib)
+    mon.to_csv("steps.csv")                  # one row per step in the ring
+
+Every export reads one plain dict, the *run data* (what :func:`save` writes): a live Monitor is
+turned into it, a loaded file already is it. So a trace, a CSV or a plot made from a saved file
+is the one the Monitor would have made. This module and ``report.py`` import neither torch nor
+the extension at module level: a saved run is read, plotted and traced without torch.
+
+Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
+a crash mid-write leaves the old file or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gzip
+import io
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import textwrap
+from typing import Any, Iterable, Optional, Union
+
+from . import diagnose as _diagnose
+from .report import PARTITION, format_summary
+
+FORMAT = "stepscope.run"
+SCHEMA_VERSION = 1
+
+logger = logging.getLogger("stepscope")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Trace tracks (Chrome trace "tid"s) within the rank's process.
+_TID_STEPS = 1
+_TID_HOST = 2  # partition phases, user phases and modules nested under them
+_MAX_OVERFLOW_TRACKS = 8
+_MAX_DIAG_LINES = 8  # on the PNG dashboard
+# Ring keys of the spans on the host track(s): (trace category, key, placement priority).
+_SPAN_KINDS = (("phase", "spans", 0), ("user", "user_spans", 1), ("module", "module_spans", 2))
+
+
+# ---------------------------------------------------------------------------------------- files
+def _atomic_write(path: PathLike, data: bytes) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); the result should have the mode open() would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _encode(obj: Any, path: PathLike) -> bytes:
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    # mtime=0: the same run gives the same bytes.
+    return gzip.compress(text, mtime=0) if os.fspath(path).endswith(".gz") else text
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Infinity: such values become None (standard JSON any reader accepts)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    try:  # numpy / 0-d tensor scalars in a diagnosis' evidence
+        return _finite(float(x))
+    except (TypeError, ValueError):
+        return str(x)
+
+
+# ------------------------------------------------------------------------------------- run data
+def _rank() -> int:
+    torch = sys.modules.get("torch")  # never import torch here: a saved run is read without it
+    if torch is None:
+        return 0
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
+def _nvtx_colors() -> dict:
+    """NVTX phase name -> "#RRGGBB", read from the extension (the one table of colours)."""
+    from . import _C
+
+    ph = _C.nvtx.Phase
+    return {_C.nvtx.phase_name(p): "#%06X" % (_C.nvtx.phase_color(p) & 0xFFFFFF)
+            for p in ph.__members__.values()}
+
+
+def _monitor_data(mon: Any) -> dict:
+    from . import _C, __version__
+
+    torch = sys.modules.get("torch")
+    ring = []
+    for r in mon.recent_steps():
+        e = dict(r)
+        for k in ("spans", "user_spans", "module_spans"):
+            e[k] = [list(s) for s in r.get(k, ())]
+        ring.append(e)
+    diagnose = getattr(mon, "diagnose", None)
+    return _finite({
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rank": _rank(),
+        "report": mon.report(),
+        "recent_steps": ring,
+        "diagnosis": diagnose() if callable(diagnose) else None,
+        "nvtx_colors": _nvtx_colors(),
+        "build_info": _C.build_info(),
+        "versions": {"stepscope": __version__, "torch": getattr(torch, "__version__", None),
+                     "python": platform.python_version(), "platform": platform.platform()},
+    })
+
+
+class SavedRun:
+    """A run read back by :func:`load`: the same reading methods as a Monitor.
+
+        run = stepscope.load("run.json")
+        print(run.summary()); print(run.report()["samples_per_s"])
+    """
+
+    def __init__(self, data: dict, path: Optional[str] = None) -> None:
+        self.data = data
+        self.path = path
+
+    def report(self) -> dict:
+        return self.data["report"]
+
+    def summary(self) -> str:
+        return format_summary(self.data["report"], findings=self.diagnose())
+
+    def recent_steps(self) -> list:
+        return self.data["recent_steps"]
+
+    def diagnose(self) -> list:
+        """The findings saved with the run; for a run saved without them, the rules of
+        :mod:`stepscope.diagnose` applied to its report (they are pure functions of it)."""
+        saved = self.data.get("diagnosis")
+        return list(saved) if saved is not None else _diagnose.diagnose(self.data["report"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.data["report"]["steps"])
+
+    def __repr__(self) -> str:
+        return f"SavedRun(path={self.path!r}, steps={self.steps}, ring={len(self.data['recent_steps'])})"
+
+
+Source = Any  # a Monitor, a SavedRun or run data (a dict)
+
+
+def run_data(source: Source) -> dict:
+    """The run data of a Monitor, a :class:`SavedRun` or run data itself."""
+    if isinstance(source, SavedRun):
+        return source.data
+    if isinstance(source, dict) and source.get("format") == FORMAT:
+        return source
+    if hasattr(source, "recent_steps") and hasattr(source, "report") and hasattr(source, "_tl"):
+        if source._tl is None:
+            raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
+        return _monitor_data(source)
+    raise TypeError("stepscope: expected a Monitor, a run from stepscope.load() or its data dict; got "
+                    f"{type(source).__name__}")
+
+
+def save(source: Source, path: PathLike) -> None:
+    """Writes the run (report, ring of recent steps, diagnosis, build info, versions) as JSON
+    (gzip when ``path`` ends in ``.gz``), atomically.
+
+        stepscope.export.save(mon, "run.json"); run = stepscope.load("run.json")
+    """
+    data = run_data(source)
+    _atomic_write(path, _encode(data, path))
+
+
+def load(path: PathLike) -> SavedRun:
+    """Reads a run written by ``Monitor.save`` (JSON, or gzip'd JSON; never pickle).
+
+    Raises FileNotFoundError for a missing file and ValueError ("stepscope: ...") for a file that
+    is not a stepscope run or was written by a newer stepscope (a higher schema version).
+
+        run = stepscope.load("run.json"); print(run.summary())
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stepscope: no such file: {p}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"stepscope: {p} is a folder, not a run file") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"stepscope: {p} is a damaged gzip file: {e}") from None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"stepscope: {p} is not a stepscope run file (not JSON: {e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        what = "a Chrome trace" if isinstance(data, dict) and "traceEvents" in data else "not a stepscope run"
+        raise ValueError(f"stepscope: {p} is {what} (no \"format\": \"{FORMAT}\"); save runs with "
+                         "Monitor.save()")
+    schema = data.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise ValueError(f"stepscope: {p} has no valid schema version (got {schema!r})")
+    if schema > SCHEMA_VERSION:
+        raise ValueError(f"stepscope: {p} was written by a newer stepscope (schema {schema}; this one "
+                         f"reads up to {SCHEMA_VERSION}): upgrade stepscope to read it")
+    missing = [k for k in ("report", "recent_steps") if not isinstance(data.get(k), (dict, list))]
+    if missing:
+        raise ValueError(f"stepscope: {p} is a damaged stepscope run (missing {', '.join(missing)})")
+    return SavedRun(data, p)
+
+
+# ----------------------------------------------------------------------------------- diagnosis
+def _finding_lines(findings: Optional[Iterable[dict]]) -> list:
+    """One line per finding for the dashboard: ``[severity] title: advice``."""
+    return [f"[{f.get('severity', 'info')}] {f.get('title', f.get('rule', '?'))}"
+            + (f": {f['advice']}" if f.get("advice") else "") for f in findings or ()]
+
+
+# --------------------------------------------------------------------------------------- trace
+def _ns(t: float) -> int:
+    # The ring holds integer nanoseconds scaled to seconds: rounding recovers them exactly, so
+    # nesting is decided on integers, not on sums of floats.
+    return int(round(t * 1e9))
+
+
+def _place(items: list, tracks: int) -> list:
+    """Splits (t0, t1, prio, event) into lists that each nest properly (a stack per track)."""
+    out = []
+    # Partition phases first at equal starts: a user span starting with a phase must not become
+    # that phase's parent.
+    rest = sorted(items, key=lambda it: (it[0], it[2], -(it[1] - it[0])))
+    while rest and len(out) < tracks:
+        kept, left, stack = [], [], []
+        for it in rest:
+            while stack and stack[-1] <= it[0]:
+                stack.pop()
+            if stack and it[1] > stack[-1]:
+                left.append(it)  # overlaps its neighbour without nesting: next track
+                continue
+            stack.append(it[1])
+            kept.append(it)
+        out.append(kept)
+        rest = left
+    return out
+
+
+def trace_events(source: Source) -> dict:
+    """The Chrome trace-event object of a run (what :func:`write_trace` writes).
+
+    One process per rank (pid = rank). Track 1 holds one ``step N`` span per step in the ring
+    (``args.step``); track 2 the partition phases, with user phases and per-module forward spans
+    nested under the phase they ran in (spans that straddle a phase boundary go to the next track).
+    Each span's ``args.color`` is its NVTX colour. Counters: ``samples/s`` per step and, on CUDA,
+    ``CUDA memory`` (allocated/reserved MiB). Times in µs since the Monitor started. Device times
+    are not in the ring of steps, so the trace has host tracks only.
+    """
+    data = run_data(source)
+    pid = int(data.get("rank") or 0)
+    colors = data.get("nvtx_colors") or {}
+    ev: list = []
+    spans: list = []  # (t0 ns, t1 ns, prio, event) for the host track(s)
+
+    def x(name: str, cat: str, t0: int, t1: int, args: dict) -> dict:
+        return {"name": name, "cat": cat, "ph": "X", "ts": t0 / 1e3, "dur": max(0, t1 - t0) / 1e3, "pid": pid,
+                "args": args}
+
+    for r in data["recent_steps"]:
+        n = int(r["step"])
+        t0, t1 = _ns(r["t0"]), _ns(r["t1"])
+        e = x(f"step {n}", "step", t0, t1,
+              {"step": n, "samples": r.get("samples", 0), "color": colors.get("step")})
+        e["tid"] = _TID_STEPS
+        ev.append(e)
+        for kind, key, prio in _SPAN_KINDS:
+            for name, a, b in r.get(key, ()):
+                a_ns, b_ns = _ns(a), _ns(b)
+                color = colors.get(name if kind == "phase" else kind)
+                spans.append((a_ns, b_ns, prio, x(name, kind, a_ns, b_ns, {"step": n, "color": color})))
+        host_s = sum(r["host"].values())
+        if r.get("samples") and host_s > 0:
+            ev.append({"name": "samples/s", "ph": "C", "ts": t1 / 1e3, "pid": pid,
+                       "args": {"samples/s": r["samples"] / host_s}})
+        mem = r.get("memory")
+        if mem:
+            args = {"allocated MiB": mem["allocated"] / 2**20}
+            if mem.get("reserved") is not None:
+                args["reserved MiB"] = mem["reserved"] / 2**20
+            ev.append({"name": "CUDA memory", "ph": "C", "ts": t1 / 1e3, "pid": pid, "args": args})
+    tracks = _place(spans, _MAX_OVERFLOW_TRACKS + 1)
+    names = {_TID_STEPS: "steps", _TID_HOST: "host phases"}
+    for k, kept in enumerate(tracks):
+        tid = _TID_HOST + k
+        if k:
+            names[tid] = f"host phases (overlapping {k})"
+        for it in kept:
+            it[3]["tid"] = tid
+            ev.append(it[3])
+    meta = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"stepscope rank {pid}"}},
+            {"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}]
+    for tid, name in names.items():
+        meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
+                     "args": {"sort_index": tid}})
+    # "traceEvents" first: Perfetto tells the JSON trace format from the file's first bytes.
+    return {"traceEvents": meta + ev, "displayTimeUnit": "ms",
+            "otherData": {"producer": "stepscope", "versions": data.get("versions"), "rank": pid}}
+
+
+def write_trace(source: Source, path: PathLike) -> None:
+    """Writes :func:`trace_events` as JSON (gzip when ``path`` ends in ``.gz``), atomically.
+
+        stepscope.export.write_trace(mon, "run.trace.json.gz")   # open in ui.perfetto.dev
+    """
+    _atomic_write(path, _encode(trace_events(source), path))
+
+
+# ----------------------------------------------------------------------------------------- CSV
+def csv_rows(source: Source) -> list:
+    """Rows of :func:`write_csv`: a header, then one row per step in the ring."""
+    data = run_data(source)
+    head = ["step", "start_s", "end_s", "step_s", "samples"] + [f"{p}_s" for p in PARTITION]
+    head += ["memory_allocated", "memory_reserved", "truncated_spans"]
+    rows = [head]
+    for r in data["recent_steps"]:
+        host = [float(r["host"].get(p, 0.0)) for p in PARTITION]
+        mem = r.get("memory") or {}
+        rows.append([r["step"], r["t0"], r["t1"], sum(host), r.get("samples", 0), *host,
+                     mem.get("allocated", ""), "" if mem.get("reserved") is None else mem["reserved"],
+                     r.get("truncated_spans", 0)])
+    return rows
+
+
+def write_csv(source: Source, path: PathLike) -> None:
+    """One row per step in the ring: step, start/end (s since the Monitor started), step time
+    (the sum of its phases: eval forwards inside a step are left out), samples, host seconds per
+    phase, CUDA memory at the step's end (empty without CUDA). Written atomically.
+
+        stepscope.export.write_csv(mon, "steps.csv")
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for row in csv_rows(source):
+        w.writerow([repr(v) if isinstance(v, float) else v for v in row])
+    _atomic_write(path, buf.getvalue().encode())
+
+
+# --------------------------------------------------------------------------------------- plot
+def plot(source: Source, path: PathLike) -> None:
+    """A 1200x800 PNG dashboard: host time per phase per step (stacked), the step-time histogram
+    with the run's p50/p90/p99, each phase's share of the step (host and, on CUDA, device) and
+    the diagnosis. Needs matplotlib (``pip install stepscope[plot]``); never imports torch.
+
+        stepscope.plot(stepscope.load("run.json"), "run.png")
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("stepscope: plot() needs matplotlib: pip install 'stepscope[plot]'") from None
+    data = run_data(source)
+    rep, ring = data["report"], data["recent_steps"]
+    colors = data.get("nvtx_colors") or {}
+    fig = Figure(figsize=(12, 8), dpi=100)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(2, 2, height_ratios=(1.15, 1), hspace=0.35, wspace=0.22)
+    sps = f", {rep['samples_per_s']:.1f} samples/s" if rep.get("samples_per_s") else ""
+    fig.suptitle(f"stepscope: {rep['steps']} steps{sps}", fontsize=14)
+
+    ax = fig.add_subplot(gs[0, :])
+    if ring:
+        steps = [r["step"] for r in ring]
+        bottom = [0.0] * len(ring)
+        for p in PARTITION:
+            h = [r["host"].get(p, 0.0) * 1e3 for r in ring]
+            ax.bar(steps, h, bottom=bottom, width=1.0, color=colors.get(p), label=p, linewidth=0)
+            bottom = [b + v for b, v in zip(bottom, h)]
+        ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
+        # Above the axes, left of the title: inside, it would hide the first steps' bars.
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(PARTITION), fontsize=9, frameon=False,
+                  borderaxespad=0.2)
+    else:
+        ax.text(0.5, 0.5, "no steps in the ring", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"host time per phase, last {len(ring)} steps", loc="right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ms")
+
+    ax = fig.add_subplot(gs[1, 0])
+    st = [sum(r["host"].values()) * 1e3 for r in ring]
+    if st:
+        ax.hist(st, bins=min(40, max(5, len(st) // 4)), color=colors.get("step", "#777777"))
+    step = rep["phases"]["step"]["host"]
+    for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+        v = step.get(q)
+        if v is not None and step.get("count"):
+            ax.axvline(v * 1e3, color="black", linestyle=style, label=f"{q} {v * 1e3:.3f} ms")
+    if step.get("count"):
+        ax.legend(fontsize=9, title="whole run", title_fontsize=9)
+    ax.set_title("step time (ring), quantiles of the whole run")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("steps")
+
+    ax = fig.add_subplot(gs[1, 1])
+    names = [p for p in PARTITION if rep["phases"][p]["host"]["count"]]
+    hs = [100 * (rep["phases"][p].get("share_host") or 0.0) for p in names]
+    ypos = list(range(len(names)))
+    if rep.get("device"):
+        ds = [100 * (rep["phases"][p].get("share_device") or 0.0) for p in names]
+        ax.barh([y - 0.2 for y in ypos], hs, height=0.4, color=[colors.get(p) for p in names], label="host")
+        ax.barh([y + 0.2 for y in ypos], ds, height=0.4, color=[colors.get(p) for p in names], alpha=0.5,
+                hatch="//", label="device")
+        ax.legend(fontsize=9)
+    else:
+        ax.barh(ypos, hs, color=[colors.get(p) for p in names])
+    for y, v in zip(ypos, hs):
+        ax.text(v, y, f" {v:.1f}%", va="center", fontsize=9)
+    ax.set_yticks(ypos, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([100.0 / 1.15] + hs) * 1.15)
+    ax.set_title("share of step time")
+    ax.set_xlabel("%")
+
+    findings = _finding_lines(data.get("diagnosis"))
+    if findings:
+        # Wrapped to the figure's width; at most _MAX_DIAG_LINES lines, the rest counted.
+        lines = ["diagnosis:"]
+        for k, f in enumerate(findings):
+            wrapped = textwrap.wrap(f, 140, subsequent_indent="    ")
+            if len(lines) + len(wrapped) > _MAX_DIAG_LINES:
+                lines.append(f"(+{len(findings) - k} more: python -m stepscope report RUN.json)")
+                break
+            lines += wrapped
+        fig.subplots_adjust(bottom=0.07 + 0.021 * len(lines))
+        fig.text(0.02, 0.01, "\n".join(lines), fontsize=9, va="bottom", family="monospace")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------- TensorBoard
+def _report_of(source: Source) -> dict:
+    if isinstance(source, (SavedRun, dict)):
+        return run_data(source)["report"]
+    return source.report()
+
+
+def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[dict] = None) -> None:
+    """Adds scalars to a TensorBoard writer (``torch.utils.tensorboard.SummaryWriter`` or any
+    object with ``add_scalar(tag, value, step)``):
+    ``stepscope/<phase>/p50_ms`` and ``share`` (host; ``device_p50_ms``/``device_share`` on CUDA),
+    ``stepscope/samples_per_s``, ``stepscope/memory/allocated_mib`` and ``peak_mib`` on CUDA, and
+    each one-element value of ``metrics`` (a ``ClassificationMetrics.compute()`` dict) as
+    ``metrics/<name>`` (reading them is the host sync compute() leaves to the caller).
+
+        stepscope.log_tensorboard(writer, mon, epoch, metrics=val_metrics.compute())
+    """
+    rep = _report_of(source)
+
+    def add(tag: str, v: Any) -> None:
+        if v is not None and math.isfinite(float(v)):
+            writer.add_scalar(tag, float(v), step)
+
+    for name in (*PARTITION, "step"):
+        e = rep["phases"][name]
+        if not e["host"]["count"]:
+            continue
+        p50 = e["host"].get("p50")
+        add(f"stepscope/{name}/p50_ms", None if p50 is None else p50 * 1e3)
+        if name != "step":
+            add(f"stepscope/{name}/share", e.get("share_host"))
+        d = e.get("device")
+        if d and d.get("count"):
+            add(f"stepscope/{name}/device_p50_ms", d["p50"] * 1e3 if d.get("p50") is not None else None)
+            if name != "step":
+                add(f"stepscope/{name}/device_share", e.get("share_device"))
+    add("stepscope/samples_per_s", rep.get("samples_per_s"))
+    mem = rep.get("memory")
+    if mem:
+        add("stepscope/memory/allocated_mib", mem["allocated"] / 2**20)
+        add("stepscope/memory/peak_mib", mem["peak"] / 2**20)
+    for k, v in (metrics or {}).items():
+        numel = getattr(v, "numel", None)
+        if numel is not None:
+            if numel() != 1:
+                continue  # per-class vectors and the confusion matrix are not scalars
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            add(f"metrics/{k}", v)
+
+
+# ----------------------------------------------------------------------------------- live line
+def live_line(rep: dict, step_number: Optional[int] = None) -> str:
+    """The ``Monitor(print_every=n)`` line: step (``step_number``, warm-up steps included; default
+    the report's steady steps), p50 step time, the largest phase and its share, samples/s and CUDA
+    memory. During warm-up there are no statistics yet, and the line says so."""
+    step = rep["phases"]["step"]["host"]
+    parts = [f"stepscope step {rep['steps'] if step_number is None else step_number}"]
+    if not rep["steps"] and (rep.get("warmup") or {}).get("steps"):
+        parts.append("warm-up")
+    if step.get("count") and step.get("p50") is not None:
+        parts.append(f"p50 step {step['p50'] * 1e3:.3f} ms")
+    key = "share_device" if rep.get("device") else "share_host"
+    shares = [(rep["phases"][p].get(key) or 0.0, p) for p in PARTITION]
+    share, name = max(shares)
+    if share > 0:
+        parts.append(f"largest {name} {100 * share:.1f}%")
+    if rep.get("samples_per_s"):
+        parts.append(f"{rep['samples_per_s']:.1f} samples/s")
+    mem = rep.get("memory")
+    if mem:
+        parts.append(f"mem {mem['allocated'] / 2**20:.1f} MiB (peak {mem['peak'] / 2**20:.1f})")
+    return " | ".join(parts)
