@@ -26,6 +26,10 @@ test-deps: deps
 	  || $(PYTHON) -m pip install pytest scikit-learn "torchmetrics==1.9.*" numpy
 	@$(PYTHON) -c "import matplotlib, tensorboard" 2>/dev/null \
 	  || $(PYTHON) -m pip install matplotlib tensorboard
+	@# The framework integrations' tests (CPU); pinning the torch already installed keeps pip from replacing it.
+	@$(PYTHON) -c "import lightning, transformers, accelerate" 2>/dev/null \
+	  || $(PYTHON) -m pip install "lightning>=2.0" "transformers>=4.40" "accelerate>=0.26" \
+	       "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 build: deps
 	STEPSCOPE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pip install -v --no-build-isolation --no-deps -e .

@@ -158,6 +158,10 @@ struct State {
   std::vector<PyObject*> stepped;   // optimizers that stepped in this step (identities only)
   PyObject* opt_in = nullptr;       // the optimizer inside its step (strong reference) ...
   int opt_depth = 0;                // ... and its nesting (subclass steps calling super().step())
+  PyObject* opt_args = nullptr;     // the outermost step call's args tuple (strong reference)
+  // Global hooks (n_opts == 0) see every optimizer in the process: one stepping before the model
+  // ran in the step is another model's, unless its closure then runs the model (LBFGS).
+  bool opt_foreign = false;
   // Python work at a step's end: on_step_end(sample_modules) is called after every step when
   // every_step (CUDA memory counters), else only when per-module sampling (one step in
   // module_every, 0: none) switches on or off ...
@@ -224,22 +228,38 @@ PyObject* step_ended(State* s) {
   return PyObject_CallOneArg(s->on_step_end, want ? Py_True : Py_False);
 }
 
+// An optimizer step whose post hook never came (it raised): torch's step wrapper holds the call's
+// args tuple while it runs (the pre hook sees it), so a tuple only this State still holds
+// belongs to a call that is over. The step's time up to here counts as the optimizer's, and the
+// step goes on. (A nested super().step() or a closure running the model is a call still running;
+// a pre hook of someone else's that returns replacement args would make a running call look
+// finished, and its closure would then be timed as a new step's forward.)
+void drop_raised_step(State* s) {
+  if (s->opt_depth == 0 || s->opt_args == nullptr || Py_REFCNT(s->opt_args) > 1) return;
+  Py_CLEAR(s->opt_in);
+  Py_CLEAR(s->opt_args);
+  s->opt_depth = 0;
+  if (!s->opt_foreign) s->tl->optimizer_end(false);
+  s->opt_foreign = false;
+}
+
 // forward pre-hook (module, args): eval when the module is in eval() or grad is off (inference
 // mode turns grad off too).
 PyObject* forward_pre(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!check_args("forward_pre", nargs, 2)) return nullptr;
   State* s = reinterpret_cast<Object*>(self)->s;
-  if (s->opt_depth != 0) {  // the optimizer step raised (no post hook came)
-    Py_CLEAR(s->opt_in);
-    s->opt_depth = 0;
-  }
+  drop_raised_step(s);
   PyObject* training = PyObject_GetAttr(args[0], g_training);
   if (training == nullptr) return nullptr;
   const int is_training = PyObject_IsTrue(training);
   Py_DECREF(training);
   if (is_training < 0) return nullptr;
   const bool eval = !is_training || !c10::GradMode::is_enabled();
+  if (s->opt_depth != 0 && s->opt_foreign && !eval) {  // inside a global-hook optimizer's closure
+    s->opt_foreign = false;
+    s->tl->optimizer_begin();
+  }
   int64_t batch = s->batch;
   if (batch < 0 && PyTuple_Check(args[1]) && PyTuple_GET_SIZE(args[1]) > 0) {
     PyObject* a0 = PyTuple_GET_ITEM(args[1], 0);
@@ -278,14 +298,19 @@ PyObject* optimizer_pre(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
   HANDLE_TH_ERRORS
   if (!check_args("optimizer_pre", nargs, 3)) return nullptr;
   State* s = reinterpret_cast<Object*>(self)->s;
+  drop_raised_step(s);
   if (s->opt_depth != 0 && s->opt_in == args[0]) {
     ++s->opt_depth;
     Py_RETURN_NONE;
   }
-  Py_INCREF(args[0]);  // a different optimizer: the previous step raised
+  if (s->opt_depth != 0) s->tl->optimizer_end(false);  // a different optimizer: the previous step raised
+  Py_INCREF(args[0]);
   Py_XSETREF(s->opt_in, args[0]);
+  Py_INCREF(args[1]);
+  Py_XSETREF(s->opt_args, args[1]);
   s->opt_depth = 1;
-  s->tl->optimizer_begin();
+  s->opt_foreign = s->n_opts == 0 && !s->tl->forward_seen();
+  if (!s->opt_foreign) s->tl->optimizer_begin();
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -296,6 +321,12 @@ PyObject* optimizer_post(PyObject* self, PyObject* const* args, Py_ssize_t nargs
   State* s = reinterpret_cast<Object*>(self)->s;
   if (s->opt_in != args[0] || s->opt_depth == 0) Py_RETURN_NONE;
   if (--s->opt_depth > 0) Py_RETURN_NONE;
+  Py_CLEAR(s->opt_args);
+  if (s->opt_foreign) {  // another model's optimizer
+    s->opt_foreign = false;
+    Py_CLEAR(s->opt_in);
+    Py_RETURN_NONE;
+  }
   bool end = true;
   if (s->n_opts > 1) {
     if (std::find(s->stepped.begin(), s->stepped.end(), s->opt_in) == s->stepped.end())
@@ -349,6 +380,22 @@ PyObject* add_module(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// optimizer_end(): the optimizer step marked by hand (Monitor.mark) ends the step; returns whether
+// one ended.
+PyObject* optimizer_end(PyObject* self, PyObject* const* /*args*/, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!check_args("optimizer_end", nargs, 0)) return nullptr;
+  State* s = reinterpret_cast<Object*>(self)->s;
+  const int64_t before = s->tl->steps();
+  s->tl->optimizer_end(true);
+  if (s->tl->steps() == before) Py_RETURN_FALSE;
+  PyObject* r = step_ended(s);
+  if (r == nullptr) return nullptr;
+  Py_DECREF(r);
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 // step(): ends the step where no optimizer hook does; returns whether one ended.
 PyObject* step(PyObject* self, PyObject* const* /*args*/, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -368,6 +415,7 @@ int traverse(PyObject* self, visitproc visit, void* arg) {
   if (s != nullptr) {
     Py_VISIT(s->on_step_end);
     Py_VISIT(s->opt_in);
+    Py_VISIT(s->opt_args);
   }
   return 0;
 }
@@ -377,6 +425,7 @@ int clear(PyObject* self) {
   if (s != nullptr) {
     Py_CLEAR(s->on_step_end);
     Py_CLEAR(s->opt_in);
+    Py_CLEAR(s->opt_args);
   }
   return 0;
 }
@@ -407,6 +456,8 @@ PyMethodDef g_methods[] = {
      "add_module(module, id): time this submodule's forward as Timeline module `id`"},
     {"step", STEPSCOPE_FASTCALL(step), METH_FASTCALL,
      "ends the step where no optimizer hook does; returns whether a step ended"},
+    {"optimizer_end", STEPSCOPE_FASTCALL(optimizer_end), METH_FASTCALL,
+     "an optimizer end marked by hand: ends the step; returns whether a step ended"},
     {nullptr, nullptr, 0, nullptr}};
 #undef STEPSCOPE_FASTCALL
 

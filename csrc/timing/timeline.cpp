@@ -116,7 +116,7 @@ void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
   pending_.push_back(DevSpan{kind, id, warm_, a0, b0, a1, b1});
 }
 
-void Timeline::boundary(Phase closes, int64_t now, int ev) {
+void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   open_step_range();
   const int i = static_cast<int>(closes);
   const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
@@ -150,7 +150,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev) {
   last_ev_ = ev;  // takes over the record's reference
   last_ns_ = now;
   step_active_ = true;
-  end_cursor_range();  // the phase just closed: so is its NVTX range
+  if (nvtx) end_cursor_range();  // the phase just closed: so is its NVTX range
 }
 
 void Timeline::add_host(int series, double ns) {
@@ -203,6 +203,8 @@ void Timeline::start_step(int64_t now, int ev) {
   std::fill(std::begin(step_phase_), std::end(step_phase_), 0.0);
   step_samples_ = 0;
   step_active_ = false;
+  step_forward_ = false;
+  in_closure_ = false;
   step_has_pause_ = false;
   cur_.n_spans = 0;
   cur_.truncated = 0;
@@ -317,6 +319,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
   const int ev = record_event(now);
   fwd_eval_ = eval;
   if (eval) {
+    flush_optimizer_begin();  // an eval forward inside the optimizer step is no closure
     if (!paused_) {
       // Cut the open training span here; it resumes at the next training boundary.
       paused_ = true;
@@ -333,9 +336,20 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
     if (opts_.nvtx) nvtx::push(nvtx::Phase::kEval, nullptr, step_index_);
     return;
   }
-  boundary(Phase::kData, now, ev);
+  Phase closes = Phase::kData;
+  if (opt_deferred_) {
+    // The model runs inside the optimizer's step: a closure. The optimizer's prelude joins data.
+    pool_unref(opt_ev_);
+    opt_ev_ = -1;
+    opt_deferred_ = false;
+    in_closure_ = true;
+  } else if (in_closure_) {
+    closes = Phase::kOptimizer;  // the closure called again (LBFGS): the optimizer worked in between
+  }
+  boundary(closes, now, ev);
   cursor_push(nvtx::Phase::kForward);
   if (batch > 0) step_samples_ += batch;
+  step_forward_ = true;
   state_ = State::kForward;
 }
 
@@ -371,6 +385,7 @@ void Timeline::forward_end() {
 bool Timeline::backward_begin() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kBackward) return false;
+  flush_optimizer_begin();
   const int64_t now = now_ns();
   const int ev = record_event(now);
   boundary(Phase::kLoss, now, ev);
@@ -385,26 +400,53 @@ void Timeline::backward_end() {
   const int64_t now = now_ns();
   const int ev = record_event(now);
   boundary(Phase::kBackward, now, ev);
-  cursor_start(nvtx::Phase::kOther);
+  cursor_start(in_closure_ ? nvtx::Phase::kOptimizer : nvtx::Phase::kOther);
   state_ = State::kAfterBackward;
 }
 
 void Timeline::optimizer_begin() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ == State::kOptimizer) return;
+  if (fwd_depth_ > 0) {
+    // Inside a forward marked by hand around the optimizer step: the closure is that forward.
+    if (!fwd_eval_) in_closure_ = true;
+    return;
+  }
   const int64_t now = now_ns();
   const int ev = record_event(now);
-  boundary(Phase::kOther, now, ev);
+  if (in_closure_) {  // after the closure ran: an ordinary boundary
+    boundary(Phase::kOther, now, ev);
+  } else {
+    // Whether this span is `other` or the prelude of a closure's `data` is known at the next
+    // forward or at optimizer_end; the NVTX range cannot wait, so it shows the optimizer call.
+    open_step_range();
+    end_cursor_range();
+    opt_deferred_ = true;
+    opt_ns_ = now;
+    opt_ev_ = ev;  // the record's reference waits here
+  }
   cursor_push(nvtx::Phase::kOptimizer);
   state_ = State::kOptimizer;
 }
 
+void Timeline::flush_optimizer_begin() {
+  if (!opt_deferred_) return;
+  opt_deferred_ = false;
+  boundary(Phase::kOther, opt_ns_, opt_ev_, false);  // the optimizer's NVTX range stays open
+  opt_ev_ = -1;  // its reference now belongs to the last boundary
+}
+
 void Timeline::optimizer_end(bool end_step) {
   std::lock_guard<SpinLock> g(mu_);
-  if (closed_ || state_ != State::kOptimizer) return;
+  if (closed_) return;
+  // A closure step ends here from wherever its closure left off (backward end, usually).
+  const bool closure_end = in_closure_ && fwd_depth_ == 0 && state_ != State::kBackward;
+  if (state_ != State::kOptimizer && !closure_end) return;
   const int64_t now = now_ns();
   const int ev = record_event(now);
+  flush_optimizer_begin();
   boundary(Phase::kOptimizer, now, ev);
+  in_closure_ = false;
   if (end_step) {
     finish_step(now, ev);
   } else {
@@ -417,12 +459,19 @@ bool Timeline::step() {
   std::lock_guard<SpinLock> g(mu_);
   TORCH_CHECK(fwd_depth_ == 0, "stepscope: step() called inside the model's forward; call it after the "
               "optimizer step (or where the step ends)");
-  if (closed_ || !step_active_) return false;
+  if (closed_) return false;
+  flush_optimizer_begin();
+  if (!step_active_) return false;
   const int64_t now = now_ns();
   const int ev = record_event(now);
   boundary(Phase::kOther, now, ev);
   finish_step(now, ev);
   return true;
+}
+
+bool Timeline::forward_seen() const {
+  std::lock_guard<SpinLock> g(mu_);
+  return step_forward_;
 }
 
 template <typename G>
@@ -592,7 +641,7 @@ void Timeline::close() {
     capturing_ = false;
   }
   // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
-  for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_}) {
+  for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_, &opt_ev_}) {
     pool_unref(*s);
     *s = -1;
   }
@@ -603,6 +652,8 @@ void Timeline::close() {
     }
   paused_ = false;
   carry_ns_ = 0;
+  opt_deferred_ = false;
+  in_closure_ = false;
   fwd_depth_ = 0;
   state_ = State::kIdle;
   closed_ = true;

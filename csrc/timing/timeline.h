@@ -36,6 +36,19 @@
 // The step range opens at the step's first training boundary (usually forward_begin), so the
 // trace never holds a step that did not happen (after the last step, before detach); the data
 // range before it is its own range. (step() instead of an optimizer: end(other), end(step), ...).
+// Closure-driven steps (LBFGS, Lightning's automatic optimization: the model runs inside
+// optimizer.step(closure)). A training forward that begins after optimizer_begin and before
+// optimizer_end makes the step a closure step: optimizer_begin's statistics wait for that
+// forward or for optimizer_end, so the time up to the closure's forward is `data`, and inside
+// the closure data/forward/loss/backward are as above; `optimizer` is the time from the
+// closure's backward end to optimizer_end. A closure called again in the same step (LBFGS's
+// line search) closes `optimizer` at its forward: the optimizer's work between closure calls.
+// One optimizer_begin/optimizer_end pair is one step however many closure calls it holds. An
+// optimizer_begin inside an open forward (a forward marked by hand around the optimizer step,
+// as Lightning's callback does) also opens a closure step and closes nothing. NVTX in a closure
+// step: optimizer_begin end(data), push(kOptimizer) as usual; the closure's forward_begin pops
+// it (the optimizer's prelude, counted as data) and pushes kForward; the closure's backward_end
+// end(backward), start(kOptimizer); optimizer_end or the next closure forward ends it.
 // Eval forwards: push(kEval)/pop();
 // modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
 // open. All of it lives in start_step, open_step_range, finish_step, cursor_start, cursor_push,
@@ -176,9 +189,12 @@ class Timeline {
   void optimizer_begin();
   // end_step=false: more optimizers step in this step (several optimizers given).
   void optimizer_end(bool end_step = true);
-  // Ends the step where no optimizer hook does (GradScaler skipping, closures). A no-op when
-  // nothing happened since the last step ended. Returns whether a step ended.
+  // Ends the step where no optimizer hook does (GradScaler skipping). A no-op when nothing
+  // happened since the last step ended. Returns whether a step ended.
   bool step();
+  // Whether the open step has seen a training forward (a Monitor on global optimizer hooks
+  // ignores optimizers stepping without its model).
+  bool forward_seen() const;
 
   int user_series(const std::string& name);  // index for user_begin/user_end
   void user_begin(int id);
@@ -222,8 +238,11 @@ class Timeline {
   }
   int record_event(int64_t now);
   void place_on_host_clock(const DevSpan& d, float m0, float m1, double seen);
-  void boundary(Phase closes, int64_t now, int ev);  // records the phase, ends its NVTX range
+  // Records the phase and ends its NVTX range (with nvtx false the range is left open: a
+  // deferred optimizer_begin recorded at optimizer_end, whose optimizer range is open).
+  void boundary(Phase closes, int64_t now, int ev, bool nvtx = true);
   void finish_step(int64_t now, int ev);
+  void flush_optimizer_begin();  // records a deferred optimizer_begin as the end of `other`
   void start_step(int64_t now, int ev);
   void end_cursor_range();
   void cursor_start(nvtx::Phase p);
@@ -290,6 +309,14 @@ class Timeline {
   int carry_a_ = -1, carry_b_ = -1;
   int64_t eval_t0_ = 0;
   int eval_ev_ = -1;
+
+  // Closure-driven steps (see the top of this file): optimizer_begin's boundary waits here until
+  // the step shows whether a closure runs inside it.
+  bool opt_deferred_ = false;
+  int64_t opt_ns_ = 0;
+  int opt_ev_ = -1;
+  bool in_closure_ = false;  // the optimizer step is open and its closure has run the model
+  bool step_forward_ = false;  // a training forward began in the open step
 
   int64_t step_index_ = 0;
   bool step_active_ = false;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -13,7 +13,7 @@ _TASKS = {"binary": 0, "multiclass": 1, "multilabel": 2}
 _INPUTS = {"auto": 0, "logits": 1, "probs": 2}
 
 
-class ClassificationMetrics:
+class ClassificationMetrics(torch.nn.Module):
     """Accuracy, precision, recall, F1/F-beta, specificity, IoU, confusion matrix, top-k accuracy,
     mean loss and calibration error (ECE), all from one pass over the predictions.
 
@@ -36,7 +36,14 @@ class ClassificationMetrics:
         confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
             that 100k-class vocabularies stay O(C) in memory.
         beta: F-beta's beta; an ``fbeta_*`` entry is reported when beta != 1.
-        device: where the state lives. Default: the device of the first ``update``.
+        device: where the state lives. Default: the CPU until ``.to()`` places it, or else the
+            device of the first ``update``.
+        class_dim: multiclass/multilabel: the dimension of preds that holds the classes (labels);
+            default 1 (``[N, C, d1, ...]``). ``-1`` takes language-model logits ``[B, T, V]``
+            with target ``[B, T]`` as they are (multilabel: target ``[N, ..., L]`` like preds):
+            inputs are read through a ``movedim`` view, never copied (the kernels take strided
+            rows).
+        persistent: keep the state in the ``state_dict`` of the module that holds this one.
         sync_on_compute: under torch.distributed, whether ``compute()`` returns the metrics of
             every rank's data together. ``None`` (default): yes when torch.distributed is
             initialised and the world size is > 1; ``True``: yes, and an error when it is not
@@ -49,6 +56,13 @@ class ClassificationMetrics:
         >>> m.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 2]))
         >>> float(m.compute()["accuracy"])
         0.5
+
+    A ``torch.nn.Module``: the state is one float64 buffer named ``state`` (``.to()`` moves it;
+    with ``persistent=True`` a parent module's ``state_dict`` saves it as ``<attribute>.state``,
+    beside ``<attribute>._extra_state``, the configuration, which ``load_state_dict`` checks).
+    Calling the module, ``m(preds, target)``, accumulates like ``update`` and returns that
+    batch's metrics (torchmetrics' convention; one more state-sized buffer, no host sync).
+    ``compute(scalars=True)`` and ``log_dict()`` give only the single-number entries, for loggers.
 
     ``update`` launches one kernel (two for binary/multilabel ``"auto"`` on CUDA) and never
     synchronises with the host; it runs under ``torch.compile(fullgraph=True)`` and CUDA graph
@@ -92,9 +106,12 @@ class ClassificationMetrics:
         confusion_matrix: Optional[bool] = None,
         beta: float = 1.0,
         device: Union[str, torch.device, None] = None,
+        class_dim: int = 1,
+        persistent: bool = True,
         sync_on_compute: Optional[bool] = None,
         process_group: object = None,
     ) -> None:
+        super().__init__()
         if task not in _TASKS:
             raise ValueError(f"stepscope: task must be one of {sorted(_TASKS)}; got {task!r}")
         if input not in _INPUTS:
@@ -118,6 +135,11 @@ class ClassificationMetrics:
             confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
         if beta <= 0:
             raise ValueError(f"stepscope: beta must be > 0; got {beta}")
+        if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+            raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
+        if task == "binary" and class_dim != 1:
+            raise ValueError("stepscope: class_dim applies to multiclass and multilabel preds; binary has no "
+                             "class dimension")
         if sync_on_compute not in (None, True, False):
             raise TypeError(f"stepscope: sync_on_compute must be None, True or False; got {sync_on_compute!r}")
         self.sync_on_compute = sync_on_compute
@@ -138,22 +160,57 @@ class ClassificationMetrics:
         # The op's scalar arguments, built once: update() runs every step.
         self._op_args = (_TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
                          self.keeps_confusion_matrix)
-        self.state: Optional[torch.Tensor] = None
-        if device is not None:
-            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=device)
+        self.class_dim = class_dim
+        self.state: torch.Tensor
+        self.register_buffer("state", torch.zeros(self._cfg.numel, dtype=torch.float64, device=device),
+                             persistent=persistent)
+        # The state follows the first update's device until it is placed (device=, .to(), a load).
+        self._placed = device is not None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ClassificationMetrics":
+        def keep_float64(t: torch.Tensor) -> torch.Tensor:
+            # A parent's .half() or .to(dtype) reaches buffers too; counts must stay float64.
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        out = super()._apply(keep_float64, recurse)
+        self._placed = True
+        return out
+
+    def _inputs(self, preds: torch.Tensor, target: torch.Tensor) -> tuple:
+        if self.class_dim == 1 or self.task == "binary":
+            return preds, target
+        if not -preds.dim() <= self.class_dim < preds.dim():
+            raise ValueError(f"stepscope: class_dim={self.class_dim} is out of range for preds of shape "
+                             f"{tuple(preds.shape)}")
+        # Views: the kernels read strided rows. Multilabel targets have the labels where preds do.
+        if self.task == "multilabel" and target.dim() == preds.dim():
+            target = target.movedim(self.class_dim, 1)
+        return preds.movedim(self.class_dim, 1), target
+
+    def _place(self, device: torch.device) -> None:
+        if self.state.device != device and not self._placed:
+            self.state = self.state.to(device)
+        self._placed = True
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Accumulate one batch. No host sync; raises before touching the state on bad input."""
-        if self.state is None:
-            self.state = torch.zeros(self._cfg.numel, dtype=torch.float64, device=preds.device)
-        torch.ops.stepscope.classification_update(preds, target, self.state, *self._op_args)
+        self._place(preds.device)
+        torch.ops.stepscope.classification_update(*self._inputs(preds, target), self.state, *self._op_args)
+
+    def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
+        """Accumulates the batch (as ``update``) and returns its own metrics: ``compute()``'s keys for
+        this batch alone. No host sync (the health counters are in the dict, not checked)."""
+        self._place(preds.device)
+        batch = torch.zeros_like(self.state)
+        torch.ops.stepscope.classification_update(*self._inputs(preds, target), batch, *self._op_args)
+        self.state.add_(batch)
+        return self._cfg.compute(batch, self.beta)
 
     def _state_or_empty(self) -> torch.Tensor:
-        if self.state is None:
-            return torch.zeros(self._cfg.numel, dtype=torch.float64)
         return self.state
 
-    def compute(self, check: bool = True) -> dict:
+    def compute(self, check: bool = True, scalars: bool = False) -> dict:
         """All metrics as a dict of tensors on the state's device.
 
         Keys (multiclass/multilabel): ``accuracy`` (micro) and ``<metric>_<average>`` for metric
@@ -165,6 +222,8 @@ class ClassificationMetrics:
 
         With ``check=True`` one small host read checks the counters first: ValueError if any
         target was out of range (saying how many), a warning for non-finite predictions.
+        ``scalars=True`` keeps only single-number entries (no ``*_per_class``, no confusion matrix),
+        as loggers such as Lightning's ``self.log_dict`` need.
 
         Under torch.distributed (see ``sync_on_compute``) the metrics are those of all ranks'
         data: one all_reduce of a copy of the state, the local state untouched.
@@ -173,9 +232,8 @@ class ClassificationMetrics:
         if self._should_sync():
             import torch.distributed as dist
 
-            if self.state is None:  # this rank saw no data: it still takes part with zeros
-                state = state.to(self._comm_device())
-            state = state.clone()
+            # A rank that saw no data still takes part, with zeros on the collective's device.
+            state = state.clone() if self._placed else state.to(self._comm_device())
             dist.all_reduce(state, op=dist.ReduceOp.SUM, group=self.process_group)
         if check:
             nonfinite = self._cfg.check(state)[0]
@@ -185,7 +243,10 @@ class ClassificationMetrics:
                     f"stepscope: {nonfinite} {unit} had NaN or Inf predictions and were left out of every metric",
                     stacklevel=2,
                 )
-        return self._cfg.compute(state, self.beta)
+        out = self._cfg.compute(state, self.beta)
+        if scalars:
+            out = {k: v for k, v in out.items() if v.numel() == 1}
+        return out
 
     def _should_sync(self) -> bool:
         if self.sync_on_compute is False or self._synced_in_place:
@@ -205,28 +266,31 @@ class ClassificationMetrics:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def log_dict(self, prefix: str = "", check: bool = True) -> dict:
+        """``compute(scalars=True)`` with each key prefixed and counts as float64 (loggers reduce
+        floating values), e.g. ``self.log_dict(m.log_dict("train/"))`` in a LightningModule."""
+        return {prefix + k: v if v.is_floating_point() else v.double()
+                for k, v in self.compute(check=check, scalars=True).items()}
+
     def confusion_matrix(self, normalize: str = "none") -> torch.Tensor:
         """Confusion matrix (rows = targets): multiclass [C, C], binary [2, 2], multilabel [L, 2, 2].
 
         normalize: ``"none"`` (int64 counts), ``"true"`` (rows sum to 1), ``"pred"`` (columns)
-        or ``"all"``. This rank's counts only; ``compute()["confusion_matrix"]`` is the global one.
+        or ``"all"``.
         """
         return self._cfg.confusion_matrix(self._state_or_empty(), normalize)
 
     def reset(self) -> None:
         """Zero the state in place (stays valid inside captured CUDA graphs)."""
-        if self.state is not None:
-            self.state.zero_()
+        self.state.zero_()
         self._synced_in_place = False
 
     def sync(self, process_group=None) -> None:
-        """Sum the state over all ranks in place: one all_reduce of one float64 tensor (Gloo or NCCL).
-
-        ``process_group`` defaults to the one given at construction."""
+        """Sum the state over all ranks in place: one all_reduce of one float64 tensor (Gloo or
+        NCCL); ``compute()`` then does not reduce again until ``reset()``. ``process_group``
+        defaults to the one given at construction."""
         import torch.distributed as dist
 
-        if self.state is None:
-            raise RuntimeError("stepscope: sync() before any update: the state's device is unknown")
         group = process_group if process_group is not None else self.process_group
         dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=group)
         self._synced_in_place = True
@@ -238,27 +302,35 @@ class ClassificationMetrics:
             "confusion_matrix": self.keeps_confusion_matrix,
         }
 
-    def state_dict(self) -> dict:
-        """The state (a copy) and the configuration it belongs to."""
-        return {"config": self._config_dict(), "state": self._state_or_empty().detach().clone()}
+    # state_dict: nn.Module's, with the configuration as extra state (``_extra_state``); a load
+    # checks it before any tensor is copied.
+    def get_extra_state(self) -> dict:
+        return self._config_dict()
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict()``; the configuration must match this object's."""
-        if sd.get("config") != self._config_dict():
-            raise ValueError(
-                f"stepscope: state_dict was saved with config {sd.get('config')}, "
-                f"this object has {self._config_dict()}"
-            )
-        state = sd["state"]
-        if state.dtype != torch.float64 or state.shape != (self._cfg.numel,):
-            raise ValueError(
-                f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} {tuple(state.shape)}"
-            )
-        if self.state is None:
-            self.state = state.detach().clone()
-        else:
-            self.state.copy_(state)
+    def set_extra_state(self, state: Any) -> None:
+        self._check_config(state)
+
+    def _check_config(self, config: Any) -> None:
+        if config != self._config_dict():
+            raise ValueError(f"stepscope: state_dict was saved with config {config}, this object has "
+                             f"{self._config_dict()}")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's, also taking the ``{"config", "state"}`` dicts saved by earlier versions."""
+        if "config" in state_dict and "state" in state_dict and "_extra_state" not in state_dict:
+            state_dict = {"state": state_dict["state"], "_extra_state": state_dict["config"]}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "_extra_state" in state_dict:
+            self._check_config(state_dict[prefix + "_extra_state"])
+        state = state_dict.get(prefix + "state")
+        if state is not None and (state.dtype != torch.float64 or state.shape != (self._cfg.numel,)):
+            raise ValueError(f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} "
+                             f"{tuple(state.shape)}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._placed = True
         self._synced_in_place = False
 
-    def __repr__(self) -> str:
-        return f"ClassificationMetrics({self._config_dict()})"
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._config_dict().items())

@@ -25,6 +25,7 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Iterable
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -52,6 +53,62 @@ def _is_compiled(m: torch.nn.Module) -> bool:
     except Exception:  # torch without dynamo
         return False
     return isinstance(m, OptimizedModule)
+
+
+# Monitor.mark()'s boundary names, in the order a step passes them.
+MARKS = ("forward_begin", "forward_end", "backward_begin", "backward_end", "optimizer_begin", "optimizer_end",
+         "step", "eval_begin", "eval_end")
+
+
+def _what(x: Any) -> str:
+    return type(x).__name__
+
+
+def _is_scheduler(x: Any) -> bool:
+    sched = getattr(torch.optim.lr_scheduler, "LRScheduler", None) or torch.optim.lr_scheduler._LRScheduler
+    return isinstance(x, (sched, torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def _check_arguments(model: Any, optimizers: Any) -> tuple:
+    """Monitor's (model, optimizers), with errors that name the mistake."""
+    if isinstance(model, torch.optim.Optimizer):
+        if isinstance(optimizers, torch.nn.Module):
+            raise TypeError(f"stepscope: Monitor(model, optimizers) got an optimizer ({_what(model)}) first "
+                            f"and a model ({_what(optimizers)}) second: the arguments are swapped")
+        raise TypeError(f"stepscope: Monitor's first argument must be the model (a torch.nn.Module); got an "
+                        f"optimizer ({_what(model)}): Monitor(model, optimizer)")
+    if isinstance(model, torch.nn.Module):
+        models = [model]
+    elif isinstance(model, Iterable) and not isinstance(model, (str, bytes)):
+        models = list(model)
+    else:
+        models = []
+    if not models or not all(isinstance(m, torch.nn.Module) for m in models):
+        raise TypeError("stepscope: Monitor needs a torch.nn.Module or a list of them; "
+                        f"got {_what(model)}")
+
+    def check_one(o: Any) -> None:
+        if isinstance(o, torch.optim.Optimizer):
+            return
+        if _is_scheduler(o):
+            raise TypeError(f"stepscope: optimizers got a learning-rate scheduler ({_what(o)}); pass the "
+                            "optimizer it drives (scheduler.optimizer)")
+        if isinstance(o, torch.nn.Module):
+            raise TypeError(f"stepscope: optimizers got a model ({_what(o)}) where an optimizer belongs; "
+                            "models go in the first argument: Monitor([model_a, model_b], optimizers)")
+        raise TypeError("stepscope: optimizers must be a torch.optim.Optimizer, a list of them, or None; "
+                        f"got {_what(o)}")
+
+    if optimizers is None:
+        opts: list = []
+    elif isinstance(optimizers, Iterable) and not isinstance(optimizers, (str, bytes)):
+        opts = list(optimizers)
+    else:
+        check_one(optimizers)
+        opts = [optimizers]
+    for o in opts:
+        check_one(o)
+    return models, opts
 
 
 class _Phase:
@@ -102,9 +159,15 @@ class Monitor:
     reported apart as ``eval_forward``, and eval time is left out of the training step (so a
     model trained in ``eval()`` mode, e.g. to freeze batch norm, has its forwards counted as
     eval). Gradient accumulation (several forward/backward per step) needs nothing special.
-    Optimizers that run the model inside ``step(closure)`` (LBFGS) break the partition: call
-    :meth:`step` after them. Backward begins at a C++ pre-hook on the output's ``grad_fn``, which
-    compiled autograd does not support.
+    Optimizers that run the model inside ``step(closure)`` (LBFGS, Lightning's automatic
+    optimization) need nothing special either: the time before the closure's forward is
+    ``data``, the closure's forward/loss/backward are timed as usual, ``optimizer`` is the time
+    after the closure's backward (and between closure calls) up to the end of ``step``, and one
+    ``step(closure)`` is one step however often it calls the closure. With global hooks
+    (``optimizers=None``) an optimizer step ends a step only if this Monitor's model ran forward
+    in it (or runs inside its closure). Backward begins at a C++ pre-hook on the output's
+    ``grad_fn``, which compiled autograd does not support. Frameworks whose loop hides the
+    model's forward or backward from module hooks drive the boundaries by hand: :meth:`mark`.
     """
 
     def __init__(
@@ -122,18 +185,7 @@ class Monitor:
         trace: Optional[Union[str, "os.PathLike[str]"]] = None,
         print_every: int = 0,
     ) -> None:
-        models = [model] if isinstance(model, torch.nn.Module) else list(model)
-        if not models or not all(isinstance(m, torch.nn.Module) for m in models):
-            raise TypeError("stepscope: Monitor needs a torch.nn.Module or a list of them; "
-                            f"got {type(model).__name__}")
-        if optimizers is None:
-            opts: list = []
-        elif isinstance(optimizers, torch.optim.Optimizer):
-            opts = [optimizers]
-        else:
-            opts = list(optimizers)
-        if not all(isinstance(o, torch.optim.Optimizer) for o in opts):
-            raise TypeError("stepscope: optimizers must be a torch.optim.Optimizer, a list of them, or None")
+        models, opts = _check_arguments(model, optimizers)
         if len({id(o) for o in opts}) != len(opts):
             raise ValueError("stepscope: the same optimizer was given twice")
         if per_module_every < 1:
@@ -310,7 +362,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ user API
     def step(self) -> bool:
-        """Ends the step where no optimizer hook does (GradScaler skipped the step, closures).
+        """Ends the step where no optimizer hook does (GradScaler skipped the step).
 
         A no-op (returns False) when nothing happened since the last step ended, so calling it
         after every ``optimizer.step()`` is safe.
@@ -318,6 +370,58 @@ class Monitor:
         if not self._attached:
             raise RuntimeError("stepscope: Monitor.step() called while the Monitor is not attached")
         return self._hooks.step()
+
+    def mark(self, boundary: str, batch: Optional[int] = None) -> None:
+        """Reports a phase boundary by hand, for loops whose model or optimizer hooks cannot see it.
+
+        ``boundary`` is one of :data:`MARKS`: ``"forward_begin"`` (``batch``: samples in it),
+        ``"forward_end"``, ``"backward_begin"``, ``"backward_end"``, ``"optimizer_begin"``,
+        ``"optimizer_end"`` (ends the step) and ``"step"`` (the same as :meth:`step`);
+        ``"eval_begin"``/``"eval_end"`` bracket work left out of the training step and reported
+        as ``eval_forward`` (a validation loop inside training). Marks and
+        hooks may both fire for one boundary: a forward marked around the model's own hooked
+        forward counts once (nested forwards count as the outermost), a second
+        ``backward_begin`` or ``backward_end`` is ignored, and an ``optimizer_begin`` inside an
+        open forward makes it a closure step (see the class notes). Example, a framework's
+        callbacks (Lightning's on_train_batch_start, on_before_backward, on_after_backward)::
+
+            mon = stepscope.Monitor(model, optimizer).attach()
+            mon.mark("forward_begin", batch=len(x))   # the loop's "batch start"
+            loss = framework_step(x)                  # forward + loss, however it is called
+            mon.mark("forward_end"); mon.mark("backward_begin")
+            loss.backward()
+            mon.mark("backward_end")
+            optimizer.step()                          # its hooks end the step
+
+        Raises ValueError for an unknown name and RuntimeError when not attached.
+        """
+        if not self._attached:
+            raise RuntimeError("stepscope: Monitor.mark() needs an attached Monitor")
+        if boundary not in MARKS:
+            raise ValueError(f"stepscope: unknown boundary {boundary!r}; mark() takes one of "
+                             f"{', '.join(MARKS)}")
+        if batch is not None and boundary != "forward_begin":
+            raise ValueError(f"stepscope: mark({boundary!r}) takes no batch (only 'forward_begin' does)")
+        tl = self._tl
+        if boundary == "forward_begin":
+            n = self._batch if batch is None else int(batch)
+            tl.forward_begin(False, n)
+        elif boundary == "forward_end":
+            tl.forward_end()
+        elif boundary == "backward_begin":
+            tl.backward_begin()
+        elif boundary == "backward_end":
+            tl.backward_end()
+        elif boundary == "optimizer_begin":
+            tl.optimizer_begin()
+        elif boundary == "optimizer_end":
+            self._hooks.optimizer_end()
+        elif boundary == "step":
+            self._hooks.step()
+        elif boundary == "eval_begin":
+            tl.forward_begin(True, -1)
+        else:
+            tl.forward_end()
 
     def phase(self, name: str) -> _Phase:
         """``with mon.phase("clip"):`` times a user phase (reported in ``user``, NVTX push/pop)."""

@@ -243,6 +243,108 @@ TEST(TimingTimeline, PhasesPartitionTheStep) {
   EXPECT_EQ(recent.back().samples, 8);
 }
 
+// optimizer.step(closure): the model runs inside the optimizer's step (LBFGS, Lightning).
+TEST(TimingTimeline, ClosureStepsPartitionAndCountOnce) {
+  Timeline tl({.device = false, .nvtx = false, .ring = 8});
+  auto spin = [](int us) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+  };
+  auto closure = [&] {
+    tl.forward_begin(false, 4);
+    spin(500);
+    tl.forward_end();
+    spin(100);  // loss
+    ASSERT_TRUE(tl.backward_begin());
+    spin(600);
+    tl.backward_end();
+  };
+  const int steps = 4, calls = 3;
+  for (int s = 0; s < steps; ++s) {
+    spin(300);  // data (the loader)
+    tl.optimizer_begin();
+    spin(200);  // the optimizer's prelude: data too
+    for (int c = 0; c < calls; ++c) {
+      closure();
+      spin(400);  // the optimizer's own work, between and after the closure calls
+    }
+    tl.optimizer_end();
+  }
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, steps);
+  EXPECT_EQ(r.samples, steps * calls * 4);
+  EXPECT_EQ(phase(r, Phase::kData).host.count, steps);
+  EXPECT_EQ(phase(r, Phase::kForward).host.count, steps * calls);
+  EXPECT_EQ(phase(r, Phase::kBackward).host.count, steps * calls);
+  EXPECT_EQ(phase(r, Phase::kOptimizer).host.count, steps * calls);
+  EXPECT_EQ(phase(r, Phase::kOther).host.count, 0);
+  EXPECT_GE(phase(r, Phase::kData).host.min, 500e-6);
+  EXPECT_GE(phase(r, Phase::kOptimizer).host.min, 400e-6);
+  double sum = 0;
+  for (int i = 0; i < kNumPartition; ++i) sum += r.phases[i].host.total;
+  EXPECT_NEAR(sum, phase(r, Phase::kStep).host.total, 1e-9);
+  const auto recent = tl.recent_steps();
+  ASSERT_EQ(recent.size(), static_cast<size_t>(steps));
+  const StepRecord& last = recent.back();
+  std::vector<int> names;
+  for (int i = 0; i < last.n_spans; ++i) names.push_back(last.spans[i].phase);
+  const int D = 0, F = 1, L = 2, B = 3, O = 5;
+  EXPECT_EQ(names, (std::vector<int>{D, F, L, B, O, F, L, B, O, F, L, B, O}));
+  for (int i = 1; i < last.n_spans; ++i) EXPECT_EQ(last.spans[i].t0, last.spans[i - 1].t1);
+  EXPECT_EQ(last.spans[0].t0, last.t0);
+  EXPECT_EQ(last.spans[last.n_spans - 1].t1, last.t1);
+}
+
+TEST(TimingTimeline, OptimizerInsideAMarkedForwardIsAClosure) {
+  // Lightning's automatic optimization with the forward marked from its hooks: the optimizer's
+  // pre-hook arrives inside the forward and closes nothing; the step ends at its post-hook.
+  Timeline tl({.device = false, .nvtx = false});
+  for (int s = 0; s < 3; ++s) {
+    tl.forward_begin(false, 2);  // on_train_batch_start
+    tl.optimizer_begin();        // pre-hook, inside the forward
+    tl.forward_begin(false, 2);  // the module's own hook: nested, counts once
+    tl.forward_end();
+    tl.forward_end();            // on_before_backward
+    ASSERT_TRUE(tl.backward_begin());
+    tl.backward_end();           // on_after_backward
+    tl.optimizer_end();          // post-hook
+  }
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, 3);
+  EXPECT_EQ(r.samples, 6);
+  for (Phase p : {Phase::kData, Phase::kForward, Phase::kLoss, Phase::kBackward, Phase::kOptimizer})
+    EXPECT_EQ(phase(r, p).host.count, 3) << phase_name(p);
+  EXPECT_EQ(phase(r, Phase::kOther).host.count, 0);
+}
+
+TEST(TimingTimeline, OrdinaryOptimizerStepsAreUnchangedByTheDeferral) {
+  // No forward inside the optimizer: other and optimizer as before, and step() or an eval forward
+  // inside the optimizer step settle the deferred boundary.
+  Timeline tl({.device = false, .nvtx = false, .ring = 4});
+  tl.forward_begin();
+  tl.forward_end();
+  ASSERT_TRUE(tl.backward_begin());
+  tl.backward_end();
+  tl.optimizer_begin();
+  tl.forward_begin(true);  // an eval forward inside the optimizer step: no closure
+  tl.forward_end();
+  tl.optimizer_end();
+  tl.forward_begin();
+  tl.forward_end();
+  tl.optimizer_begin();
+  EXPECT_TRUE(tl.step());  // the optimizer step never ended: step() ends the step
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, 2);
+  EXPECT_EQ(phase(r, Phase::kEvalForward).host.count, 1);
+  EXPECT_EQ(phase(r, Phase::kOther).host.count, 3);
+  EXPECT_EQ(phase(r, Phase::kOptimizer).host.count, 1);
+  const auto recent = tl.recent_steps();
+  std::vector<int> first;
+  for (int i = 0; i < recent[0].n_spans; ++i) first.push_back(recent[0].spans[i].phase);
+  EXPECT_EQ(first, (std::vector<int>{0, 1, 2, 3, 4, 5}));
+}
+
 TEST(TimingTimeline, EvalIsReportedApartAndLeftOutOfTheStep) {
   Timeline tl({.device = false, .nvtx = false});
   tl.forward_begin(false, 4);

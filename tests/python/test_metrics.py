@@ -701,3 +701,122 @@ def test_warnings_are_not_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.compute()
+
+
+# ----------------------------------------------------------------------------- as an nn.Module
+def test_module_to_and_state_dict_through_a_parent(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 5)
+            self.acc = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 2))
+
+    a, b = Net(), Net()
+    assert isinstance(a.acc, torch.nn.Module)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 5, (40,), generator=g)
+    a.acc.update(x, y)
+    sd = a.state_dict()
+    assert "acc.state" in sd and "acc._extra_state" in sd
+    assert sd["acc._extra_state"]["num_classes"] == 5
+    b.load_state_dict(sd)
+    assert torch.equal(b.acc.state, a.acc.state)
+    b.acc.update(x, y)
+    a.acc.update(x, y)
+    assert torch.equal(b.acc.state, a.acc.state)
+    # a parent's dtype change leaves the counts in float64; .to() moves the buffer
+    b.double().half()
+    assert b.acc.state.dtype == torch.float64 and b.lin.weight.dtype == torch.float16
+    b.to("meta")
+    assert b.acc.state.device.type == "meta"
+    # a different configuration is refused before anything is copied
+    c = Net()
+    c.acc = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 3))
+    with pytest.raises(ValueError, match="saved with config"):
+        c.load_state_dict(sd)
+    assert c.acc.state.abs().sum() == 0
+    # persistent=False leaves it out of the parent's state_dict
+    c.acc = stepscope.ClassificationMetrics("multiclass", num_classes=5, persistent=False)
+    assert "acc.state" not in c.state_dict()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_to_device_and_first_update_placement(device):
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3)
+    assert m.state.device.type == "cpu"
+    m.to(device)
+    assert m.state.device.type == device
+    m.update(torch.randn(4, 3, device=device), torch.randint(0, 3, (4,), device=device))
+    assert int(m.compute()["samples"]) == 4
+
+
+def test_forward_returns_the_batch_and_accumulates(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=7, top_k=(1, 3), ignore_index=-100)
+    total = stepscope.ClassificationMetrics("multiclass", num_classes=7, top_k=(1, 3), ignore_index=-100)
+    for i in range(3):
+        x, y = torch.randn(32, 7, generator=g), torch.randint(0, 7, (32,), generator=g)
+        y[::5] = -100
+        got = m(x, y)
+        fresh = stepscope.ClassificationMetrics("multiclass", num_classes=7, top_k=(1, 3), ignore_index=-100)
+        fresh.update(x, y)
+        want = fresh.compute()
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{k} seed={base_seed}"
+        total.update(x, y)
+        # the batch's state is added to the total: float sums (loss, ECE) may round differently
+        torch.testing.assert_close(m.state, total.state, rtol=1e-12, atol=1e-9)
+        assert torch.equal(m.confusion_matrix(), total.confusion_matrix())
+
+
+def test_scalars_and_log_dict_only_single_numbers(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4)
+    m.update(torch.randn(20, 4, generator=g), torch.randint(0, 4, (20,), generator=g))
+    full, sc = m.compute(), m.compute(scalars=True)
+    assert set(sc) == {k for k, v in full.items() if v.numel() == 1}
+    assert "accuracy_per_class" in full and "accuracy_per_class" not in sc and "confusion_matrix" not in sc
+    assert {"accuracy", "f1_macro", "loss"} <= set(sc)
+    logged = m.log_dict("train/")
+    assert set(logged) == {"train/" + k for k in sc}
+    assert torch.equal(logged["train/accuracy"], sc["accuracy"])
+    assert all(v.is_floating_point() for v in logged.values())
+    assert float(logged["train/samples"]) == 20
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 4)])
+def test_class_dim_last_equals_the_permuted_call(base_seed, shape):
+    g = torch.Generator().manual_seed(base_seed)
+    V = 11
+    logits = torch.randn(*shape, V, generator=g)
+    target = torch.randint(0, V, shape, generator=g)
+    target.view(-1)[::4] = -100
+    last = stepscope.ClassificationMetrics("multiclass", num_classes=V, top_k=(1, 5), ignore_index=-100,
+                                           class_dim=-1)
+    ref = stepscope.ClassificationMetrics("multiclass", num_classes=V, top_k=(1, 5), ignore_index=-100)
+    last.update(logits, target)
+    ref.update(logits.movedim(-1, 1).contiguous(), target)
+    assert torch.equal(last.state, ref.state), f"seed={base_seed}"
+    # the kernel reads the movedim view in place: no contiguous copy is made
+    view = last._inputs(logits, target)[0]
+    assert view.data_ptr() == logits.data_ptr() and not view.is_contiguous()
+    # multilabel [N, d, L] too
+    ml = torch.randn(5, 3, 4, generator=g)
+    mt = torch.randint(0, 2, (5, 3, 4), generator=g)
+    a = stepscope.ClassificationMetrics("multilabel", num_labels=4, class_dim=-1)
+    b = stepscope.ClassificationMetrics("multilabel", num_labels=4)
+    a.update(ml, mt)
+    b.update(ml.movedim(-1, 1).contiguous(), mt.movedim(-1, 1).contiguous())
+    assert torch.equal(a.state, b.state)
+
+
+def test_class_dim_bad_values_are_refused():
+    with pytest.raises(TypeError, match="class_dim"):
+        stepscope.ClassificationMetrics("multiclass", num_classes=3, class_dim=1.0)
+    with pytest.raises(ValueError, match="binary"):
+        stepscope.ClassificationMetrics("binary", class_dim=-1)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3, class_dim=3)
+    with pytest.raises(ValueError, match="class_dim=3 is out of range"):
+        m.update(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))

@@ -746,3 +746,199 @@ def test_cuda_memory_counters_read_in_cpp_at_step_end():
     assert [r["memory"]["reserved"] for r in ring] == [s[1] for s in seen]
     assert rep["memory"]["allocated"] == seen[-1][0] and rep["memory"]["peak"] == seen[-1][2]
     assert rep["memory"]["total"] == torch.cuda.get_device_properties(dev).total_memory
+
+
+# ----------------------------------------------------------------------------- closures and marks
+class SlowLBFGS(torch.optim.LBFGS):
+    """LBFGS that sleeps after its closure calls: planted optimizer time inside step(closure)."""
+
+    def __init__(self, params, secs):
+        super().__init__(params, lr=0.1, max_iter=3, history_size=3)
+        self.secs = secs
+
+    def step(self, closure):
+        loss = super().step(closure)
+        sleep(self.secs, "optimizer")
+        return loss
+
+
+@pytest.mark.parametrize("global_hooks", [False, True])
+def test_lbfgs_closure_is_one_step_and_phases_sum_to_it(global_hooks):
+    model = Planted(fwd=0.004, bwd=0.004)
+    opt = SlowLBFGS(model.parameters(), secs=0.015)
+    calls, steps = [], 4
+    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0) as mon:
+        for x in loader(steps, secs=0.030):
+            n = 0
+
+            def closure():
+                nonlocal n
+                n += 1
+                opt.zero_grad()
+                out = model(x)
+                loss = out.square().mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            calls.append(n)
+            assert mon.step() is False  # the closure step already ended at the post hook
+    rep = mon.report()
+    print(mon.summary(), calls)
+    assert rep["steps"] == steps
+    assert rep["phases"]["forward"]["host"]["count"] == sum(calls)
+    assert rep["phases"]["backward"]["host"]["count"] == sum(calls)
+    assert rep["phases"]["data"]["host"]["count"] == steps
+    # optimizer: once after each closure call but the last (LBFGS between calls) + once at the end
+    assert rep["phases"]["optimizer"]["host"]["count"] == sum(calls)
+    assert rep["phases"]["other"]["host"]["count"] == 0
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+    # data: the loader's sleep and LBFGS's prelude to the closure, nothing of the planted optimizer time
+    assert_close(p50(rep, "data"), 0.030, "data")
+    for r in mon.recent_steps():
+        assert r["spans"][0][0] == "data" and r["spans"][-1][0] == "optimizer"
+        assert sum(r["host"].values()) == pytest.approx(r["t1"] - r["t0"], abs=1e-6)
+
+
+def test_closure_in_a_plain_optimizer_times_the_optimizer_after_the_closure():
+    model = Planted()
+
+    class AfterClosure(torch.optim.SGD):
+        def step(self, closure=None):
+            loss = closure()
+            sleep(PLANT["optimizer"], "optimizer")
+            super().step()  # nested hooks inside the outer step: one boundary pair
+            return loss
+
+    opt = AfterClosure(model.parameters(), lr=1e-3)
+    steps = 5
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        for x in loader(steps):
+            def closure():
+                out = model(x)
+                sleep(PLANT["loss"], "loss")
+                loss = out.square().mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+    rep = mon.report()
+    print(mon.summary())
+    assert rep["steps"] == steps
+    for ph in ("data", "forward", "loss", "backward", "optimizer"):
+        assert rep["phases"][ph]["host"]["count"] == steps
+        assert_close(p50(rep, ph), PLANT[ph], ph)
+    assert rep["phases"]["other"]["host"]["count"] == 0
+
+
+def test_optimizer_of_another_model_counts_no_step_on_global_hooks():
+    mine, other = Planted(fwd=0.0, bwd=0.0), torch.nn.Linear(8, 4)
+    opt_other = torch.optim.SGD(other.parameters(), lr=1e-3)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=1e-3)
+    with stepscope.Monitor(mine, warmup_steps=0) as mon:  # global optimizer hooks
+        for _ in range(3):
+            other(torch.randn(2, 8)).sum().backward()
+            opt_other.step()  # this Monitor's model did not run: no step
+        assert mon.steps == 0
+        mine(torch.randn(2, 8)).sum().backward()
+        opt_mine.step()
+        assert mon.steps == 1
+        opt_other.step()
+        assert mon.steps == 1
+
+
+def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
+    # A framework's loop: the model's forward is a submodule's (no hook on it), the optimizer runs
+    # the closure inside a forward marked at "batch start" (Lightning's automatic optimization).
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Planted(fwd=PLANT["forward"], bwd=PLANT["backward"])
+
+    class AfterClosure(torch.optim.SGD):
+        def step(self, closure=None):
+            loss = closure()
+            sleep(PLANT["optimizer"], "optimizer")
+            super().step()
+            return loss
+
+    w = Wrapper()
+    opt = AfterClosure(w.parameters(), lr=1e-3)
+    steps = 5
+    with stepscope.Monitor(w, opt, warmup_steps=0) as mon:
+        for x in loader(steps):
+            mon.mark("forward_begin", batch=len(x))
+
+            def closure():
+                out = w.inner(x)
+                loss = out.square().mean()
+                mon.mark("forward_end")
+                mon.mark("backward_begin")
+                loss.backward()
+                mon.mark("backward_end")
+                mon.mark("backward_end")  # a second one is ignored
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+            mon.mark("forward_end")  # after the step: ignored
+    rep = mon.report()
+    print(mon.summary())
+    assert rep["steps"] == steps and rep["samples"] == 16 * steps
+    for ph in ("data", "forward", "backward", "optimizer"):
+        assert rep["phases"][ph]["host"]["count"] == steps
+        assert_close(p50(rep, ph), PLANT[ph], ph)
+    assert rep["phases"]["other"]["host"]["count"] == 0
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+
+
+def test_marks_by_hand_and_their_errors():
+    model = Planted(fwd=0.0, bwd=0.0)
+    mon = stepscope.Monitor(model, warmup_steps=0)
+    with pytest.raises(RuntimeError, match="needs an attached Monitor"):
+        mon.mark("forward_begin")
+    with mon:
+        with pytest.raises(ValueError, match="unknown boundary 'fwd_begin'.*forward_begin"):
+            mon.mark("fwd_begin")
+        with pytest.raises(ValueError, match="takes no batch"):
+            mon.mark("backward_end", batch=3)
+        for _ in range(3):
+            for name in stepscope.monitor.MARKS[:5]:
+                mon.mark(name, batch=4 if name == "forward_begin" else None)
+            mon.mark("eval_begin")
+            model.eval()
+            model(torch.randn(2, 8))  # nested inside the marked eval: one eval span
+            model.train()
+            mon.mark("eval_end")
+            mon.mark("optimizer_end")
+        assert mon.steps == 3
+        mon.mark("forward_begin")
+        mon.mark("forward_end")
+        mon.mark("step")
+        assert mon.steps == 4
+    rep = mon.report()
+    assert rep["phases"]["eval_forward"]["host"]["count"] == 3
+    assert rep["phases"]["optimizer"]["host"]["count"] == 3
+    assert rep["samples"] == 12  # batch given to the marks only; eval forwards count none
+
+
+def test_argument_mistakes_are_named():
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.raises(TypeError, match="scheduler \\(StepLR\\).*scheduler.optimizer"):
+        stepscope.Monitor(model, sched)
+    with pytest.raises(TypeError, match="scheduler \\(ReduceLROnPlateau\\)"):
+        stepscope.Monitor(model, [opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt)])
+    with pytest.raises(TypeError, match="got a model \\(Linear\\) where an optimizer belongs"):
+        stepscope.Monitor(model, model)
+    with pytest.raises(TypeError, match="swapped"):
+        stepscope.Monitor(opt, model)
+    with pytest.raises(TypeError, match="got an optimizer \\(SGD\\)"):
+        stepscope.Monitor(opt)
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer.*got str"):
+        stepscope.Monitor(model, "sgd")
+    stepscope.Monitor((m for m in [model]), (o for o in [opt]))  # iterables still work

@@ -426,6 +426,39 @@ def test_monitor_sequence_cuda(tmp_path):
 
 
 @needs_tool
+def test_monitor_closure_step_sequence(tmp_path):
+    """optimizer.step(closure): the optimizer's push ends at the closure's forward (its prelude is
+    data), the closure's phases follow, and the time after its backward is an optimizer start/end
+    range that ends with the step."""
+    code = MONITOR_LOOP.format(kwargs="").replace(
+        """        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+""",
+        """        def closure():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+""")
+    assert "opt.step(closure)" in code
+    events, out = run_traced(code, tmp_path)
+    assert out.split() == ["done"]
+    assert_balanced(events)
+    spans = _spans(ranges(events))
+    steps = [s for s in spans if s[3]["category"] == str(_nv.phase_category(Phase.step))]
+    assert [s[3]["payload"] for s in steps] == ["0", "1", "2"]
+    for k, (_, a, b, _) in enumerate(steps):
+        inside = [s for s in spans if a < s[1] and s[2] < b and s[0] in PHASES]
+        assert [s[0] for s in inside] == ["optimizer", "forward", "loss", "backward", "optimizer"], k
+        assert [s[3].name for s in inside] == ["DomainRangePushEx", "DomainRangePushEx", "DomainRangeStartEx",
+                                               "DomainRangeStartEx", "DomainRangeStartEx"], k
+        for (_, _, close, _), (_, open_next, _, _) in zip(inside, inside[1:]):
+            assert close < open_next
+
+
+@needs_tool
 @pytest.mark.skipif(not hasattr(stepscope, "Monitor"), reason="stepscope.Monitor (issue 4) not merged yet")
 def test_monitor_exception_in_forward_leaves_no_open_range(tmp_path):
     events, out = run_traced(

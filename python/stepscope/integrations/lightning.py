@@ -1,0 +1,137 @@
+"""Lightning: a callback that times every training step and logs the numbers.
+
+    from stepscope.integrations.lightning import StepscopeCallback
+    cb = StepscopeCallback(metrics=stepscope.ClassificationMetrics("multiclass", num_classes=10))
+    trainer = lightning.Trainer(callbacks=[cb], ...)
+    trainer.fit(model, loader)           # training_step returns {"loss": ..., "preds": ..., "target": ...}
+    print(cb.monitor.report()["phases"]["forward"])
+
+Lightning's automatic optimization runs ``training_step`` and the backward inside
+``optimizer.step(closure)``, and a ``training_step`` may call a submodule whose forward the
+LightningModule's hooks never see: the callback marks the boundaries from Lightning's own hooks
+(:meth:`stepscope.Monitor.mark`) and lets the optimizer hooks end the step, so the partition
+holds in automatic and manual optimization alike. ``forward`` is then the time from
+``on_train_batch_start`` to ``on_before_backward``: ``training_step`` with its loss (``loss`` is
+~0 unless the module's own forward hooks separate them), ``backward`` runs to
+``on_after_backward``, and ``optimizer`` from there to the end of ``optimizer.step``.
+Validation loops inside ``fit`` are reported as ``eval_forward`` and left out of the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as e:
+        raise ImportError("stepscope.integrations.lightning needs Lightning: "
+                          "pip install stepscope[lightning]") from e
+
+from ..metrics import ClassificationMetrics
+from ..monitor import Monitor
+from . import _common
+
+
+class StepscopeCallback(pl.Callback):
+    """Times each training step (:class:`stepscope.Monitor`) and logs phase p50s and shares.
+
+    Args:
+        metrics: a :class:`stepscope.ClassificationMetrics` fed from ``training_step``'s outputs,
+            a mapping with ``"preds"`` and ``"target"``; its scalar entries are logged.
+        log_every_n_steps: log (``pl_module.log``, so they reach ``trainer.callback_metrics``
+            and the loggers) every this many optimizer steps; 0: never.
+        summary: print the summary table (with its diagnosis) at the end.
+        trace: a path: the Monitor writes a Perfetto / Chrome trace of the recent steps there
+            when it detaches (:meth:`stepscope.Monitor.export_trace`).
+        prefix: of every logged name.
+        **monitor_kwargs: passed to :class:`stepscope.Monitor` (``per_module``, ``nvtx``, ...).
+
+    The Monitor attaches at ``on_train_start`` to the LightningModule and ``trainer.optimizers``
+    and detaches at ``on_train_end`` or when training raises; ``callback.monitor`` keeps the
+    numbers after ``fit``. Reading the metrics for a log costs one small host read (the timing
+    never syncs).
+    """
+
+    def __init__(self, metrics: Optional[ClassificationMetrics] = None, log_every_n_steps: int = 50,
+                 summary: bool = True, trace: Optional[str] = None, prefix: str = "stepscope/",
+                 **monitor_kwargs: Any) -> None:
+        super().__init__()
+        if metrics is not None and not isinstance(metrics, ClassificationMetrics):
+            raise TypeError("stepscope: metrics must be a stepscope.ClassificationMetrics or None; got "
+                            f"{type(metrics).__name__}")
+        n = log_every_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
+        self.metrics = metrics
+        self.log_every_n_steps = log_every_n_steps
+        self.summary = summary
+        if trace is not None:
+            monitor_kwargs = dict(monitor_kwargs, trace=trace)  # the Monitor writes it at detach
+        self.prefix = prefix
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Optional[Monitor] = None
+        self._next_log = log_every_n_steps
+
+    # ------------------------------------------------------------------ attach / detach
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.monitor = Monitor(pl_module, list(trainer.optimizers), **self.monitor_kwargs).attach()
+        self._next_log = self.log_every_n_steps
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        mon = self.monitor
+        if mon is None or not mon.attached:
+            return
+        mon.detach()
+        if self.summary and trainer.is_global_zero:
+            print(_common.closing_text(mon))
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     exception: BaseException) -> None:
+        if self.monitor is not None and self.monitor.attached:
+            self.monitor.detach()
+
+    # ------------------------------------------------------------------ boundaries
+    def _mark(self, name: str, batch: Optional[int] = None) -> None:
+        if self.monitor is not None and self.monitor.attached:
+            self.monitor.mark(name, batch=batch)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        self._mark("forward_begin", batch=_common.batch_size(batch))
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
+        self._mark("forward_end")
+        self._mark("backward_begin")
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._mark("backward_end")
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._mark("eval_begin")
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._mark("eval_end")
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        # A training_step that returned None skipped its backward: its forward ends here.
+        self._mark("forward_end")
+        if self.metrics is not None:
+            if not isinstance(outputs, Mapping) or "preds" not in outputs or "target" not in outputs:
+                keys = sorted(outputs) if isinstance(outputs, Mapping) else ""
+                raise ValueError("stepscope: StepscopeCallback(metrics=...) needs training_step to return a "
+                                 f"dict with 'preds' and 'target' (and 'loss'); got "
+                                 f"{type(outputs).__name__}{keys}")
+            self.metrics.update(outputs["preds"].detach(), outputs["target"])
+        mon = self.monitor
+        if mon is None or self.log_every_n_steps == 0 or mon.steps < self._next_log:
+            return
+        self._next_log = mon.steps + self.log_every_n_steps
+        logged = _common.phase_scalars(mon.report(), self.prefix)
+        if self.metrics is not None:
+            logged.update(self.metrics.log_dict(self.prefix))
+        pl_module.log_dict(logged, on_step=True, on_epoch=False)

@@ -1,0 +1,295 @@
+"""Framework callbacks (Lightning, Hugging Face Trainer) and the examples, on CPU.
+
+Planted sleeps in the loader, the training step, the backward (a custom autograd Function) and
+the optimizer: each reported phase must be within 5% of what was really slept. Lightning's own
+work between its hooks (1-2 ms a phase on a loaded 2-core machine) stays inside the 5% only with
+plants of 30-60 ms. Each framework's
+tests skip cleanly when it is not installed (``make test`` installs both).
+"""
+
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import stepscope
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 0.05
+PLANT = {"data": 0.060, "forward": 0.050, "backward": 0.030, "optimizer": 0.030}
+SLEPT = collections.defaultdict(list)
+
+
+def sleep(s: float, phase: str = "") -> None:
+    t0 = time.perf_counter()
+    end = t0 + s
+    if s > 0.0005:
+        time.sleep(s - 0.0003)
+    while time.perf_counter() < end:
+        pass
+    if phase:
+        SLEPT[phase].append(time.perf_counter() - t0)
+
+
+def assert_close(got, phase):
+    real = statistics.median(SLEPT[phase])
+    assert abs(got - real) <= TOL * real, (
+        f"{phase}: reported {got * 1e3:.3f} ms, slept {real * 1e3:.3f} ms (planted {PLANT[phase] * 1e3:.0f})")
+
+
+class SleepBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        sleep(PLANT["backward"], "backward")
+        return g
+
+
+class SlowSGD(torch.optim.SGD):
+    """Runs the closure (Lightning's training_step + backward) first, then sleeps, then steps."""
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sleep(PLANT["optimizer"], "optimizer")
+        super().step()
+        return loss
+
+
+class SleepyBatches(torch.utils.data.IterableDataset):
+    def __init__(self, n, batch=8, classes=4):
+        self.n, self.batch, self.classes = n, batch, classes
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(self.n):
+            sleep(PLANT["data"], "data")
+            x = torch.randn(self.batch, 6, generator=g)
+            yield x, torch.randint(0, self.classes, (self.batch,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    SLEPT.clear()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- Lightning
+def lightning_module(manual: bool):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            sleep(PLANT["forward"], "forward")
+            logits = SleepBackward.apply(self.net(x))  # a submodule: the module's own hooks see nothing
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            if manual:
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+            return {"loss": loss, "preds": logits.detach(), "target": y}
+
+        def configure_optimizers(self):
+            return SlowSGD(self.parameters(), lr=0.01)
+
+    return pl, Lit()
+
+
+def fit(manual=False, accumulate=1, batches=7, **cb_kwargs):
+    pl, lit = lightning_module(manual)
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    cb = StepscopeCallback(warmup_steps=0, **cb_kwargs)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         accumulate_grad_batches=accumulate, callbacks=[cb])
+    loader = torch.utils.data.DataLoader(SleepyBatches(batches), batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(lit, loader)
+    ours = [str(w.message) for w in caught if "stepscope" in str(w.message)]
+    assert not ours, ours
+    return trainer, cb
+
+
+@pytest.mark.parametrize("manual,accumulate", [(False, 1), (True, 1), (False, 2)],
+                         ids=["automatic", "manual", "accumulate2"])
+def test_lightning_phases_match_their_plants(manual, accumulate, capsys):
+    batches = 14 if accumulate > 1 else 7
+    trainer, cb = fit(manual=manual, accumulate=accumulate, batches=batches, log_every_n_steps=0)
+    rep = cb.monitor.report()
+    out = capsys.readouterr().out
+    print(out)
+    assert "forward" in out and "optimizer" in out and "steps" in out  # the summary was printed
+    assert not cb.monitor.attached
+    assert rep["steps"] == batches // accumulate == trainer.global_step
+    assert rep["samples"] == 8 * batches
+    assert rep["phases"]["forward"]["host"]["count"] == batches
+    assert rep["phases"]["backward"]["host"]["count"] == batches
+    assert rep["phases"]["optimizer"]["host"]["count"] == batches // accumulate
+    assert_close(rep["phases"]["forward"]["host"]["p50"], "forward")
+    assert_close(rep["phases"]["backward"]["host"]["p50"], "backward")
+    assert_close(rep["phases"]["optimizer"]["host"]["p50"], "optimizer")
+    if accumulate == 1:
+        assert_close(rep["phases"]["data"]["host"]["p50"], "data")
+    partition = ("data", "forward", "loss", "backward", "other", "optimizer")
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in partition)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+
+
+def test_lightning_logs_phases_and_metrics_to_callback_metrics(tmp_path):
+    metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
+    trace = tmp_path / "run.trace.json"
+    trainer, cb = fit(batches=4, metrics=metrics, log_every_n_steps=2, summary=False, trace=str(trace))
+    assert trace.stat().st_size > 0  # written by the Monitor when the callback detached it
+    logged = trainer.callback_metrics
+    for key in ("stepscope/forward_p50_ms", "stepscope/optimizer_share", "stepscope/accuracy",
+                "stepscope/f1_macro", "stepscope/loss"):
+        assert key in logged, sorted(logged)
+    assert float(logged["stepscope/forward_p50_ms"]) > 0
+    assert int(metrics.compute()["samples"]) == 4 * 8
+    assert "stepscope/accuracy_per_class" not in logged
+
+
+def test_lightning_callback_refuses_bad_arguments_and_detaches_on_errors():
+    pl, lit = lightning_module(False)
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    with pytest.raises(TypeError, match="ClassificationMetrics"):
+        StepscopeCallback(metrics=object())
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        StepscopeCallback(log_every_n_steps=-1)
+    # metrics asked for, training_step returning only a loss: a clear error, no hook left behind
+    lit.training_step = lambda batch, i=0: torch.nn.functional.cross_entropy(lit.net(batch[0]), batch[1])
+    cb = StepscopeCallback(metrics=stepscope.ClassificationMetrics("multiclass", num_classes=4))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    with pytest.raises(ValueError, match="'preds' and 'target'"):
+        trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(2), batch_size=None))
+    assert not cb.monitor.attached
+    assert not lit._forward_hooks and not lit._forward_pre_hooks
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def tiny_lm():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return transformers, transformers.GPT2LMHeadModel(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n, T=12, V=64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, V, (n, T), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_hf_trainer_steps_are_optimizer_steps(tmp_path, capsys, accumulate):
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    cb = StepscopeCallback(warmup_steps=0)
+    seen = []
+
+    class Logger(transformers.TrainerCallback):  # a logger placed after ours
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulate, use_cpu=True, report_to=[], save_strategy="no",
+        logging_steps=2, disable_tqdm=True, learning_rate=1e-3, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64),
+                                 callbacks=[cb, Logger()])
+    trainer.train()
+    out = capsys.readouterr().out
+    rep = cb.monitor.report()
+    print(out)
+    assert not cb.monitor.attached
+    assert rep["steps"] == trainer.state.global_step == 4
+    assert rep["phases"]["forward"]["host"]["count"] == 4 * accumulate
+    assert rep["phases"]["backward"]["host"]["count"] == 4 * accumulate
+    assert rep["phases"]["optimizer"]["host"]["count"] == 4
+    assert rep["samples"] == 4 * 4 * accumulate
+    for row in ("forward", "backward", "optimizer", "steps 4"):
+        assert f"\n{row}" in out, row
+    assert cb.loss_in_forward and "'forward' includes the loss" in out
+    # the phases reached the loggers after the callback
+    assert any(h.get("stepscope/optimizer_p50_ms", 0) > 0 for h in seen), seen
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_hf_optimizer_wrapper_is_unwrapped():
+    pytest.importorskip("transformers")
+    from stepscope.integrations.transformers import unwrap_optimizer
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+
+    class Wrapper(torch.optim.Optimizer):  # an Optimizer subclass without Optimizer.__init__
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    assert unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
+    assert unwrap_optimizer(opt) is opt
+    with pytest.raises(TypeError, match="cannot find a torch optimizer inside the Trainer's object"):
+        unwrap_optimizer(object())
+
+
+# ----------------------------------------------------------------------------- examples
+def run_example(name, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "python")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--device", "cpu", *args], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    print(f"{name}: {time.perf_counter() - t0:.1f} s")
+    return r.stdout
+
+
+def test_example_segmentation():
+    out = run_example("segmentation.py")
+    assert "val IoU per class" in out and "\nforward" in out
+    assert "steps 45" in out and "warm-up: 3 step(s)" in out  # 48 steps, the Monitor's default warm-up
+
+
+def test_example_lm_tokens():
+    out = run_example("lm_tokens.py")
+    assert "metric state: 96055 float64 values for V = 32000" in out  # O(V), no V x V matrix
+    assert "padding ignored" in out and "steps 27" in out and "warm-up: 3 step(s)" in out
+
+
+def test_example_lightning():
+    pytest.importorskip("lightning.pytorch")
+    out = run_example("lightning_train.py")  # manual optimization: the callback tests above
+    assert "steps 69 (optimizer steps 69)" in out
+    assert "'val/accuracy'" in out and "'stepscope/f1_macro'" in out
