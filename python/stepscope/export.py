@@ -205,6 +205,27 @@ def save(source: Source, path: PathLike) -> None:
     _atomic_write(path, _encode(data, path))
 
 
+def _read_json(path: PathLike, what: str) -> tuple:
+    """(path as str, the decoded JSON) of a JSON or gzip'd JSON file, with one-line errors."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stepscope: no such file: {p}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"stepscope: {p} is a damaged gzip file: {e}") from None
+    try:
+        return p, json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"stepscope: {p} is not a {what} (not JSON: {e})") from None
+
+
 def load(path: PathLike) -> SavedRun:
     """Reads a run written by ``Monitor.save`` (JSON, or gzip'd JSON; never pickle).
 
@@ -213,23 +234,7 @@ def load(path: PathLike) -> SavedRun:
 
         run = stepscope.load("run.json"); print(run.summary())
     """
-    p = os.fspath(path)
-    try:
-        with open(p, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"stepscope: no such file: {p}") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"stepscope: {p} is a folder, not a run file") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"stepscope: {p} is a damaged gzip file: {e}") from None
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"stepscope: {p} is not a stepscope run file (not JSON: {e})") from None
+    p, data = _read_json(path, "stepscope run file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         what = "a Chrome trace" if isinstance(data, dict) and "traceEvents" in data else "not a stepscope run"
         raise ValueError(f"stepscope: {p} is {what} (no \"format\": \"{FORMAT}\"); save runs with "
@@ -354,16 +359,7 @@ def write_trace(source: Source, path: PathLike) -> None:
 
 def read_trace(path: PathLike) -> dict:
     """A trace written by :func:`write_trace` (JSON or gzip'd JSON); ValueError for anything else."""
-    p = os.fspath(path)
-    try:
-        with open(p, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"stepscope: no such file: {p}") from None
-    try:
-        obj = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"stepscope: {p} is not a trace (not JSON: {e})") from None
+    p, obj = _read_json(path, "trace")
     if not isinstance(obj, dict) or not isinstance(obj.get("traceEvents"), list):
         raise ValueError(f"stepscope: {p} is not a trace-event file (no \"traceEvents\" list)")
     if (obj.get("otherData") or {}).get("producer") != "stepscope":
