@@ -161,6 +161,8 @@ class ClassificationMetrics(torch.nn.Module):
         self._op_args = (_TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
                          self.keeps_confusion_matrix)
         self.class_dim = class_dim
+        self._moves_class_dim = class_dim != 1 and task != "binary"
+        self._op = torch.ops.stepscope.classification_update.default
         self.state: torch.Tensor
         self.register_buffer("state", torch.zeros(self._cfg.numel, dtype=torch.float64, device=device),
                              persistent=persistent)
@@ -189,14 +191,21 @@ class ClassificationMetrics(torch.nn.Module):
         return preds.movedim(self.class_dim, 1), target
 
     def _place(self, device: torch.device) -> None:
-        if self.state.device != device and not self._placed:
+        if self._placed:
+            return
+        if self.state.device != device:
             self.state = self.state.to(device)
         self._placed = True
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Accumulate one batch. No host sync; raises before touching the state on bad input."""
-        self._place(preds.device)
-        torch.ops.stepscope.classification_update(*self._inputs(preds, target), self.state, *self._op_args)
+        # Runs every step: the common case reads plain attributes only (nn.Module's __getattr__ for
+        # the buffer and a torch.device per call cost microseconds here).
+        if not self._placed:
+            self._place(preds.device)
+        if self._moves_class_dim:
+            preds, target = self._inputs(preds, target)
+        self._op(preds, target, self._buffers["state"], *self._op_args)
 
     def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
         """Accumulates the batch (as ``update``) and returns its own metrics: ``compute()``'s keys for
