@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <unordered_map>
 
@@ -652,13 +653,14 @@ PYBIND11_MODULE(_C, m) {
                  host[stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(i))] = s.host[i];
                d["host"] = host;
                using stepscope::timing::SpanRecord;
-               py::list spans, user, modules;
+               py::list spans, user, modules, device;
                for (int i = 0; i < s.n_spans; ++i) {
                  const SpanRecord& r = s.spans[i];
                  if (r.kind == SpanRecord::kPartition) {
-                   spans.append(py::make_tuple(
-                       stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(r.phase)), r.t0 * 1e-9,
-                       r.t1 * 1e-9));
+                   const char* name = stepscope::timing::phase_name(static_cast<stepscope::timing::Phase>(r.phase));
+                   spans.append(py::make_tuple(name, r.t0 * 1e-9, r.t1 * 1e-9));
+                   if (!std::isnan(r.lag0_us) && !std::isnan(r.lag1_us))
+                     device.append(py::make_tuple(name, (r.t0 + 1e3 * r.lag0_us) * 1e-9, (r.t1 + 1e3 * r.lag1_us) * 1e-9));
                  } else {
                    (r.kind == SpanRecord::kUser ? user : modules)
                        .append(py::make_tuple(tl.span_name(r.kind, r.id), r.t0 * 1e-9, r.t1 * 1e-9));
@@ -667,6 +669,7 @@ PYBIND11_MODULE(_C, m) {
                d["spans"] = spans;
                d["user_spans"] = user;
                d["module_spans"] = modules;
+               d["device_spans"] = device;
                d["truncated_spans"] = s.truncated;
                d["memory"] = memory_dict(s.memory, false);
                d["warmup"] = s.warmup;
@@ -674,8 +677,9 @@ PYBIND11_MODULE(_C, m) {
              }
              return out;
            },
-           "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, and the user "
-           "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start).");
+           "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, the user "
+           "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start) and, on CUDA, "
+           "the partition's spans as the GPU ran them, on the host clock (device_spans; once resolved).");
 
   m.attr("PACKED_WORDS") = stepscope::timing::kPackedWords;
   m.def(

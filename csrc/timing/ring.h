@@ -27,6 +27,7 @@ class Ring {
     const size_t first = pushed_ < items_.size() ? 0 : head_;
     return items_[(first + i) % items_.size()];
   }
+  T& operator[](size_t i) { return const_cast<T&>(static_cast<const Ring&>(*this)[i]); }
 
  private:
   std::vector<T> items_;

@@ -110,10 +110,22 @@ int Timeline::record_event(int64_t now) {
   return s;
 }
 
-void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1) {
+void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1, int slot) {
   for (int s : {a0, b0, a1, b1})
     if (s >= 0) pool_.ref(s);
-  pending_.push_back(DevSpan{kind, id, warm_, a0, b0, a1, b1});
+  pending_.push_back(DevSpan{kind, id, warm_, a0, b0, a1, b1, step_serial_, slot});
+}
+
+SpanRecord* Timeline::span_record(uint64_t serial, int slot) {
+  // The open step, or one of the newest in the ring (events resolve a step or two late); a step
+  // already pushed out of the ring, or cut by close(), is simply not found.
+  if (serial == cur_.serial) return slot < cur_.n_spans ? &cur_.spans[slot] : nullptr;
+  for (size_t k = ring_.size(); k-- > 0;) {
+    StepRecord& r = ring_[k];
+    if (r.serial == serial) return slot < r.n_spans ? &r.spans[slot] : nullptr;
+    if (r.serial < serial) break;
+  }
+  return nullptr;
 }
 
 void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
@@ -123,8 +135,10 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
   add_host(i, ns);
   step_phase_[i] += ns;
+  int slot = -1;
   if (cur_.n_spans < StepRecord::kMaxSpans) {
-    cur_.spans[cur_.n_spans++] = SpanRecord{t0, now, -1, static_cast<int16_t>(i), SpanRecord::kPartition};
+    slot = cur_.n_spans++;
+    cur_.spans[slot] = SpanRecord{t0, now, -1, static_cast<int16_t>(i), SpanRecord::kPartition};
   } else {
     ++cur_.truncated;
   }
@@ -136,7 +150,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
         ++dropped_;
       }
     } else if (last_ev_ >= 0 && ev >= 0) {
-      queue(0, i, last_ev_, ev);
+      queue(0, i, last_ev_, ev, -1, -1, slot);
     } else {
       ++dropped_;
     }
@@ -206,6 +220,7 @@ void Timeline::start_step(int64_t now, int ev) {
   step_forward_ = false;
   in_closure_ = false;
   step_has_pause_ = false;
+  cur_.serial = ++step_serial_;
   cur_.n_spans = 0;
   cur_.truncated = 0;
   state_ = State::kIdle;
@@ -247,6 +262,7 @@ void Timeline::finish_step(int64_t now, int ev) {
   }
   StepRecord& r = ring_.push();
   r.index = step_index_;
+  r.serial = cur_.serial;
   r.t0 = step_t0_;
   r.t1 = now;
   for (int i = 0; i < kNumPartition; ++i) r.host[i] = step_phase_[i] * 1e-9;
@@ -580,6 +596,15 @@ void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double 
   }
   const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
   if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
+  if (!two && d.slot >= 0) {
+    // The span's device interval for the trace: it closed at the placed time, and opened the
+    // phase's own elapsed time before.
+    if (SpanRecord* r = span_record(d.serial, d.slot)) {
+      const double opened = clock_.anchor_ns() - m0 * 1e6;
+      r->lag1_us = static_cast<float>(lag * 1e-3);
+      r->lag0_us = static_cast<float>((opened - static_cast<double>(pool_.stamp(open))) * 1e-3);
+    }
+  }
   pool_.ref(close);
   pool_unref(anchor_ev_);
   anchor_ev_ = close;

@@ -60,6 +60,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -121,14 +122,18 @@ struct SpikeRecord {
   double phase_time = 0, phase_median = 0;  // seconds, in this step / running median
 };
 
-struct SpanRecord {  // 24 bytes: the ring holds kMaxSpans of these per step
+struct SpanRecord {  // 32 bytes: the ring holds kMaxSpans of these per step
   enum Kind : int8_t { kPartition = 0, kUser = 1, kModule = 2 };
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
   int32_t id = -1;         // user phase or module id (span_name() names it)
   int16_t phase = 0;       // Phase (kPartition spans)
   int8_t kind = kPartition;
+  // CUDA (partition spans): the queue lag at the span's opening and closing boundary, in us, so
+  // that the GPU ran the phase over [t0 + lag0, t1 + lag1] on the host clock (DeviceClock); NaN
+  // until its events are resolved, and without device timing.
+  float lag0_us = std::numeric_limits<float>::quiet_NaN(), lag1_us = std::numeric_limits<float>::quiet_NaN();
 };
-static_assert(sizeof(SpanRecord) == 24);
+static_assert(sizeof(SpanRecord) == 32);
 
 struct StepRecord {
   static constexpr int kMaxSpans = 64;
@@ -136,6 +141,7 @@ struct StepRecord {
   // many modules cannot push the step's own partition spans out of the record.
   static constexpr int kPartitionReserve = 16;
   int64_t index = 0;
+  uint64_t serial = 0;     // unique per started step (a step cut by close() keeps its index, not this)
   int64_t t0 = 0, t1 = 0;  // ns since the Timeline was created
   double host[kNumPartition] = {};  // seconds per phase
   int64_t samples = 0;
@@ -230,6 +236,8 @@ class Timeline {
     int id;
     bool warm;      // recorded during a warm-up step: totalled apart
     int a0, b0, a1, b1;
+    uint64_t serial;  // the step it belongs to (StepRecord::serial) ...
+    int slot;         // ... and its SpanRecord there (-1: none), for the device times
   };
   enum class State { kIdle, kForward, kAfterForward, kBackward, kAfterBackward, kOptimizer, kAfterOptimizer };
 
@@ -254,7 +262,8 @@ class Timeline {
   void check_spike(double total_ns);
   const char* open_phase_name() const;
   void fold_host();
-  void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1);
+  void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1, int slot = -1);
+  SpanRecord* span_record(uint64_t serial, int slot);
   void poll_locked();
   template <typename G>
   int group_add(G& g, const std::string& name, size_t limit);
@@ -319,6 +328,7 @@ class Timeline {
   bool step_forward_ = false;  // a training forward began in the open step
 
   int64_t step_index_ = 0;
+  uint64_t step_serial_ = 0;
   bool step_active_ = false;
   bool step_has_pause_ = false;
   int64_t step_t0_ = 0;

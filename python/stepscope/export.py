@@ -47,6 +47,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _TID_STEPS = 1
 _TID_HOST = 2  # partition phases, user phases and modules nested under them
 _MAX_OVERFLOW_TRACKS = 8
+_TID_DEVICE = _TID_HOST + _MAX_OVERFLOW_TRACKS + 1  # CUDA: the partition as the GPU ran it
 _MAX_DIAG_LINES = 8  # on the PNG dashboard
 # Ring keys of the spans on the host track(s): (trace category, key, placement priority).
 _SPAN_KINDS = (("phase", "spans", 0), ("user", "user_spans", 1), ("module", "module_spans", 2))
@@ -124,7 +125,7 @@ def _monitor_data(mon: Any) -> dict:
     ring = []
     for r in mon.recent_steps():
         e = dict(r)
-        for k in ("spans", "user_spans", "module_spans"):
+        for k in ("spans", "user_spans", "module_spans", "device_spans"):
             e[k] = [list(s) for s in r.get(k, ())]
         ring.append(e)
     diagnose = getattr(mon, "diagnose", None)
@@ -293,14 +294,17 @@ def trace_events(source: Source) -> dict:
     (``args.step``); track 2 the partition phases, with user phases and per-module forward spans
     nested under the phase they ran in (spans that straddle a phase boundary go to the next track).
     Each span's ``args.color`` is its NVTX colour. Counters: ``samples/s`` per step and, on CUDA,
-    ``CUDA memory`` (allocated/reserved MiB). Times in µs since the Monitor started. Device times
-    are not in the ring of steps, so the trace has host tracks only.
+    ``CUDA memory`` (allocated/reserved MiB). Times in µs since the Monitor started. On CUDA a
+    ``device phases`` track holds the partition as the GPU ran it, its CUDA events placed on the
+    host clock (the queue lag at each boundary, see ``csrc/timing/device_clock.h``); spans whose
+    events were not resolved yet are left out.
     """
     data = run_data(source)
     pid = int(data.get("rank") or 0)
     colors = data.get("nvtx_colors") or {}
     ev: list = []
     spans: list = []  # (t0 ns, t1 ns, prio, event) for the host track(s)
+    device: list = []  # (t0 ns, t1 ns, event) for the device track
 
     def x(name: str, cat: str, t0: int, t1: int, args: dict) -> dict:
         return {"name": name, "cat": cat, "ph": "X", "ts": t0 / 1e3, "dur": max(0, t1 - t0) / 1e3, "pid": pid,
@@ -318,6 +322,9 @@ def trace_events(source: Source) -> dict:
                 a_ns, b_ns = _ns(a), _ns(b)
                 color = colors.get(name if kind == "phase" else kind)
                 spans.append((a_ns, b_ns, prio, x(name, kind, a_ns, b_ns, {"step": n, "color": color})))
+        for name, a, b in r.get("device_spans", ()):
+            a_ns, b_ns = _ns(a), _ns(b)
+            device.append((a_ns, b_ns, x(name, "device", a_ns, b_ns, {"step": n, "color": colors.get(name)})))
         host_s = sum(r["host"].values())
         if r.get("samples") and host_s > 0:
             ev.append({"name": "samples/s", "ph": "C", "ts": t1 / 1e3, "pid": pid,
@@ -337,6 +344,17 @@ def trace_events(source: Source) -> dict:
         for it in kept:
             it[3]["tid"] = tid
             ev.append(it[3])
+    if device:
+        # One track, in order: a placement clamped at one boundary can overlap its neighbour by a
+        # few us; the later span starts where the earlier one ended, so the track nests.
+        names[_TID_DEVICE] = "device phases (CUDA, on the host clock)"
+        end = None
+        for a_ns, b_ns, e in sorted(device, key=lambda t: (t[0], t[1])):
+            a_ns = a_ns if end is None else max(a_ns, end)
+            b_ns = max(a_ns, b_ns)
+            e["ts"], e["dur"], e["tid"] = a_ns / 1e3, (b_ns - a_ns) / 1e3, _TID_DEVICE
+            ev.append(e)
+            end = b_ns
     meta = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"stepscope rank {pid}"}},
             {"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}]
     for tid, name in names.items():
@@ -421,12 +439,19 @@ def csv_rows(source: Source) -> list:
     """Rows of :func:`write_csv`: a header, then one row per step in the ring."""
     data = run_data(source)
     head = ["step", "start_s", "end_s", "step_s", "samples"] + [f"{p}_s" for p in PARTITION]
+    head += [f"{p}_device_s" for p in PARTITION]
     head += ["memory_allocated", "memory_reserved", "truncated_spans"]
     rows = [head]
     for r in data["recent_steps"]:
         host = [float(r["host"].get(p, 0.0)) for p in PARTITION]
+        dev: dict = {}
+        for name, a, b in r.get("device_spans", ()):
+            dev[name] = dev.get(name, 0.0) + (b - a)
+        # Device columns only for a step whose every partition span was resolved (else empty).
+        full = r.get("device_spans") and len(r["device_spans"]) == len(r.get("spans", ()))
         mem = r.get("memory") or {}
         rows.append([r["step"], r["t0"], r["t1"], sum(host), r.get("samples", 0), *host,
+                     *[dev.get(p, 0.0) if full else "" for p in PARTITION],
                      mem.get("allocated", ""), "" if mem.get("reserved") is None else mem["reserved"],
                      r.get("truncated_spans", 0)])
     return rows

@@ -516,6 +516,17 @@ def test_exports_make_no_host_sync_while_training(tmp_path):
     assert any(e["ph"] == "C" and e["name"] == "CUDA memory" for e in obj["traceEvents"])
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert rows and all(int(r["memory_allocated"]) > 0 for r in rows)
+    # Once the GPU is done, every partition span of the ring has its device interval, and the
+    # device track follows the host one by the queue lag (never before it).
+    torch.cuda.synchronize()
+    mon.report()  # resolves what completed
+    ring = mon.recent_steps()
+    assert all(len(r["device_spans"]) == len(r["spans"]) for r in ring)
+    for r in ring:
+        for (n, a, b), (m, c, d) in zip(r["spans"], r["device_spans"]):
+            assert n == m and c >= a - 1e-6 and d >= b - 1e-6 and d >= c
+    dev = [e for e in validate_trace(export.trace_events(mon)) if e["tid"] == export._TID_DEVICE]
+    assert len(dev) == sum(len(r["spans"]) for r in ring)
 
 
 # ---------------------------------------------------------------------------------------- merge
@@ -554,3 +565,40 @@ def test_merge_refuses_what_is_not_a_stepscope_trace(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("stepscope: ") and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_device_track_from_resolved_spans(tmp_path):
+    # CUDA runs carry device_spans in the ring (the partition as the GPU ran it, on the host clock).
+    # Crafted here from a CPU run: each span shifted by a queue lag, one placement 3 us early so
+    # that it overlaps its neighbour (a clamped boundary), one step not resolved yet.
+    mon = _train(steps=6)
+    data = export.run_data(mon)
+    for k, r in enumerate(data["recent_steps"][:-1]):
+        lag = 0.0005 + 0.0001 * k
+        r["device_spans"] = [[name, a + lag - (3e-6 if i == 2 else 0.0), b + lag]
+                             for i, (name, a, b) in enumerate(r["spans"])]
+    run = export.SavedRun(data)
+    obj = export.trace_events(run)
+    xs = validate_trace(obj)  # nests per track, every tid named
+    dev = [e for e in xs if e["tid"] == export._TID_DEVICE]
+    resolved = data["recent_steps"][:-1]
+    assert len(dev) == sum(len(r["spans"]) for r in resolved)
+    assert {e["cat"] for e in dev} == {"device"}
+    assert all(e["args"]["color"] == _nvtx_color(e["name"]) for e in dev)
+    first = min(dev, key=lambda e: e["ts"])
+    assert first["ts"] == pytest.approx(resolved[0]["spans"][0][1] * 1e6 + 500, abs=0.01)
+    names = {e["args"]["name"] for e in obj["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name" and e.get("tid") == export._TID_DEVICE}
+    assert names == {"device phases (CUDA, on the host clock)"}
+    rows = export.csv_rows(run)
+    head = rows[0]
+    for r, row in zip(data["recent_steps"], rows[1:]):
+        cells = [row[head.index(f"{p}_device_s")] for p in PARTITION]
+        if not r.get("device_spans"):
+            assert cells == [""] * len(PARTITION)
+            continue
+        want = {p: sum(b - a for n, a, b in r["device_spans"] if n == p) for p in PARTITION}
+        assert cells == pytest.approx([want[p] for p in PARTITION], abs=1e-12)
+    # A CPU run has no device track and empty device columns.
+    plain = export.trace_events(mon)
+    assert not [e for e in plain["traceEvents"] if e.get("tid") == export._TID_DEVICE]
