@@ -444,14 +444,10 @@ def csv_rows(source: Source) -> list:
     rows = [head]
     for r in data["recent_steps"]:
         host = [float(r["host"].get(p, 0.0)) for p in PARTITION]
-        dev: dict = {}
-        for name, a, b in r.get("device_spans", ()):
-            dev[name] = dev.get(name, 0.0) + (b - a)
-        # Device columns only for a step whose every partition span was resolved (else empty).
-        full = r.get("device_spans") and len(r["device_spans"]) == len(r.get("spans", ()))
+        dev = _device_by_phase(r)  # None (empty cells) until every span of the step is resolved
         mem = r.get("memory") or {}
         rows.append([r["step"], r["t0"], r["t1"], sum(host), r.get("samples", 0), *host,
-                     *[dev.get(p, 0.0) if full else "" for p in PARTITION],
+                     *["" if dev is None else dev.get(p, 0.0) for p in PARTITION],
                      mem.get("allocated", ""), "" if mem.get("reserved") is None else mem["reserved"],
                      r.get("truncated_spans", 0)])
     return rows
@@ -472,8 +468,19 @@ def write_csv(source: Source, path: PathLike) -> None:
 
 
 # --------------------------------------------------------------------------------------- plot
+def _device_by_phase(r: dict) -> Optional[dict]:
+    """Device seconds per phase of a ring step whose every partition span was resolved, else None."""
+    spans = r.get("device_spans") or []
+    if not spans or len(spans) != len(r.get("spans", ())):
+        return None
+    out: dict = {}
+    for name, a, b in spans:
+        out[name] = out.get(name, 0.0) + (b - a)
+    return out
+
+
 def plot(source: Source, path: PathLike) -> None:
-    """A 1200x800 PNG dashboard: host time per phase per step (stacked), the step-time histogram
+    """A 1200x800 PNG dashboard: host (and, on CUDA, device) time per phase per step (stacked), the step-time histogram
     with the run's p50/p90/p99, each phase's share of the step (host and, on CUDA, device) and
     the diagnosis. Needs matplotlib (``pip install stepscope[plot]``); never imports torch.
 
@@ -494,22 +501,34 @@ def plot(source: Source, path: PathLike) -> None:
     fig.suptitle(f"stepscope: {rep['steps']} steps{sps}", fontsize=14)
 
     ax = fig.add_subplot(gs[0, :])
+    # On CUDA, each step's device time per phase (from its resolved device spans) stands hatched
+    # beside its host bar.
+    dev = [_device_by_phase(r) for r in ring]
+    both = any(dev)
     if ring:
         steps = [r["step"] for r in ring]
+        w = 0.45 if both else 1.0
         bottom = [0.0] * len(ring)
+        dbottom = [0.0] * len(ring)
         for p in PARTITION:
             h = [r["host"].get(p, 0.0) * 1e3 for r in ring]
-            ax.bar(steps, h, bottom=bottom, width=1.0, color=colors.get(p), label=p, linewidth=0)
+            ax.bar([x - w / 2 if both else x for x in steps], h, bottom=bottom, width=w, color=colors.get(p),
+                   label=p, linewidth=0)
             bottom = [b + v for b, v in zip(bottom, h)]
+            if both:
+                d = [1e3 * (dd or {}).get(p, 0.0) for dd in dev]
+                ax.bar([x + w / 2 for x in steps], d, bottom=dbottom, width=w, color=colors.get(p), hatch="///",
+                       edgecolor="white", linewidth=0)
+                dbottom = [b + v for b, v in zip(dbottom, d)]
         ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
         # Above the axes, left of the title: inside, it would hide the first steps' bars.
         ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(PARTITION), fontsize=9, frameon=False,
                   borderaxespad=0.2)
     else:
         ax.text(0.5, 0.5, "no steps in the ring", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"host time per phase, last {len(ring)} steps", loc="right")
+    ax.set_title(f"{'time' if both else 'host time'} per phase, last {len(ring)} steps", loc="right")
     ax.set_xlabel("step")
-    ax.set_ylabel("ms")
+    ax.set_ylabel("ms (left: host, hatched: device)" if both else "ms")
 
     ax = fig.add_subplot(gs[1, 0])
     st = [sum(r["host"].values()) * 1e3 for r in ring]

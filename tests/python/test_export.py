@@ -599,6 +599,11 @@ def test_device_track_from_resolved_spans(tmp_path):
             continue
         want = {p: sum(b - a for n, a, b in r["device_spans"] if n == p) for p in PARTITION}
         assert cells == pytest.approx([want[p] for p in PARTITION], abs=1e-12)
+    if export_has_matplotlib():  # the dashboard draws the device bars beside the host ones
+        from PIL import Image
+
+        export.plot(run, tmp_path / "dev.png")
+        assert Image.open(tmp_path / "dev.png").size == (1200, 800)
     # A CPU run has no device track and empty device columns.
     plain = export.trace_events(mon)
     assert not [e for e in plain["traceEvents"] if e.get("tid") == export._TID_DEVICE]
