@@ -79,9 +79,10 @@ def rule_input_bound(rep: dict) -> list:
         "input_bound", sev, f"input-bound: waiting for data is {100 * share:.0f}% of the median step",
         {"data_share": share, "data_ms_per_step": 1e3 * _per_step_p50(rep, "data"),
          "step_p50_ms": 1e3 * _step_p50(rep)},
-        "Feed the loop faster: DataLoader(num_workers=N, pin_memory=True, persistent_workers=True, "
-        "prefetch_factor=4) and .to(device, non_blocking=True); move augmentation to the GPU; cache "
-        "decoded samples.",
+        "Everything between the optimizer step and the next forward counts here (the loader, "
+        ".to(device), zero_grad()). Feed the loop faster: DataLoader(num_workers=N, pin_memory=True, "
+        "persistent_workers=True, prefetch_factor=4) and .to(device, non_blocking=True); move augmentation "
+        "to the GPU; cache decoded samples.",
         share)]
 
 
