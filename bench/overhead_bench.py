@@ -16,6 +16,12 @@ begin/end, backward begin/end, optimizer begin/end), both from the paired median
 gives the raw cost of one _C.Timeline boundary call from Python.
 
   python bench/overhead_bench.py [--rounds 41] [--steps 100] [--threads 1]
+  python bench/overhead_bench.py --device cuda [--model mlp|gpu-bound]
+
+On CUDA the variants are bare, monitor, monitor with host clocks only (its Timeline records no
+CUDA events), and torch.profiler (CPU + CUDA activities); a run's time is its wall time up to a
+final torch.cuda.synchronize(), over its steps, so a GPU-bound loop is timed by its GPU work and a
+host-bound one by its launches. `--model gpu-bound` is 8 x Linear(2048), batch 2048, AdamW.
 """
 
 from __future__ import annotations
@@ -34,19 +40,27 @@ from stepscope import _C
 BOUNDARIES = 6
 
 
-def make(width: int, batch: int, seed: int = 0):
+def make(width: int, batch: int, seed: int = 0, device: str = "cpu", kind: str = "mlp"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                                torch.nn.ReLU(), torch.nn.Linear(width, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    xs = [torch.randn(batch, width) for _ in range(8)]
-    ys = [torch.randint(0, 10, (batch,)) for _ in range(8)]
+    if kind == "gpu-bound":
+        width, batch = 2048, 2048
+        layers = [m for _ in range(8) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                    torch.nn.ReLU(), torch.nn.Linear(width, 10)).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    xs = [torch.randn(batch, width, device=device) for _ in range(8)]
+    ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(8)]
     return model, opt, xs, ys
 
 
 # Each run returns its median step time: one clock read per step (in every variant alike), and a
 # step that the machine's other tenants preempted does not move a median the way it moves a mean.
 def run_bare(model, opt, xs, ys, steps):
+    if xs[0].is_cuda:
+        return run_bare_cuda(model, opt, xs, ys, steps)
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
     ts = [0.0] * steps
@@ -61,6 +75,20 @@ def run_bare(model, opt, xs, ys, steps):
         ts[i] = now - last
         last = now
     return statistics.median(ts)
+
+
+def run_bare_cuda(model, opt, xs, ys, steps):
+    # The GPU runs behind the host: a run is timed from a drained queue to a drained queue.
+    f = torch.nn.functional.cross_entropy
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = f(model(xs[i & 7]), ys[i & 7])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def run_perf_counter(model, opt, xs, ys, steps):
@@ -95,7 +123,7 @@ def run_perf_counter(model, opt, xs, ys, steps):
     return statistics.median(ts)
 
 
-def run_monitor(kw):
+def run_monitor(kw, host_only: bool = False):
     # One Monitor per variant, attached for each run: a training loop attaches once, so its
     # Timeline's allocation is not charged to every round.
     mon = []
@@ -103,13 +131,18 @@ def run_monitor(kw):
     def run(model, opt, xs, ys, steps):
         if not mon:
             mon.append(stepscope.Monitor(model, opt, **kw))
+            if host_only:  # the same hooks over a Timeline that records no CUDA event
+                mon[0]._tl = _C.Timeline(device=False, nvtx=kw.get("nvtx", True))
         with mon[0]:
             return run_bare(model, opt, xs, ys, steps)
     return run
 
 
 def run_profiler(model, opt, xs, ys, steps):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if xs[0].is_cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts):
         return run_bare(model, opt, xs, ys, steps)
 
 
@@ -130,18 +163,31 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="mlp", choices=["mlp", "gpu-bound"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("overhead_bench: --device cuda needs a CUDA device", file=sys.stderr)
+        return 2
 
-    variants = {
-        "bare": run_bare,
-        "monitor": run_monitor({}),
-        "monitor+module": run_monitor({"per_module": True, "per_module_every": 10}),
-        "module every 1": run_monitor({"per_module": True, "per_module_every": 1}),
-        "perf_counter": run_perf_counter,
-        "torch.profiler": run_profiler,
-    }
-    model, opt, xs, ys = make(args.width, args.batch)
+    if args.device == "cuda":
+        variants = {
+            "bare": run_bare,
+            "monitor": run_monitor({}),
+            "monitor host-only": run_monitor({}, host_only=True),
+            "torch.profiler": run_profiler,
+        }
+    else:
+        variants = {
+            "bare": run_bare,
+            "monitor": run_monitor({}),
+            "monitor+module": run_monitor({"per_module": True, "per_module_every": 10}),
+            "module every 1": run_monitor({"per_module": True, "per_module_every": 1}),
+            "perf_counter": run_perf_counter,
+            "torch.profiler": run_profiler,
+        }
+    model, opt, xs, ys = make(args.width, args.batch, device=args.device, kind=args.model)
     for fn in variants.values():  # warm every path (allocator, profiler init, hooks)
         fn(model, opt, xs, ys, 20)
     times: dict = {k: [] for k in variants}
@@ -157,7 +203,10 @@ def main() -> int:
     ratio = {k: statistics.median(t / b for t, b in zip(v, times["bare"])) for k, v in times.items()}
     extra = {k: statistics.median(t - b for t, b in zip(v, times["bare"])) * 1e6 for k, v in times.items()}
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), MLP {args.width}x3 batch {args.batch}, "
+    what = "8 x Linear(2048) batch 2048 AdamW" if args.model == "gpu-bound" else \
+        f"MLP {args.width}x3 batch {args.batch}"
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {dev}, {args.threads} thread(s), {what}, "
           f"{args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':16s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
           f"{'us/boundary':>12s}")

@@ -60,6 +60,13 @@ timeout 150 $PY bench/metrics_bench.py --device cuda --classes 10 1000 32000 --m
   --step-log2 3 --sklearn-max-log2 0 >"$OUT/metrics_bench_cuda.txt" 2>&1
 row "metrics bench (cuda)" "rc $? (table below)"
 
+# ---- Monitor overhead on CUDA: a small host-bound step and a GPU-bound one, against bare and torch.profiler
+for m in mlp gpu-bound; do
+  timeout 120 $PY bench/overhead_bench.py --device cuda --model $m --rounds 11 --steps 50 \
+    >"$OUT/overhead_cuda_$m.txt" 2>&1
+  row "overhead bench (cuda, $m)" "rc $? ($(grep -E '^monitor ' "$OUT/overhead_cuda_$m.txt" | awk '{print $4"x paired"}'))"
+done
+
 # ---- NVTX: the ranges as an NVIDIA tool sees them (when the NVTX check script is present)
 if [ -f scripts/nvtx_device_check.sh ]; then
   timeout 90 bash scripts/nvtx_device_check.sh "$OUT" >"$OUT/nvtx_check.log" 2>&1
@@ -70,6 +77,9 @@ row "total wall time" "$(($(date +%s) - t0)) s"
 echo
 echo "==== metrics bench (cuda) ===="
 cat "$OUT/metrics_bench_cuda.txt"
+echo
+echo "==== monitor overhead (cuda) ===="
+cat "$OUT"/overhead_cuda_*.txt | grep -v USDT
 echo
 echo "==== monitor: device phase times vs hand-placed events ===="
 grep -E "monitor .* hand events|^phase|^(data|forward|loss|backward|other|optimizer|step) " "$OUT/monitor_cuda.log" | head -20
