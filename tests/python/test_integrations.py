@@ -7,7 +7,6 @@ plants of 30-60 ms. Each framework's
 tests skip cleanly when it is not installed (``make test`` installs both).
 """
 
-import collections
 import os
 import statistics
 import subprocess
@@ -20,22 +19,13 @@ import pytest
 import torch
 
 import stepscope
+from planted import SLEPT, sleep
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 0.05
 PLANT = {"data": 0.060, "forward": 0.050, "backward": 0.030, "optimizer": 0.030}
-SLEPT = collections.defaultdict(list)
 
 
-def sleep(s: float, phase: str = "") -> None:
-    t0 = time.perf_counter()
-    end = t0 + s
-    if s > 0.0005:
-        time.sleep(s - 0.0003)
-    while time.perf_counter() < end:
-        pass
-    if phase:
-        SLEPT[phase].append(time.perf_counter() - t0)
 
 
 def assert_close(got, phase):

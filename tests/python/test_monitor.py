@@ -11,13 +11,13 @@ import os
 import statistics
 import random
 import time
-import warnings
 
 import pytest
 import torch
 import torch.optim.optimizer as optim_mod
 
 import stepscope
+from planted import SLEPT, sleep
 from stepscope import _C
 
 # Phases also hold real work the sleeps do not cover (loss computation and autograd's start,
@@ -29,19 +29,8 @@ PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
 TOL = 0.05
 
 
-SLEPT = collections.defaultdict(list)  # phase -> how long each planted sleep really lasted
 
 
-def sleep(s: float, phase: str = "") -> None:
-    # time.sleep overshoots by ~0.1 ms; spin the last 0.3 ms so the planted time is exact enough.
-    t0 = time.perf_counter()
-    end = t0 + s
-    if s > 0.0005:
-        time.sleep(s - 0.0003)
-    while time.perf_counter() < end:
-        pass
-    if phase:
-        SLEPT[phase].append(time.perf_counter() - t0)
 
 
 class SleepFn(torch.autograd.Function):
