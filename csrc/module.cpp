@@ -123,6 +123,16 @@ py::dict report_dict(const stepscope::timing::Report& r) {
   d["device"] = r.device;
   d["warmup"] = warmup_dict(r.warmup, r.device);
   d["memory"] = memory_dict(r.memory, true);
+  if (r.memory_trend.steps >= 2) {
+    py::dict t;
+    t["steps"] = r.memory_trend.steps;
+    t["first"] = r.memory_trend.first;
+    t["last"] = r.memory_trend.last;
+    t["rising_fraction"] = r.memory_trend.rising_fraction;
+    d["memory_trend"] = t;
+  } else {
+    d["memory_trend"] = py::none();
+  }
   py::dict lag;
   for (const auto& n : r.lag) lag[py::str(n.name)] = series_dict(n.host);
   d["lag"] = r.device ? py::object(lag) : py::object(py::none());

@@ -711,6 +711,20 @@ Report Timeline::report() {
   r.pending_device_samples = static_cast<int64_t>(pending_.size());
   r.warmup = warm_sum_;
   r.memory = memory_;
+  {
+    int64_t prev = -1, rises = 0, n = 0;
+    for (size_t k = 0; k < ring_.size(); ++k) {
+      const int64_t a = ring_[k].memory.allocated;
+      if (a < 0) continue;
+      if (n == 0) r.memory_trend.first = a;
+      if (prev >= 0 && a > prev) ++rises;
+      prev = a;
+      ++n;
+    }
+    r.memory_trend.steps = n;
+    r.memory_trend.last = prev;
+    r.memory_trend.rising_fraction = n > 1 ? static_cast<double>(rises) / static_cast<double>(n - 1) : 0.0;
+  }
   if (device_) {
     // Named by the boundary that closes each phase (diagnose.PHASE_BOUNDS reads these names).
     static constexpr const char* kBoundary[kNumPartition] = {"forward_begin", "forward_end", "backward_begin",

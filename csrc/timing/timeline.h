@@ -164,6 +164,12 @@ struct Report {
   bool device = false;
   WarmupSummary warmup;
   DeviceMemory memory;  // at the last step's end (-1 without device timing)
+  // Allocated memory over the ring's steps (CUDA): first and last value and the share of
+  // step-to-step changes that rose; steps = 0 without device timing.
+  struct MemoryTrend {
+    int64_t steps = 0, first = 0, last = 0;
+    double rising_fraction = 0;
+  } memory_trend;
   // CUDA queue lag per boundary (named by the boundary: forward_begin .. optimizer_end): how long
   // after the host reached it the GPU did. Empty without device timing.
   std::vector<NamedSummary> lag;

@@ -444,18 +444,15 @@ class Monitor:
         return (self._autocast[0] + done[0], self._autocast[1] + done[1])
 
     def _memory(self, raw: dict) -> Optional[dict]:
-        # The allocator's counters at the last step's end come from the Timeline (read in C++ every
-        # step); the device's size and the trend over the ring are added here, at report time.
+        # The allocator's counters at the last step's end and their trend over the ring come from
+        # the Timeline (read in C++ every step); the device's size is added here, at report time.
         if raw.get("memory") is None:
             return None
         mem = dict(raw["memory"])
         dev = next(p.device for m in self._models for p in m.parameters() if p.is_cuda)
         mem["total"] = torch.cuda.get_device_properties(dev).total_memory
-        hist = [r["memory"]["allocated"] for r in self._tl.recent_steps() if r.get("memory")]
-        if len(hist) >= 2:
-            ups = sum(b > a for a, b in zip(hist, hist[1:]))
-            mem["trend"] = {"steps": len(hist), "first": hist[0], "last": hist[-1],
-                            "rising_fraction": ups / (len(hist) - 1)}
+        if raw.get("memory_trend"):  # over the ring, summed up in C++ (no per-step Python objects)
+            mem["trend"] = raw["memory_trend"]
         return mem
 
     def _context(self) -> dict:

@@ -735,6 +735,9 @@ def test_cuda_memory_counters_read_in_cpp_at_step_end():
     assert [r["memory"]["reserved"] for r in ring] == [s[1] for s in seen]
     assert rep["memory"]["allocated"] == seen[-1][0] and rep["memory"]["peak"] == seen[-1][2]
     assert rep["memory"]["total"] == torch.cuda.get_device_properties(dev).total_memory
+    rises = sum(b[0] > a[0] for a, b in zip(seen, seen[1:])) / (len(seen) - 1)
+    assert rep["memory"]["trend"] == {"steps": 5, "first": seen[0][0], "last": seen[-1][0],
+                                      "rising_fraction": pytest.approx(rises)}
 
 
 # ----------------------------------------------------------------------------- closures and marks
