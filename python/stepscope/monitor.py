@@ -12,7 +12,9 @@ A step is partitioned with no unexplained time: ``data`` (gap before forward), `
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks only read a clock
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
-complete, so the Monitor never synchronises the device. The hooks are C functions
+complete, so the Monitor never synchronises the device during the steps (on CUDA, one reference
+event is synchronised once, at attach, to place device times on the host clock for the queue
+lag). The hooks are C functions
 (``_C.StepHooks``) that CPython calls directly: this module only registers them and reads the
 results, and no Python runs per step unless per-module sampling or ``print_every`` need it (CUDA
 memory counters are read in C++ at each step's end).
