@@ -173,11 +173,9 @@ struct State {
   // Global hooks (n_opts == 0) see every optimizer in the process: one stepping before the model
   // ran in the step is another model's, unless its closure then runs the model (LBFGS).
   bool opt_foreign = false;
-  // Python work at a step's end: on_step_end(sample_modules) is called after every step when
-  // every_step (CUDA memory counters), else only when per-module sampling (one step in
-  // module_every, 0: none) switches on or off ...
+  // Python work at a step's end: on_step_end(sample_modules) is called only when per-module
+  // sampling (one step in module_every, 0: none) switches on or off ...
   PyObject* on_step_end = nullptr;  // strong reference, or null
-  bool every_step = false;
   int64_t module_every = 0;
   bool sampling = false;
   // ... and also on every print_every-th step (0: never); a countdown, so no step pays for more
@@ -234,7 +232,7 @@ PyObject* step_ended(State* s) {
   const bool want = sample_now(s);
   const bool print = s->print_every > 0 && --s->until_print == 0;
   if (print) s->until_print = s->print_every;
-  if (s->on_step_end == nullptr || (!s->every_step && !print && want == s->sampling)) Py_RETURN_NONE;
+  if (s->on_step_end == nullptr || (!print && want == s->sampling)) Py_RETURN_NONE;
   s->sampling = want;
   return PyObject_CallOneArg(s->on_step_end, want ? Py_True : Py_False);
 }
@@ -501,7 +499,7 @@ PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DE
                       g_slots};
 
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers, py::object on_step_end,
-                bool every_step, int64_t module_every, int64_t print_every) {
+                int64_t module_every, int64_t print_every) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
   TORCH_CHECK_VALUE(optimizers >= 0, "stepscope: optimizers must be >= 0; got ", optimizers);
   TORCH_CHECK_VALUE(module_every >= 0, "stepscope: module_every must be >= 0; got ", module_every);
@@ -512,7 +510,6 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t optimizers,
   s->tl = std::move(tl);
   s->batch = batch;
   s->n_opts = static_cast<size_t>(optimizers);
-  s->every_step = every_step;
   s->module_every = module_every;
   s->print_every = print_every;
   if (print_every > 0) s->until_print = print_every - s->tl->steps() % print_every;
@@ -531,12 +528,12 @@ void init(py::module_& m) {
   if (g_training == nullptr || g_type == nullptr) throw py::error_already_set();
   m.add_object("StepHooks", py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_type)));
   m.def("step_hooks", &make, py::arg("timeline"), py::arg("batch") = -1, py::arg("optimizers") = 0,
-        py::arg("on_step_end") = py::none(), py::arg("every_step") = false, py::arg("module_every") = 0,
+        py::arg("on_step_end") = py::none(), py::arg("module_every") = 0,
         py::arg("print_every") = 0,
         "The Monitor's hooks on `timeline`: forward_pre/forward_post for the model, optimizer_pre/optimizer_post "
         "for the optimizers (with optimizers > 1 a step ends when that many distinct ones stepped), "
         "module_pre/module_post for submodules given to add_module(), and step(). After a step ends, "
-        "on_step_end(sample_modules) is called: every step with every_step, else only when per-module sampling "
+        "on_step_end(sample_modules) is called only when per-module sampling "
         "(one step in module_every) switches on or off, and on every print_every-th step. Hooks that CPython calls directly, without pybind11's "
         "dispatcher.");
 }

@@ -216,9 +216,6 @@ class ClassificationMetrics(torch.nn.Module):
         self.state.add_(batch)
         return self._cfg.compute(batch, self.beta)
 
-    def _state_or_empty(self) -> torch.Tensor:
-        return self.state
-
     def compute(self, check: bool = True, scalars: bool = False) -> dict:
         """All metrics as a dict of tensors on the state's device.
 
@@ -237,7 +234,7 @@ class ClassificationMetrics(torch.nn.Module):
         Under torch.distributed (see ``sync_on_compute``) the metrics are those of all ranks'
         data: one all_reduce of a copy of the state, the local state untouched.
         """
-        state = self._state_or_empty()
+        state = self.state
         if self._should_sync():
             import torch.distributed as dist
 
@@ -287,7 +284,7 @@ class ClassificationMetrics(torch.nn.Module):
         normalize: ``"none"`` (int64 counts), ``"true"`` (rows sum to 1), ``"pred"`` (columns)
         or ``"all"``.
         """
-        return self._cfg.confusion_matrix(self._state_or_empty(), normalize)
+        return self._cfg.confusion_matrix(self.state, normalize)
 
     def reset(self) -> None:
         """Zero the state in place (stays valid inside captured CUDA graphs)."""

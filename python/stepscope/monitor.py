@@ -299,7 +299,7 @@ class Monitor:
         every = self._every if self._per_module else 0
         on_end = self._step_ended if (every > 1 or self._print_every) else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
-                                         every_step=False, module_every=every,
+                                         module_every=every,
                                          print_every=self._print_every)
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
