@@ -596,8 +596,12 @@ TEST(TimingPacked, MergeOfTimelinesAddsCountsAndTotals) {
     if (z.count == 0) continue;
     EXPECT_EQ(z.min, std::min(x.min, y.min)) << m.phases[i].name;
     EXPECT_EQ(z.max, std::max(x.max, y.max)) << m.phases[i].name;
-    EXPECT_GE(z.p50, std::min(x.p50, y.p50)) << m.phases[i].name;
-    EXPECT_LE(z.p50, std::max(x.p50, y.p50)) << m.phases[i].name;
+    // The union's median lies between the parts' medians; each quantile is a bucket value within
+    // LogHistogram::kRelativeError of its sample (a part whose samples are all equal reads its exact
+    // value through the min/max clamp, the merged histogram a bucket value 0.4% off it).
+    constexpr double e = LogHistogram::kRelativeError;
+    EXPECT_GE(z.p50, std::min(x.p50, y.p50) * (1 - e)) << m.phases[i].name;
+    EXPECT_LE(z.p50, std::max(x.p50, y.p50) * (1 + e)) << m.phases[i].name;
   }
 }
 
