@@ -3,6 +3,7 @@
     python bench/metrics_bench.py                       # CPU, full grid
     python bench/metrics_bench.py --device cuda         # GPU: + copy-bandwidth share, launches, syncs
     python bench/metrics_bench.py --max-log2 22 --classes 10 1000
+    python bench/metrics_bench.py --device cuda --targets   # the bandwidth targets, pass/fail
 
 Metric set per update: accuracy (micro), macro F1, confusion matrix (dropped at C > 1024, where
 torchmetrics' and our C x C matrix would not fit: 32000^2 counters), top-5 accuracy (top-C when
@@ -113,6 +114,57 @@ def count_launches_and_syncs(m, x, y):
     return launches, syncs
 
 
+# (name, C, dtype, shape maker, target share of copy bandwidth). N*C*... = 2^lg elements.
+TARGET_ROWS = [
+    ("C=10 fp32", 10, torch.float32, "rows", 0.50),
+    ("C=100 fp32", 100, torch.float32, "rows", 0.80),
+    ("C=100 bf16", 100, torch.bfloat16, "rows", 0.80),
+    ("C=1000 fp32", 1000, torch.float32, "rows", 0.80),
+    ("C=1000 bf16", 1000, torch.bfloat16, "rows", 0.80),
+    ("C=1000 fp16", 1000, torch.float16, "rows", 0.80),
+    ("C=32000 bf16", 32000, torch.bfloat16, "rows", 0.70),
+    ("C=128000 bf16", 128000, torch.bfloat16, "rows", 0.70),
+    ("seg C=21 fp32 NCHW", 21, torch.float32, "seg", 0.70),
+    ("seg C=150 fp32 NCHW", 150, torch.float32, "seg", 0.70),
+    ("seg C=21 fp32 chlast", 21, torch.float32, "seg-cl", 0.70),
+    ("seg C=150 bf16 NCHW", 150, torch.bfloat16, "seg", 0.70),
+]
+
+
+def targets(device, gen, lgs, inputs):
+    """Each target row: our update against a device copy of the same predictions, same run."""
+    print(f"{'case':<22} {'N*C':>5} {'input':>6} {'ms':>8} {'copy ms':>8} {'%copyBW':>8} {'target':>7}  ok")
+    fails = 0
+    for name, C, dtype, kind, goal in TARGET_ROWS:
+        for lg in lgs:
+            total = 1 << lg
+            if kind == "rows":
+                shape, tshape = (max(1, total // C), C), (max(1, total // C),)
+            else:
+                hw = (128, 256)
+                n = max(1, total // (C * hw[0] * hw[1]))
+                shape, tshape = (n, C) + hw, (n,) + hw
+            x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(3).to(dtype)
+            if kind == "seg-cl":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, C, tshape, generator=gen, device=device)
+            buf = torch.empty_like(x)
+            t_copy = median_time(lambda: buf.copy_(x), device, min_reps=10)
+            copy_bw = 2 * x.numel() * x.element_size() / t_copy
+            for inp in inputs:
+                m = stepscope.ClassificationMetrics("multiclass", num_classes=C, top_k=(1, min(5, C)), input=inp,
+                                                    confusion_matrix=C <= 1024, device=device)
+                t = median_time(lambda: m.update(x, y), device, min_reps=10)
+                share = (x.numel() * x.element_size() + y.numel() * y.element_size()) / t / copy_bw
+                ok = share >= goal
+                fails += not ok
+                print(f"{name:<22} {'2^' + str(lg):>5} {inp:>6} {t * 1e3:>8.3f} {t_copy * 1e3:>8.3f} "
+                      f"{100 * share:>7.1f}% {100 * goal:>6.0f}%  {'yes' if ok else 'NO'}", flush=True)
+            del x, y, buf
+    print(f"# %copyBW: (preds + target bytes) / update time, over the copy's (read + write) bandwidth of the "
+          f"same preds; {fails} row(s) under target")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -123,6 +175,9 @@ def main():
     ap.add_argument("--sklearn-max-log2", type=int, default=22)
     ap.add_argument("--no-torchmetrics", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--targets", action="store_true", help="the CUDA bandwidth targets table only")
+    ap.add_argument("--target-log2", type=int, nargs="+", default=[26, 27])
+    ap.add_argument("--inputs", nargs="+", default=["auto"], choices=["auto", "logits", "probs"])
     args = ap.parse_args()
     # One BLAS thread for numpy/scikit-learn: these calls gain nothing from more, and idle OpenBLAS
     # workers spinning after them would steal the cores of the next measurement.
@@ -137,6 +192,9 @@ def main():
     print(f"# seed {seed}; torch {torch.__version__}; stepscope {stepscope.build_info()}; "
           f"threads {torch.get_num_threads()}; device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if args.targets:
+        targets(device, gen, args.target_log2, args.inputs)
+        return
     peak = None
     if device.type == "cuda":
         peak = copy_bandwidth(device)

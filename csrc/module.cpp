@@ -48,6 +48,7 @@ py::dict layout_dict(const stepscope::metrics::Layout& l) {
   d["nonfinite"] = l.nonfinite;
   d["invalid"] = l.invalid;
   d["ignored"] = l.ignored;
+  d["pending"] = l.pending;
   d["confmat"] = l.confmat;
   d["numel"] = l.numel;
   return d;

@@ -70,6 +70,11 @@ Layout make_layout(const Config& cfg) {
   l.nonfinite = o++;
   l.invalid = o++;
   l.ignored = o++;
+  static_assert(kReadingLen == 1 + 3 * kEceSlots);
+  if (cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto) {
+    l.pending = o;
+    o += kPendingLen;
+  }
   l.dense = o;
   if (cfg.task == Task::kMulticlass && cfg.confusion_matrix) {
     TORCH_CHECK_VALUE(C <= (int64_t{1} << 16),

@@ -18,8 +18,10 @@ enum class Task : int64_t { kBinary = 0, kMulticlass = 1, kMultilabel = 2 };
 
 // How predictions are read. kAuto is torchmetrics' rule for binary/multilabel: if any value of
 // the batch lies outside [0, 1] the batch is treated as logits (sigmoid), else as probabilities.
-// For multiclass kAuto means logits (argmax is the same either way; the loss and the
-// calibration confidence need the distinction, so pass kProbs for softmax outputs).
+// Multiclass kAuto follows the same rule per update: preds with every value in [0, 1] are read as
+// probabilities (softmax outputs), anything else as logits (log_softmax outputs included). The
+// argmax and the ranks are the same either way; the loss and the calibration confidence differ,
+// so the update accumulates both readings of those until it knows (Layout::pending).
 enum class InputKind : int64_t { kAuto = 0, kLogits = 1, kProbs = 2 };
 
 inline constexpr int64_t kNumEceBins = 15;  // torchmetrics CalibrationError's default n_bins
@@ -27,6 +29,12 @@ inline constexpr int64_t kNumEceBins = 15;  // torchmetrics CalibrationError's d
 // for confident float32 softmax outputs) falls in a 16th slot of its own; we keep it too.
 inline constexpr int64_t kEceSlots = kNumEceBins + 1;
 inline constexpr int64_t kDefaultConfmatLimit = 1024;  // C x C kept by default up to this C
+// The part of the state that depends on how predictions are read: loss, then ece_count,
+// ece_conf and ece_acc (contiguous in the layout, starting at Layout::loss).
+inline constexpr int64_t kReadingLen = 1 + 3 * kEceSlots;
+// Multiclass kAuto scratch: the logits reading, the probabilities reading, a flag ("a value
+// outside [0, 1] was seen") and a count of finished CUDA blocks. Zero between updates.
+inline constexpr int64_t kPendingLen = 2 * kReadingLen + 2;
 
 struct Config {
   Task task = Task::kMulticlass;
@@ -58,6 +66,9 @@ struct Layout {
   int64_t nonfinite = 0;   // [1] samples (elements for binary/multilabel) with NaN/Inf preds
   int64_t invalid = 0;     // [1] targets outside the valid range (and not ignore_index)
   int64_t ignored = 0;     // [1] samples equal to ignore_index
+  int64_t pending = -1;    // [kPendingLen] multiclass kAuto only: both readings of one update
+                           // until its range is known; folded into loss/ece and zeroed by the
+                           // update itself (so always zero between updates)
   int64_t dense = 0;       // end of the O(C) part: everything above
   int64_t confmat = -1;    // [C*C] rows = target, columns = prediction; last, so that the CPU
                            // kernel can keep per-thread copies of the O(C) part alone

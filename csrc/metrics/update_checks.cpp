@@ -101,8 +101,25 @@ void classification_update_meta(const at::Tensor& preds, const at::Tensor& targe
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
 }
 
+#if defined(STEPSCOPE_WITH_CUDA)
+// The CUDA entry point lives here, compiled by the host compiler like the CPU one, so that the
+// argument checks (and the exceptions they throw) never pass through a CUDA translation unit:
+// cuda/ holds the kernels and their launches only.
+void classification_update_cuda(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
+                                int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
+                                std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
+                                bool confusion_matrix) {
+  const UpdateInputs in = prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold,
+                                         input_kind, confusion_matrix);
+  if (!in.empty()) update_cuda(in, state);
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stepscope, Meta, m) { m.impl("classification_update", &classification_update_meta); }
+#if defined(STEPSCOPE_WITH_CUDA)
+TORCH_LIBRARY_IMPL(stepscope, CUDA, m) { m.impl("classification_update", &classification_update_cuda); }
+#endif
 
 }  // namespace stepscope::metrics

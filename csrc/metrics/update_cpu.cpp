@@ -37,6 +37,7 @@ struct RowSummary {
   int32_t argmax;
   int32_t above;
   double max;
+  double min;  // for the multiclass 'auto' rule: is every value in [0, 1]?
   double sumexp;
 };
 
@@ -102,13 +103,15 @@ inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want
   RowSummary r{};
   const T xt = x[t];
   T m = x[0];
+  T mn = x[0];
   T poison = 0;
   int32_t above = 0;
-#pragma omp simd reduction(max : m) reduction(+ : above, poison)
+#pragma omp simd reduction(max : m) reduction(min : mn) reduction(+ : above, poison)
   for (int64_t j = 0; j < C; ++j) {
     const T v = x[j];
     poison += v * T(0);
     m = v > m ? v : m;
+    mn = v < mn ? v : mn;
     above += (v > xt) | ((v == xt) & (j < t));
   }
   r.finite = poison == T(0);
@@ -126,6 +129,7 @@ inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want
   r.argmax = static_cast<int32_t>(arg);
   r.above = above;
   r.max = static_cast<double>(m);
+  r.min = static_cast<double>(mn);
   r.sumexp = se;
   return r;
 }
@@ -164,6 +168,25 @@ void run_chunked(int64_t work, int64_t cost_per_item, const Layout& lay, double*
   }
 }
 
+// Adds one reading of a sample (loss, calibration slot) at `base`, laid out as the state's
+// loss, ece_count, ece_conf, ece_acc (kReadingLen values).
+inline void add_reading(double* base, double loss, float conf, bool hit) {
+  const int bin = ece_bin(conf);
+  base[0] += loss;
+  base[1 + bin] += 1.0;
+  base[1 + kEceSlots + bin] += conf;
+  base[1 + 2 * kEceSlots + bin] += hit;
+}
+
+// Multiclass 'auto': keeps the reading the whole batch calls for (probabilities iff every value
+// was in [0, 1]) and clears the scratch, which is zero again between updates.
+void fold_pending(const Layout& lay, double* state) {
+  const bool logits = state[lay.pending + 2 * kReadingLen] != 0.0;
+  const double* src = state + lay.pending + (logits ? 0 : kReadingLen);
+  for (int64_t i = 0; i < kReadingLen; ++i) state[lay.loss + i] += src[i];
+  std::fill(state + lay.pending, state + lay.pending + kPendingLen, 0.0);
+}
+
 template <typename scalar_t, typename target_t>
 void multiclass_cpu(const UpdateInputs& in, double* state) {
   using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -174,25 +197,33 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   const target_t* T = static_cast<const target_t*>(in.target.const_data_ptr());
   const int64_t sN = in.preds.stride(0), sC = in.preds.stride(1), sD = in.preds.stride(2);
   const int64_t tN = in.target.stride(0), tD = in.target.stride(1);
-  const bool logits = cfg.input != InputKind::kProbs;
+  const bool is_auto = lay.pending >= 0;
+  const bool want_logits = cfg.input != InputKind::kProbs;
   const bool direct = std::is_same_v<scalar_t, compute_t> && sC == 1;
   const bool keep_cells = lay.confmat >= 0;
 
   run_chunked(in.n * D, C, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>& cells) {
     std::vector<compute_t> buf(direct ? 0 : C);
     if (keep_cells) cells.reserve(e - b);
+    // 'auto': once this chunk saw a value outside [0, 1] the batch is logits, and the
+    // probabilities reading (which would be thrown away) is no longer kept.
+    bool outside = false;
+    double* const logits_at = is_auto ? acc + lay.pending : acc + lay.loss;
+    double* const probs_at = is_auto ? acc + lay.pending + kReadingLen : acc + lay.loss;
     for (int64_t s = b; s < e; ++s) {
       const int64_t n = s / D, d = s % D;
       const int64_t t = static_cast<int64_t>(T[n * tN + d * tD]);
-      if (cfg.has_ignore_index && t == cfg.ignore_index) {
-        acc[lay.ignored] += 1.0;
-        continue;
-      }
-      if (t < 0 || t >= C) {
-        acc[lay.invalid] += 1.0;
-        continue;
-      }
       const scalar_t* row = P + n * sN + d * sD;
+      const bool ignored = cfg.has_ignore_index && t == cfg.ignore_index;
+      if (ignored || t < 0 || t >= C) {
+        acc[ignored ? lay.ignored : lay.invalid] += 1.0;
+        // The rule looks at every value of the batch, skipped rows included.
+        for (int64_t j = 0; is_auto && !outside && j < C; ++j) {
+          const compute_t v = static_cast<compute_t>(row[j * sC]);
+          outside = !(v >= 0 && v <= 1);
+        }
+        continue;
+      }
       const compute_t* x;
       if (direct) {
         x = reinterpret_cast<const compute_t*>(row);
@@ -200,11 +231,13 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
         for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
         x = buf.data();
       }
-      const RowSummary r = summarize_row(x, C, t, logits);
+      const RowSummary r = summarize_row(x, C, t, want_logits);
       if (!r.finite) {
         acc[lay.nonfinite] += 1.0;
+        outside = true;
         continue;
       }
+      outside = outside || r.min < 0.0 || r.max > 1.0;
       const int64_t p = r.argmax;
       const bool hit = p == t;
       acc[lay.tp + t] += hit;
@@ -213,20 +246,17 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
       acc[lay.valid] += 1.0;
       if (keep_cells) cells.push_back(t * C + p);
       for (int64_t i = 0; i < lay.num_topk; ++i) acc[lay.topk + i] += r.above < cfg.top_k[i];
-      double conf;
-      if (logits) {
-        acc[lay.loss] += std::log(r.sumexp) + r.max - static_cast<double>(x[t]);
-        conf = static_cast<double>(static_cast<compute_t>(1.0 / r.sumexp));
-      } else {
-        acc[lay.loss] -= std::log(static_cast<double>(x[t]));
-        conf = r.max;
+      if (want_logits) {
+        add_reading(logits_at, std::log(r.sumexp) + r.max - static_cast<double>(x[t]),
+                    static_cast<float>(static_cast<compute_t>(1.0 / r.sumexp)), hit);
       }
-      const int bin = ece_bin(static_cast<float>(conf));
-      acc[lay.ece_count + bin] += 1.0;
-      acc[lay.ece_conf + bin] += static_cast<float>(conf);
-      acc[lay.ece_acc + bin] += hit;
+      if (!want_logits || (is_auto && !outside)) {
+        add_reading(probs_at, -std::log(static_cast<double>(x[t])), static_cast<float>(r.max), hit);
+      }
     }
+    if (is_auto && outside) acc[lay.pending + 2 * kReadingLen] += 1.0;
   });
+  if (is_auto) fold_pending(lay, state);
 }
 
 bool any_outside_unit(const at::Tensor& preds) {

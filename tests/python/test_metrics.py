@@ -59,10 +59,10 @@ def multiclass_case(seed):
     dtype = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16][int(rng.integers(0, 5))]
     ks = sorted({int(k) for k in rng.integers(1, C + 1, size=int(rng.integers(1, 3)))} | {1})
     ignore = [None, None, -1, -100, int(rng.integers(0, C))][int(rng.integers(0, 5))]
-    kind = ["logits", "logits", "probs"][int(rng.integers(0, 3))]
+    kind = ["logits", "logits", "probs", "auto", "auto"][int(rng.integers(0, 5))]
     # Logits built channel-last then moved: non-contiguous class dim (as from a conv net / .t()).
     x = torch.randn(N, *extra, C, generator=g) * float(rng.choice([0.5, 2.0, 6.0]))
-    if kind == "probs":
+    if kind == "probs" or (kind == "auto" and rng.random() < 0.5):
         x = x.softmax(-1)
     preds = x.to(dtype).movedim(-1, 1)
     if rng.random() < 0.5:
@@ -127,7 +127,9 @@ def test_multiclass_random(base_seed, device):
         # Loss: cross-entropy of the float64-upcast predictions.
         P = c["preds"].double()
         if c["N"] and ref["n"]:
-            logp = P.log() if c["kind"] == "probs" else P.log_softmax(1)
+            # 'auto': probabilities iff every value of the batch is in [0, 1] (torchmetrics' rule).
+            as_probs = c["kind"] == "probs" or (c["kind"] == "auto" and bool(((P >= 0) & (P <= 1)).all()))
+            logp = P.log() if as_probs else P.log_softmax(1)
             ce = F.nll_loss(logp, c["target"], ignore_index=ignore if ignore is not None else -12345,
                             reduction="sum") / ref["n"]
             close(out["loss"], ce, "loss " + msg, atol=1e-5, rtol=1e-5)
@@ -618,7 +620,101 @@ def test_gloo_sync_equals_single_process(tmp_path, base_seed, world):
     torch.testing.assert_close(s, ref, rtol=1e-12, atol=1e-9)
 
 
+# ----------------------------------------------------------------------------- multiclass 'auto'
+def _readings(preds, target, C, device, **kw):
+    """Our state for input='auto', 'logits' and 'probs' on the same batch."""
+    out = {}
+    for kind in ("auto", "logits", "probs"):
+        m = stepscope.ClassificationMetrics("multiclass", num_classes=C, input=kind, device=device, **kw)
+        m.update(preds, target)
+        out[kind] = m
+    return out
+
+
+def _same_reading(auto, other):
+    """Every state block of `auto` equals `other`'s (the pending scratch is zero again)."""
+    la, lo = auto._cfg.layout, other._cfg.layout
+    assert la["pending"] >= 0 and lo["pending"] == -1
+    a = auto.state.cpu()
+    assert not a[la["pending"]:la["pending"] + 100].any(), "pending scratch not cleared"
+    keep = torch.cat([a[:la["pending"]], a[la["pending"] + 100:]])
+    torch.testing.assert_close(keep, other.state.cpu(), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
+def test_multiclass_auto_reads_softmax_as_probabilities(device, base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    C = 10
+    logits = torch.randn(300, C, generator=g) * 3
+    target = torch.randint(0, C, (300,), generator=g)
+    probs = logits.softmax(1)
+    for x, expect in ((probs, "probs"), (logits, "logits"), (logits.log_softmax(1), "logits")):
+        r = _readings(x.to(device), target.to(device), C, device)
+        _same_reading(r["auto"], r[expect])
+    # torchmetrics 1.9 reads the softmax outputs as probabilities too: same ECE.
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=C, device=device)
+    m.update(probs.to(device), target.to(device))
+    ref = tmc.MulticlassCalibrationError(num_classes=C, n_bins=15, norm="l1")(probs, target)
+    torch.testing.assert_close(m.compute()["ece"].cpu(), ref, rtol=1e-5, atol=1e-6)
+    loss = torch.nn.functional.nll_loss(probs.log(), target)
+    torch.testing.assert_close(m.compute()["loss"].cpu(), loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
+def test_multiclass_auto_one_value_outside_makes_the_batch_logits(device, base_seed):
+    # A large batch of probabilities with a single value outside [0, 1] (in an ignored row, or
+    # in the last row): the whole batch is read as logits, as torchmetrics does.
+    g = torch.Generator().manual_seed(base_seed)
+    C = 37
+    for n, where in ((5000, "last"), (5000, "ignored"), (5000, "first")):
+        probs = torch.randn(n, C, generator=g).softmax(1)
+        target = torch.randint(0, C, (n,), generator=g)
+        row = {"last": n - 1, "first": 0, "ignored": n // 2}[where]
+        probs[row, 3] = 1.5
+        if where == "ignored":
+            target[row] = -100
+        r = _readings(probs.to(device), target.to(device), C, device, ignore_index=-100)
+        _same_reading(r["auto"], r["logits"])
+        # Without the outlier the same batch is probabilities.
+        probs[row, 3] = 0.5
+        r = _readings(probs.to(device), target.to(device), C, device, ignore_index=-100)
+        _same_reading(r["auto"], r["probs"])
+
+
+def test_multiclass_auto_decides_per_update(base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    C = 5
+    logits = torch.randn(64, C, generator=g) * 4
+    target = torch.randint(0, C, (64,), generator=g)
+    auto = stepscope.ClassificationMetrics("multiclass", num_classes=C)
+    ref_l = stepscope.ClassificationMetrics("multiclass", num_classes=C, input="logits")
+    ref_p = stepscope.ClassificationMetrics("multiclass", num_classes=C, input="probs")
+    auto.update(logits, target)
+    auto.update(logits.softmax(1), target)
+    ref_l.update(logits, target)
+    ref_p.update(logits.softmax(1), target)
+    torch.testing.assert_close(auto.compute()["loss"], (ref_l.compute()["loss"] + ref_p.compute()["loss"]) / 2)
+
+
 # ----------------------------------------------------------------------------- CUDA
+def assert_cuda_state_matches(gpu_state, cpu_state, lay, msg):
+    """Every count exact, except that a sample may fall in the neighbouring calibration bin: its
+    confidence, a float32 softmax maximum, is summed in another order on each device (and with
+    the hardware exp2 on the GPU), so one whose confidence lies within ~1e-6 of a bin edge can
+    land either side. Float sums (loss, confidence) to rounding."""
+    g, c = gpu_state.cpu(), cpu_state
+    ece = set(range(lay["ece_count"], lay["ece_count"] + 16)) | set(range(lay["ece_acc"], lay["ece_acc"] + 16))
+    floats = {lay["loss"]} | set(range(lay["ece_conf"], lay["ece_conf"] + 16))
+    counts = [j for j in range(c.numel()) if j not in floats | ece]
+    exact(g[counts], c[counts], msg)
+    n = float(c[lay["valid"]])
+    for start in (lay["ece_count"], lay["ece_acc"]):
+        moved = float((g[start:start + 16] - c[start:start + 16]).abs().sum()) / 2
+        assert moved <= 2 + 1e-4 * n, f"{msg}: {moved} samples changed calibration bin"
+        assert float(g[start:start + 16].sum()) == float(c[start:start + 16].sum()), msg
+    torch.testing.assert_close(g, c, rtol=1e-5, atol=1e-3 + 1e-4 * n, msg=msg)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
 def test_cuda_equals_cpu_and_never_syncs(base_seed, task):
@@ -644,12 +740,57 @@ def test_cuda_equals_cpu_and_never_syncs(base_seed, task):
             gpu.update(p, t)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        lay = cpu._cfg.layout
-        floats = {lay["loss"]} | set(range(lay["ece_conf"], lay["ece_conf"] + 16))
-        counts = [j for j in range(cpu.state.numel()) if j not in floats]
-        msg = f"seed={seed} task={task}"
-        exact(gpu.state.cpu()[counts], cpu.state[counts], msg)
-        torch.testing.assert_close(gpu.state.cpu(), cpu.state, rtol=1e-5, atol=1e-4, msg=msg)
+        assert_cuda_state_matches(gpu.state, cpu.state, cpu._cfg.layout, f"seed={seed} task={task}")
+
+
+# Shapes that reach each multiclass CUDA kernel (tile: contiguous rows of up to a few thousand
+# classes; row: long rows, aligned or not; strided: classes strided, segmentation) with enough
+# rows for many blocks, so that the 'auto' fold across blocks is exercised.
+CUDA_PATHS = [
+    ("tile C=10", lambda g: torch.randn(40000, 10, generator=g)),
+    ("tile C=100 bf16", lambda g: torch.randn(20000, 100, generator=g).bfloat16()),
+    ("tile C=1000 fp16", lambda g: torch.randn(3000, 1000, generator=g).half()),
+    ("tile channels-last seg C=21", lambda g: torch.randn(4, 21, 32, 48, generator=g).contiguous(
+        memory_format=torch.channels_last)),
+    ("row C=5000", lambda g: torch.randn(600, 5000, generator=g)),
+    ("row C=32000 bf16", lambda g: torch.randn(300, 32000, generator=g).bfloat16()),
+    ("row unaligned C=3001", lambda g: torch.randn(500, 3002, generator=g)[:, 1:]),
+    ("strided seg C=21", lambda g: torch.randn(4, 21, 32, 48, generator=g)),
+    ("strided seg C=150 bf16", lambda g: torch.randn(2, 150, 24, 40, generator=g).bfloat16()),
+    ("strided transposed C=37", lambda g: torch.randn(37, 9000, generator=g).t()),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,make", CUDA_PATHS, ids=[p[0] for p in CUDA_PATHS])
+@pytest.mark.parametrize("data", ["logits", "probs"])
+def test_cuda_kernel_paths_equal_cpu(base_seed, name, make, data):
+    g = torch.Generator().manual_seed(base_seed)
+    x = make(g)
+    if data == "probs":
+        x = x.float().softmax(1).to(x.dtype)
+        x = x.clamp(0, 1)  # bf16/fp16 rounding may not leave every value in [0, 1] otherwise
+    C = x.shape[1]
+    tshape = (x.shape[0],) + tuple(x.shape[2:])
+    target = torch.randint(0, C, tshape, generator=g)
+    target[torch.rand(tshape, generator=g) < 0.05] = -1
+    target[torch.rand(tshape, generator=g) < 0.01] = C + 3  # invalid
+    for kind in ("auto", "logits", "probs"):
+        kw = dict(num_classes=C, top_k=(1, 5), ignore_index=-1, input=kind, confusion_matrix=C <= 1024)
+        cpu = stepscope.ClassificationMetrics("multiclass", device="cpu", **kw)
+        gpu = stepscope.ClassificationMetrics("multiclass", device="cuda", **kw)
+        cpu.update(x, target)
+        xg, tg = x.cuda(), target.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu.update(xg, tg)
+            gpu.update(xg, tg)  # twice: the 'auto' scratch must be clear after the first
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cpu.update(x, target)
+        assert_cuda_state_matches(gpu.state, cpu.state, cpu._cfg.layout,
+                                  f"{name} data={data} input={kind} seed={base_seed}")
 
 
 @pytest.mark.cuda
