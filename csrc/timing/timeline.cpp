@@ -853,6 +853,12 @@ std::string format_summary(const Report& r) {
                 static_cast<long long>(r.steps), r.step_host_total > 0 ? r.samples / r.step_host_total : 0.0,
                 static_cast<long long>(r.dropped_device_samples));
   o << line;
+  if (r.device && r.device_every > 1) {
+    std::snprintf(line, sizeof(line), "device: one step in %lld%s, %lld of %lld steps\n",
+                  static_cast<long long>(r.device_every), r.device_every_auto ? " (auto)" : "",
+                  static_cast<long long>(r.device_steps), static_cast<long long>(r.steps));
+    o << line;
+  }
   return o.str();
 }
 
