@@ -18,8 +18,11 @@ gives the raw cost of one _C.Timeline boundary call from Python.
   python bench/overhead_bench.py [--rounds 41] [--steps 100] [--threads 1]
   python bench/overhead_bench.py --device cuda [--model mlp|gpu-bound]
 
-On CUDA the variants are bare, monitor, monitor with host clocks only (its Timeline records no
-CUDA events), and torch.profiler (CPU + CUDA activities); a run's time is its wall time up to a
+On CUDA the variants are bare, monitor (device_every="auto", the default: CUDA events on one step
+in k, k chosen so that the records cost ~1% of the host's step), monitor every=1 (events on every
+step), monitor with host clocks only (its Timeline records no CUDA events), and torch.profiler
+(CPU + CUDA activities); the device_every each Monitor settled on is printed under the table
+(with its measured cost of one event record). A run's time is its wall time up to a
 final torch.cuda.synchronize(), over its steps, so a GPU-bound loop is timed by its GPU work and a
 host-bound one by its launches. `--model gpu-bound` is 8 x Linear(2048), batch 2048, AdamW.
 """
@@ -126,7 +129,7 @@ def run_perf_counter(model, opt, xs, ys, steps):
 def run_monitor(kw, host_only: bool = False):
     # One Monitor per variant, attached for each run: a training loop attaches once, so its
     # Timeline's allocation is not charged to every round.
-    mon = []
+    mon: list = []
 
     def run(model, opt, xs, ys, steps):
         if not mon:
@@ -135,6 +138,7 @@ def run_monitor(kw, host_only: bool = False):
                 mon[0]._tl = _C.Timeline(device=False, nvtx=kw.get("nvtx", True))
         with mon[0]:
             return run_bare(model, opt, xs, ys, steps)
+    run.monitor = mon  # type: ignore[attr-defined]
     return run
 
 
@@ -175,6 +179,7 @@ def main() -> int:
         variants = {
             "bare": run_bare,
             "monitor": run_monitor({}),
+            "monitor every=1": run_monitor({"device_every": 1}),
             "monitor host-only": run_monitor({}, host_only=True),
             "torch.profiler": run_profiler,
         }
@@ -208,12 +213,21 @@ def main() -> int:
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {dev}, {args.threads} thread(s), {what}, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':16s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
+    print(f"{'variant':18s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
           f"{'us/boundary':>12s}")
     for k in variants:
         per_b = "-" if k in ("bare", "torch.profiler") else f"{extra[k] / BOUNDARIES:.2f}"
-        print(f"{k:16s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {ratio[k]:13.4f} {extra[k]:8.1f} "
+        print(f"{k:18s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {ratio[k]:13.4f} {extra[k]:8.1f} "
               f"{per_b:>12s}")
+    for k, fn in variants.items():
+        mons = getattr(fn, "monitor", None)
+        if args.device == "cuda" and mons:
+            r = mons[0].report()
+            if r["device"]:
+                cost = r["event_record_cost"]
+                print(f"{k}: device_every {r['device_every']}{' (auto)' if r['device_every_auto'] else ''}, "
+                      f"{r['device_steps']} of {r['steps']} steps device-timed, {r['device_events']} events, "
+                      f"record cost {'-' if cost is None else f'{cost * 1e6:.2f} us'}")
     print(f"_C.Timeline boundary call from Python (no hook): {boundary_call_ns():.0f} ns")
     print("reproduce: python bench/overhead_bench.py " + " ".join(sys.argv[1:]))
     return 0

@@ -150,6 +150,12 @@ py::dict report_dict(const stepscope::timing::Report& r) {
   }
   d["spikes"] = spikes;
   d["spikes_total"] = r.spikes_total;
+  // Device sampling: None where unknown (no device timing; device_every in a merged report).
+  d["device_steps"] = r.device_steps;
+  d["device_every"] = r.device_every > 0 ? py::object(py::int_(r.device_every)) : py::object(py::none());
+  d["device_every_auto"] = r.device_every_auto;
+  d["device_events"] = r.device_events;
+  d["event_record_cost"] = r.event_record_cost > 0 ? py::object(py::float_(r.event_record_cost)) : py::object(py::none());
   return d;
 }
 
@@ -605,10 +611,12 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Timeline, std::shared_ptr<Timeline>>(m, "Timeline",
                        "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
       .def(py::init([](bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin, int64_t capture_end,
-                       int64_t warmup_steps) {
+                       int64_t warmup_steps, int64_t device_every) {
              TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
              TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
              TORCH_CHECK_VALUE(warmup_steps >= 0, "stepscope: warmup_steps must be >= 0; got ", warmup_steps);
+             TORCH_CHECK_VALUE(device_every >= 0, "stepscope: device_every must be >= 1, or 0 for auto; got ",
+                               device_every);
              stepscope::timing::TimelineOptions o;
              o.device = device;
              o.nvtx = nvtx;
@@ -617,10 +625,12 @@ PYBIND11_MODULE(_C, m) {
              o.capture_begin = capture_begin;
              o.capture_end = capture_end;
              o.warmup_steps = warmup_steps;
+             o.device_every = device_every;
              return std::make_shared<Timeline>(o);
            }),
            py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256, py::arg("event_pool") = 2048,
-           py::arg("capture_begin") = -1, py::arg("capture_end") = -1, py::arg("warmup_steps") = 0)
+           py::arg("capture_begin") = -1, py::arg("capture_end") = -1, py::arg("warmup_steps") = 0,
+           py::arg("device_every") = 0)
       .def("forward_begin", &Timeline::forward_begin, py::arg("eval") = false, py::arg("batch") = -1)
       .def("forward_end", &Timeline::forward_end)
       .def("backward_begin", &Timeline::backward_begin)
@@ -681,13 +691,15 @@ PYBIND11_MODULE(_C, m) {
                d["truncated_spans"] = s.truncated;
                d["memory"] = memory_dict(s.memory, false);
                d["warmup"] = s.warmup;
+               d["device_timed"] = s.device_timed;
                out.append(d);
              }
              return out;
            },
            "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, the user "
            "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start) and, on CUDA, "
-           "the partition's spans as the GPU ran them, on the host clock (device_spans; once resolved).");
+           "the partition's spans as the GPU ran them, on the host clock (device_spans; once resolved; none on a step "
+           "that device sampling left untimed: device_timed False).");
 
   m.attr("PACKED_WORDS") = stepscope::timing::kPackedWords;
   m.def(

@@ -55,7 +55,8 @@ Timeline::Timeline(TimelineOptions opts)
       device_(opts.device && EventPool::available()),
       origin_(std::chrono::steady_clock::now()),
       pool_(opts.event_pool),
-      ring_(static_cast<size_t>(std::max(1, opts.ring))) {
+      ring_(static_cast<size_t>(std::max(1, opts.ring))),
+      sampler_(opts.device_every) {
   // NVTX decides once per process whether a tool is attached; without one, no range call is made
   // at all (each boundary then touches neither the NVTX code nor the step name's formatting).
   opts_.nvtx = opts.nvtx && nvtx::tool_attached();
@@ -77,11 +78,13 @@ void Timeline::open_locked() {
     // The one synchronisation, at attach and never again: once this event is complete the GPU's
     // queue on this stream is empty, so the next event (the first step's) is reached as soon as
     // it is recorded, and its host record time anchors the device clock (timing/device_clock.h).
+    // The host cost of one record is measured first (auto device sampling), on the same stream.
+    if (sampler_.auto_mode()) sampler_.set_record_ns(pool_.record_cost_ns(7));
     const int ref = pool_.record();
     const bool synced = ref >= 0 && pool_.synchronize(ref);
     pool_unref(ref);
     const int64_t now = now_ns();
-    const int ev = record_event(now);
+    const int ev = record_event_if(now, true);  // the first step is always device-timed
     if (synced && ev >= 0) {
       clock_.anchor(static_cast<double>(now));
       anchor_ev_ = ev;
@@ -89,24 +92,33 @@ void Timeline::open_locked() {
     }
     last_ns_ = now;
     last_ev_ = ev;
+    sampler_.opened(events_);
     start_step(now, ev);
     return;
   }
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  const int ev = record_event_if(now, sampler_.next_timed(step_index_ < opts_.warmup_steps));
   last_ns_ = now;
   last_ev_ = ev;  // the record's reference now belongs to "the last boundary"
+  sampler_.opened(events_);
   start_step(now, ev);
 }
 
-int Timeline::record_event(int64_t now) {
-  if (!device_) return -1;
+bool Timeline::end_boundary_wanted() const {
+  return dev_step_ || sampler_.next_timed(step_index_ + 1 < opts_.warmup_steps);
+}
+
+int Timeline::record_event_if(int64_t now, bool want) {
+  if (!device_ || !want) return -1;
   int s = pool_.record();
   if (s < 0) {
     poll_locked();  // completed events free their slots; still nothing free: the GPU lags, drop
     s = pool_.record();
   }
-  if (s >= 0) pool_.stamp(s, now);
+  if (s >= 0) {
+    pool_.stamp(s, now);
+    ++events_;
+  }
   return s;
 }
 
@@ -142,7 +154,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   } else {
     ++cur_.truncated;
   }
-  if (device_) {
+  if (device_ && dev_step_) {
     if (paused_) {
       if (carry_a_ >= 0 && carry_b_ >= 0 && last_ev_ >= 0 && ev >= 0) {
         queue(0, i, carry_a_, carry_b_, last_ev_, ev);
@@ -225,6 +237,7 @@ void Timeline::start_step(int64_t now, int ev) {
   cur_.truncated = 0;
   state_ = State::kIdle;
   warm_ = step_index_ < opts_.warmup_steps;
+  dev_step_ = device_ && sampler_.begin_step(warm_);
   if (capturing_ && step_index_ == opts_.capture_end) {
     nvtx::capture_end();
     capturing_ = false;
@@ -249,7 +262,7 @@ void Timeline::finish_step(int64_t now, int ev) {
   double total = 0;
   for (int i = 0; i < kNumPartition; ++i) total += step_phase_[i];
   add_host(static_cast<int>(Phase::kStep), total);
-  if (device_) {
+  if (device_ && dev_step_) {
     // An eval pause inside the step cuts it in pieces; the device step would include the eval
     // work, so that step's device total is not sampled (its phases still are).
     if (!step_has_pause_) {
@@ -270,6 +283,7 @@ void Timeline::finish_step(int64_t now, int ev) {
   r.n_spans = cur_.n_spans;
   r.truncated = cur_.truncated;
   r.warmup = warm_;
+  r.device_timed = dev_step_;
   if (device_) read_device_memory(pool_.device(), &memory_);
   r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
@@ -278,6 +292,7 @@ void Timeline::finish_step(int64_t now, int ev) {
     warm_sum_.samples += step_samples_;
   } else {
     check_spike(total);
+    if (dev_step_) ++device_steps_;
     ++steps_done_;
     samples_done_ += step_samples_;
     step_host_total_ += total;
@@ -286,6 +301,7 @@ void Timeline::finish_step(int64_t now, int ev) {
     nvtx::end(nvtx_step_);
     nvtx_step_ = 0;
   }
+  if (device_) sampler_.end_step(warm_, dev_step_, total, events_);
   ++step_index_;
   poll_locked();
   start_step(now, ev);
@@ -377,7 +393,7 @@ void Timeline::forward_end() {
   const int ev = record_event(now);
   if (fwd_eval_) {
     add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
-    if (device_) {
+    if (device_ && dev_step_) {
       if (eval_ev_ >= 0 && ev >= 0) {
         queue(0, static_cast<int>(Phase::kEvalForward), eval_ev_, ev);
       } else {
@@ -459,7 +475,7 @@ void Timeline::optimizer_end(bool end_step) {
   const bool closure_end = in_closure_ && fwd_depth_ == 0 && state_ != State::kBackward;
   if (state_ != State::kOptimizer && !closure_end) return;
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  const int ev = end_step ? record_event_if(now, end_boundary_wanted()) : record_event(now);
   flush_optimizer_begin();
   boundary(Phase::kOptimizer, now, ev);
   in_closure_ = false;
@@ -479,7 +495,7 @@ bool Timeline::step() {
   flush_optimizer_begin();
   if (!step_active_) return false;
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  const int ev = record_event_if(now, end_boundary_wanted());
   boundary(Phase::kOther, now, ev);
   finish_step(now, ev);
   return true;
@@ -513,6 +529,7 @@ void Timeline::group_begin(G& g, int id) {
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
   o.ev = record_event(o.t0);
+  o.timed = dev_step_;
   g.parent[id] = open_phase_name();
   if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
@@ -526,7 +543,9 @@ void Timeline::group_end(G& g, int id) {
   const int64_t now = now_ns();
   const int ev = record_event(now);
   if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
-  if (device_) {
+  // A span that crosses from a timed step into an untimed one (or back) has no device time, and
+  // that is no dropped sample.
+  if (device_ && dev_step_ && o.timed) {
     if (o.ev >= 0 && ev >= 0) {
       queue(g.kind, id, o.ev, ev);
     } else {
@@ -582,18 +601,22 @@ void Timeline::poll() {
 void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double seen) {
   // The boundary that closed the phase is the span's last event; the event before it opened the
   // phase. When the opening event is the clock's anchor (the usual chain: consecutive boundaries),
-  // the phase's own elapsed time places it; otherwise (after an eval pause, a dropped sample or a
-  // re-attach) one more elapsed-time query against the anchor does.
+  // the phase's own elapsed time places it. Otherwise (the first phase of a device-timed step after
+  // untimed ones, an eval pause, a dropped sample, a re-attach) the clock re-anchors at the opening
+  // event first: one more elapsed-time query against the anchor places it, clamped into its own
+  // window (DeviceClock::place), so that the phase then chains from a boundary of its own step and
+  // the gap's drift is corrected where it can be, not carried into the phase.
   const bool two = d.a1 >= 0;
   const int open = two ? d.a1 : d.a0, close = two ? d.b1 : d.b0;
-  double elapsed_ms;
-  if (open == anchor_ev_) {
-    elapsed_ms = two ? m1 : m0;
-  } else {
-    const float m = pool_.elapsed_ms(anchor_ev_, close);
+  if (open != anchor_ev_) {
+    const float m = pool_.elapsed_ms(anchor_ev_, open);
     if (m < 0) return;  // failed, or recorded before the anchor: no lag sample, keep the anchor
-    elapsed_ms = m;
+    clock_.place(m * 1e6, static_cast<double>(pool_.stamp(open)), seen);
+    pool_.ref(open);
+    pool_unref(anchor_ev_);
+    anchor_ev_ = open;
   }
+  const double elapsed_ms = two ? m1 : m0;
   const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
   if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
   if (!two && d.slot >= 0) {
@@ -733,6 +756,11 @@ Report Timeline::report() {
   }
   for (size_t i = 0; i < spikes_.size(); ++i) r.spikes.push_back(spikes_[i]);
   r.spikes_total = static_cast<int64_t>(spikes_.pushed());
+  r.device_steps = device_steps_;
+  r.device_every = device_ ? sampler_.every() : 0;
+  r.device_every_auto = device_ && sampler_.auto_mode();
+  r.device_events = events_;
+  r.event_record_cost = sampler_.record_ns() * 1e-9;
   return r;
 }
 
@@ -825,6 +853,12 @@ std::string format_summary(const Report& r) {
                 static_cast<long long>(r.steps), r.step_host_total > 0 ? r.samples / r.step_host_total : 0.0,
                 static_cast<long long>(r.dropped_device_samples));
   o << line;
+  if (r.device && r.device_every > 1) {
+    std::snprintf(line, sizeof(line), "device: one step in %lld%s, %lld of %lld steps\n",
+                  static_cast<long long>(r.device_every), r.device_every_auto ? " (auto)" : "",
+                  static_cast<long long>(r.device_steps), static_cast<long long>(r.steps));
+    o << line;
+  }
   return o.str();
 }
 
@@ -848,6 +882,7 @@ std::vector<double> Timeline::pack() {
   v[6] = step_host_total_;
   v[7] = static_cast<double>(dropped_);
   v[8] = static_cast<double>(pending_.size());
+  v[9] = static_cast<double>(device_steps_);
   double* p = v.data() + kPackedHeader;
   for (const auto* series : {&host_, &dev_})
     for (const Series& s : *series) {
@@ -878,6 +913,7 @@ Report report_from_packed(const double* buffers, int64_t n) {
     step_ns = std::max(step_ns, v[6]);
     r.dropped_device_samples += static_cast<int64_t>(v[7]);
     r.pending_device_samples += static_cast<int64_t>(v[8]);
+    r.device_steps += static_cast<int64_t>(v[9]);
     const double* p = v + kPackedHeader;
     for (auto* series : {&host, &dev})
       for (Series& s : *series) {

@@ -67,6 +67,7 @@
 
 #include "nvtx/nvtx.h"
 #include "timing/device_clock.h"
+#include "timing/device_sampling.h"
 #include "timing/event_pool.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
@@ -90,6 +91,9 @@ struct TimelineOptions {
   // samples/s, spikes) and only totalled apart (Report::warmup): compilation, CUDA-graph
   // recording, autotuning and allocator growth happen there and would skew every mean.
   int64_t warmup_steps = 0;
+  // Device timing on one step in `device_every` (timing/device_sampling.h); 0 = auto: as often as
+  // keeps the event records' host cost near 1% of the step. Host times are kept on every step.
+  int64_t device_every = 0;
 };
 
 struct SeriesSummary {
@@ -148,6 +152,7 @@ struct StepRecord {
   int n_spans = 0;
   int truncated = 0;  // spans beyond kMaxSpans
   bool warmup = false;
+  bool device_timed = false;  // CUDA events were recorded for this step (device sampling)
   DeviceMemory memory;  // CUDA allocator counters at the step's end (-1 without device timing)
   std::array<SpanRecord, kMaxSpans> spans;
 };
@@ -175,6 +180,16 @@ struct Report {
   std::vector<NamedSummary> lag;
   std::vector<SpikeRecord> spikes;  // the last kMaxSpikes, oldest first
   int64_t spikes_total = 0;         // every spike seen, listed or not
+  // Device sampling (timing/device_sampling.h): the steady steps that were device-timed (the
+  // device series and shares cover these only), the current one-in-k (0: unknown, as in a merged
+  // report), whether k is chosen automatically, the CUDA events recorded at phase boundaries
+  // (one per boundary of a timed step, warm-up and attach included) and the host cost of one
+  // record measured at attach (seconds; 0 when not measured).
+  int64_t device_steps = 0;
+  int64_t device_every = 0;
+  bool device_every_auto = false;
+  int64_t device_events = 0;
+  double event_record_cost = 0;
 };
 
 // Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
@@ -236,6 +251,7 @@ class Timeline {
     int64_t t0 = 0;
     int ev = -1;
     int depth = 0;
+    bool timed = false;  // began on a device-timed step
   };
   struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
     int kind;       // 0 phase series, 1 user, 2 module
@@ -250,7 +266,12 @@ class Timeline {
   int64_t now_ns() const {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
   }
-  int record_event(int64_t now);
+  // Records an event for a boundary of the open step when it is device-timed (record_event_if:
+  // when `want`); -1 otherwise, or when the pool is exhausted.
+  int record_event(int64_t now) { return record_event_if(now, dev_step_); }
+  int record_event_if(int64_t now, bool want);
+  // The step-ending boundary also opens the next step: it records when either step is timed.
+  bool end_boundary_wanted() const;
   void place_on_host_clock(const DevSpan& d, float m0, float m1, double seen);
   // Records the phase and ends its NVTX range (with nvtx false the range is left open: a
   // deferred optimizer_begin recorded at optimizer_end, whose optimizer range is open).
@@ -358,6 +379,12 @@ class Timeline {
   DeviceMemory memory_;  // read at each step's end on CUDA
   int anchor_ev_ = -1;
   std::array<Series, kNumPartition> lag_;
+  // Device sampling (timing/device_sampling.h): whether the open step records events, the steady
+  // steps that did, and every boundary event recorded.
+  DeviceSampler sampler_;
+  bool dev_step_ = false;
+  int64_t device_steps_ = 0;
+  int64_t events_ = 0;
 
   uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
   bool pushed_ = false;  // a forward/optimizer push range is open ...
@@ -387,15 +414,16 @@ class ScopedPhase {
 // gathers every rank's in one all_gather, and any set of them merges into the summaries a local
 // report() gives (same Stats, same histogram quantile code: one buffer gives back its Timeline's
 // report() phases exactly). Layout: kPackedHeader words (tag, Phase::kCount, kBuckets, device,
-// steps, samples, step host ns, dropped and pending device samples, 0), then per phase, host
+// steps, samples, step host ns, dropped and pending device samples, device-timed steps), then per phase, host
 // then device: Stats moments, histogram min and max, kBuckets counts. User phases and modules
 // are left out (their names differ between processes). ~390 KB.
 constexpr int kPackedHeader = 10;
 constexpr int kPackedSeries = Stats::kMoments + 2 + LogHistogram::kBuckets;
 constexpr int kPackedWords = kPackedHeader + 2 * static_cast<int>(Phase::kCount) * kPackedSeries;
 // Merges n packed buffers laid end to end (n * kPackedWords doubles): series add up; steps is the
-// most any buffer has (ranks step together), samples and device sample counts add up, the step
-// host total is the largest (ranks run at once), device is any buffer's. Throws
+// most any buffer has (ranks step together), samples, device sample counts and device-timed steps
+// add up (like the device series' counts), the step host total is the largest (ranks run at once),
+// device is any buffer's. Throws
 // std::invalid_argument on a buffer of another layout or with corrupt counts.
 Report report_from_packed(const double* buffers, int64_t n);
 

@@ -26,6 +26,11 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     GPU reaching it), ``spikes`` (the last 32 steps slower than 3x the
     running median step: ``step``, ``duration``, ``step_median``, ``phase`` (the one that grew
     most against its own running median), ``phase_time``, ``phase_median``), ``spikes_total``,
+    ``device_steps`` (steady steps whose device times were recorded: device sampling, see
+    ``Monitor(device_every=...)``; the device stats and shares cover these steps only),
+    ``device_every`` (one step in k is device-timed; None without device timing or in a merged
+    report), ``device_every_auto``, ``device_events`` (CUDA events recorded at boundaries),
+    ``event_record_cost`` (seconds of host time per event record, measured at attach; None if not),
     and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
     Steps and step statistics count steady (post-warm-up) steps only.
     """
@@ -59,6 +64,11 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
         "lag": raw.get("lag"),
         "spikes": list(raw.get("spikes", [])),
         "spikes_total": raw.get("spikes_total", 0),
+        "device_steps": raw.get("device_steps", 0),
+        "device_every": raw.get("device_every"),
+        "device_every_auto": raw.get("device_every_auto", False),
+        "device_events": raw.get("device_events", 0),
+        "event_record_cost": raw.get("event_record_cost"),
         "context": dict(context or {}),
     }
 
@@ -131,6 +141,9 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         tail.append(m)
     if dev:
         tail.append(f"dropped device samples {rep['dropped_device_samples']}")
+        sampling = format_device_sampling(rep)
+        if sampling:
+            tail.append(sampling)
     lines.append(", ".join(tail))
     warm = rep.get("warmup")
     if warm and warm["steps"]:
@@ -147,6 +160,21 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
     if findings is not None:
         lines.append(format_findings(findings))
     return "\n".join(lines)
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def format_device_sampling(rep: dict) -> str:
+    """"device: every 7th step (auto), 143 of 1000 steps" when device times are sampled; "" when
+    every step is device-timed (or k is unknown, as in a merged report)."""
+    k = rep.get("device_every")
+    if not k or k <= 1:
+        return ""
+    how = " (auto)" if rep.get("device_every_auto") else ""
+    return f"device: every {_ordinal(k)} step{how}, {rep.get('device_steps', 0)} of {rep['steps']} steps"
 
 
 def format_findings(findings: list) -> str:
