@@ -37,8 +37,28 @@ else
 fi
 $PY -c "import stepscope; print(stepscope.build_info())" | tee -a "$OUT/env.txt"
 
+# ---- a bad CUDA input must raise, not crash (the process survives to print the error)
+timeout 60 $PY -c "
+import torch, stepscope
+m = stepscope.ClassificationMetrics('multiclass', num_classes=4, device='cuda')
+try:
+    m.update(torch.randn(8, 4, device='cuda'), torch.randint(0, 4, (7,), device='cuda'))
+except ValueError as e:
+    print('ValueError:', str(e)[:80])
+" >"$OUT/bad_input.log" 2>&1
+rc=$?
+row "bad CUDA input" "rc $rc: $(head -c 90 "$OUT/bad_input.log" | tr '\n' ' ')"
+if [ $rc -ne 0 ] && command -v cuda-gdb >/dev/null; then
+  timeout 90 cuda-gdb -batch -ex run -ex bt --args $PY -c "
+import torch, stepscope
+m = stepscope.ClassificationMetrics('multiclass', num_classes=4, device='cuda')
+m.update(torch.randn(8, 4, device='cuda'), torch.randint(0, 4, (7,), device='cuda'))
+" >"$OUT/bad_input_bt.log" 2>&1
+  grep -E "^#[0-9]+" "$OUT/bad_input_bt.log" | head -25
+fi
+
 # ---- CUDA-marked tests (metrics, monitor, nvtx) and the opcheck/compile tests on CUDA
-$PY -m pytest tests/python -m cuda -q -rs -p no:cacheprovider >"$OUT/pytest_cuda.log" 2>&1
+timeout 300 $PY -m pytest tests/python -m cuda -q -rs -p no:cacheprovider --durations=10 >"$OUT/pytest_cuda.log" 2>&1
 rc=$?
 row "pytest -m cuda" "$(tail -1 "$OUT/pytest_cuda.log") (rc $rc)"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR|E )" "$OUT/pytest_cuda.log" | head -20
@@ -55,28 +75,45 @@ if [ -f build-device/CTestTestfile.cmake ] && command -v ctest >/dev/null; then
   row "ctest" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
 fi
 
-# ---- GPU metrics bench: a few sizes against torchmetrics, copy-bandwidth share, launches, syncs
-timeout 150 $PY bench/metrics_bench.py --device cuda --classes 10 1000 32000 --min-log2 20 --max-log2 26 \
-  --step-log2 3 --sklearn-max-log2 0 >"$OUT/metrics_bench_cuda.txt" 2>&1
-row "metrics bench (cuda)" "rc $? (table below)"
+# ---- metrics kernel: the bandwidth targets (against a copy of the same bytes, same run)
+timeout 150 $PY bench/metrics_bench.py --device cuda --targets --target-log2 26 27 >"$OUT/metrics_bench_cuda.txt" 2>&1
+row "metrics bandwidth targets" "rc $? ($(tail -1 "$OUT/metrics_bench_cuda.txt" | grep -o '[0-9]* row(s) under target'))"
+
+# ---- Nsight Compute (occupancy, DRAM throughput) and compute-sanitizer on the metrics kernels
+if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
+  timeout 120 ncu --clock-control none -k regex:mc_ --section SpeedOfLight --section Occupancy --section LaunchStats \
+    $PY scripts/gpu_kernel_cases.py --ncu >"$OUT/ncu.txt" 2>&1
+  row "ncu (metrics kernels)" "rc $?"
+fi
+if [ "${SANITIZER:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool $PY scripts/gpu_kernel_cases.py --small >"$OUT/sanitizer_$tool.txt" 2>&1
+    row "compute-sanitizer $tool" "rc $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1))"
+  done
+fi
 
 # ---- Monitor overhead on CUDA: a small host-bound step and a GPU-bound one, against bare and torch.profiler
 for m in mlp gpu-bound; do
-  timeout 120 $PY bench/overhead_bench.py --device cuda --model $m --rounds 11 --steps 50 \
+  if [ $m = mlp ]; then steps=200; rounds=11; else steps=50; rounds=5; fi
+  timeout 120 $PY bench/overhead_bench.py --device cuda --model $m --rounds $rounds --steps $steps \
     >"$OUT/overhead_cuda_$m.txt" 2>&1
   row "overhead bench (cuda, $m)" "rc $? ($(grep -E '^monitor ' "$OUT/overhead_cuda_$m.txt" | awk '{print $4"x paired"}'))"
 done
 
 # ---- NVTX: the ranges as an NVIDIA tool sees them (when the NVTX check script is present)
-if [ -f scripts/nvtx_device_check.sh ]; then
+if [ "${NVTX_CHECK:-1}" = 1 ] && [ -f scripts/nvtx_device_check.sh ]; then
   timeout 90 bash scripts/nvtx_device_check.sh "$OUT" >"$OUT/nvtx_check.log" 2>&1
   row "nvtx / ncu filter" "rc $? ($(tail -1 "$OUT/nvtx_check.log"))"
 fi
 
 row "total wall time" "$(($(date +%s) - t0)) s"
 echo
-echo "==== metrics bench (cuda) ===="
-cat "$OUT/metrics_bench_cuda.txt"
+echo "==== metrics bandwidth targets (cuda) ===="
+grep -v "^# seed" "$OUT/metrics_bench_cuda.txt"
+echo
+echo "==== ncu: duration, DRAM throughput, achieved occupancy, registers ===="
+grep -E "mc_[a-z_]+kernel|^ +(Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Grid Size) " "$OUT/ncu.txt" 2>/dev/null | \
+  sed -E 's/\(stepscope::metrics::.*Params\)//; s/void stepscope::metrics::[(]anonymous namespace[)]:://; s/ +/ /g' | head -40
 echo
 echo "==== monitor overhead (cuda) ===="
 cat "$OUT"/overhead_cuda_*.txt | grep -v USDT
