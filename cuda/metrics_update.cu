@@ -342,16 +342,14 @@ __device__ __forceinline__ void count_row(const Params& p, McSmem& sm, const McV
   }
 }
 
-// A skipped row (ignored or invalid target): counted, and under 'auto' its values still count
-// for the range rule (`st` is the row's scan, or identity when it was not scanned).
-template <int kMode>
-__device__ __forceinline__ void count_skipped(McCounts& c, bool ignored, const Lane& st) {
+// A skipped row (ignored or invalid target): counted only. The 'auto' rule looks at the rows that
+// count, as torchmetrics' calibration does (it drops ignored rows before its range check).
+__device__ __forceinline__ void count_skipped(McCounts& c, bool ignored) {
   if (ignored) {
     ++c.ignored;
   } else {
     ++c.invalid;
   }
-  if (kMode == kReadAuto) c.outside = c.outside || !(st.poison == 0.0f) || st.mn < 0.0f || st.m > 1.0f;
 }
 
 __device__ __forceinline__ uint32_t warp_sum(uint32_t x) {
@@ -529,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 3) mc_tile_kernel(const Params p) {
       const int64_t rl = base + gi;
       const bool active = rl < nr;
       const int32_t code = active ? codes[rl] : -3;
-      const bool scan = code >= 0 || (kMode == kReadAuto && active && !seen);
+      const bool scan = code >= 0;
       const scalar_t* row = first + rl * C;
       const float xt = code >= 0 ? to_f(row[code]) : 0.0f;
       Lane st = lane_identity();
@@ -552,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, 3) mc_tile_kernel(const Params p) {
         if (code >= 0) {
           count_row<kMode>(p, sm, v, c, st, code, xt, seen);
         } else {
-          count_skipped<kMode>(c, code == -1, st);
+          count_skipped(c, code == -1);
         }
       }
     }
@@ -586,7 +584,7 @@ __global__ void __launch_bounds__(kThreads, 4) mc_row_kernel(const Params p) {
     const int64_t n = r / p.d, d = r - n * p.d;
     const int64_t code = target_code(p, load_target(p.target, n * p.tN + d * p.tD, p.target_kind));
     const scalar_t* row = P + n * p.sN + d * p.sD;
-    const bool scan = code >= 0 || (kMode == kReadAuto && !sm.outside);
+    const bool scan = code >= 0;
     Lane st = lane_identity();
     const float xt = code >= 0 ? to_f(row[code]) : 0.0f;
     const int32_t t = static_cast<int32_t>(code);
@@ -627,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, 4) mc_row_kernel(const Params p) {
         if (code >= 0) {
           count_row<kMode>(p, sm, v, c, st, code, xt, sm.outside != 0);
         } else {
-          count_skipped<kMode>(c, code == -1, st);
+          count_skipped(c, code == -1);
         }
         if (kMode == kReadAuto && c.outside) sm.outside = 1;
       }
@@ -654,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, 4) mc_strided_kernel(const Params p)
     const int64_t n = r / p.d, d = r - n * p.d;
     const int64_t code = target_code(p, load_target(p.target, n * p.tN + d * p.tD, p.target_kind));
     const scalar_t* row = P + n * p.sN + d * p.sD;
-    const bool scan = code >= 0 || (kMode == kReadAuto && !c.outside);
+    const bool scan = code >= 0;
     Lane st = lane_identity();
     const float xt = code >= 0 ? to_f(row[code * p.sC]) : 0.0f;
     const int32_t t = static_cast<int32_t>(code);
@@ -674,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 4) mc_strided_kernel(const Params p)
     if (code >= 0) {
       count_row<kMode>(p, sm, v, c, st, code, xt, false);
     } else {
-      count_skipped<kMode>(c, code == -1, st);
+      count_skipped(c, code == -1);
     }
   }
   mc_flush<kMode>(p, sm, v, c);

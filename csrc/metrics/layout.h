@@ -18,8 +18,9 @@ enum class Task : int64_t { kBinary = 0, kMulticlass = 1, kMultilabel = 2 };
 
 // How predictions are read. kAuto is torchmetrics' rule for binary/multilabel: if any value of
 // the batch lies outside [0, 1] the batch is treated as logits (sigmoid), else as probabilities.
-// Multiclass kAuto follows the same rule per update: preds with every value in [0, 1] are read as
-// probabilities (softmax outputs), anything else as logits (log_softmax outputs included). The
+// Multiclass kAuto follows the same rule per update, over the rows that count (ignored and
+// out-of-range targets aside, as torchmetrics' calibration does): preds with every value in [0, 1]
+// are read as probabilities (softmax outputs), anything else as logits (log_softmax too). The
 // argmax and the ranks are the same either way; the loss and the calibration confidence differ,
 // so the update accumulates both readings of those until it knows (Layout::pending).
 enum class InputKind : int64_t { kAuto = 0, kLogits = 1, kProbs = 2 };

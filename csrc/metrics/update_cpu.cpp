@@ -216,12 +216,9 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
       const scalar_t* row = P + n * sN + d * sD;
       const bool ignored = cfg.has_ignore_index && t == cfg.ignore_index;
       if (ignored || t < 0 || t >= C) {
+        // Skipped rows do not take part in the 'auto' rule either (torchmetrics' calibration drops
+        // ignored rows before its range check).
         acc[ignored ? lay.ignored : lay.invalid] += 1.0;
-        // The rule looks at every value of the batch, skipped rows included.
-        for (int64_t j = 0; is_auto && !outside && j < C; ++j) {
-          const compute_t v = static_cast<compute_t>(row[j * sC]);
-          outside = !(v >= 0 && v <= 1);
-        }
         continue;
       }
       const compute_t* x;

@@ -8,12 +8,20 @@
 // every = 0 (auto) chooses k from what recording costs against the step:
 //   k = max(1, ceil(events_per_step * record_cost / (budget * host_step)))   budget = 1%
 // so that recording costs at most ~1% of the host's step; a GPU-bound step (host step = device step
-// of several ms) keeps k = 1. The record cost is measured once at attach; the step time and the
-// events per timed step are the means over the steady steps since the last choice, where a timed
+// of several ms) keeps k = 1. The record cost is measured once at attach (a first guess: records on
+// an idle stream), then where it is paid: the Timeline passes its running total of host time spent
+// recording and resolving events, and each window's cost per event replaces the guess (on a
+// virtualised host a record behind a busy stream was seen to cost ten times the idle one). The
+// step time (less that cost) and the events per timed step are the means over the steady steps
+// since the last choice, where a timed
 // step's events are those recorded from its first boundary to its end, plus the one that opens it
 // (shared with the step before when that one is timed too: 6 + 1 for a plain step). Auto times every
 // step for the first kAutoFirst steady steps (there is no step time yet), then chooses k and again
 // every kAutoEvery steady steps, as the step time settles.
+//
+// A queued GPU makes recording free: when every boundary placed in a window lagged the host by at
+// least kQueuedLagNs (the GPU runs that far behind, so the host waits on it anyway, and an event
+// record may itself wait for room in the launch queue, which would read as a huge cost), k is 1.
 //
 // Warm-up steps are always device-timed: there are few of them, their device totals are reported
 // apart, and the compilation and autotuning they hold is what a person wants to see on the device.
@@ -23,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace stepscope::timing {
 
@@ -30,6 +39,7 @@ constexpr double kDeviceBudget = 0.01;  // the share of the host's step that eve
 constexpr int64_t kAutoFirst = 8;       // steady steps before the first choice
 constexpr int64_t kAutoEvery = 32;      // steady steps between later choices
 constexpr int64_t kMaxDeviceEvery = 1 << 20;
+constexpr double kQueuedLagNs = 1e6;  // least lag of a window above which the GPU is the bottleneck
 
 // The rule above. 1 whenever an input is unknown (<= 0): time every step rather than guess.
 inline int64_t choose_device_every(double record_ns, double events_per_step, double step_ns,
@@ -70,12 +80,21 @@ class DeviceSampler {
   // A steady step ended: its host time and the Timeline's running count of events recorded.
   // Auto mode chooses k here (kAutoFirst steps after the first steady step, then every kAutoEvery).
   // A new k applies from the next timed step on: steps already promised stay promised.
-  void end_step(bool warm, bool timed, double step_ns, int64_t events_total) {
+  // `cost_total_ns`: the Timeline's running total of host time spent on device timing (< 0: not
+  // measured, keep the attach-time record cost).
+  // `lag_min_ns`: the least queue lag of the boundaries placed during this step (+inf: none).
+  void end_step(bool warm, bool timed, double step_ns, int64_t events_total, double cost_total_ns = -1,
+                double lag_min_ns = std::numeric_limits<double>::infinity()) {
     const int64_t during = events_total - last_total_;  // recorded in this step, its end included
     last_total_ = events_total;
+    const double cost = cost_total_ns >= 0 ? cost_total_ns - last_cost_ : 0;
+    if (cost_total_ns >= 0) last_cost_ = cost_total_ns;
     if (warm) return;
     ++steady_;
     win_ns_ += step_ns;
+    win_cost_ += cost;
+    win_lag_min_ = std::min(win_lag_min_, lag_min_ns);
+    win_all_events_ += during;
     ++win_steps_;
     if (timed) {
       ++win_timed_;
@@ -86,15 +105,19 @@ class DeviceSampler {
     if (!due) return;
     if (win_timed_ > 0) {
       events_per_step_ = static_cast<double>(win_events_) / static_cast<double>(win_timed_) + 1.0;
-      every_ = choose_device_every(record_ns_, events_per_step_, win_ns_ / static_cast<double>(win_steps_));
+      if (win_cost_ > 0 && win_all_events_ > 0) record_ns_ = win_cost_ / static_cast<double>(win_all_events_);
+      const double step = (win_ns_ - win_cost_) / static_cast<double>(win_steps_);
+      every_ = choose_device_every(record_ns_, events_per_step_, step > 0 ? step : win_ns_ / win_steps_);
+      if (std::isfinite(win_lag_min_) && win_lag_min_ >= kQueuedLagNs) every_ = 1;
       // A smaller k shortens the wait, but never to zero from here: the boundary that opens the next
       // step has already passed without an event.
       if (countdown_ > 0) countdown_ = std::max<int64_t>(1, std::min(countdown_, every_ - 1));
     }
     // A window with no timed step keeps k (it cannot tell the events per step) and the next window
     // restarts from here.
-    win_ns_ = 0;
-    win_steps_ = win_timed_ = win_events_ = 0;
+    win_ns_ = win_cost_ = 0;
+    win_lag_min_ = std::numeric_limits<double>::infinity();
+    win_steps_ = win_timed_ = win_events_ = win_all_events_ = 0;
   }
 
  private:
@@ -105,8 +128,10 @@ class DeviceSampler {
   double events_per_step_ = 0;
   int64_t steady_ = 0;
   int64_t last_total_ = 0;
-  double win_ns_ = 0;
-  int64_t win_steps_ = 0, win_timed_ = 0, win_events_ = 0;
+  double last_cost_ = 0;
+  double win_ns_ = 0, win_cost_ = 0;
+  double win_lag_min_ = std::numeric_limits<double>::infinity();
+  int64_t win_steps_ = 0, win_timed_ = 0, win_events_ = 0, win_all_events_ = 0;
 };
 
 }  // namespace stepscope::timing

@@ -119,6 +119,9 @@ int Timeline::record_event_if(int64_t now, bool want) {
     pool_.stamp(s, now);
     ++events_;
   }
+  // What device timing costs the host, measured where it is paid (an event record on a busy
+  // stream costs far more than on the idle one measured at attach): the sampler's input.
+  dev_cost_ns_ += now_ns() - now;
   return s;
 }
 
@@ -301,9 +304,14 @@ void Timeline::finish_step(int64_t now, int ev) {
     nvtx::end(nvtx_step_);
     nvtx_step_ = 0;
   }
-  if (device_) sampler_.end_step(warm_, dev_step_, total, events_);
+  if (device_) {
+    sampler_.end_step(warm_, dev_step_, total, events_, static_cast<double>(dev_cost_ns_), lag_min_ns_);
+    lag_min_ns_ = std::numeric_limits<double>::infinity();
+  }
   ++step_index_;
+  const int64_t t_poll = device_ ? now_ns() : 0;
   poll_locked();
+  if (device_) dev_cost_ns_ += now_ns() - t_poll;
   start_step(now, ev);
 }
 
@@ -619,6 +627,7 @@ void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double 
   const double elapsed_ms = two ? m1 : m0;
   const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
   if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
+  lag_min_ns_ = std::min(lag_min_ns_, lag);
   if (!two && d.slot >= 0) {
     // The span's device interval for the trace: it closed at the placed time, and opened the
     // phase's own elapsed time before.

@@ -377,6 +377,8 @@ class Timeline {
   // resolved boundary event that this Timeline keeps a reference to.
   DeviceClock clock_;
   DeviceMemory memory_;  // read at each step's end on CUDA
+  int64_t dev_cost_ns_ = 0;  // host time spent recording and resolving CUDA events, in total
+  double lag_min_ns_ = std::numeric_limits<double>::infinity();  // least queue lag placed this step
   int anchor_ev_ = -1;
   std::array<Series, kNumPartition> lag_;
   // Device sampling (timing/device_sampling.h): whether the open step records events, the steady

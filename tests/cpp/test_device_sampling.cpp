@@ -174,3 +174,59 @@ TEST(DeviceSamplingTimeline, CpuTimelineReportsNoDeviceSampling) {
   EXPECT_EQ(report_from_packed(two.data(), 2).device_steps, 8);
   EXPECT_EQ(report_from_packed(two.data(), 2).steps, 10);
 }
+
+TEST(DeviceSamplingSchedule, AutoUsesTheCostMeasuredWhereItIsPaid) {
+  // The attach-time guess says 1 us per record; in the loop each event costs the host 20 us (a
+  // record behind a busy stream on a virtualised host). The measured cost must win, and the step
+  // time the rule compares it with excludes that cost.
+  DeviceSampler s(0);
+  s.set_record_ns(1e3);
+  int64_t events = 1;
+  double cost = 0;
+  s.opened(events);
+  bool timed = s.begin_step(false);
+  for (int i = 0; i < kAutoFirst + kAutoEvery; ++i) {
+    const int64_t n = timed ? 6 : (s.next_timed(false) ? 1 : 0);
+    events += n;
+    cost += 20e3 * static_cast<double>(n);
+    // 1 ms of host work, plus what recording cost this step.
+    s.end_step(false, timed, 1e6 + 20e3 * static_cast<double>(n), events, cost);
+    timed = s.begin_step(false);
+  }
+  EXPECT_DOUBLE_EQ(s.record_ns(), 20e3);
+  EXPECT_EQ(s.every(), 14);  // ceil(7 * 20 us / (1% of 1 ms))
+}
+
+TEST(DeviceSamplingSchedule, AutoTimesEveryStepWhileTheGpuIsQueued) {
+  // A GPU-bound loop with a full launch queue: records wait for room and read as costly, but every
+  // boundary lags the host by milliseconds, so recording costs the loop nothing: k = 1.
+  DeviceSampler s(0);
+  s.set_record_ns(2e3);
+  int64_t events = 1;
+  double cost = 0;
+  s.opened(events);
+  bool timed = s.begin_step(false);
+  for (int i = 0; i < kAutoFirst + 2 * kAutoEvery; ++i) {
+    const int64_t n = timed ? 6 : (s.next_timed(false) ? 1 : 0);
+    events += n;
+    cost += 300e3 * static_cast<double>(n);
+    s.end_step(false, timed, 9e6, events, cost, timed ? 5e6 : std::numeric_limits<double>::infinity());
+    timed = s.begin_step(false);
+  }
+  EXPECT_EQ(s.every(), 1);
+  // The same costs with the GPU keeping up (lag of microseconds): sampled.
+  DeviceSampler h(0);
+  h.set_record_ns(2e3);
+  events = 1;
+  cost = 0;
+  h.opened(events);
+  timed = h.begin_step(false);
+  for (int i = 0; i < kAutoFirst; ++i) {
+    const int64_t n = timed ? 6 : (h.next_timed(false) ? 1 : 0);
+    events += n;
+    cost += 300e3 * static_cast<double>(n);
+    h.end_step(false, timed, 9e6, events, cost, 20e3);
+    timed = h.begin_step(false);
+  }
+  EXPECT_GT(h.every(), 1);
+}

@@ -274,7 +274,7 @@ def test_example_segmentation():
 
 def test_example_lm_tokens():
     out = run_example("lm_tokens.py")
-    assert "metric state: 96055 float64 values for V = 32000" in out  # O(V), no V x V matrix
+    assert "metric state: 96155 float64 values for V = 32000" in out  # O(V), no V x V matrix (3V + 155)
     assert "padding ignored" in out and "steps 27" in out and "warm-up: 3 step(s)" in out
 
 

@@ -127,8 +127,9 @@ def test_multiclass_random(base_seed, device):
         # Loss: cross-entropy of the float64-upcast predictions.
         P = c["preds"].double()
         if c["N"] and ref["n"]:
-            # 'auto': probabilities iff every value of the batch is in [0, 1] (torchmetrics' rule).
-            as_probs = c["kind"] == "probs" or (c["kind"] == "auto" and bool(((P >= 0) & (P <= 1)).all()))
+            # 'auto': probabilities iff every value of the counted rows is in [0, 1] (torchmetrics').
+            rows = P.movedim(1, -1).reshape(-1, C)[c["target"].reshape(-1) != ignore] if ignore is not None else P
+            as_probs = c["kind"] == "probs" or (c["kind"] == "auto" and bool(((rows >= 0) & (rows <= 1)).all()))
             logp = P.log() if as_probs else P.log_softmax(1)
             ce = F.nll_loss(logp, c["target"], ignore_index=ignore if ignore is not None else -12345,
                             reduction="sum") / ref["n"]
@@ -137,7 +138,7 @@ def test_multiclass_random(base_seed, device):
         # torchmetrics, on the float32 upcast (our kernels read half/bf16 into float32 too).
         tp32 = c["preds"].float()
         tgt = c["target"]
-        if c["N"] == 0:
+        if c["N"] == 0 or ref["n"] == 0:  # nothing counted: torchmetrics divides 0 by 0
             continue
         common = dict(num_classes=C, ignore_index=ignore)
         for avg, key in [("micro", "micro"), ("macro", "macro"), ("weighted", "weighted"), ("none", "per_class")]:
@@ -155,7 +156,7 @@ def test_multiclass_random(base_seed, device):
             tm.update(tp32, tgt)
             close(m.confusion_matrix(norm), tm.compute(), f"confmat[{norm}] " + msg)
         kept = tp32.movedim(1, -1)[tgt != ignore] if ignore is not None else tp32
-        if c["kind"] == "probs" or not bool(((kept >= 0) & (kept <= 1)).all()):
+        if c["kind"] in ("probs", "auto") or not bool(((kept >= 0) & (kept <= 1)).all()):
             # torchmetrics' calibration guesses logits-vs-probabilities from the values; when a
             # tiny batch of logits lies in [0, 1] it would skip the softmax we were told to apply.
             tm = tmc.MulticlassCalibrationError(n_bins=15, norm="l1", **common)
@@ -662,19 +663,20 @@ def test_multiclass_auto_reads_softmax_as_probabilities(device, base_seed):
 
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
 def test_multiclass_auto_one_value_outside_makes_the_batch_logits(device, base_seed):
-    # A large batch of probabilities with a single value outside [0, 1] (in an ignored row, or
-    # in the last row): the whole batch is read as logits, as torchmetrics does.
+    # A large batch of probabilities with a single value outside [0, 1] (in the first, a middle
+    # or the last row): the whole batch is read as logits, as torchmetrics does. In an ignored
+    # row the value does not count (torchmetrics drops those rows first): still probabilities.
     g = torch.Generator().manual_seed(base_seed)
     C = 37
-    for n, where in ((5000, "last"), (5000, "ignored"), (5000, "first")):
+    for n, where in ((5000, "last"), (5000, "ignored"), (5000, "first"), (5000, "middle")):
         probs = torch.randn(n, C, generator=g).softmax(1)
         target = torch.randint(0, C, (n,), generator=g)
-        row = {"last": n - 1, "first": 0, "ignored": n // 2}[where]
+        row = {"last": n - 1, "first": 0, "ignored": n // 2, "middle": n // 3}[where]
         probs[row, 3] = 1.5
         if where == "ignored":
             target[row] = -100
         r = _readings(probs.to(device), target.to(device), C, device, ignore_index=-100)
-        _same_reading(r["auto"], r["logits"])
+        _same_reading(r["auto"], r["probs" if where == "ignored" else "logits"])
         # Without the outlier the same batch is probabilities.
         probs[row, 3] = 0.5
         r = _readings(probs.to(device), target.to(device), C, device, ignore_index=-100)
