@@ -27,8 +27,6 @@ UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, c
   STEPSCOPE_CHECK_INTEGRAL(target);
   STEPSCOPE_CHECK_DEVICE(target, preds);
   STEPSCOPE_CHECK_DEVICE(state, preds);
-  TORCH_CHECK_TYPE(preds.device().is_cpu() || preds.scalar_type() != at::kDouble || preds.device().is_meta(),
-                   "stepscope: float64 preds are supported on CPU only; got them on ", preds.device());
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
   STEPSCOPE_CHECK(state.dim() == 1 && state.numel() == lay.numel && state.is_contiguous(),
                   "state must be a contiguous 1-D tensor of ", lay.numel, " elements for this configuration; got ",
@@ -71,6 +69,9 @@ UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, c
     in.preds = preds.reshape({in.n, in.c, in.d});
     in.target = target.reshape({in.n, in.c, in.d});
   }
+  // After the shape checks, so that a CUDA call refuses what a CPU one refuses, in the same words.
+  TORCH_CHECK_TYPE(preds.device().is_cpu() || preds.scalar_type() != at::kDouble || preds.device().is_meta(),
+                   "stepscope: float64 preds are supported on CPU only; got them on ", preds.device());
   if (!is_kernel_target_dtype(in.target.scalar_type())) in.target = in.target.to(at::kInt);
   return in;
 }

@@ -132,14 +132,16 @@ void Timeline::queue(int kind, int id, int a0, int b0, int a1, int b1, int slot)
 }
 
 SpanRecord* Timeline::span_record(uint64_t serial, int slot) {
-  // The open step, or one of the newest in the ring (events resolve a step or two late); a step
-  // already pushed out of the ring, or cut by close(), is simply not found.
-  if (serial == cur_.serial) return slot < cur_.n_spans ? &cur_.spans[slot] : nullptr;
+  // One of the newest in the ring (events resolve a step or two late), else the open step; a step
+  // already pushed out of the ring, or cut by close(), is simply not found. The ring comes first:
+  // a step's end pushes its record and then polls, while cur_ still carries the same serial, and
+  // the pushed copy is the one that is kept.
   for (size_t k = ring_.size(); k-- > 0;) {
     StepRecord& r = ring_[k];
     if (r.serial == serial) return slot < r.n_spans ? &r.spans[slot] : nullptr;
     if (r.serial < serial) break;
   }
+  if (serial == cur_.serial) return slot < cur_.n_spans ? &cur_.spans[slot] : nullptr;
   return nullptr;
 }
 

@@ -240,6 +240,7 @@ def test_cuda_gpu_bound_step_keeps_every_step_device_timed():
     dev = torch.device("cuda")
     model, opt, x = _mlp(dev)
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)  # spin first: an idle GPU's clock ramps up during the first ms
     a.record()
     torch.cuda._sleep(10_000_000)
     b.record()
@@ -263,6 +264,6 @@ def test_cuda_gpu_bound_step_keeps_every_step_device_timed():
     step_p50 = rep["phases"]["step"]["host"]["p50"]
     print(f"host step p50 {step_p50 * 1e3:.2f} ms, device_every {rep['device_every']}, "
           f"record cost {rep['event_record_cost'] * 1e6:.2f} us, device steps {rep['device_steps']}")
-    assert step_p50 > 10e-3  # the premise: the step is GPU-bound at several ms
+    assert step_p50 > 5e-3  # the premise: the step is GPU-bound at several ms
     assert rep["device_every"] == 1
     assert rep["device_steps"] == steps - 2

@@ -490,8 +490,10 @@ def test_misuse_fuzz_cuda_raises_what_cpu_raises(base_seed):
         c = cuda[s]
         if c == o:
             continue
-        if o == "ok" and c.startswith("TypeError:") and "float64 preds are supported on CPU only" in c:
-            continue  # float64 is a CPU-only dtype, said as such
+        if c.startswith("TypeError:") and "float64 preds are supported on CPU only" in c and (
+                o == "ok" or not o.startswith("ValueError: stepscope: preds")
+                and not o.startswith("ValueError: stepscope: target must")):
+            continue  # float64 is a CPU-only dtype, said as such once the shapes are right
         differ[s] = (o, c)
     assert not differ, f"base seed {base_seed}: cpu vs cuda {differ}"
 
@@ -639,7 +641,9 @@ def _same_reading(auto, other):
     a = auto.state.cpu()
     assert not a[la["pending"]:la["pending"] + 100].any(), "pending scratch not cleared"
     keep = torch.cat([a[:la["pending"]], a[la["pending"] + 100:]])
-    torch.testing.assert_close(keep, other.state.cpu(), rtol=1e-12, atol=1e-9)
+    # CUDA sums its float64 loss and confidence with atomics, in no fixed order.
+    tol = dict(rtol=1e-12, atol=1e-9) if auto.state.device.type == "cpu" else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keep, other.state.cpu(), **tol)
 
 
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
@@ -705,16 +709,20 @@ def assert_cuda_state_matches(gpu_state, cpu_state, lay, msg):
     the hardware exp2 on the GPU), so one whose confidence lies within ~1e-6 of a bin edge can
     land either side. Float sums (loss, confidence) to rounding."""
     g, c = gpu_state.cpu(), cpu_state
-    ece = set(range(lay["ece_count"], lay["ece_count"] + 16)) | set(range(lay["ece_acc"], lay["ece_acc"] + 16))
-    floats = {lay["loss"]} | set(range(lay["ece_conf"], lay["ece_conf"] + 16))
-    counts = [j for j in range(c.numel()) if j not in floats | ece]
+    ece = set(range(lay["ece_count"], lay["ece_count"] + 48))  # count, conf, acc per bin
+    counts = [j for j in range(c.numel()) if j not in ece | {lay["loss"]}]
     exact(g[counts], c[counts], msg)
     n = float(c[lay["valid"]])
     for start in (lay["ece_count"], lay["ece_acc"]):
         moved = float((g[start:start + 16] - c[start:start + 16]).abs().sum()) / 2
         assert moved <= 2 + 1e-4 * n, f"{msg}: {moved} samples changed calibration bin"
         assert float(g[start:start + 16].sum()) == float(c[start:start + 16].sum()), msg
-    torch.testing.assert_close(g, c, rtol=1e-5, atol=1e-3 + 1e-4 * n, msg=msg)
+    # Float sums to rounding (a moved sample carries its confidence to the next bin: totals only).
+    conf = lay["ece_conf"]
+    torch.testing.assert_close(g[conf:conf + 16].sum(), c[conf:conf + 16].sum(), rtol=1e-5, atol=1e-3,
+                               msg=lambda m: f"{msg}: confidence total\n{m}")
+    torch.testing.assert_close(g[lay["loss"]], c[lay["loss"]], rtol=1e-5, atol=1e-3, equal_nan=True,
+                               msg=lambda m: f"{msg}: loss\n{m}")
 
 
 @pytest.mark.cuda

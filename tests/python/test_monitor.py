@@ -479,7 +479,8 @@ def test_cuda_device_times_match_hand_placed_events_without_syncs():
         opt.step()
         opt.zero_grad()
     torch.cuda.synchronize()
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    # Every step device-timed, so that the totals compare with the hand events of every step.
+    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=1) as mon:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(steps):
