@@ -707,14 +707,21 @@ def assert_cuda_state_matches(gpu_state, cpu_state, lay, msg):
     """Every count exact, except that a sample may fall in the neighbouring calibration bin: its
     confidence, a float32 softmax maximum, is summed in another order on each device (and with
     the hardware exp2 on the GPU), so one whose confidence lies within ~1e-6 of a bin edge can
-    land either side. Float sums (loss, confidence) to rounding."""
+    land either side. The last two slots (conf in [14/15, 1) and conf == 1.0 exactly) are one bin
+    here: a confident sample's 1 / sum(exp) is 1.0 or the float below it depending on whether its
+    tiny terms are added to the max's 1 one by one (CPU) or together first (GPU), which moves many
+    samples at once when logits are large (seen on an H200: 21 of 1368). Float sums to rounding."""
     g, c = gpu_state.cpu(), cpu_state
     ece = set(range(lay["ece_count"], lay["ece_count"] + 48))  # count, conf, acc per bin
     counts = [j for j in range(c.numel()) if j not in ece | {lay["loss"]}]
     exact(g[counts], c[counts], msg)
     n = float(c[lay["valid"]])
+    def merged(x, start):
+        b = x[start:start + 16]
+        return torch.cat([b[:14], b[14:].sum().reshape(1)])
+
     for start in (lay["ece_count"], lay["ece_acc"]):
-        moved = float((g[start:start + 16] - c[start:start + 16]).abs().sum()) / 2
+        moved = float((merged(g, start) - merged(c, start)).abs().sum()) / 2
         assert moved <= 2 + 1e-4 * n, f"{msg}: {moved} samples changed calibration bin"
         assert float(g[start:start + 16].sum()) == float(c[start:start + 16].sum()), msg
     # Float sums to rounding (a moved sample carries its confidence to the next bin: totals only).
