@@ -31,8 +31,11 @@ class ClassificationMetrics(torch.nn.Module):
             torchmetrics' rule: a batch with any value outside [0, 1] is logits (sigmoid). The
             whole batch counts, ignored positions included, as in torchmetrics' stat-score
             metrics (its confusion-matrix and calibration metrics look at the kept ones only).
-            Multiclass ``"auto"`` means logits; pass ``"probs"`` for softmax outputs (it changes
-            the loss and the ECE confidence, never the argmax).
+            Multiclass ``"auto"`` is torchmetrics' calibration rule, per update: when every
+            value of the rows that count (ignored and out-of-range targets aside) lies in [0, 1]
+            the batch is read as probabilities (softmax outputs), else as logits (log_softmax
+            outputs included). It changes the loss and the ECE confidence, never the argmax; both
+            readings are kept until the batch's range is known (no host sync, one launch).
         confusion_matrix: keep the C x C matrix (multiclass). Default: on for C <= 1024, so
             that 100k-class vocabularies stay O(C) in memory.
         beta: F-beta's beta; an ``fbeta_*`` entry is reported when beta != 1.
