@@ -26,8 +26,8 @@ namespace {
 
 Config config_from(int64_t task, int64_t num_classes, std::vector<int64_t> top_k, std::optional<int64_t> ignore_index,
                    double threshold, int64_t input_kind, bool confusion_matrix) {
-  Config c = stepscope::metrics::make_config(task, num_classes, top_k, ignore_index.has_value(),
-                                             ignore_index.value_or(0), threshold, input_kind, confusion_matrix);
+  Config c = stepscope::metrics::make_config(task, num_classes, top_k, ignore_index, threshold, input_kind,
+                                             confusion_matrix);
   (void)stepscope::metrics::make_layout(c);  // validates
   return c;
 }
@@ -726,6 +726,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;
   m.attr("DEFAULT_CONFMAT_LIMIT") = stepscope::metrics::kDefaultConfmatLimit;
+  // The op's encodings and limits, from the C++ that defines them (Python re-encodes nothing).
+  {
+    namespace sm = stepscope::metrics;
+    py::dict tasks, inputs;
+    for (sm::Task t : {sm::Task::kBinary, sm::Task::kMulticlass, sm::Task::kMultilabel})
+      tasks[sm::task_name(t)] = static_cast<int64_t>(t);
+    inputs["auto"] = static_cast<int64_t>(sm::InputKind::kAuto);
+    inputs["logits"] = static_cast<int64_t>(sm::InputKind::kLogits);
+    inputs["probs"] = static_cast<int64_t>(sm::InputKind::kProbs);
+    m.attr("TASKS") = tasks;
+    m.attr("INPUT_KINDS") = inputs;
+    m.attr("MAX_TOP_K") = sm::kMaxTopK;
+  }
 
   // ---- nvtx: _C.nvtx, the NVTX ranges in the "stepscope" domain (csrc/nvtx). Thin: the
   // Python layer (stepscope/nvtx.py) adds the context manager/decorator. Names are taken as

@@ -24,7 +24,6 @@ namespace stepscope::metrics {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxTopK = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 enum TargetKind : int { kI64 = 0, kI32 = 1, kU8 = 2 };
@@ -804,14 +803,8 @@ void launch_multiclass(Params& p, cudaStream_t stream) {
   }
 }
 
-}  // namespace
-
-void update_cuda(const UpdateInputs& in, const at::Tensor& state) {
-  const c10::cuda::CUDAGuard guard(in.preds.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  static_assert(kMaxTopK == 8, "make_layout allows 8 top_k values");
-
+// The kernels' view of one update: pointers, sizes, strides and the configuration as plain values.
+Params make_params(const UpdateInputs& in, const at::Tensor& state) {
   Params p{};
   p.preds = in.preds.const_data_ptr();
   p.target = in.target.const_data_ptr();
@@ -831,13 +824,23 @@ void update_cuda(const UpdateInputs& in, const at::Tensor& state) {
   }
   const auto tt = in.target.scalar_type();
   p.target_kind = tt == at::kLong ? kI64 : (tt == at::kInt ? kI32 : kU8);
-  p.has_ignore = in.cfg.has_ignore_index;
-  p.ignore_index = in.cfg.ignore_index;
+  p.has_ignore = in.cfg.ignore_index.has_value();
+  p.ignore_index = in.cfg.ignore_index.value_or(0);
   p.input_kind = static_cast<int>(in.cfg.input);
   p.threshold = static_cast<float>(in.cfg.threshold);
   p.num_topk = static_cast<int>(in.cfg.top_k.size());
   for (int i = 0; i < p.num_topk; ++i) p.topk[i] = in.cfg.top_k[i];
   p.lay = in.lay;
+  return p;
+}
+
+}  // namespace
+
+void update_cuda(const UpdateInputs& in, const at::Tensor& state) {
+  const c10::cuda::CUDAGuard guard(in.preds.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  Params p = make_params(in, state);
 
   STEPSCOPE_DISPATCH_PREDS(in.preds.scalar_type(), "classification_update_cuda", [&] {
     if (in.cfg.task == Task::kMulticlass) {

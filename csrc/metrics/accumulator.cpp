@@ -17,9 +17,8 @@ void Accumulator::update(const at::Tensor& preds, const at::Tensor& target) {
                        .findSchemaOrThrow("stepscope::classification_update", "")
                        .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                    c10::IntArrayRef, std::optional<int64_t>, double, int64_t, bool)>();
-  op.call(preds, target, state_, static_cast<int64_t>(cfg_.task), cfg_.num_classes, cfg_.top_k,
-          cfg_.has_ignore_index ? std::optional<int64_t>(cfg_.ignore_index) : std::nullopt, cfg_.threshold,
-          static_cast<int64_t>(cfg_.input), cfg_.confusion_matrix);
+  op.call(preds, target, state_, static_cast<int64_t>(cfg_.task), cfg_.num_classes, cfg_.top_k, cfg_.ignore_index,
+          cfg_.threshold, static_cast<int64_t>(cfg_.input), cfg_.confusion_matrix);
 }
 
 std::map<std::string, at::Tensor> Accumulator::compute(double beta, bool check) const {

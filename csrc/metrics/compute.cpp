@@ -88,8 +88,8 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
     // IoU (torchmetrics' JaccardIndex): the ignore_index class's false positives leave the
     // denominator too.
     at::Tensor den = TP + FP + FN;
-    if (multiclass && cfg.has_ignore_index && cfg.ignore_index >= 0 && cfg.ignore_index < lay.classes) {
-      den = den - (tp + fp + fn)[cfg.ignore_index];
+    if (multiclass && cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes) {
+      den = den - (tp + fp + fn)[*cfg.ignore_index];
     }
     return safe_div(TP, den);
   };
@@ -106,8 +106,8 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
       if (std::string(n) == "iou" && multiclass) {
         // JaccardIndex's macro also drops the ignore_index class.
         at::Tensor w = at::where(tp + fp + fn == 0, at::zeros_like(score), at::ones_like(score));
-        if (cfg.has_ignore_index && cfg.ignore_index >= 0 && cfg.ignore_index < lay.classes) {
-          w.index_fill_(0, at::scalar_tensor(cfg.ignore_index, at::TensorOptions().dtype(at::kLong).device(w.device())),
+        if (cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes) {
+          w.index_fill_(0, at::scalar_tensor(*cfg.ignore_index, at::TensorOptions().dtype(at::kLong).device(w.device())),
                         0.0);
         }
         const at::Tensor macro = safe_div((w * score).sum(), w.sum());
@@ -174,7 +174,7 @@ std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, boo
                                   ? "outside [0, " + std::to_string(lay.classes) + ")"
                                   : std::string("not 0 or 1");
     TORCH_CHECK_VALUE(false, "stepscope: ", v[1], " target value(s) were ", range,
-                      cfg.has_ignore_index ? " and not ignore_index=" + std::to_string(cfg.ignore_index) : "",
+                      cfg.ignore_index ? " and not ignore_index=" + std::to_string(*cfg.ignore_index) : "",
                       "; they were left out of every metric. Fix the labels, or set ignore_index.");
   }
   if (warn && v[0] > 0) {

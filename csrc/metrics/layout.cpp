@@ -39,7 +39,8 @@ Layout make_layout(const Config& cfg) {
       TORCH_CHECK_VALUE(k >= 1 && k <= l.classes, "stepscope: every top_k must be in [1, num_classes=", l.classes,
                         "]; got ", k);
     }
-    TORCH_CHECK_VALUE(cfg.top_k.size() <= 8, "stepscope: at most 8 top_k values; got ", cfg.top_k.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(cfg.top_k.size()) <= kMaxTopK, "stepscope: at most ", kMaxTopK,
+                      " top_k values; got ", cfg.top_k.size());
     l.num_topk = static_cast<int64_t>(cfg.top_k.size());
   } else {
     TORCH_CHECK_VALUE(cfg.top_k.empty() || (cfg.top_k.size() == 1 && cfg.top_k[0] == 1),
@@ -87,13 +88,12 @@ Layout make_layout(const Config& cfg) {
   return l;
 }
 
-Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k, bool has_ignore_index,
-                   int64_t ignore_index, double threshold, int64_t input_kind, bool confusion_matrix) {
+Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
+                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind, bool confusion_matrix) {
   Config c;
   c.task = static_cast<Task>(task);
   c.num_classes = num_classes;
   c.top_k = top_k;
-  c.has_ignore_index = has_ignore_index;
   c.ignore_index = ignore_index;
   c.threshold = threshold;
   c.input = static_cast<InputKind>(input_kind);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,7 @@ inline constexpr int64_t kNumEceBins = 15;  // torchmetrics CalibrationError's d
 // for confident float32 softmax outputs) falls in a 16th slot of its own; we keep it too.
 inline constexpr int64_t kEceSlots = kNumEceBins + 1;
 inline constexpr int64_t kDefaultConfmatLimit = 1024;  // C x C kept by default up to this C
+inline constexpr int64_t kMaxTopK = 8;                 // top_k values one accumulator tracks
 // The part of the state that depends on how predictions are read: loss, then ece_count,
 // ece_conf and ece_acc (contiguous in the layout, starting at Layout::loss).
 inline constexpr int64_t kReadingLen = 1 + 3 * kEceSlots;
@@ -41,8 +43,7 @@ struct Config {
   Task task = Task::kMulticlass;
   int64_t num_classes = 0;  // multiclass: C; multilabel: L; binary: ignored
   std::vector<int64_t> top_k = {1};  // multiclass only, each k in [1, C]
-  bool has_ignore_index = false;
-  int64_t ignore_index = 0;
+  std::optional<int64_t> ignore_index;  // target value counted nowhere
   double threshold = 0.5;  // binary / multilabel: positive iff probability > threshold
   InputKind input = InputKind::kAuto;
   bool confusion_matrix = true;  // multiclass only: keep the C x C matrix
@@ -80,8 +81,9 @@ struct Layout {
 Layout make_layout(const Config& cfg);
 
 // Builds a Config from the scalars of the update op's schema (the one encoding both sides share).
+// Checks nothing: make_layout() does, once, where the op is entered.
 Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
-                   bool has_ignore_index, int64_t ignore_index, double threshold, int64_t input_kind,
+                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
                    bool confusion_matrix);
 
 const char* task_name(Task t);

@@ -40,4 +40,16 @@ void update_cpu(const UpdateInputs& in, const at::Tensor& state);
 void update_cuda(const UpdateInputs& in, const at::Tensor& state);
 #endif
 
+// The op's entry for a device: the one place its signature (the schema in ops.cpp) is spelled
+// for a registration. Every check runs in prepare_update, before the body touches anything.
+using UpdateBody = void (*)(const UpdateInputs&, const at::Tensor&);
+template <UpdateBody Body>
+void update_entry(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state, int64_t task,
+                  int64_t num_classes, c10::IntArrayRef top_k, std::optional<int64_t> ignore_index, double threshold,
+                  int64_t input_kind, bool confusion_matrix) {
+  const UpdateInputs in = prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold,
+                                         input_kind, confusion_matrix);
+  if (!in.empty()) Body(in, state);
+}
+
 }  // namespace stepscope::metrics

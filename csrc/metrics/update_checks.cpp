@@ -17,8 +17,8 @@ UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, c
                             std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
                             bool confusion_matrix) {
   UpdateInputs in;
-  in.cfg = make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index.has_value(),
-                       ignore_index.value_or(0), threshold, input_kind, confusion_matrix);
+  in.cfg = make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index, threshold,
+                       input_kind, confusion_matrix);
   in.lay = make_layout(in.cfg);
   const Layout& lay = in.lay;
 
@@ -92,9 +92,8 @@ void classification_update_meta(const at::Tensor& preds, const at::Tensor& targe
   }
   // Traced with dynamic shapes: the checks that need concrete sizes run again in the real
   // kernel; here only what symbolic sizes allow.
-  (void)make_layout(make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()),
-                                ignore_index.has_value(), ignore_index.value_or(0), threshold, input_kind,
-                                confusion_matrix));
+  (void)make_layout(make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index,
+                                threshold, input_kind, confusion_matrix));
   STEPSCOPE_CHECK_FLOATING(preds);
   STEPSCOPE_CHECK_INTEGRAL(target);
   STEPSCOPE_CHECK_DEVICE(target, preds);
@@ -102,25 +101,16 @@ void classification_update_meta(const at::Tensor& preds, const at::Tensor& targe
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
 }
 
-#if defined(STEPSCOPE_WITH_CUDA)
-// The CUDA entry point lives here, compiled by the host compiler like the CPU one, so that the
-// argument checks (and the exceptions they throw) never pass through a CUDA translation unit:
-// cuda/ holds the kernels and their launches only.
-void classification_update_cuda(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
-                                int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
-                                std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                                bool confusion_matrix) {
-  const UpdateInputs in = prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold,
-                                         input_kind, confusion_matrix);
-  if (!in.empty()) update_cuda(in, state);
-}
-#endif
+
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stepscope, Meta, m) { m.impl("classification_update", &classification_update_meta); }
 #if defined(STEPSCOPE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(stepscope, CUDA, m) { m.impl("classification_update", &classification_update_cuda); }
+// Registered here, compiled by the host compiler like the CPU entry, so that the argument checks
+// (and the exceptions they throw) never pass through a CUDA translation unit: cuda/ holds the
+// kernels and their launches only.
+TORCH_LIBRARY_IMPL(stepscope, CUDA, m) { m.impl("classification_update", &update_entry<update_cuda>); }
 #endif
 
 }  // namespace stepscope::metrics

@@ -198,6 +198,8 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   const int64_t sN = in.preds.stride(0), sC = in.preds.stride(1), sD = in.preds.stride(2);
   const int64_t tN = in.target.stride(0), tD = in.target.stride(1);
   const bool is_auto = lay.pending >= 0;
+  const bool has_ignore = cfg.ignore_index.has_value();
+  const int64_t ignore = cfg.ignore_index.value_or(0);
   const bool want_logits = cfg.input != InputKind::kProbs;
   const bool direct = std::is_same_v<scalar_t, compute_t> && sC == 1;
   const bool keep_cells = lay.confmat >= 0;
@@ -214,7 +216,7 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
       const int64_t n = s / D, d = s % D;
       const int64_t t = static_cast<int64_t>(T[n * tN + d * tD]);
       const scalar_t* row = P + n * sN + d * sD;
-      const bool ignored = cfg.has_ignore_index && t == cfg.ignore_index;
+      const bool ignored = has_ignore && t == ignore;
       if (ignored || t < 0 || t >= C) {
         // Skipped rows do not take part in the 'auto' rule either (torchmetrics' calibration drops
         // ignored rows before its range check).
@@ -274,6 +276,8 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
   const bool logits =
       cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit(in.preds));
   const float thr = static_cast<float>(cfg.threshold);
+  const bool has_ignore = cfg.ignore_index.has_value();
+  const int64_t ignore = cfg.ignore_index.value_or(0);
   const bool per_label_valid = lay.valid_len > 1;
 
   run_chunked(in.n * D, L, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>&) {
@@ -281,7 +285,7 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
       const int64_t n = s / D, d = s % D;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t y = static_cast<int64_t>(T[n * tN + l * tL + d * tD]);
-        if (cfg.has_ignore_index && y == cfg.ignore_index) {
+        if (has_ignore && y == ignore) {
           acc[lay.ignored] += 1.0;
           continue;
         }
@@ -309,14 +313,6 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
   });
 }
 
-void classification_update_cpu(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
-                               int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
-                               std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                               bool confusion_matrix) {
-  const UpdateInputs in = prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold,
-                                         input_kind, confusion_matrix);
-  if (!in.empty()) update_cpu(in, state);
-}
 
 }  // namespace
 
@@ -333,6 +329,6 @@ void update_cpu(const UpdateInputs& in, const at::Tensor& state) {
   });
 }
 
-TORCH_LIBRARY_IMPL(stepscope, CPU, m) { m.impl("classification_update", &classification_update_cpu); }
+TORCH_LIBRARY_IMPL(stepscope, CPU, m) { m.impl("classification_update", &update_entry<update_cpu>); }
 
 }  // namespace stepscope::metrics

@@ -9,8 +9,8 @@ import torch
 
 from . import _C
 
-_TASKS = {"binary": 0, "multiclass": 1, "multilabel": 2}
-_INPUTS = {"auto": 0, "logits": 1, "probs": 2}
+_TASKS = dict(_C.TASKS)  # name -> the op's encoding, as C++ defines it
+_INPUTS = dict(_C.INPUT_KINDS)
 
 
 class ClassificationMetrics(torch.nn.Module):

@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdio>
 #include <random>
+#include <tuple>
 
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
@@ -121,33 +123,51 @@ TEST(RowMath, OnlineMergeEqualsSequential) {
   }
 }
 
-class AccumulatorTest : public ::testing::TestWithParam<int> {};
+// Named multiclass cases, run on each device and dtype: the data is fresh every run (seed printed).
+struct McCase {
+  const char* name;
+  int64_t C, N;
+  std::optional<int64_t> ignore;
+  bool invalid_targets;
+};
+const McCase kMcCases[] = {
+    {"two_classes", 2, 2000, std::nullopt, false},
+    {"ten_classes_ignore", 10, 3000, -1, false},
+    {"forty_classes_invalid", 40, 1500, std::nullopt, true},
+    {"one_class", 1, 300, std::nullopt, false},
+    {"empty_batch", 5, 0, -1, false},
+    {"thousand_classes", 1000, 400, -1, true},
+};
+
+using McParam = std::tuple<McCase, c10::DeviceType, c10::ScalarType>;
+class AccumulatorTest : public ::testing::TestWithParam<McParam> {};
 
 TEST_P(AccumulatorTest, MulticlassCountsMatchNaive) {
-  const int seed = GetParam();
+  const auto& [cs, dev, dtype] = GetParam();
+  if (dev == c10::DeviceType::CUDA && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (dev == c10::DeviceType::CUDA && dtype == torch::kDouble) GTEST_SKIP() << "float64 preds are CPU-only";
+  const uint32_t seed = std::random_device{}();
+  std::printf("seed %u\n", seed);
   torch::manual_seed(seed);
-  std::mt19937 g(seed);
-  const int64_t C = std::uniform_int_distribution<int64_t>(1, 40)(g);
-  const int64_t N = std::uniform_int_distribution<int64_t>(0, 3000)(g);
+  const int64_t C = cs.C, N = cs.N;
   std::vector<int64_t> ks = {1};
   if (C >= 3) ks.push_back(3);
-  std::optional<int64_t> ignore;
-  if (seed % 2) ignore = -1;
   sm::Config cfg;
   cfg.num_classes = C;
   cfg.top_k = ks;
-  cfg.has_ignore_index = ignore.has_value();
-  cfg.ignore_index = ignore.value_or(0);
-  sm::Accumulator acc(cfg, torch::kCPU);
-  auto logits = torch::randn({N, C});
-  auto target = torch::randint(-1, C + (seed % 3 == 0 ? 1 : 0), {N}, torch::kLong);
+  cfg.ignore_index = cs.ignore;
+  const torch::Device device(dev);
+  sm::Accumulator acc(cfg, device);
+  // Values of the tested dtype: the reference reads them exactly (upcast to float64).
+  auto logits = (torch::randn({N, C}) * 3).to(dtype);
+  auto target = torch::randint(cs.ignore ? -1 : 0, C + (cs.invalid_targets ? 1 : 0), {N}, torch::kLong);
   // Two updates, split unevenly: accumulation must equal one pass.
   const int64_t h = N / 3;
-  acc.update(logits.slice(0, 0, h), target.slice(0, 0, h));
-  acc.update(logits.slice(0, h), target.slice(0, h));
-  const Naive ref = naive_multiclass(logits, target, C, ks, ignore);
+  acc.update(logits.slice(0, 0, h).to(device), target.slice(0, 0, h).to(device));
+  acc.update(logits.slice(0, h).to(device), target.slice(0, h).to(device));
+  const Naive ref = naive_multiclass(logits, target, C, ks, cs.ignore);
   const auto& L = acc.layout();
-  auto s = acc.state();
+  auto s = acc.state().cpu();
   for (int64_t c = 0; c < C; ++c) {
     EXPECT_EQ(s[L.tp + c].item<double>(), ref.tp[c]);
     EXPECT_EQ(s[L.pred + c].item<double>(), ref.pc[c]);
@@ -183,7 +203,18 @@ TEST_P(AccumulatorTest, MulticlassCountsMatchNaive) {
   EXPECT_EQ(acc.state().abs().sum().item<double>(), 0.0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Seeds, AccumulatorTest, ::testing::Range(0, 12));
+std::string mc_case_name(const ::testing::TestParamInfo<McParam>& info) {
+  const McCase& cs = std::get<0>(info.param);
+  const bool cuda = std::get<1>(info.param) == c10::DeviceType::CUDA;
+  return std::string(cs.name) + (cuda ? "_cuda_" : "_cpu_") + c10::toString(std::get<2>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(DeviceDtype, AccumulatorTest,
+                         ::testing::Combine(::testing::ValuesIn(kMcCases),
+                                            ::testing::Values(c10::DeviceType::CPU, c10::DeviceType::CUDA),
+                                            ::testing::Values(torch::kFloat, torch::kHalf, torch::kBFloat16,
+                                                              torch::kDouble)),
+                         mc_case_name);
 
 TEST(Accumulator, BadInputIsRefusedBeforeAnyChange) {
   sm::Config cfg;
