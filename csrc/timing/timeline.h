@@ -52,8 +52,8 @@
 // Eval forwards: push(kEval)/pop();
 // modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
 // open. All of it lives in start_step, open_step_range, finish_step, cursor_start, cursor_push,
-// end_cursor_range and the eval/user/module methods of timeline.cpp. With options.nvtx false none
-// is emitted.
+// end_cursor_range and the eval methods of timeline.cpp, and the user/module methods of
+// timeline_spans.cpp. With options.nvtx false none is emitted.
 #pragma once
 
 #include <array>
