@@ -721,6 +721,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("packed"),
       "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
       "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");
+  // The one phase table (csrc/timing/phases.h), for report.py and export.py: the Timeline's series
+  // (partition first) in order, then the NVTX-only phases.
+  {
+    py::list phases;
+    for (int i = 0; i < static_cast<int>(stepscope::nvtx::Phase::kCount); ++i) {
+      const stepscope::PhaseInfo& p = stepscope::kPhaseTable[i];
+      phases.append(py::dict(py::arg("name") = p.name, py::arg("nvtx_name") = p.nvtx_name, py::arg("color") = p.argb,
+                             py::arg("category") = p.category, py::arg("partition") = i < stepscope::timing::kNumPartition,
+                             py::arg("series") = i < static_cast<int>(stepscope::timing::Phase::kCount)));
+    }
+    m.attr("PHASES") = py::tuple(phases);
+  }
 
   hooks::init(m);
 

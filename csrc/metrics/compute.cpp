@@ -47,6 +47,21 @@ at::Tensor average(const at::Tensor& score, const Counts& k, const std::string& 
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
+// The one definition of each count-based score, for per-class counts ([C]) and for their sums
+// (the micro average) alike. Multiclass accuracy is recall (torchmetrics: tn does not count).
+at::Tensor score(const std::string& n, const Counts& k, double b2, bool multiclass) {
+  const at::Tensor &tp = k.tp, &fp = k.fp, &fn = k.fn, &tn = k.tn;
+  if (n == "precision") return safe_div(tp, tp + fp);
+  if (n == "recall") return safe_div(tp, tp + fn);
+  if (n == "f1") return safe_div(2 * tp, 2 * tp + fp + fn);
+  if (n == "fbeta") return safe_div((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp);
+  if (n == "specificity") return safe_div(tn, tn + fp);
+  if (n == "iou") return safe_div(tp, tp + fp + fn);
+  if (n == "accuracy") return multiclass ? safe_div(tp, tp + fn) : safe_div(tp + tn, tp + tn + fp + fn);
+  TORCH_INTERNAL_ASSERT(false, n);
+  return at::Tensor();
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cfg, const at::Tensor& state,
@@ -61,37 +76,20 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
   const at::Tensor& tp = k.tp;
   const at::Tensor& fp = k.fp;
   const at::Tensor& fn = k.fn;
-  const at::Tensor& tn = k.tn;
   const double b2 = beta * beta;
+  const bool ignore_class =
+      multiclass && cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes;
 
   std::vector<std::pair<std::string, at::Tensor>> out;
-  auto per_class_scores = [&](const char* name) -> at::Tensor {
-    const std::string n = name;
-    if (n == "precision") return safe_div(tp, tp + fp);
-    if (n == "recall") return safe_div(tp, tp + fn);
-    if (n == "f1") return safe_div(2 * tp, 2 * tp + fp + fn);
-    if (n == "fbeta") return safe_div((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp);
-    if (n == "specificity") return safe_div(tn, tn + fp);
-    if (n == "iou") return safe_div(tp, tp + fp + fn);
-    if (n == "accuracy") return multiclass ? safe_div(tp, tp + fn) : safe_div(tp + tn, tp + tn + fp + fn);
-    TORCH_INTERNAL_ASSERT(false, n);
-    return at::Tensor();
-  };
+  auto per_class_scores = [&](const char* name) -> at::Tensor { return score(name, k, b2, multiclass); };
+  const Counts sums{tp.sum(), fp.sum(), fn.sum(), k.tn.sum(), k.valid_total};
   auto micro = [&](const std::string& n) -> at::Tensor {
-    const at::Tensor TP = tp.sum(), FP = fp.sum(), FN = fn.sum(), TN = tn.sum();
-    if (n == "precision") return safe_div(TP, TP + FP);
-    if (n == "recall") return safe_div(TP, TP + FN);
-    if (n == "f1") return safe_div(2 * TP, 2 * TP + FP + FN);
-    if (n == "fbeta") return safe_div((1 + b2) * TP, (1 + b2) * TP + b2 * FN + FP);
-    if (n == "specificity") return safe_div(TN, TN + FP);
-    if (n == "accuracy") return multiclass ? safe_div(TP, TP + FN) : safe_div(TP + TN, TP + TN + FP + FN);
     // IoU (torchmetrics' JaccardIndex): the ignore_index class's false positives leave the
     // denominator too.
-    at::Tensor den = TP + FP + FN;
-    if (multiclass && cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes) {
-      den = den - (tp + fp + fn)[*cfg.ignore_index];
+    if (n == "iou" && ignore_class) {
+      return safe_div(sums.tp, sums.tp + sums.fp + sums.fn - (tp + fp + fn)[*cfg.ignore_index]);
     }
-    return safe_div(TP, den);
+    return score(n, sums, b2, multiclass);
   };
 
   std::vector<const char*> names = {"accuracy", "precision", "recall", "f1", "specificity", "iou"};
@@ -106,7 +104,7 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
       if (std::string(n) == "iou" && multiclass) {
         // JaccardIndex's macro also drops the ignore_index class.
         at::Tensor w = at::where(tp + fp + fn == 0, at::zeros_like(score), at::ones_like(score));
-        if (cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes) {
+        if (ignore_class) {
           w.index_fill_(0, at::scalar_tensor(*cfg.ignore_index, at::TensorOptions().dtype(at::kLong).device(w.device())),
                         0.0);
         }

@@ -22,21 +22,35 @@ STEPSCOPE_HD bool is_finite_bits(float x) {
   return (u & 0x7f800000u) != 0x7f800000u;
 }
 
+// Cephes' expf constants, shared by exp_nonpos below and the CPU update's AVX2 copy of it
+// (update_cpu.cpp), so that both compute the same polynomial: x = n ln2 + r with ln2 split in
+// two parts (kExpLn2Hi exact in float), exp(r) ~ 1 + r + r^2 (p0 r^5 + ... + p5).
+inline constexpr float kExpMinArg = -87.0f;
+inline constexpr float kExpLog2e = 1.44269504088896341f;
+inline constexpr float kExpLn2Hi = 0.693359375f;
+inline constexpr float kExpLn2Lo = -2.12194440e-4f;
+inline constexpr float kExpP0 = 1.9875691500e-4f;
+inline constexpr float kExpP1 = 1.3981999507e-3f;
+inline constexpr float kExpP2 = 8.3334519073e-3f;
+inline constexpr float kExpP3 = 4.1665795894e-2f;
+inline constexpr float kExpP4 = 1.6666665459e-1f;
+inline constexpr float kExpP5 = 5.0000001201e-1f;
+
 // exp(x) for x <= 0 to about 1 ulp (Cephes' polynomial), branch-free so the CPU row loops
 // vectorise without -ffast-math. Arguments below -87 flush to exp(-87) ~ 1.6e-38, which cannot
 // move a sum that already holds exp(0) = 1.
 STEPSCOPE_HD float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float fx = x * 1.44269504088896341f + 0.5f;
+  x = x < kExpMinArg ? kExpMinArg : x;
+  const float fx = x * kExpLog2e + 0.5f;
   float n = static_cast<float>(static_cast<int32_t>(fx));
   n = n > fx ? n - 1.0f : n;  // floor without floorf, which needs SSE4.1 to vectorise
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  const float r = x - n * kExpLn2Hi - n * kExpLn2Lo;
+  float y = kExpP0;
+  y = y * r + kExpP1;
+  y = y * r + kExpP2;
+  y = y * r + kExpP3;
+  y = y * r + kExpP4;
+  y = y * r + kExpP5;
   y = y * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;

@@ -56,21 +56,20 @@ float sum_exp_shifted_portable(const float* x, int64_t C, float m) {
 // GCC will not vectorise exp_nonpos inside an AVX2 clone (it keeps a branch per lane), so the
 // same Cephes polynomial is written out with AVX2/FMA intrinsics: 8 lanes per step.
 __attribute__((target("avx2,fma"))) inline __m256 exp8_nonpos(__m256 v) {
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f),
-                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v));
-  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(kExpLog2e), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), v));
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kExpP0), r, _mm256_set1_ps(kExpP1));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP2));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP3));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP4));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP5));
   y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 __attribute__((target("avx2,fma"))) float sum_exp_shifted_avx2(const float* x, int64_t C, float m) {
-  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
+  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(kExpMinArg);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= C; j += 16) {  // two accumulators hide the add latency

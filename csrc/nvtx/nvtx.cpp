@@ -22,18 +22,12 @@ namespace stepscope::nvtx {
 namespace {
 
 constexpr int kPhases = static_cast<int>(Phase::kCount);
-constexpr const char* kNames[] = {"step", "data",  "forward", "loss",   "backward", "other",
-                                  "optimizer", "eval", "user", "module", "capture"};
-static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(kPhases));
-// ARGB colours, one per phase (fixed so a trace reads the same every run).
-constexpr uint32_t kColors[] = {0xFF5B5B5B, 0xFFB0B0B0, 0xFF1F77B4, 0xFFFF7F0E, 0xFFD62728, 0xFF9467BD,
-                                0xFF2CA02C, 0xFF17BECF, 0xFFBCBD22, 0xFF8C564B, 0xFFE377C2};
-static_assert(sizeof(kColors) / sizeof(kColors[0]) == static_cast<size_t>(kPhases));
-
 int index_of(Phase p) {
   const int i = static_cast<int>(p);
   return (i >= 0 && i < kPhases) ? i : static_cast<int>(Phase::kUser);
 }
+
+const PhaseInfo& info(Phase p) { return kPhaseTable[index_of(p)]; }
 
 // The user's switch (set_enabled), read when the state below is (re)computed.
 std::atomic<bool> g_switch{true};
@@ -71,8 +65,8 @@ int initialize() {
     s = kNoTool;
   } else {
     for (int i = 0; i < kPhases; ++i) {
-      g_domain.names[i] = nvtxDomainRegisterStringA(g_domain.handle, kNames[i]);
-      nvtxDomainNameCategoryA(g_domain.handle, static_cast<uint32_t>(i + 1), kNames[i]);
+      g_domain.names[i] = nvtxDomainRegisterStringA(g_domain.handle, kPhaseTable[i].nvtx_name);
+      nvtxDomainNameCategoryA(g_domain.handle, kPhaseTable[i].category, kPhaseTable[i].nvtx_name);
     }
     s = g_switch.load() ? kToolOn : kToolOff;
   }
@@ -103,9 +97,9 @@ nvtxEventAttributes_t attributes(Phase p, const char* name, int64_t payload, uin
   a.version = NVTX_VERSION;
   a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
   const int i = index_of(p);
-  a.category = static_cast<uint32_t>(i + 1);
+  a.category = kPhaseTable[i].category;
   a.colorType = NVTX_COLOR_ARGB;
-  a.color = argb == 0 ? kColors[i] : (argb <= 0xFFFFFFu ? (argb | 0xFF000000u) : argb);
+  a.color = argb == 0 ? kPhaseTable[i].argb : (argb <= 0xFFFFFFu ? (argb | 0xFF000000u) : argb);
   nvtxStringHandle_t h = nullptr;
   if (name == nullptr) {
     h = g_domain.names[i];
@@ -117,7 +111,7 @@ nvtxEventAttributes_t attributes(Phase p, const char* name, int64_t payload, uin
     a.message.registered = h;
   } else {
     a.messageType = NVTX_MESSAGE_TYPE_ASCII;
-    a.message.ascii = name != nullptr ? name : kNames[i];
+    a.message.ascii = name != nullptr ? name : kPhaseTable[i].nvtx_name;
   }
   if (payload >= 0) {
     a.payloadType = NVTX_PAYLOAD_TYPE_INT64;
@@ -129,9 +123,9 @@ nvtxEventAttributes_t attributes(Phase p, const char* name, int64_t payload, uin
 
 }  // namespace
 
-const char* phase_name(Phase p) { return kNames[index_of(p)]; }
-uint32_t phase_color(Phase p) { return kColors[index_of(p)]; }
-uint32_t phase_category(Phase p) { return static_cast<uint32_t>(index_of(p) + 1); }
+const char* phase_name(Phase p) { return info(p).nvtx_name; }
+uint32_t phase_color(Phase p) { return info(p).argb; }
+uint32_t phase_category(Phase p) { return info(p).category; }
 
 bool compiled_in() {
 #if defined(STEPSCOPE_WITH_NVTX)

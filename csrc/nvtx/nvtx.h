@@ -22,30 +22,18 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "timing/phases.h"
+
 namespace stepscope::nvtx {
 
-// One fixed colour and named category per phase.
-enum class Phase : int {
-  kStep = 0,
-  kData,
-  kForward,
-  kLoss,
-  kBackward,
-  kOther,
-  kOptimizer,
-  kEval,
-  kUser,
-  kModule,
-  kCapture,
-  kCount
-};
+// Phase (one fixed colour and named category each) comes from the one phase table.
 
 inline constexpr const char* kDomainName = "stepscope";
 inline constexpr size_t kMaxRegisteredStrings = 4096;
 
 const char* phase_name(Phase p);
 uint32_t phase_color(Phase p);     // ARGB, 0xFF alpha
-uint32_t phase_category(Phase p);  // category id in the domain (phase index + 1), named phase_name(p)
+uint32_t phase_category(Phase p);  // category id in the domain, named phase_name(p)
 
 bool compiled_in();          // built with the NVTX headers
 bool enabled();              // compiled in and not switched off

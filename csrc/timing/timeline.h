@@ -52,14 +52,15 @@
 // Eval forwards: push(kEval)/pop();
 // modules: push(kModule, name)/pop(); user phases: push(kUser, name)/pop(). close() ends what is
 // open. All of it lives in start_step, open_step_range, finish_step, cursor_start, cursor_push,
-// end_cursor_range and the eval/user/module methods of timeline.cpp. With options.nvtx false none
-// is emitted.
+// end_cursor_range and the eval methods of timeline.cpp, and the user/module methods of
+// timeline_spans.cpp. With options.nvtx false none is emitted.
 #pragma once
 
 #include <array>
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <thread>
@@ -69,15 +70,14 @@
 #include "timing/device_clock.h"
 #include "timing/device_sampling.h"
 #include "timing/event_pool.h"
+#include "timing/phases.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
 #include "timing/stats.h"
 
 namespace stepscope::timing {
 
-// The training partition, then the other series kept with histograms.
-enum class Phase : int { kData = 0, kForward, kLoss, kBackward, kOther, kOptimizer, kStep, kEvalForward, kCount };
-constexpr int kNumPartition = 6;  // kData .. kOptimizer
+// Phase and kNumPartition: timing/phases.h. The report name of a series.
 const char* phase_name(Phase p);
 
 struct TimelineOptions {
@@ -289,7 +289,9 @@ class Timeline {
   void check_spike(double total_ns);
   const char* open_phase_name() const;
   void fold_host();
-  void queue(int kind, int id, int a0, int b0, int a1 = -1, int b1 = -1, int slot = -1);
+  // Queues a device span over its events' pair (or two pairs, around an eval pause) when every
+  // event was recorded, else counts a dropped sample.
+  void queue_or_drop(int kind, int id, std::initializer_list<int> events, int slot = -1);
   SpanRecord* span_record(uint64_t serial, int slot);
   void poll_locked();
   template <typename G>
@@ -429,8 +431,9 @@ constexpr int kPackedWords = kPackedHeader + 2 * static_cast<int>(Phase::kCount)
 // std::invalid_argument on a buffer of another layout or with corrupt counts.
 Report report_from_packed(const double* buffers, int64_t n);
 
-// A plain-text table of a report for LibTorch loops: host (and device) mean, p50 and total per phase.
-// Python's Monitor.summary() has its own, wider layout (report.py).
+// A plain-text table of a report for LibTorch loops: host (and device) count, mean, p50, p90, p99,
+// total and share per phase. Monitor.summary() (report.py) is another, wider table (max, user
+// phases under their parent, modules, memory, warm-up, spikes).
 std::string format_summary(const Report& r);
 
 }  // namespace stepscope::timing

@@ -34,7 +34,7 @@ import textwrap
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from . import diagnose as _diagnose
-from .report import PARTITION, format_summary
+from .report import PARTITION, PHASES, format_summary
 
 FORMAT = "stepscope.run"
 SCHEMA_VERSION = 1
@@ -110,12 +110,8 @@ def _rank() -> int:
 
 
 def _nvtx_colors() -> dict:
-    """NVTX phase name -> "#RRGGBB", read from the extension (the one table of colours)."""
-    from . import _C
-
-    ph = _C.nvtx.Phase
-    return {_C.nvtx.phase_name(p): "#%06X" % (_C.nvtx.phase_color(p) & 0xFFFFFF)
-            for p in ph.__members__.values()}
+    """NVTX phase name -> "#RRGGBB", read from the extension's phase table (report.PHASES)."""
+    return {p["nvtx_name"]: "#%06X" % (p["color"] & 0xFFFFFF) for p in PHASES}
 
 
 def _monitor_data(mon: Any) -> dict:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
+# The extension loads without the torch module being imported, so a saved run is still read
+# without it (export.py); what it needs is the built extension, whose table is the one home of the
+# phases (csrc/timing/phases.h).
+from . import _C
+
+#: One dict per phase (``name``, ``nvtx_name``, ``color`` ARGB, NVTX ``category``, ``partition``,
+#: ``series``): the Timeline's series in report order, then the NVTX-only phases.
+PHASES: tuple = tuple(_C.PHASES)
+PARTITION = tuple(p["name"] for p in PHASES if p["partition"])
 
 
 def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10,

@@ -1,0 +1,68 @@
+// The one phase table: every phase stepscope names, its report name, NVTX name, colour and
+// category. The Timeline's series, the NVTX layer and Python (_C.PHASES, read by report.py and
+// export.py) all read it.
+//
+// One order: the Timeline's timed series first (data .. optimizer partition the step, then step
+// and eval_forward; the order is the series index, SpikeRecord::phase and the packed layout),
+// then the phases only NVTX ranges have (user, module, capture). The NVTX category ids are
+// their own column: they are what a saved Nsight report holds, so they do not follow the order.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace stepscope {
+namespace timing {
+
+// The Timeline's series: the training partition, then the other series kept with histograms.
+enum class Phase : int { kData = 0, kForward, kLoss, kBackward, kOther, kOptimizer, kStep, kEvalForward, kCount };
+constexpr int kNumPartition = 6;  // kData .. kOptimizer
+
+}  // namespace timing
+
+namespace nvtx {
+
+// NVTX's phases: the Timeline's, with the same values (a timing::Phase converts by value), then
+// the NVTX-only ones.
+enum class Phase : int {
+  kData = static_cast<int>(timing::Phase::kData),
+  kForward,
+  kLoss,
+  kBackward,
+  kOther,
+  kOptimizer,
+  kStep,
+  kEval,
+  kUser = static_cast<int>(timing::Phase::kCount),
+  kModule,
+  kCapture,
+  kCount
+};
+static_assert(static_cast<int>(Phase::kStep) == static_cast<int>(timing::Phase::kStep));
+static_assert(static_cast<int>(Phase::kEval) == static_cast<int>(timing::Phase::kEvalForward));
+
+}  // namespace nvtx
+
+struct PhaseInfo {
+  const char* name;       // report, summary and Python name
+  const char* nvtx_name;  // NVTX registered string and category name
+  uint32_t argb;          // NVTX colour (fixed, so a trace reads the same every run)
+  uint32_t category;      // NVTX category id in the "stepscope" domain
+};
+
+inline constexpr PhaseInfo kPhaseTable[] = {
+    {"data", "data", 0xFFB0B0B0u, 2},
+    {"forward", "forward", 0xFF1F77B4u, 3},
+    {"loss", "loss", 0xFFFF7F0Eu, 4},
+    {"backward", "backward", 0xFFD62728u, 5},
+    {"other", "other", 0xFF9467BDu, 6},
+    {"optimizer", "optimizer", 0xFF2CA02Cu, 7},
+    {"step", "step", 0xFF5B5B5Bu, 1},
+    {"eval_forward", "eval", 0xFF17BECFu, 8},
+    {"user", "user", 0xFFBCBD22u, 9},
+    {"module", "module", 0xFF8C564Bu, 10},
+    {"capture", "capture", 0xFFE377C2u, 11},
+};
+static_assert(sizeof(kPhaseTable) / sizeof(kPhaseTable[0]) == static_cast<size_t>(nvtx::Phase::kCount));
+
+}  // namespace stepscope

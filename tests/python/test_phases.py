@@ -1,0 +1,33 @@
+"""The one phase table (csrc/timing/phases.h) as Python sees it: _C.PHASES, report.PARTITION and
+the NVTX layer all read the same rows."""
+
+from stepscope import _C, report
+
+# What a saved Nsight report holds: names, categories and colours stay fixed across builds.
+NVTX_STYLE = {
+    "step": (1, 0xFF5B5B5B), "data": (2, 0xFFB0B0B0), "forward": (3, 0xFF1F77B4), "loss": (4, 0xFFFF7F0E),
+    "backward": (5, 0xFFD62728), "other": (6, 0xFF9467BD), "optimizer": (7, 0xFF2CA02C),
+    "eval": (8, 0xFF17BECF), "user": (9, 0xFFBCBD22), "module": (10, 0xFF8C564B), "capture": (11, 0xFFE377C2),
+}
+
+
+def test_table_rows_in_series_order():
+    names = [p["name"] for p in _C.PHASES]
+    assert names == ["data", "forward", "loss", "backward", "other", "optimizer", "step", "eval_forward",
+                     "user", "module", "capture"]
+    assert report.PARTITION == ("data", "forward", "loss", "backward", "other", "optimizer")
+    assert [p["name"] for p in _C.PHASES if p["series"]] == names[:8]
+
+
+def test_report_phases_follow_the_table():
+    tl = _C.Timeline(nvtx=False)
+    rep = tl.report()
+    assert list(rep["phases"]) == [p["name"] for p in _C.PHASES if p["series"]]
+    assert list(rep["warmup"]["host"]) == list(rep["phases"])
+
+
+def test_nvtx_reads_the_same_table():
+    assert {p["nvtx_name"]: (p["category"], p["color"]) for p in _C.PHASES} == NVTX_STYLE
+    for p in _C.nvtx.Phase.__members__.values():
+        name = _C.nvtx.phase_name(p)
+        assert (_C.nvtx.phase_category(p), _C.nvtx.phase_color(p)) == NVTX_STYLE[name]
