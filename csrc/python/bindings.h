@@ -7,10 +7,10 @@
 
 namespace stepscope::python {
 
-void bind_build(pybind11::module_& m);       // build_info()                          bind_build.cpp
-void bind_metrics(pybind11::module_& m);     // MetricsConfig, ECE_BINS, ...          bind_metrics.cpp
-void bind_timing(pybind11::module_& m);      // Timeline, PACKED_WORDS, report_from_packed  bind_timing.cpp
-void bind_step_hooks(pybind11::module_& m);  // StepHooks, step_hooks() (needs Timeline)    step_hooks.cpp
-void bind_nvtx(pybind11::module_& m);        // the _C.nvtx submodule                 bind_nvtx.cpp
+void bind_build(pybind11::module_& m);       // bind_build.cpp: build_info()
+void bind_metrics(pybind11::module_& m);     // bind_metrics.cpp: MetricsConfig and the metrics constants
+void bind_timing(pybind11::module_& m);      // bind_timing.cpp: Timeline, PACKED_WORDS, report_from_packed
+void bind_step_hooks(pybind11::module_& m);  // step_hooks.cpp: StepHooks, step_hooks() (after Timeline)
+void bind_nvtx(pybind11::module_& m);        // bind_nvtx.cpp: the _C.nvtx submodule
 
 }  // namespace stepscope::python
