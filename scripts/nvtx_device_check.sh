@@ -20,25 +20,20 @@ if [ ! -x "$NCU" ]; then
 fi
 
 cat >"$OUT/nvtx_loop.py" <<'PYEOF'
-import contextlib, torch, stepscope
+import torch, stepscope
 from stepscope._C import nvtx as nv
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 x, y = torch.randn(64, 256, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
-have_mon = hasattr(stepscope, "Monitor")
-with (stepscope.Monitor(model, opt) if have_mon else contextlib.nullcontext()):
+with stepscope.Monitor(model, opt):
     for _ in range(2):
-        if not have_mon:
-            nv.push(nv.Phase.forward)  # what the Monitor's forward hooks do
         out = model(x)
-        if not have_mon:
-            nv.pop()
         torch.nn.functional.cross_entropy(out, y).backward()
         opt.step()
         opt.zero_grad()
 torch.cuda.synchronize()
-print("monitor" if have_mon else "manual forward range", "tool attached:", nv.tool_attached())
+print("monitor", "tool attached:", nv.tool_attached())
 PYEOF
 
 NCU_ARGS=(--metrics gpu__time_duration.sum --cache-control none --clock-control none)

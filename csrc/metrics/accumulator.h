@@ -37,6 +37,12 @@ at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const st
 // warns (TORCH_WARN) on non-finite predictions. Returns {nonfinite, invalid, ignored}.
 std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn = true);
 
+// The one wording of the non-finite warning (check_state's TORCH_WARN, Python's warnings.warn).
+std::string nonfinite_message(const Config& cfg, int64_t count);
+
+// Throws (ValueError) unless beta > 0: compute_metrics' check, also run when a Python metric is built.
+void check_beta(double beta);
+
 class Accumulator {
  public:
   Accumulator(Config cfg, c10::Device device);

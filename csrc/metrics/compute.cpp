@@ -70,7 +70,7 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cf
   STEPSCOPE_CHECK(state.dim() == 1 && state.numel() == lay.numel && state.scalar_type() == at::kDouble,
                   "state must be float64 [", lay.numel, "] for this configuration; got ", state.scalar_type(), " ",
                   shape_str(state.sizes()));
-  STEPSCOPE_CHECK(beta > 0.0, "beta must be > 0; got ", beta);
+  check_beta(beta);
   const Counts k = counts(cfg, lay, state);
   const bool multiclass = cfg.task == Task::kMulticlass;
   const at::Tensor& tp = k.tp;
@@ -175,11 +175,15 @@ std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, boo
                       cfg.ignore_index ? " and not ignore_index=" + std::to_string(*cfg.ignore_index) : "",
                       "; they were left out of every metric. Fix the labels, or set ignore_index.");
   }
-  if (warn && v[0] > 0) {
-    TORCH_WARN("stepscope: ", v[0], cfg.task == Task::kMulticlass ? " sample(s)" : " element(s)",
-               " had NaN or Inf predictions and were left out of every metric");
-  }
+  if (warn && v[0] > 0) TORCH_WARN(nonfinite_message(cfg, v[0]));
   return {v[0], v[1], v[2]};
 }
+
+std::string nonfinite_message(const Config& cfg, int64_t count) {
+  return "stepscope: " + std::to_string(count) + (cfg.task == Task::kMulticlass ? " sample(s)" : " element(s)") +
+         " had NaN or Inf predictions and were left out of every metric";
+}
+
+void check_beta(double beta) { STEPSCOPE_CHECK(beta > 0.0, "beta must be > 0; got ", beta); }
 
 }  // namespace stepscope::metrics

@@ -73,7 +73,9 @@ void bind_metrics(py::module_& m) {
           "check",
           // Python raises the non-finite warning itself (a TORCH_WARN from here would only reach stderr).
           [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state, false); },
-          py::arg("state"));
+          py::arg("state"))
+      .def("nonfinite_message", &stepscope::metrics::nonfinite_message, py::arg("count"));
+  m.def("check_beta", &stepscope::metrics::check_beta, py::arg("beta"), "ValueError unless beta > 0.");
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;
   m.attr("DEFAULT_CONFMAT_LIMIT") = stepscope::metrics::kDefaultConfmatLimit;

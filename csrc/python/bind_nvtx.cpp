@@ -37,13 +37,6 @@ void bind_nvtx(py::module_& m) {
   n.def("mark", [](const char* name, int64_t payload, uint32_t argb) {
     nv::mark(nv::Phase::kUser, name, payload, argb);
   });
-  // A phase range opened by hand: scripts/nvtx_device_check.sh marks a forward this way where no
-  // Monitor hooks do it.
-  n.def(
-      "push",
-      [](nv::Phase p, const char* name, int64_t payload, uint32_t argb) { nv::push(p, name, payload, argb); },
-      py::arg("phase"), py::arg("name") = nullptr, py::arg("payload") = -1, py::arg("argb") = 0);
-  n.def("pop", &nv::pop);
   // The capture window (the Timeline opens it in C++; tests/python/test_nvtx.py drives it on CUDA).
   n.def("capture_begin", &nv::capture_begin,
         "Open the capture window: cudaProfilerStart (CUDA builds, CUDA in use) and the 'capture' range.");

@@ -136,8 +136,7 @@ class ClassificationMetrics(torch.nn.Module):
             top_k = ()
         if confusion_matrix is None:
             confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
-        if beta <= 0:
-            raise ValueError(f"stepscope: beta must be > 0; got {beta}")
+        _C.check_beta(float(beta))
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
         if task == "binary" and class_dim != 1:
@@ -247,11 +246,7 @@ class ClassificationMetrics(torch.nn.Module):
         if check:
             nonfinite = self._cfg.check(state)[0]
             if nonfinite:
-                unit = "sample(s)" if self.task == "multiclass" else "element(s)"
-                warnings.warn(
-                    f"stepscope: {nonfinite} {unit} had NaN or Inf predictions and were left out of every metric",
-                    stacklevel=2,
-                )
+                warnings.warn(self._cfg.nonfinite_message(int(nonfinite)), stacklevel=2)
         out = self._cfg.compute(state, self.beta)
         if scalars:
             out = {k: v for k, v in out.items() if v.numel() == 1}
