@@ -496,7 +496,17 @@ def plot(source: Source, path: PathLike) -> None:
     sps = f", {rep['samples_per_s']:.1f} samples/s" if rep.get("samples_per_s") else ""
     fig.suptitle(f"stepscope: {rep['steps']} steps{sps}", fontsize=14)
 
-    ax = fig.add_subplot(gs[0, :])
+    _plot_phases_per_step(fig.add_subplot(gs[0, :]), ring, colors)
+    _plot_step_histogram(fig.add_subplot(gs[1, 0]), rep, ring, colors)
+    _plot_shares(fig.add_subplot(gs[1, 1]), rep, colors)
+    _plot_diagnosis(fig, data.get("diagnosis"))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _atomic_write(path, buf.getvalue())
+
+
+def _plot_phases_per_step(ax, ring: list, colors: dict) -> None:
+    """Host (and, on CUDA, hatched device) time per phase per step of the ring, stacked."""
     # On CUDA, each step's device time per phase (from its resolved device spans) stands hatched
     # beside its host bar.
     dev = [_device_by_phase(r) for r in ring]
@@ -526,7 +536,9 @@ def plot(source: Source, path: PathLike) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("ms (left: host, hatched: device)" if both else "ms")
 
-    ax = fig.add_subplot(gs[1, 0])
+
+def _plot_step_histogram(ax, rep: dict, ring: list, colors: dict) -> None:
+    """The ring's step times, with the whole run's p50/p90/p99."""
     st = [sum(r["host"].values()) * 1e3 for r in ring]
     if st:
         ax.hist(st, bins=min(40, max(5, len(st) // 4)), color=colors.get("step", "#777777"))
@@ -541,7 +553,9 @@ def plot(source: Source, path: PathLike) -> None:
     ax.set_xlabel("ms")
     ax.set_ylabel("steps")
 
-    ax = fig.add_subplot(gs[1, 1])
+
+def _plot_shares(ax, rep: dict, colors: dict) -> None:
+    """Each phase's share of the step, host (and device on CUDA)."""
     names = [p for p in PARTITION if rep["phases"][p]["host"]["count"]]
     hs = [100 * (rep["phases"][p].get("share_host") or 0.0) for p in names]
     ypos = list(range(len(names)))
@@ -561,7 +575,10 @@ def plot(source: Source, path: PathLike) -> None:
     ax.set_title("share of step time")
     ax.set_xlabel("%")
 
-    findings = _finding_lines(data.get("diagnosis"))
+
+def _plot_diagnosis(fig, diagnosis) -> None:
+    """The findings under the panels, wrapped; at most _MAX_DIAG_LINES lines, the rest counted."""
+    findings = _finding_lines(diagnosis)
     if findings:
         # Wrapped to the figure's width; at most _MAX_DIAG_LINES lines, the rest counted.
         lines = ["diagnosis:"]
@@ -573,9 +590,6 @@ def plot(source: Source, path: PathLike) -> None:
             lines += wrapped
         fig.subplots_adjust(bottom=0.07 + 0.021 * len(lines))
         fig.text(0.02, 0.01, "\n".join(lines), fontsize=9, va="bottom", family="monospace")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------- TensorBoard
