@@ -8,13 +8,13 @@
 // every = 0 (auto) chooses k from what recording costs against the step:
 //   k = max(1, ceil(events_per_step * record_cost / (budget * host_step)))   budget = 1%
 // so that recording costs at most ~1% of the host's step; a GPU-bound step (host step = device step
-// of several ms) keeps k = 1. The record cost is measured once at attach (a first guess: records on
-// an idle stream), then where it is paid: the Timeline passes its running total of host time spent
-// recording and resolving events, and each window's cost per event replaces the guess (on a
-// virtualised host a record behind a busy stream was seen to cost ten times the idle one). The
-// step time (less that cost) and the events per timed step are the means over the steady steps
-// since the last choice, where a timed
-// step's events are those recorded from its first boundary to its end, plus the one that opens it
+// of several ms) keeps k = 1. The record cost is measured where it is paid: the Timeline passes its
+// running total of host time spent recording and resolving events, and each window's cost per event
+// is the one the choice uses (on a virtualised host a record behind a busy stream was seen to cost
+// ten times one on an idle stream, so a cost measured apart from the loop misleads). The step time
+// (less that cost) and the events per timed step are the means over the steady steps since the
+// last choice, where a timed step's events are those recorded from its first boundary to its end,
+// plus the one that opens it
 // (shared with the step before when that one is timed too: 6 + 1 for a plain step). Auto times every
 // step for the first kAutoFirst steady steps (there is no step time yet), then chooses k and again
 // every kAutoEvery steady steps, as the step time settles.
@@ -81,7 +81,7 @@ class DeviceSampler {
   // Auto mode chooses k here (kAutoFirst steps after the first steady step, then every kAutoEvery).
   // A new k applies from the next timed step on: steps already promised stay promised.
   // `cost_total_ns`: the Timeline's running total of host time spent on device timing (< 0: not
-  // measured, keep the attach-time record cost).
+  // measured; the record cost stays what set_record_ns() gave, which the GoogleTests use).
   // `lag_min_ns`: the least queue lag of the boundaries placed during this step (+inf: none).
   void end_step(bool warm, bool timed, double step_ns, int64_t events_total, double cost_total_ns = -1,
                 double lag_min_ns = std::numeric_limits<double>::infinity()) {

@@ -2,10 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-#include <chrono>
-#include <vector>
-
 #if defined(STEPSCOPE_WITH_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -113,35 +109,6 @@ bool read_device_memory(int device, DeviceMemory* out) {
   (void)device;
   (void)out;
   return false;
-#endif
-}
-
-double EventPool::record_cost_ns(int n) {
-#if defined(STEPSCOPE_WITH_CUDA)
-  if (n < 1 || c10::cuda::device_count() == 0) return 0;
-  cudaEvent_t e = nullptr;
-  if (cudaEventCreateWithFlags(&e, cudaEventDefault) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::vector<double> ns;
-  ns.reserve(n);
-  bool ok = cudaEventRecord(e, stream) == cudaSuccess;  // the first record pays one-time setup
-  for (int i = 0; ok && i < n; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    ok = cudaEventRecord(e, stream) == cudaSuccess;
-    const auto t1 = std::chrono::steady_clock::now();
-    ns.push_back(static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
-  }
-  if (!ok) (void)cudaGetLastError();
-  (void)cudaEventDestroy(e);  // released once the GPU has passed it; nothing waits
-  if (!ok || ns.empty()) return 0;
-  std::nth_element(ns.begin(), ns.begin() + ns.size() / 2, ns.end());
-  return ns[ns.size() / 2];
-#else
-  (void)n;
-  return 0;
 #endif
 }
 

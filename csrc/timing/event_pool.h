@@ -41,10 +41,6 @@ class EventPool {
   // The host clock (ns) at which the caller recorded the slot's event (queue lag).
   void stamp(int slot, int64_t host_ns) { stamps_[slot] = host_ns; }
   int64_t stamp(int slot) const { return stamps_[slot]; }
-  // The host cost of one cudaEventRecord on the current stream (ns): the median of n records of a
-  // scratch event timed with steady_clock (device sampling weighs it against the step). 0 without
-  // CUDA or on failure. Called once, at attach.
-  static double record_cost_ns(int n);
   // Blocks until the slot's event completed: only for the one reference event at attach.
   bool synchronize(int slot) const;
   int capacity() const { return capacity_; }

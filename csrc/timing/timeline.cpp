@@ -43,8 +43,6 @@ void Timeline::open_locked() {
     // The one synchronisation, at attach and never again: once this event is complete the GPU's
     // queue on this stream is empty, so the next event (the first step's) is reached as soon as
     // it is recorded, and its host record time anchors the device clock (timing/device_clock.h).
-    // The host cost of one record is measured first (auto device sampling), on the same stream.
-    if (sampler_.auto_mode()) sampler_.set_record_ns(pool_.record_cost_ns(7));
     const int ref = pool_.record();
     const bool synced = ref >= 0 && pool_.synchronize(ref);
     pool_unref(ref);

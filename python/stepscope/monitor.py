@@ -171,7 +171,7 @@ class Monitor:
             only on those steps (the step hooks count in C).
         device_every: on CUDA, record device events (CUDA events at the phase boundaries) on one
             step in ``device_every``; host times are kept on every step. ``"auto"`` (default)
-            chooses it from the host cost of one event record (measured at attach) against the
+            chooses it from the host cost of the event records (measured in the loop) against the
             running host step time, so that recording costs about 1% of the step: every step on a
             GPU-bound step of several ms, about one in 7 on a ~1 ms host-bound step. ``1``: every
             step. Warm-up steps are always device-timed. ``report()["device_steps"]`` counts the

@@ -38,7 +38,8 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     ``Monitor(device_every=...)``; the device stats and shares cover these steps only),
     ``device_every`` (one step in k is device-timed; None without device timing or in a merged
     report), ``device_every_auto``, ``device_events`` (CUDA events recorded at boundaries),
-    ``event_record_cost`` (seconds of host time per event record, measured at attach; None if not),
+    ``event_record_cost`` (seconds of host time per event record, measured in the loop; None
+    before auto sampling first chose, or without it),
     and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
     Steps and step statistics count steady (post-warm-up) steps only.
     """
