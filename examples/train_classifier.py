@@ -4,7 +4,8 @@
 
 Metrics come from stepscope.ClassificationMetrics: one fused update per batch, read once per
 epoch. stepscope.Monitor times every step's phases; its summary is printed at the end, and the
-run is written as a Perfetto trace (stepscope_demo.trace.json.gz) and a PNG dashboard
+run is written as a Perfetto trace (stepscope_demo.trace.json.gz), a run file
+(stepscope_demo.json, for `python -m stepscope report stepscope_demo.json`) and a PNG dashboard
 (stepscope_demo.png) in the current folder.
 """
 
@@ -73,8 +74,10 @@ def main() -> None:
     print(f"trained {args.epochs} epochs in {time.perf_counter() - t0:.2f} s")
     print(monitor.summary())
     print("trace (open in https://ui.perfetto.dev): stepscope_demo.trace.json.gz")
+    monitor.save("stepscope_demo.json")
+    print("run file: stepscope_demo.json (python -m stepscope report stepscope_demo.json)")
     try:
-        stepscope.plot(monitor, "stepscope_demo.png")
+        stepscope.plot(stepscope.load("stepscope_demo.json"), "stepscope_demo.png")
         print("dashboard: stepscope_demo.png")
     except ImportError as e:  # matplotlib is optional: pip install 'stepscope[plot]'
         print(e)

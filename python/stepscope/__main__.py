@@ -6,13 +6,16 @@
 ``report`` prints the summary table and the diagnosis of a run saved with ``Monitor.save``, and
 optionally writes its PNG dashboard and its Perfetto trace. ``merge`` puts the traces of several
 ranks (each from its own ``Monitor.export_trace``) in one file, one process per rank on one time
-axis. A missing, foreign or newer file is one line on stderr and exit status 2.
+axis. A missing, foreign, damaged, oversized (``--max-bytes``, default 512 MiB once
+decompressed) or newer file, a FIFO or device given as a file, and a target that cannot be
+written are each one line on stderr naming the file, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 
@@ -27,13 +30,32 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--png", metavar="OUT.png", help="also write the 1200x800 dashboard (needs matplotlib)")
     rp.add_argument("--trace", metavar="OUT.json[.gz]",
                     help="also write the Chrome/Perfetto trace of the saved steps (gzip when it ends in .gz)")
+    rp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
+                    help="read at most N bytes of the run file once decompressed (default 512 MiB)")
     mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
                         description="Merge traces written by Monitor.export_trace on several ranks into one "
                         "Perfetto/Chrome trace: one process per rank, shifted onto one time axis by each "
                         "Monitor's start time.")
     mp.add_argument("traces", nargs="+", help="trace files (.json or .json.gz) written by export_trace")
     mp.add_argument("-o", "--output", required=True, metavar="OUT.json[.gz]", help="the merged trace")
+    mp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
+                    help="read at most N bytes of each trace once decompressed (default 512 MiB)")
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 1, got {n}")
+    return n
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg if msg.startswith("stepscope:") else f"stepscope: {msg}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,27 +64,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # what `python -m stepscope` costs anyway.
     from . import export
 
+    # Reading: the file's own problems (missing, foreign, damaged, too large) are named by load().
     try:
         if args.command == "merge":
-            merged = export.merge_traces(args.traces, args.output)
+            merged = export.merge_traces(args.traces, args.output, max_bytes=args.max_bytes)
             print(f"wrote {args.output}: {len(args.traces)} trace(s), {len(merged['traceEvents'])} events")
             return 0
-        run = export.load(args.run)
+        run = export.load(args.run, max_bytes=args.max_bytes)
+    except (OSError, ValueError, ImportError) as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        # The right format and schema, but fields missing or of the wrong type: edited or truncated.
+        print(f"stepscope: a trace given to merge is damaged ({type(e).__name__}: {' '.join(str(e).split())})",
+              file=sys.stderr)
+        return 2
+    # Using it: a file that passed load()'s checks and still fails here is damaged in a way they
+    # do not see; writes that fail name their target (export's atomic writes do).
+    try:
         print(run.summary())  # ends with the diagnosis ("What to fix first")
         if args.png:
-            export.plot(run, args.png)
+            with warnings.catch_warnings():
+                # matplotlib's warnings about odd values (a damaged or edited file) would print
+                # several lines on stderr; the dashboard is written all the same.
+                warnings.simplefilter("ignore")
+                export.plot(run, args.png)
             print(f"wrote {args.png}")
         if args.trace:
             export.write_trace(run, args.trace)
             print(f"wrote {args.trace}")
-    except (OSError, ValueError, ImportError) as e:
-        msg = str(e) if str(e).startswith("stepscope:") else f"stepscope: {e}"
-        print(msg, file=sys.stderr)
+    except (OSError, ImportError) as e:
+        print(_one_line(e), file=sys.stderr)
         return 2
-    except (KeyError, TypeError, AttributeError) as e:
-        # The right format and schema, but fields missing or of the wrong type: edited or truncated.
-        what = args.run if args.command == "report" else "a trace"
-        print(f"stepscope: {what} is damaged ({type(e).__name__}: {e})", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError, ZeroDivisionError) as e:
+        print(f"stepscope: {args.run} is damaged ({type(e).__name__}: {' '.join(str(e).split())})",
+              file=sys.stderr)
         return 2
     return 0
 

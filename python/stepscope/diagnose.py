@@ -20,6 +20,8 @@ from __future__ import annotations
 import statistics
 from typing import Callable, Optional
 
+from .report import format_seconds
+
 SEVERITIES = ("info", "warn", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -276,7 +278,7 @@ def rule_warmup(rep: dict) -> list:
     if per < 5 * p50:
         return []
     return [finding(
-        "warmup", "info", f"warm-up: {steps} step(s) took {warm['host']['step']:.2f} s, "
+        "warmup", "info", f"warm-up: {steps} step(s) took {format_seconds(warm['host']['step'])}, "
         f"{per / p50:.0f}x a steady step",
         {"warmup_steps": steps, "warmup_s": warm["host"]["step"], "steady_step_p50_ms": 1e3 * p50},
         "Expected with torch.compile (compilation, CUDA-graph recording) and cudnn.benchmark; it is kept "

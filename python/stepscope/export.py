@@ -28,9 +28,11 @@ import logging
 import math
 import os
 import platform
+import stat
 import sys
 import tempfile
 import textwrap
+import zlib
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from . import diagnose as _diagnose
@@ -54,10 +56,51 @@ _SPAN_KINDS = (("phase", "spans", 0), ("user", "user_spans", 1), ("module", "mod
 
 
 # ---------------------------------------------------------------------------------------- files
+# Temporary files of a write in progress: ".<target name>.stepscope-<pid>-<random>.tmp" beside the
+# target. A writer killed mid-write (kill -9, a power cut) leaves one behind; the next write of the
+# same target removes those whose process is gone from this machine, or that are older than
+# _STALE_TMP_S (a writer on another machine sharing the folder).
+_TMP_TAG = ".stepscope-"
+_STALE_TMP_S = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or no way to tell: leave its file alone
+    return True
+
+
+def _remove_stale_temporaries(folder: str, base: str) -> None:
+    prefix = "." + base + _TMP_TAG
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    now = datetime.datetime.now().timestamp()
+    for name in names:
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        full = os.path.join(folder, name)
+        try:
+            old = now - os.lstat(full).st_mtime > _STALE_TMP_S
+            if old or (pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))):
+                os.unlink(full)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
 def _atomic_write(path: PathLike, data: bytes) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    base = os.path.basename(path)
+    _remove_stale_temporaries(folder, base)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}{_TMP_TAG}{os.getpid()}-", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         # mkstemp makes the file private (0600); the result should have the mode open() would give.
         umask = os.umask(0)
@@ -68,12 +111,27 @@ def _atomic_write(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: str, e: OSError) -> OSError:
+    """The OSError of a failed write, naming the target (not the temporary file beside it)."""
+    why = "it is a folder" if os.path.isdir(path) else (e.strerror or str(e))
+    return _os_error(e, f"stepscope: cannot write {path}: {why}")
+
+
+def _os_error(e: OSError, message: str) -> OSError:
+    """An OSError of e's type and errno whose str() is ``message`` alone (no "[Errno n]")."""
+    err = type(e)(message)
+    err.errno = e.errno
+    return err
 
 
 def _encode(obj: Any, path: PathLike) -> bytes:
@@ -202,36 +260,173 @@ def save(source: Source, path: PathLike) -> None:
     _atomic_write(path, _encode(data, path))
 
 
-def _read_json(path: PathLike, what: str) -> tuple:
-    """(path as str, the decoded JSON) of a JSON or gzip'd JSON file, with one-line errors."""
-    p = os.fspath(path)
+#: The most bytes :func:`load`, :func:`read_trace` and the command line read from one file (after
+#: decompression); larger files are refused. Pass ``max_bytes=`` (``--max-bytes`` on the command
+#: line) to read a larger one: a run file is a few MB, a ring of 10^5 steps about 100 MB.
+MAX_READ_BYTES = 512 * 2**20
+# The deepest nesting a run or trace file has is 6; anything much deeper is not one of ours, and
+# Python's JSON parser would end in a RecursionError on it.
+_MAX_JSON_DEPTH = 32
+# Numbers in a run file are seconds, counts, bytes and a wall-clock time in ns: all far below 2^63.
+# A larger one (or 1e999, NaN, Infinity) is damage, and would overflow the exports' arithmetic.
+_MAX_NUMBER = float(2**63)
+
+
+def _check_max_bytes(max_bytes: Optional[int]) -> int:
+    if max_bytes is None:
+        return MAX_READ_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"stepscope: max_bytes must be an int >= 1; got {max_bytes!r}")
+    return max_bytes
+
+
+def _read_bytes(p: str, what: str, limit: int) -> bytes:
+    """The file's bytes (gunzipped when it is gzip), at most ``limit`` of them; only regular files."""
     try:
-        with open(p, "rb") as f:
-            raw = f.read()
+        # O_NONBLOCK: opening a FIFO nobody writes must not hang; it is refused just below.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise FileNotFoundError(f"stepscope: no such file: {p}") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}") from None
-    if raw[:2] == b"\x1f\x8b":
+    except OSError as e:
+        raise _os_error(e, f"stepscope: cannot read {p}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}")
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+            raise ValueError(f"stepscope: {p} is {kind}, not a {what} (only regular files are read)")
+        head = f.read(2)
+        f.seek(0)
+        gz = head == b"\x1f\x8b"
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+            raw = (gzip.GzipFile(fileobj=f, mode="rb") if gz else f).read(limit + 1)
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"stepscope: {p} is a damaged gzip file: {e}") from None
+    if len(raw) > limit:
+        raise ValueError(f"stepscope: {p} holds more than {limit} bytes{' once decompressed' if gz else ''}, the "
+                         f"most read by default; pass max_bytes= (or --max-bytes) to read it")
+    return raw
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_tree(obj: Any, p: str) -> None:
+    """Refuses nesting deeper than _MAX_JSON_DEPTH and numbers outside +-2^63 (iteratively)."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > _MAX_JSON_DEPTH:
+                raise ValueError(f"stepscope: {p} is nested deeper than {_MAX_JSON_DEPTH} levels: not a "
+                                 "stepscope file")
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            if not abs(x) < _MAX_NUMBER:  # NaN fails this too
+                raise ValueError(f"stepscope: {p} is damaged: it holds the number {x!r:.40}, outside the "
+                                 "range a stepscope file holds")
+
+
+def _read_json(path: PathLike, what: str, max_bytes: Optional[int] = None) -> tuple:
+    """(path as str, the decoded JSON) of a JSON or gzip'd JSON file, with one-line errors: only
+    regular files, at most ``max_bytes`` (default :data:`MAX_READ_BYTES`) once decompressed,
+    nesting and numbers bounded."""
+    p = os.fspath(path)
+    raw = _read_bytes(p, what, _check_max_bytes(max_bytes))
     try:
-        return p, json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"stepscope: {p} is nested deeper than {_MAX_JSON_DEPTH} levels: not a stepscope "
+                         "file") from None
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"stepscope: {p} is not a {what} (not JSON: {e})") from None
+    _check_tree(obj, p)
+    return p, obj
 
 
-def load(path: PathLike) -> SavedRun:
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_run_fields(data: dict, p: str) -> None:
+    """The fields every reader of a run uses, with the types they need: a damaged or edited file
+    is refused here, in one line naming the field, rather than deep inside a plot or a trace."""
+
+    def bad(where: str, want: str) -> ValueError:
+        return ValueError(f"stepscope: {p} is a damaged stepscope run ({where} is not {want})")
+
+    rep = data["report"]
+    if not isinstance(rep, dict):
+        raise bad("report", "an object")
+    for k in ("steps", "samples"):
+        if not _is_num(rep.get(k)):
+            raise bad(f"report.{k}", "a number")
+    phases = rep.get("phases")
+    if not isinstance(phases, dict) or not isinstance(phases.get("step"), dict):
+        raise bad("report.phases", "an object with a 'step' entry")
+    for section in ("phases", "user", "modules"):
+        entries = rep.get(section, {})
+        if not isinstance(entries, dict):
+            raise bad(f"report.{section}", "an object")
+        for name, e in entries.items():
+            if not isinstance(e, dict) or not isinstance(e.get("host"), dict):
+                raise bad(f"report.{section}.{name}", "an object with host statistics")
+            for side in ("host", "device"):
+                stats = e.get(side)
+                if stats is None and side == "device":
+                    continue
+                if not isinstance(stats, dict):
+                    raise bad(f"report.{section}.{name}.{side}", "an object")
+                for q, v in stats.items():
+                    if v is not None and not _is_num(v):
+                        raise bad(f"report.{section}.{name}.{side}.{q}", "a number")
+            for q in ("share_host", "share_device"):
+                if e.get(q) is not None and not _is_num(e[q]):
+                    raise bad(f"report.{section}.{name}.{q}", "a number")
+    ring = data["recent_steps"]
+    if not isinstance(ring, list):
+        raise bad("recent_steps", "a list")
+    for i, r in enumerate(ring):
+        where = f"recent_steps[{i}]"
+        if not isinstance(r, dict):
+            raise bad(where, "an object")
+        for k in ("step", "t0", "t1"):
+            if not _is_num(r.get(k)):
+                raise bad(f"{where}.{k}", "a number")
+        if not isinstance(r.get("host"), dict) or not all(_is_num(v) for v in r["host"].values()):
+            raise bad(f"{where}.host", "an object of numbers")
+        if r.get("samples") is not None and not _is_num(r["samples"]):
+            raise bad(f"{where}.samples", "a number")
+        for key in ("spans", "user_spans", "module_spans", "device_spans"):
+            spans = r.get(key, [])
+            if not isinstance(spans, list) or not all(
+                    isinstance(sp, list) and len(sp) == 3 and isinstance(sp[0], str) and _is_num(sp[1])
+                    and _is_num(sp[2]) for sp in spans):
+                raise bad(f"{where}.{key}", "a list of [name, start, end]")
+        mem = r.get("memory")
+        if mem is not None and (not isinstance(mem, dict) or not all(v is None or _is_num(v) for v in mem.values())):
+            raise bad(f"{where}.memory", "an object of numbers")
+
+
+def load(path: PathLike, *, max_bytes: Optional[int] = None) -> SavedRun:
     """Reads a run written by ``Monitor.save`` (JSON, or gzip'd JSON; never pickle).
 
-    Raises FileNotFoundError for a missing file and ValueError ("stepscope: ...") for a file that
-    is not a stepscope run or was written by a newer stepscope (a higher schema version).
+    Safe on a file from anyone: only regular files are read (a FIFO or a device is refused), at
+    most ``max_bytes`` bytes once decompressed (default :data:`MAX_READ_BYTES`, 512 MiB), with
+    nesting and numbers bounded and the fields the readers use type-checked.
+
+    Raises FileNotFoundError for a missing file and ValueError ("stepscope: ...", naming the
+    file) for a file that is not a stepscope run, is damaged, is too large, or was written by a
+    newer stepscope (a higher schema version).
 
         run = stepscope.load("run.json"); print(run.summary())
     """
-    p, data = _read_json(path, "stepscope run file")
+    p, data = _read_json(path, "stepscope run file", max_bytes)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         what = "a Chrome trace" if isinstance(data, dict) and "traceEvents" in data else "not a stepscope run"
         raise ValueError(f"stepscope: {p} is {what} (no \"format\": \"{FORMAT}\"); save runs with "
@@ -245,6 +440,7 @@ def load(path: PathLike) -> SavedRun:
     missing = [k for k in ("report", "recent_steps") if not isinstance(data.get(k), (dict, list))]
     if missing:
         raise ValueError(f"stepscope: {p} is a damaged stepscope run (missing {', '.join(missing)})")
+    _check_run_fields(data, p)
     return SavedRun(data, p)
 
 
@@ -371,17 +567,25 @@ def write_trace(source: Source, path: PathLike) -> None:
     _atomic_write(path, _encode(trace_events(source), path))
 
 
-def read_trace(path: PathLike) -> dict:
-    """A trace written by :func:`write_trace` (JSON or gzip'd JSON); ValueError for anything else."""
-    p, obj = _read_json(path, "trace")
+def read_trace(path: PathLike, *, max_bytes: Optional[int] = None) -> dict:
+    """A trace written by :func:`write_trace` (JSON or gzip'd JSON); ValueError for anything else.
+    Reads as :func:`load` does (regular files only, at most ``max_bytes``)."""
+    p, obj = _read_json(path, "trace", max_bytes)
     if not isinstance(obj, dict) or not isinstance(obj.get("traceEvents"), list):
         raise ValueError(f"stepscope: {p} is not a trace-event file (no \"traceEvents\" list)")
     if (obj.get("otherData") or {}).get("producer") != "stepscope":
         raise ValueError(f"stepscope: {p} was not written by stepscope (Monitor.export_trace)")
+    origin = obj["otherData"].get("origin_unix_ns")
+    if origin is not None and not _is_num(origin):
+        raise ValueError(f"stepscope: {p} is a damaged trace (otherData.origin_unix_ns is not a number)")
+    for i, e in enumerate(obj["traceEvents"]):
+        if not isinstance(e, dict) or ("pid" in e and (not isinstance(e["pid"], int) or isinstance(e["pid"], bool))) \
+                or ("ts" in e and not _is_num(e["ts"])):
+            raise ValueError(f"stepscope: {p} is a damaged trace (traceEvents[{i}] has no valid pid/ts)")
     return obj
 
 
-def merge_traces(paths: Sequence[PathLike], out: PathLike) -> dict:
+def merge_traces(paths: Sequence[PathLike], out: PathLike, *, max_bytes: Optional[int] = None) -> dict:
     """Merges the traces of several ranks (each written by its own ``export_trace``) into one
     file, atomically: one process per rank, on one time axis.
 
@@ -395,7 +599,7 @@ def merge_traces(paths: Sequence[PathLike], out: PathLike) -> dict:
     """
     if not paths:
         raise ValueError("stepscope: merge_traces needs at least one trace")
-    traces = [read_trace(p) for p in paths]
+    traces = [read_trace(p, max_bytes=max_bytes) for p in paths]
     origins = [(t.get("otherData") or {}).get("origin_unix_ns") for t in traces]
     base = min((o for o in origins if o is not None), default=None)
     events: list = []
@@ -449,17 +653,27 @@ def csv_rows(source: Source) -> list:
     return rows
 
 
+def _csv_float(v: float) -> str:
+    # Times are whole nanoseconds scaled to seconds: 9 fixed decimals hold them exactly (0.088731573,
+    # not the scaling's 0.08873157300000001, nor 9.8516e-05), trailing zeros dropped.
+    if not math.isfinite(v):
+        return ""
+    text = f"{v:.9f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
 def write_csv(source: Source, path: PathLike) -> None:
     """One row per step in the ring: step, start/end (s since the Monitor started), step time
     (the sum of its phases: eval forwards inside a step are left out), samples, host seconds per
-    phase, CUDA memory at the step's end (empty without CUDA). Written atomically.
+    phase, CUDA memory at the step's end (empty without CUDA). Seconds are written to the
+    nanosecond (at most 9 decimals). Written atomically.
 
         stepscope.export.write_csv(mon, "steps.csv")
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     for row in csv_rows(source):
-        w.writerow([repr(v) if isinstance(v, float) else v for v in row])
+        w.writerow([_csv_float(v) if isinstance(v, float) else v for v in row])
     _atomic_write(path, buf.getvalue().encode())
 
 
@@ -499,7 +713,7 @@ def plot(source: Source, path: PathLike) -> None:
     _plot_phases_per_step(fig.add_subplot(gs[0, :]), ring, colors)
     _plot_step_histogram(fig.add_subplot(gs[1, 0]), rep, ring, colors)
     _plot_shares(fig.add_subplot(gs[1, 1]), rep, colors)
-    _plot_diagnosis(fig, data.get("diagnosis"))
+    _plot_diagnosis(fig, data.get("diagnosis"), _more_hint(source))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     _atomic_write(path, buf.getvalue())
@@ -576,8 +790,18 @@ def _plot_shares(ax, rep: dict, colors: dict) -> None:
     ax.set_xlabel("%")
 
 
-def _plot_diagnosis(fig, diagnosis) -> None:
-    """The findings under the panels, wrapped; at most _MAX_DIAG_LINES lines, the rest counted."""
+def _more_hint(source: Source) -> str:
+    """Where the findings the dashboard has no room for are read in full."""
+    if isinstance(source, SavedRun) and source.path:
+        return f"python -m stepscope report {source.path}"
+    if isinstance(source, (SavedRun, dict)):
+        return "stepscope.load(...).summary() of the saved run"
+    return "Monitor.summary() or Monitor.diagnose()"
+
+
+def _plot_diagnosis(fig, diagnosis, more: str) -> None:
+    """The findings under the panels, wrapped; at most _MAX_DIAG_LINES lines, the rest counted
+    with where to read them (``more``)."""
     findings = _finding_lines(diagnosis)
     if findings:
         # Wrapped to the figure's width; at most _MAX_DIAG_LINES lines, the rest counted.
@@ -585,7 +809,7 @@ def _plot_diagnosis(fig, diagnosis) -> None:
         for k, f in enumerate(findings):
             wrapped = textwrap.wrap(f, 140, subsequent_indent="    ")
             if len(lines) + len(wrapped) > _MAX_DIAG_LINES:
-                lines.append(f"(+{len(findings) - k} more: python -m stepscope report RUN.json)")
+                lines.append(f"(+{len(findings) - k} more: {more})")
                 break
             lines += wrapped
         fig.subplots_adjust(bottom=0.07 + 0.021 * len(lines))

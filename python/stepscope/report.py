@@ -86,6 +86,18 @@ def _ms(x: Optional[float]) -> str:
     return "-" if x is None else f"{x * 1e3:.3f}"
 
 
+def format_seconds(s: float) -> str:
+    """A duration in the unit its size reads best in: "850 us", "12.3 ms", "4.56 s", "2.1 min"."""
+    a = abs(s)
+    if a < 1e-3:
+        return f"{s * 1e6:.0f} us" if a >= 1e-5 else f"{s * 1e6:.2f} us"
+    if a < 1.0:
+        return f"{s * 1e3:.3g} ms" if a < 0.1 else f"{s * 1e3:.0f} ms"
+    if a < 120.0:
+        return f"{s:.3g} s"
+    return f"{s / 60:.1f} min" if a < 7200.0 else f"{s / 3600:.1f} h"
+
+
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -156,8 +168,8 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
     lines.append(", ".join(tail))
     warm = rep.get("warmup")
     if warm and warm["steps"]:
-        lines.append(f"warm-up: {warm['steps']} step(s), {warm['host']['step']:.4f} s, kept out of every "
-                     "number above")
+        lines.append(f"warm-up: {warm['steps']} step(s), {format_seconds(warm['host']['step'])}, kept out of "
+                     "every number above")
     spikes = rep.get("spikes") or []
     if spikes:
         last = spikes[-1]
