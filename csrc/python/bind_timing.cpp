@@ -170,16 +170,15 @@ py::list recent_steps_list(const Timeline& tl) {
   return out;
 }
 
-std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin,
+std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int64_t ring, int event_pool, int64_t capture_begin,
                                         int64_t capture_end, int64_t warmup_steps, int64_t device_every) {
-  TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
   TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
   TORCH_CHECK_VALUE(warmup_steps >= 0, "stepscope: warmup_steps must be >= 0; got ", warmup_steps);
   TORCH_CHECK_VALUE(device_every >= 0, "stepscope: device_every must be >= 1, or 0 for auto; got ", device_every);
   tm::TimelineOptions o;
   o.device = device;
   o.nvtx = nvtx;
-  o.ring = ring;
+  o.ring = tm::check_ring(ring);
   o.event_pool = event_pool;
   o.capture_begin = capture_begin;
   o.capture_end = capture_end;
@@ -263,6 +262,8 @@ void bind_timing(py::module_& m) {
            "that device sampling left untimed: device_timed False).");
 
   m.attr("PACKED_WORDS") = tm::kPackedWords;
+  m.attr("MAX_RING") = tm::kMaxRing;
+  m.attr("RING_SLOT_BYTES") = tm::kRingSlotBytes;
   m.def("report_from_packed", &report_from_packed, py::arg("packed"),
         "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
         "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");

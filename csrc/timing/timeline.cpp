@@ -15,12 +15,18 @@ namespace stepscope::timing {
 
 const char* phase_name(Phase p) { return kPhaseTable[static_cast<int>(p)].name; }
 
+int check_ring(int64_t ring) {
+  TORCH_CHECK_VALUE(ring >= 1 && ring <= kMaxRing, "stepscope: ring must be an int from 1 to ", kMaxRing,
+                    " (recent steps kept raw, ", kRingSlotBytes, " bytes each, allocated up front); got ", ring);
+  return static_cast<int>(ring);
+}
+
 Timeline::Timeline(TimelineOptions opts)
     : opts_(opts),
       device_(opts.device && EventPool::available()),
       origin_(std::chrono::steady_clock::now()),
       pool_(opts.event_pool),
-      ring_(static_cast<size_t>(std::max(1, opts.ring))),
+      ring_(static_cast<size_t>(check_ring(opts.ring))),
       sampler_(opts.device_every) {
   // NVTX decides once per process whether a tool is attached; without one, no range call is made
   // at all (each boundary then touches neither the NVTX code nor the step name's formatting).
@@ -70,6 +76,7 @@ void Timeline::open_locked() {
 
 void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   open_step_range();
+  if (paused_) end_eval_stretch();
   const int i = static_cast<int>(closes);
   const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
   const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
@@ -99,6 +106,12 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   last_ns_ = now;
   step_active_ = true;
   if (nvtx) end_cursor_range();  // the phase just closed: so is its NVTX range
+}
+
+void Timeline::end_eval_stretch() {
+  // last_ns_ is the last eval forward's end (eval forwards move it; training boundaries end the
+  // pause): the stretch ends there, and what follows belongs to the training phase it paused.
+  if (last_ns_ > pause_t0_) add_host(static_cast<int>(Phase::kEval), static_cast<double>(last_ns_ - pause_t0_));
 }
 
 void Timeline::add_host(int series, double ns) {
@@ -243,6 +256,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
       // Cut the open training span here; it resumes at the next training boundary.
       paused_ = true;
       step_has_pause_ = true;
+      pause_t0_ = now;
       carry_t0_ = last_ns_;
       carry_ns_ = now - last_ns_;
       carry_a_ = last_ev_;  // the last boundary's reference moves to the carry
@@ -400,6 +414,7 @@ void Timeline::close() {
     nvtx::capture_end();
     capturing_ = false;
   }
+  if (paused_) end_eval_stretch();  // an evaluation that no training followed
   // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
   for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_, &opt_ev_}) {
     pool_unref(*s);

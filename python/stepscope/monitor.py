@@ -8,7 +8,8 @@
     print(mon.summary())
 
 A step is partitioned with no unexplained time: ``data`` (gap before forward), ``forward``,
-``loss`` (forward end to backward begin), ``backward`` (the gradient reaches the model's outputs
+``loss`` (forward end to backward begin: the criterion, and autograd's start-up before the
+gradient reaches the model's output), ``backward`` (the gradient reaches the model's outputs
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks only read a clock
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
@@ -113,6 +114,17 @@ def _check_arguments(model: Any, optimizers: Any) -> tuple:
     return models, opts
 
 
+def _check_ring(x: Any) -> int:
+    """Monitor's ring: an int from 1 to _C.MAX_RING (every slot is allocated at attach)."""
+    what = (f"stepscope: ring must be an int from 1 to {_C.MAX_RING} (recent steps kept raw, "
+            f"{_C.RING_SLOT_BYTES} bytes each, allocated at attach)")
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{what}; got {_what(x)} {x!r}")
+    if not 1 <= x <= _C.MAX_RING:
+        raise ValueError(f"{what}; got {x}")
+    return x
+
+
 def _check_device_every(x: Any) -> int:
     """Monitor's device_every as the Timeline takes it: k >= 1, or 0 for "auto"."""
     if isinstance(x, str):
@@ -169,13 +181,16 @@ class Monitor:
         optimizers: an optimizer or a list of them; the step ends when each has stepped once.
             ``None``: torch's global optimizer hooks, and every ``optimizer.step()`` ends a step.
         per_module: ``True`` times every submodule's forward, or a list of submodule names or
-            module types; sampled on one step in ``per_module_every``. Refused (with a warning,
+            module types; sampled on one step in ``per_module_every``. Training forwards only:
+            a module's spans inside an eval forward of a sampled step are not counted. Refused (with a warning,
             phase timing still works) for ``torch.compile``'d models.
         nvtx: emit NVTX ranges (domain "stepscope") for Nsight Systems.
         profile_steps: ``range(a, b)``: open the profiler capture window (cudaProfilerStart and
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
         batch_size: samples per forward; default: the first input's leading dimension.
-        ring: how many recent steps are kept raw (:meth:`recent_steps`).
+        ring: how many recent steps are kept raw (:meth:`recent_steps`): an int from 1 to
+            ``_C.MAX_RING`` (65536; each slot takes ``_C.RING_SLOT_BYTES``, about 2 KB, allocated
+            at attach, so the ceiling is about 143 MB).
         warmup_steps: the first steps kept out of every statistic (histograms, means, shares,
             samples/s, spikes) and reported apart in ``report()["warmup"]``. 3 by default:
             ``torch.compile`` compiles on the first step, ``mode="reduce-overhead"`` records its
@@ -196,7 +211,9 @@ class Monitor:
             the current choice. No effect without CUDA.
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
-    reported apart as ``eval_forward``, and eval time is left out of the training step (so a
+    reported apart as ``eval_forward``, each evaluation stretch (its first eval forward to the end
+    of its last before training resumes, the time between its forwards included) as ``eval``, and
+    eval time is left out of the training step (so a
     model trained in ``eval()`` mode, e.g. to freeze batch norm, has its forwards counted as
     eval). Gradient accumulation (several forward/backward per step) needs nothing special.
     Optimizers that run the model inside ``step(closure)`` (LBFGS, Lightning's automatic
@@ -257,7 +274,7 @@ class Monitor:
         self._nvtx = nvtx
         self._profile = profile_steps
         self._batch = batch_size if batch_size is not None else -1
-        self._ring = ring
+        self._ring = _check_ring(ring)
         self._warmup = warmup_steps
         self._tl: Any = None
         self._hooks: Any = None  # _C.StepHooks while attached

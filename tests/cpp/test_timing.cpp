@@ -914,3 +914,87 @@ TEST(TimingInterval, ResetForgetsEverythingAndTheStepItCut) {
   EXPECT_EQ(s.steps, 3);
   expect_same_summary(phase(s, Phase::kStep).host, phase(r, Phase::kStep).host, "step");
 }
+
+// ---- evaluation stretches, modules inside eval forwards, the ring's ceiling
+
+TEST(TimingTimeline, EvalStretchLeavesNoTimeInNoPhase) {
+  Timeline tl({.device = false, .nvtx = false});
+  auto train_step = [&] {
+    tl.forward_begin(false, 4);
+    tl.forward_end();
+    ASSERT_TRUE(tl.backward_begin());
+    tl.backward_end();
+    tl.optimizer_begin();
+    tl.optimizer_end();
+  };
+  train_step();
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int k = 0; k < 3; ++k) {
+      tl.forward_begin(true, 8);
+      spin_us(300);
+      tl.forward_end();
+      if (k < 2) spin_us(500);  // the validation loader and metrics, between eval forwards
+    }
+    spin_us(200);  // after the last eval forward: the paused training phase's (data)
+    train_step();
+  }
+  const Report r = tl.report();
+  const SeriesSummary &ev = phase(r, Phase::kEval).host, &fwd = phase(r, Phase::kEvalForward).host;
+  EXPECT_EQ(ev.count, 2);
+  EXPECT_EQ(fwd.count, 6);
+  EXPECT_GE(ev.min, 3 * 300e-6 + 2 * 500e-6);
+  EXPECT_GE(ev.total - fwd.total, 2 * 2 * 500e-6);
+  EXPECT_GE(phase(r, Phase::kData).host.total, 2 * 200e-6);
+  // Steps and evaluation stretches tile the run: every nanosecond is in exactly one of them.
+  const auto recent = tl.recent_steps();
+  ASSERT_EQ(recent.size(), 3u);
+  const double wall = static_cast<double>(recent.back().t1 - recent.front().t0) * 1e-9;
+  EXPECT_NEAR(phase(r, Phase::kStep).host.total + ev.total, wall, 1e-9);
+  // An evaluation no training follows ends at its last eval forward (close() records it).
+  const auto w0 = std::chrono::steady_clock::now();
+  tl.forward_begin(true, 8);
+  spin_us(100);
+  tl.forward_end();
+  const double window = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+  spin_us(3000);
+  tl.close();
+  const SeriesSummary& last = phase(tl.report(), Phase::kEval).host;
+  EXPECT_EQ(last.count, 3);
+  EXPECT_GE(last.total - ev.total, 100e-6);
+  EXPECT_LE(last.total - ev.total, window);  // not the 3 ms after it
+}
+
+TEST(TimingTimeline, ModulesInsideEvalForwardsAreNotCounted) {
+  Timeline tl({.device = false, .nvtx = false});
+  const int m = tl.register_module("head");
+  for (int s = 0; s < 3; ++s) {
+    tl.forward_begin(false, 2);
+    tl.module_begin(m);
+    tl.module_end(m);
+    tl.forward_end();
+    tl.forward_begin(true, 2);  // an eval forward in the same (sampled) step
+    tl.module_begin(m);
+    spin_us(200);
+    tl.module_end(m);
+    tl.forward_end();
+    EXPECT_TRUE(tl.step());
+  }
+  const Report r = tl.report();
+  EXPECT_EQ(r.modules.at(0).host.count, 3);  // 6 with the eval forwards' spans mixed in
+  EXPECT_EQ(phase(r, Phase::kEvalForward).host.count, 3);
+}
+
+TEST(TimingTimeline, RingIsCheckedAgainstItsCeiling) {
+  EXPECT_THROW(Timeline({.nvtx = false, .ring = 0}), c10::ValueError);
+  EXPECT_THROW(Timeline({.nvtx = false, .ring = -5}), c10::ValueError);
+  EXPECT_THROW(Timeline({.nvtx = false, .ring = kMaxRing + 1}), c10::ValueError);
+  EXPECT_THROW(check_ring(int64_t{1} << 40), c10::ValueError);
+  EXPECT_EQ(check_ring(kMaxRing), kMaxRing);
+  EXPECT_LE(static_cast<double>(kMaxRing) * kRingSlotBytes, 256.0 * (1 << 20));
+  try {
+    Timeline tl({.nvtx = false, .ring = kMaxRing + 1});
+    ADD_FAILURE() << "no throw";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("ring must be an int from 1 to 65536"), std::string::npos) << e.what();
+  }
+}

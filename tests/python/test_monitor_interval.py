@@ -1,10 +1,12 @@
 """Interval statistics (Monitor.snapshot / report(since=) / reset), per-module eval timing, the
 whole evaluation stretch, and the `ring` argument.
 
-Timings are planted sleeps (planted.py): a sleep is a lower bound on what is measured, and the
-upper bounds used here are the other interval's plant, several times larger, which a loaded
-machine does not reach at the median.
+Timings are planted sleeps (planted.py): a sleep is a lower bound on what is measured; the upper
+bounds are the other interval's plant, 100 times larger (a loaded machine stretched 2 ms sleeps
+to 15 ms, not to 100), or a window measured around the timed code.
 """
+
+import time
 
 import pytest
 import torch
@@ -160,3 +162,100 @@ def test_reset_forgets_statistics_and_keeps_the_hooks():
     assert len(mon.recent_steps()) == 3
     # A snapshot from before the reset: the figures since the reset.
     assert mon.report(since=before)["phases"]["forward"] == rep["phases"]["forward"]
+
+
+# ---- per-module timing counts training forwards only (eval forwards are kept apart)
+
+class TwoSpeed(torch.nn.Module):
+    """A submodule that sleeps 1 ms in training and 10 ms in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        sleep(0.001 if self.training and torch.is_grad_enabled() else 0.010)
+        return self.lin(x)
+
+
+def test_per_module_timing_leaves_eval_forwards_out():
+    model = torch.nn.Sequential(TwoSpeed())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with stepscope.Monitor(model, opt, per_module=True, per_module_every=1, warmup_steps=0) as mon:
+        for _ in range(5):
+            train_steps(model, opt, 1)
+            model.eval()
+            with torch.no_grad():
+                model(torch.randn(8, 4))  # an eval forward inside a sampled step
+            model.train()
+    mod = mon.report()["modules"]["0"]["host"]
+    assert mod["count"] == 5, mod  # the training forwards only (10 with the eval ones mixed in)
+    assert mod["mean"] >= 0.001
+    assert mon.report()["phases"]["eval_forward"]["host"]["count"] == 5
+
+
+# ---- the whole evaluation stretch is accounted for
+
+def test_eval_stretch_covers_the_time_between_eval_forwards():
+    model = Sleepy(0.001)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        train_steps(model, opt, 2)
+        for _ in range(2):  # two validation passes, each between training steps
+            model.eval()
+            with torch.no_grad():
+                for _ in range(4):
+                    sleep(0.005)  # validation data loading and metrics: in no eval forward
+                    model(torch.randn(8, 4))
+            model.train()
+            train_steps(model, opt, 2)
+    rep = mon.report()
+    ev, fwd = rep["phases"]["eval"]["host"], rep["phases"]["eval_forward"]["host"]
+    assert fwd["count"] == 8 and ev["count"] == 2
+    # From the first eval forward to the next training boundary: the eval forwards and the three
+    # gaps between them in each pass (the gap before the first forward is the step's data).
+    assert ev["total"] >= fwd["total"] + 2 * 3 * 0.005, (ev, fwd)
+    assert ev["min"] >= 3 * 0.005 + 4 * 0.001
+    text = mon.summary()
+    assert "\neval " in text and "eval_forward" in text
+
+
+def test_eval_stretch_at_detach_ends_at_the_last_eval_forward():
+    model = Sleepy(0.001)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        train_steps(model, opt, 2)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(torch.randn(8, 4))
+            sleep(0.004)
+            model(torch.randn(8, 4))
+            window = time.perf_counter() - t0  # the stretch lies inside this window
+        sleep(0.050)  # after the evaluation, before detach: no evaluation time
+    ev = mon.report()["phases"]["eval"]["host"]
+    assert ev["count"] == 1
+    assert 0.004 + 2 * 0.001 <= ev["total"] <= window
+
+
+# ---- ring: checked where it enters, with a ceiling
+
+@pytest.mark.parametrize("bad, exc", [(2.5, TypeError), ("256", TypeError), (True, TypeError), (None, TypeError),
+                                      (0, ValueError), (-3, ValueError), (2**63, ValueError), (10**7, ValueError)])
+def test_ring_is_checked_at_construction(bad, exc):
+    with pytest.raises(exc, match=r"ring must be an int from 1 to"):
+        stepscope.Monitor(Sleepy(0.0), ring=bad)
+
+
+def test_ring_ceiling_is_accepted_and_the_timeline_checks_too():
+    from stepscope import _C
+
+    assert _C.MAX_RING * _C.RING_SLOT_BYTES <= 256 * 2**20  # the documented ceiling stays affordable
+    model = Sleepy(0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with stepscope.Monitor(model, opt, ring=_C.MAX_RING, warmup_steps=0) as mon:
+        train_steps(model, opt, 2)
+    assert len(mon.recent_steps()) == 2
+    with pytest.raises(ValueError, match="ring must be an int from 1 to"):
+        _C.Timeline(ring=_C.MAX_RING + 1)
+    with pytest.raises(ValueError, match="ring must be an int from 1 to"):
+        _C.Timeline(ring=0)
