@@ -496,7 +496,7 @@ class Monitor:
 
     @property
     def steps(self) -> int:
-        """Steps completed so far."""
+        """Steps completed so far (since the last :meth:`reset`)."""
         return self._tl.steps if self._tl is not None else 0
 
     def _autocast_counts(self) -> tuple:

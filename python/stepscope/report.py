@@ -22,7 +22,8 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     Keys: ``steps``, ``samples``, ``samples_per_s`` (training samples over summed step time),
     ``device`` (whether device times were recorded), ``phases`` (``data`` .. ``optimizer``,
     ``step``, ``eval_forward``, ``eval`` (each evaluation stretch, its first eval forward to the
-    end of its last, the time between its forwards included; host only); each ``{"host": stats, "device": stats or None, "share_host",
+    end of its last, the time between its forwards included; host only); each
+    ``{"host": stats, "device": stats or None, "share_host",
     "share_device"}``; stats are count/total/mean/std/min/max/p50/p90/p99 in seconds; share is
     the phase's total over the step total), ``user`` (``mon.phase`` names, same shape, plus
     ``parent``: the partition phase they ran in), ``modules`` (top ``top_modules`` by device
