@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <limits>
 
@@ -15,6 +16,13 @@ namespace stepscope::timing {
 
 const char* phase_name(Phase p) { return kPhaseTable[static_cast<int>(p)].name; }
 
+namespace {
+uint64_t next_timeline_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
 int check_ring(int64_t ring) {
   TORCH_CHECK_VALUE(ring >= 1 && ring <= kMaxRing, "stepscope: ring must be an int from 1 to ", kMaxRing,
                     " (recent steps kept raw, ", kRingSlotBytes, " bytes each, allocated up front); got ", ring);
@@ -23,6 +31,7 @@ int check_ring(int64_t ring) {
 
 Timeline::Timeline(TimelineOptions opts)
     : opts_(opts),
+      id_(next_timeline_id()),
       device_(opts.device && EventPool::available()),
       origin_(std::chrono::steady_clock::now()),
       pool_(opts.event_pool),

@@ -212,7 +212,7 @@ struct Report {
 // give the figures of the steps after it. Opaque outside the Timeline; a few hundred KB (its
 // histograms), taken once per interval (an epoch, a log line), never per step.
 struct TimelineSnapshot {
-  const void* owner = nullptr;  // the Timeline it was taken from
+  uint64_t owner = 0;  // Timeline::id() of the Timeline it was taken from
   bool ready = false;           // false while it waits for the end of the step it was taken in
   uint64_t generation = 0;      // Timeline::reset() calls before it was filled
   std::array<Series, static_cast<size_t>(Phase::kCount)> host, dev;
@@ -301,6 +301,7 @@ class Timeline {
   std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
   bool device() const { return device_; }
+  uint64_t id() const { return id_; }  // unique per Timeline in the process (never reused)
 
  private:
   struct Open {  // an open user or module span
@@ -365,6 +366,7 @@ class Timeline {
   void group_end(G& g, int id);
 
   TimelineOptions opts_;
+  uint64_t id_;
   bool device_;
   std::chrono::steady_clock::time_point origin_;
   mutable SpinLock mu_;

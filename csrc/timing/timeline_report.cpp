@@ -101,7 +101,7 @@ Report Timeline::report(const TimelineSnapshot* since) {
 
 const TimelineSnapshot* Timeline::base_of(const TimelineSnapshot* since, TimelineSnapshot& scratch) const {
   if (since == nullptr) return nullptr;
-  TORCH_CHECK_VALUE(since->owner == this, "stepscope: since must be a snapshot of this Timeline (Monitor); got one "
+  TORCH_CHECK_VALUE(since->owner == id_, "stepscope: since must be a snapshot of this Timeline (Monitor); got one "
                     "taken from another");
   if (!since->ready) {  // its step has not ended: no step ended after it yet
     fill_snapshot(scratch);
@@ -111,7 +111,7 @@ const TimelineSnapshot* Timeline::base_of(const TimelineSnapshot* since, Timelin
 }
 
 void Timeline::fill_snapshot(TimelineSnapshot& s) const {
-  s.owner = this;
+  s.owner = id_;
   s.generation = generation_;
   s.host = host_;
   if (device_) {
@@ -137,7 +137,7 @@ void Timeline::fill_snapshot(TimelineSnapshot& s) const {
 std::shared_ptr<TimelineSnapshot> Timeline::snapshot() {
   auto s = std::make_shared<TimelineSnapshot>();
   std::lock_guard<SpinLock> g(mu_);
-  s->owner = this;
+  s->owner = id_;
   if (step_active_ && !closed_) {
     snap_waiting_.push_back(s);  // filled by finish_step (or close)
     return s;
