@@ -25,8 +25,9 @@ py::dict series_dict(const tm::SeriesSummary& s) {
   d["total"] = s.total;
   d["mean"] = s.mean;
   d["std"] = s.std;
-  d["min"] = s.min;
-  d["max"] = s.max;
+  // An interval's extremes that no histogram can bound (modules keep moments only) are unknown.
+  d["min"] = std::isnan(s.min) ? py::object(py::none()) : py::object(py::float_(s.min));
+  d["max"] = std::isnan(s.max) ? py::object(py::none()) : py::object(py::float_(s.max));
   if (s.has_quantiles) {
     d["p50"] = s.p50;
     d["p90"] = s.p90;
@@ -169,16 +170,15 @@ py::list recent_steps_list(const Timeline& tl) {
   return out;
 }
 
-std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int ring, int event_pool, int64_t capture_begin,
+std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int64_t ring, int event_pool, int64_t capture_begin,
                                         int64_t capture_end, int64_t warmup_steps, int64_t device_every) {
-  TORCH_CHECK_VALUE(ring > 0, "stepscope: ring must be > 0; got ", ring);
   TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
   TORCH_CHECK_VALUE(warmup_steps >= 0, "stepscope: warmup_steps must be >= 0; got ", warmup_steps);
   TORCH_CHECK_VALUE(device_every >= 0, "stepscope: device_every must be >= 1, or 0 for auto; got ", device_every);
   tm::TimelineOptions o;
   o.device = device;
   o.nvtx = nvtx;
-  o.ring = ring;
+  o.ring = tm::check_ring(ring);
   o.event_pool = event_pool;
   o.capture_begin = capture_begin;
   o.capture_end = capture_end;
@@ -208,6 +208,8 @@ py::dict report_from_packed(const at::Tensor& packed) {
 // read, at most one event record and the Timeline's own lock, which is never held while calling
 // back into Python.
 void bind_timing(py::module_& m) {
+  py::class_<tm::TimelineSnapshot, std::shared_ptr<tm::TimelineSnapshot>>(
+      m, "TimelineSnapshot", "Timeline.snapshot()'s opaque mark: pass it to Timeline.report(since=...).");
   py::class_<Timeline, std::shared_ptr<Timeline>>(
       m, "Timeline", "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
       .def(py::init(&make_timeline), py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256,
@@ -231,10 +233,28 @@ void bind_timing(py::module_& m) {
       .def("close", &Timeline::close)
       .def_property_readonly("steps", &Timeline::steps)
       .def_property_readonly("device", &Timeline::device)
-      .def("report", [](Timeline& tl) { return report_dict(tl.report()); },
-           "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
-      .def("pack", [](Timeline& tl) { return torch::tensor(tl.pack(), torch::dtype(torch::kFloat64)); },
-           "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it).")
+      .def(
+          "report",
+          [](Timeline& tl, const std::shared_ptr<tm::TimelineSnapshot>& since) {
+            return report_dict(tl.report(since.get()));
+          },
+          py::arg("since") = nullptr,
+          "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for. since: a "
+          "snapshot() of this Timeline: the statistics of the steps that ended after it (see snapshot).")
+      .def(
+          "pack",
+          [](Timeline& tl, const std::shared_ptr<tm::TimelineSnapshot>& since) {
+            return torch::tensor(tl.pack(since.get()), torch::dtype(torch::kFloat64));
+          },
+          py::arg("since") = nullptr,
+          "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it); since: "
+          "those of the steps after a snapshot().")
+      .def("snapshot", &Timeline::snapshot,
+           "An opaque mark between steps for report(since=...) and pack(since=...): one copy of the statistics, no "
+           "device synchronisation. Taken inside a step, it marks that step's end.")
+      .def("reset", &Timeline::reset,
+           "Forgets every statistic and the ring of recent steps; the step clock, step index and names stay. A step "
+           "open at the reset is not counted.")
       .def("recent_steps", &recent_steps_list,
            "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, the user "
            "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start) and, on CUDA, "
@@ -242,6 +262,8 @@ void bind_timing(py::module_& m) {
            "that device sampling left untimed: device_timed False).");
 
   m.attr("PACKED_WORDS") = tm::kPackedWords;
+  m.attr("MAX_RING") = tm::kMaxRing;
+  m.attr("RING_SLOT_BYTES") = tm::kRingSlotBytes;
   m.def("report_from_packed", &report_from_packed, py::arg("packed"),
         "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
         "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <limits>
 
@@ -15,12 +16,26 @@ namespace stepscope::timing {
 
 const char* phase_name(Phase p) { return kPhaseTable[static_cast<int>(p)].name; }
 
+namespace {
+uint64_t next_timeline_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
+int check_ring(int64_t ring) {
+  TORCH_CHECK_VALUE(ring >= 1 && ring <= kMaxRing, "stepscope: ring must be an int from 1 to ", kMaxRing,
+                    " (recent steps kept raw, ", kRingSlotBytes, " bytes each, allocated up front); got ", ring);
+  return static_cast<int>(ring);
+}
+
 Timeline::Timeline(TimelineOptions opts)
     : opts_(opts),
+      id_(next_timeline_id()),
       device_(opts.device && EventPool::available()),
       origin_(std::chrono::steady_clock::now()),
       pool_(opts.event_pool),
-      ring_(static_cast<size_t>(std::max(1, opts.ring))),
+      ring_(static_cast<size_t>(check_ring(opts.ring))),
       sampler_(opts.device_every) {
   // NVTX decides once per process whether a tool is attached; without one, no range call is made
   // at all (each boundary then touches neither the NVTX code nor the step name's formatting).
@@ -70,6 +85,7 @@ void Timeline::open_locked() {
 
 void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   open_step_range();
+  if (paused_) end_eval_stretch();
   const int i = static_cast<int>(closes);
   const int64_t t0 = paused_ ? carry_t0_ : last_ns_;
   const double ns = static_cast<double>(carry_ns_ + (now - last_ns_));
@@ -101,7 +117,14 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   if (nvtx) end_cursor_range();  // the phase just closed: so is its NVTX range
 }
 
+void Timeline::end_eval_stretch() {
+  // last_ns_ is the last eval forward's end (eval forwards move it; training boundaries end the
+  // pause): the stretch ends there, and what follows belongs to the training phase it paused.
+  if (last_ns_ > pause_t0_) add_host(static_cast<int>(Phase::kEval), static_cast<double>(last_ns_ - pause_t0_));
+}
+
 void Timeline::add_host(int series, double ns) {
+  if (discard_) return;  // a step cut by reset()
   if (warm_) {
     warm_sum_.host[series] += ns * 1e-9;
     return;
@@ -200,7 +223,9 @@ void Timeline::finish_step(int64_t now, int ev) {
   if (device_) read_device_memory(pool_.device(), &memory_);
   r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
-  if (warm_) {
+  if (discard_) {
+    ring_.clear();  // a step cut by reset() is kept nowhere, the ring included
+  } else if (warm_) {
     ++warm_sum_.steps;
     warm_sum_.samples += step_samples_;
   } else {
@@ -222,6 +247,8 @@ void Timeline::finish_step(int64_t now, int ev) {
   const int64_t t_poll = device_ ? now_ns() : 0;
   poll_locked();
   if (device_) dev_cost_ns_ += now_ns() - t_poll;
+  discard_ = false;
+  if (!snap_waiting_.empty()) fill_waiting_snapshots();
   start_step(now, ev);
 }
 
@@ -238,6 +265,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
       // Cut the open training span here; it resumes at the next training boundary.
       paused_ = true;
       step_has_pause_ = true;
+      pause_t0_ = now;
       carry_t0_ = last_ns_;
       carry_ns_ = now - last_ns_;
       carry_a_ = last_ev_;  // the last boundary's reference moves to the carry
@@ -395,6 +423,7 @@ void Timeline::close() {
     nvtx::capture_end();
     capturing_ = false;
   }
+  if (paused_) end_eval_stretch();  // an evaluation that no training followed
   // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
   for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_, &opt_ev_}) {
     pool_unref(*s);
@@ -414,6 +443,14 @@ void Timeline::close() {
   closed_ = true;
   fold_host();  // the partial step's phases still count
   poll_locked();
+  discard_ = false;
+  if (!snap_waiting_.empty()) fill_waiting_snapshots();
+}
+
+void Timeline::fill_waiting_snapshots() {
+  fold_host();
+  for (auto& s : snap_waiting_) fill_snapshot(*s);
+  snap_waiting_.clear();
 }
 
 int64_t Timeline::steps() const {

@@ -18,8 +18,16 @@
 // end closes `optimizer` and ends the step (so does step(), closing `other`). Spans therefore add
 // up to the step exactly. Gradient accumulation is several forward/backward pairs in one step;
 // the gap between a backward end and the next forward is that micro-batch's `data`.
+// `loss` also holds autograd's start-up before the gradient reaches the model's output (the loss's
+// own backward nodes; for a long unrolled graph the engine's set-up: a 999-step LSTM showed 0.67 s
+// of loss against 0.025 s of criterion).
 // Eval forwards (no grad, inference mode, eval()) are timed as `eval_forward` and the time from
-// the first eval forward to the next training boundary is left out of the training step.
+// the first eval forward to the next training boundary is left out of the training step. The
+// evaluation stretch, from its first eval forward to the end of its last one, is the `eval` series
+// (the time between eval forwards included, so that nothing of an evaluation is in no phase); the
+// time after its last forward up to the training boundary stays in the training phase it paused.
+// Per-module spans inside an eval forward are not counted in the module statistics (a module
+// timed in training keeps training figures only).
 //
 // Threads. Backward boundaries arrive on autograd's thread; every public method takes the
 // Timeline's one lock (a spin lock, timing/spin_lock.h).
@@ -62,6 +70,7 @@
 #include <deque>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,7 +92,7 @@ const char* phase_name(Phase p);
 struct TimelineOptions {
   bool device = false;       // record CUDA events (ignored without CUDA at build or run time)
   bool nvtx = true;          // emit NVTX ranges through stepscope::nvtx (when a tool is attached)
-  int ring = 256;            // steps kept raw for traces
+  int ring = 256;            // steps kept raw for traces: 1 .. kMaxRing (kRingSlotBytes each)
   int event_pool = 2048;     // CUDA events at most in flight
   int64_t capture_begin = -1;  // nvtx::capture_begin() when step `capture_begin` starts ...
   int64_t capture_end = -1;    // ... and capture_end() when step `capture_end` starts (range semantics)
@@ -157,8 +166,15 @@ struct StepRecord {
   std::array<SpanRecord, kMaxSpans> spans;
 };
 
+// The ring's ceiling: every slot is allocated up front (one StepRecord each), so the ring is what
+// sets the Timeline's memory. 65536 slots are about 143 MB.
+constexpr int kMaxRing = 1 << 16;
+constexpr size_t kRingSlotBytes = sizeof(StepRecord);
+// `ring` checked as it enters (TimelineOptions, Monitor): throws c10::ValueError naming it.
+int check_ring(int64_t ring);
+
 struct Report {
-  std::vector<NamedSummary> phases;   // data .. optimizer, step, eval_forward
+  std::vector<NamedSummary> phases;   // data .. optimizer, step, eval_forward, eval
   std::vector<NamedSummary> user;     // mon.phase(name) / ScopedPhase(tl, "name")
   std::vector<NamedSummary> modules;  // per-module forward (no quantiles)
   int64_t steps = 0;
@@ -190,6 +206,24 @@ struct Report {
   bool device_every_auto = false;
   int64_t device_events = 0;
   double event_record_cost = 0;
+};
+
+// The statistics at one moment (Timeline::snapshot), which report(since) and pack(since) subtract to
+// give the figures of the steps after it. Opaque outside the Timeline; a few hundred KB (its
+// histograms), taken once per interval (an epoch, a log line), never per step.
+struct TimelineSnapshot {
+  uint64_t owner = 0;  // Timeline::id() of the Timeline it was taken from
+  bool ready = false;           // false while it waits for the end of the step it was taken in
+  uint64_t generation = 0;      // Timeline::reset() calls before it was filled
+  std::array<Series, static_cast<size_t>(Phase::kCount)> host, dev;
+  std::array<Series, kNumPartition> lag;
+  std::vector<Series> user_host, user_dev;
+  std::vector<Stats> module_host, module_dev;
+  int64_t steps = 0, samples = 0, dropped = 0, device_steps = 0, device_events = 0;
+  double step_host_total = 0;  // ns
+  WarmupSummary warmup;
+  uint64_t spikes = 0;      // spikes seen before it
+  int64_t first_step = 0;   // index of the first step after it
 };
 
 // Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
@@ -237,14 +271,37 @@ class Timeline {
   void close();
   void open();
 
-  Report report();
-  // The raw statistics behind report()'s phases as kPackedWords doubles (see report_from_packed).
-  std::vector<double> pack();
+  // Statistics so far; with `since`, those of the steps after that snapshot (see snapshot()).
+  Report report(const TimelineSnapshot* since = nullptr);
+  // The raw statistics behind report()'s phases as kPackedWords doubles (see report_from_packed);
+  // with `since`, those of the steps after that snapshot, so that ranks can gather an interval.
+  std::vector<double> pack(const TimelineSnapshot* since = nullptr);
+
+  // Interval statistics. A snapshot marks a point between steps: report(snap) then gives the figures
+  // of the steps that ended after it, as a fresh Timeline fed those steps would (phases, step,
+  // shares, samples/s, spikes, user phases and modules; warm-up steps never count). Counts, totals
+  // and histogram buckets subtract exactly (so do the quantiles); means and standard deviations come
+  // from reversing the moments' merge (exact up to rounding); an interval's min and max are exact
+  // where it renewed them, else the value of its lowest / highest occupied histogram bucket (within
+  // LogHistogram::kRelativeError), and unknown (NaN) for modules, which keep no histogram. A snapshot
+  // taken inside a step (after its first boundary) waits for that step's end: the interval then
+  // begins with the next step, so that no step is split between two intervals. Device samples resolve
+  // a step or two late: those of steps before the snapshot still pending at it
+  // (Report::pending_device_samples) count in the interval. Costs one copy of the statistics, no
+  // device synchronisation and nothing per step.
+  std::shared_ptr<TimelineSnapshot> snapshot();
+  // Forgets every statistic (phases, user phases, modules, counts, warm-up totals, spikes, lags, the
+  // ring of recent steps), keeping the step clock, the step index (NVTX payloads, capture window),
+  // device sampling and the registered names. A step open at the reset (one whose first boundary
+  // came before it) is not counted when it ends; device samples of earlier steps are dropped when
+  // they resolve. Snapshots taken before a reset give the figures since the reset.
+  void reset();
   std::vector<StepRecord> recent_steps() const;
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
   bool device() const { return device_; }
+  uint64_t id() const { return id_; }  // unique per Timeline in the process (never reused)
 
  private:
   struct Open {  // an open user or module span
@@ -252,6 +309,7 @@ class Timeline {
     int ev = -1;
     int depth = 0;
     bool timed = false;  // began on a device-timed step
+    bool eval = false;   // began inside an eval forward: not counted (modules)
   };
   struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
     int kind;       // 0 phase series, 1 user, 2 module
@@ -294,6 +352,12 @@ class Timeline {
   void queue_or_drop(int kind, int id, std::initializer_list<int> events, int slot = -1);
   SpanRecord* span_record(uint64_t serial, int slot);
   void poll_locked();
+  void fill_snapshot(TimelineSnapshot& s) const;
+  void fill_waiting_snapshots();  // at the end of the step they were taken in
+  Report report_locked(const TimelineSnapshot* since);
+  // The snapshot report(since) and pack(since) subtract: nullptr for everything so far (none given,
+  // or taken before the last reset), `scratch` filled now for one still waiting for its step's end.
+  const TimelineSnapshot* base_of(const TimelineSnapshot* since, TimelineSnapshot& scratch) const;
   template <typename G>
   int group_add(G& g, const std::string& name, size_t limit);
   template <typename G>
@@ -302,6 +366,7 @@ class Timeline {
   void group_end(G& g, int id);
 
   TimelineOptions opts_;
+  uint64_t id_;
   bool device_;
   std::chrono::steady_clock::time_point origin_;
   mutable SpinLock mu_;
@@ -347,6 +412,8 @@ class Timeline {
   int carry_a_ = -1, carry_b_ = -1;
   int64_t eval_t0_ = 0;
   int eval_ev_ = -1;
+  int64_t pause_t0_ = 0;  // the evaluation stretch's first eval forward
+  void end_eval_stretch();  // records the `eval` series of an open pause, up to its last eval forward
 
   // Closure-driven steps (see the top of this file): optimizer_begin's boundary waits here until
   // the step shows whether a closure runs inside it.
@@ -367,6 +434,13 @@ class Timeline {
   StepRecord cur_;
   Ring<StepRecord> ring_;
   int64_t steps_done_ = 0, samples_done_ = 0;
+  // Interval statistics: snapshots waiting for the open step's end, reset() calls, and the open step
+  // being one that a reset cut (its samples go nowhere) and the newest step serial it cut (device
+  // samples of that step or before are dropped when they resolve).
+  std::vector<std::shared_ptr<TimelineSnapshot>> snap_waiting_;
+  uint64_t generation_ = 0;
+  bool discard_ = false;
+  uint64_t reset_serial_ = 0;
   double step_host_total_ = 0;
   // Warm-up: whether the open step is one, and what the warm-up steps add up to.
   bool warm_ = false;

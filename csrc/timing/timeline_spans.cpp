@@ -39,6 +39,9 @@ void Timeline::group_begin(G& g, int id) {
   o.t0 = now_ns();
   o.ev = record_event(o.t0);
   o.timed = dev_step_;
+  // A module's statistics are its training forwards: an eval forward of a sampled step (eval mode
+  // often runs another path, e.g. beam search or no dropout) would mix two workloads in one mean.
+  o.eval = g.kind == modules_.kind && fwd_depth_ > 0 && fwd_eval_;
   g.parent[id] = open_phase_name();
   if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
 }
@@ -51,10 +54,10 @@ void Timeline::group_end(G& g, int id) {
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
   const int ev = record_event(now);
-  if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
+  if (!warm_ && !discard_ && !o.eval) g.host[id].add(static_cast<double>(now - o.t0));
   // A span that crosses from a timed step into an untimed one (or back) has no device time, and
   // that is no dropped sample.
-  if (device_ && dev_step_ && o.timed) queue_or_drop(g.kind, id, {o.ev, ev});
+  if (device_ && dev_step_ && o.timed && !o.eval) queue_or_drop(g.kind, id, {o.ev, ev});
   pool_unref(o.ev);
   pool_unref(ev);
   o.ev = -1;

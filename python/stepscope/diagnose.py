@@ -231,8 +231,11 @@ def rule_precision(rep: dict) -> list:
 
 
 def rule_eval_share(rep: dict) -> list:
-    # Evaluation above a fifth of the training time is worth scheduling rather than accepting.
-    ev = _phase(rep, "eval_forward")["host"]
+    # Evaluation above a fifth of the training time is worth scheduling rather than accepting. The
+    # whole evaluation stretch when the run has it (its forwards and the time between them).
+    ev = (rep["phases"].get("eval") or _phase(rep, "eval_forward"))["host"]
+    if not ev["count"]:
+        ev = _phase(rep, "eval_forward")["host"]
     train = _phase(rep, "step")["host"]["total"]
     if not ev["count"] or train <= 0:
         return []

@@ -8,7 +8,8 @@
     print(mon.summary())
 
 A step is partitioned with no unexplained time: ``data`` (gap before forward), ``forward``,
-``loss`` (forward end to backward begin), ``backward`` (the gradient reaches the model's outputs
+``loss`` (forward end to backward begin: the criterion, and autograd's start-up before the
+gradient reaches the model's output), ``backward`` (the gradient reaches the model's outputs
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks only read a clock
 and record a CUDA event (on GPU); events are read back with ``cudaEventQuery`` when already
@@ -113,6 +114,17 @@ def _check_arguments(model: Any, optimizers: Any) -> tuple:
     return models, opts
 
 
+def _check_ring(x: Any) -> int:
+    """Monitor's ring: an int from 1 to _C.MAX_RING (every slot is allocated at attach)."""
+    what = (f"stepscope: ring must be an int from 1 to {_C.MAX_RING} (recent steps kept raw, "
+            f"{_C.RING_SLOT_BYTES} bytes each, allocated at attach)")
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{what}; got {_what(x)} {x!r}")
+    if not 1 <= x <= _C.MAX_RING:
+        raise ValueError(f"{what}; got {x}")
+    return x
+
+
 def _check_device_every(x: Any) -> int:
     """Monitor's device_every as the Timeline takes it: k >= 1, or 0 for "auto"."""
     if isinstance(x, str):
@@ -143,6 +155,23 @@ class _Phase:
         self._tl.user_end(self._id)
 
 
+class Snapshot:
+    """A mark between steps, from :meth:`Monitor.snapshot`, for ``report/summary/diagnose(since=...)``.
+
+    Opaque: it holds a copy of the Monitor's raw statistics (a few hundred KB), taken without a
+    device synchronisation. A snapshot taken before the Monitor was first attached marks the start.
+    """
+
+    __slots__ = ("_owner", "_c")
+
+    def __init__(self, owner: "Monitor", c: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self._c = c  # _C.TimelineSnapshot, or None: the start
+
+    def __repr__(self) -> str:
+        return "<stepscope.Snapshot>" if self._c is not None else "<stepscope.Snapshot (start)>"
+
+
 class Monitor:
     """Times forward, backward, optimizer step and the gaps between them, every step.
 
@@ -152,13 +181,16 @@ class Monitor:
         optimizers: an optimizer or a list of them; the step ends when each has stepped once.
             ``None``: torch's global optimizer hooks, and every ``optimizer.step()`` ends a step.
         per_module: ``True`` times every submodule's forward, or a list of submodule names or
-            module types; sampled on one step in ``per_module_every``. Refused (with a warning,
+            module types; sampled on one step in ``per_module_every``. Training forwards only:
+            a module's spans inside an eval forward of a sampled step are not counted. Refused (with a warning,
             phase timing still works) for ``torch.compile``'d models.
         nvtx: emit NVTX ranges (domain "stepscope") for Nsight Systems.
         profile_steps: ``range(a, b)``: open the profiler capture window (cudaProfilerStart and
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
         batch_size: samples per forward; default: the first input's leading dimension.
-        ring: how many recent steps are kept raw (:meth:`recent_steps`).
+        ring: how many recent steps are kept raw (:meth:`recent_steps`): an int from 1 to
+            ``_C.MAX_RING`` (65536; each slot takes ``_C.RING_SLOT_BYTES``, about 2 KB, allocated
+            at attach, so the ceiling is about 143 MB).
         warmup_steps: the first steps kept out of every statistic (histograms, means, shares,
             samples/s, spikes) and reported apart in ``report()["warmup"]``. 3 by default:
             ``torch.compile`` compiles on the first step, ``mode="reduce-overhead"`` records its
@@ -179,7 +211,9 @@ class Monitor:
             the current choice. No effect without CUDA.
 
     Eval forwards (under ``no_grad``, ``inference_mode`` or with ``model.training`` False) are
-    reported apart as ``eval_forward``, and eval time is left out of the training step (so a
+    reported apart as ``eval_forward``, each evaluation stretch (its first eval forward to the end
+    of its last before training resumes, the time between its forwards included) as ``eval``, and
+    eval time is left out of the training step (so a
     model trained in ``eval()`` mode, e.g. to freeze batch norm, has its forwards counted as
     eval). Gradient accumulation (several forward/backward per step) needs nothing special.
     Optimizers that run the model inside ``step(closure)`` (LBFGS, Lightning's automatic
@@ -240,7 +274,7 @@ class Monitor:
         self._nvtx = nvtx
         self._profile = profile_steps
         self._batch = batch_size if batch_size is not None else -1
-        self._ring = ring
+        self._ring = _check_ring(ring)
         self._warmup = warmup_steps
         self._tl: Any = None
         self._hooks: Any = None  # _C.StepHooks while attached
@@ -462,7 +496,7 @@ class Monitor:
 
     @property
     def steps(self) -> int:
-        """Steps completed so far."""
+        """Steps completed so far (since the last :meth:`reset`)."""
         return self._tl.steps if self._tl is not None else 0
 
     def _autocast_counts(self) -> tuple:
@@ -490,40 +524,102 @@ class Monitor:
             ctx["cuda_capability"] = list(torch.cuda.get_device_capability(dev))
         return ctx
 
-    def report(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> dict:
+    # ------------------------------------------------------------------ intervals
+    def snapshot(self) -> Snapshot:
+        """A mark for interval statistics: ``report(since=snap)`` (and ``summary``/``diagnose``)
+        then give the figures of the steps that ended after it, as a fresh Monitor fed only those
+        steps would (phases, step, shares, samples/s, spikes, user phases, modules; warm-up steps
+        never count), while ``report()`` stays cumulative. Any number of snapshots may be kept::
+
+            snap = mon.snapshot()
+            for x, y in loader: ...                       # one epoch
+            print(mon.summary(since=snap)); snap = mon.snapshot()
+
+        Cheap: one copy of the raw statistics, no device synchronisation, nothing per step. Taken
+        between steps (after ``optimizer.step()``, at an epoch's or a log's end) it splits the run
+        exactly; taken inside a step it marks that step's end, so that no step is split between
+        two intervals. The difference is exact for counts, totals and histogram buckets (hence the
+        quantiles); means and standard deviations reverse the moments' merge (exact up to
+        rounding). Approximate: an interval's min and max are exact where the interval renewed
+        them, otherwise the value of its lowest / highest histogram bucket (within 0.5%); for
+        ``modules`` (moments only, no histogram) they are then unknown (None). On CUDA, device
+        samples resolve a step or two late: those of the steps before the snapshot that were still
+        pending at it count in the interval. A snapshot taken before :meth:`reset` gives the
+        figures since the reset; one taken before the first attach, those since the start.
+        """
+        return Snapshot(self, self._tl.snapshot() if self._tl is not None else None)
+
+    def reset(self) -> None:
+        """Forgets every statistic (phases, user phases, modules, step and sample counts, warm-up
+        totals, spikes, the ring of recent steps); the hooks stay attached and timing goes on.
+
+        ``steps`` counts from 0 again; the step index (NVTX payloads, ``profile_steps``) and the
+        warm-up (counted from the first attach, not per reset) go on. A step already under way
+        (one that closed a phase before the reset) is not counted. Snapshots taken before it then
+        give the figures since the reset.
+        """
+        if self._tl is not None:
+            self._tl.reset()
+
+    def _since(self, since: Optional[Snapshot]) -> Any:
+        # The C++ snapshot report(since=) subtracts, or None: everything so far.
+        if since is None:
+            return None
+        if not isinstance(since, Snapshot):
+            raise TypeError(f"stepscope: since must be a Monitor.snapshot() or None; got {_what(since)}")
+        if since._owner() is not self:
+            raise ValueError("stepscope: since is a snapshot of another Monitor; take it with this "
+                             "Monitor's snapshot()")
+        return since._c
+
+    def report(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
+               group: Any = None) -> dict:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`).
 
-        ``gather=True``: merged over the ranks of ``group`` (default: the default process group)
-        by one all_gather, plus a per-rank view in ``ranks`` (see
+        ``since``: a :meth:`snapshot`: the same dict for the steps that ended after it (see
+        :meth:`snapshot` for what is exact); ``None``: the whole run (since the last
+        :meth:`reset`). ``gather=True``: merged over the ranks of ``group`` (default: the default
+        process group) by one all_gather, plus a per-rank view in ``ranks`` (see
         :func:`stepscope.distributed.gather_report`); a collective, so every rank must call it.
         """
+        base = self._since(since)
         if gather:
+            if since is not None:
+                raise ValueError("stepscope: report(gather=True) covers the whole run; since= is for "
+                                 "a local report")
             from . import distributed
 
             return distributed.gather_report(self, group, top_modules=top_modules)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
-        raw = self._tl.report()
+        raw = self._tl.report(since=base)
         return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
                                     context=self._context())
 
-    def diagnose(self, *, gather: bool = False, group: Any = None) -> list:
+    def diagnose(self, *, since: Optional[Snapshot] = None, gather: bool = False, group: Any = None) -> list:
         """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
-        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first. ``gather=True``
-        diagnoses the report gathered over the ranks (a collective), which adds the straggler rule.
+        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first. ``since``: of
+        the steps after a :meth:`snapshot`. ``gather=True`` diagnoses the report gathered over
+        the ranks (a collective), which adds the straggler rule.
         """
-        return _diagnose.diagnose(self.report(gather=gather, group=group))
+        return _diagnose.diagnose(self.report(since=since, gather=gather, group=group))
 
-    def summary(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> str:
+    def summary(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
+                group: Any = None) -> str:
         """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
         then device), warm-up and spike lines, and the diagnosis ("What to fix first").
 
+        ``since``: the table and diagnosis of the steps after a :meth:`snapshot`.
         ``gather=True``: the table merged over the ranks, the per-rank p50 table, and the
         diagnosis of the gathered report (the straggler rule included); a collective, as in
         :meth:`report`.
         """
-        rep = self.report(top_modules=top_modules, gather=gather, group=group)
-        return _report.format_summary(rep, findings=_diagnose.diagnose(rep) if gather else self.diagnose())
+        rep = self.report(top_modules=top_modules, since=since, gather=gather, group=group)
+        if gather:
+            findings = _diagnose.diagnose(rep)
+        else:
+            findings = self.diagnose() if since is None else self.diagnose(since=since)
+        return _report.format_summary(rep, findings=findings)
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""

@@ -21,7 +21,9 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
 
     Keys: ``steps``, ``samples``, ``samples_per_s`` (training samples over summed step time),
     ``device`` (whether device times were recorded), ``phases`` (``data`` .. ``optimizer``,
-    ``step``, ``eval_forward``; each ``{"host": stats, "device": stats or None, "share_host",
+    ``step``, ``eval_forward``, ``eval`` (each evaluation stretch, its first eval forward to the
+    end of its last, the time between its forwards included; host only); each
+    ``{"host": stats, "device": stats or None, "share_host",
     "share_device"}``; stats are count/total/mean/std/min/max/p50/p90/p99 in seconds; share is
     the phase's total over the step total), ``user`` (``mon.phase`` names, same shape, plus
     ``parent``: the partition phase they ran in), ``modules`` (top ``top_modules`` by device
@@ -139,6 +141,9 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
     add("step", rep["phases"]["step"])
     if rep["phases"]["eval_forward"]["host"]["count"]:
         add("eval_forward", rep["phases"]["eval_forward"], share=False)
+    ev = rep["phases"].get("eval")  # absent from runs saved before the series existed
+    if ev and ev["host"]["count"]:
+        add("eval", ev, share=False)
     for k, v in users.items():
         add(f"user:{k}", v, share=False)
     for k, v in rep["modules"].items():

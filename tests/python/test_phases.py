@@ -7,16 +7,17 @@ from stepscope import _C, report
 NVTX_STYLE = {
     "step": (1, 0xFF5B5B5B), "data": (2, 0xFFB0B0B0), "forward": (3, 0xFF1F77B4), "loss": (4, 0xFFFF7F0E),
     "backward": (5, 0xFFD62728), "other": (6, 0xFF9467BD), "optimizer": (7, 0xFF2CA02C),
-    "eval": (8, 0xFF17BECF), "user": (9, 0xFFBCBD22), "module": (10, 0xFF8C564B), "capture": (11, 0xFFE377C2),
+    "eval": (8, 0xFF17BECF), "evaluation": (12, 0xFF9EDAE5), "user": (9, 0xFFBCBD22),
+    "module": (10, 0xFF8C564B), "capture": (11, 0xFFE377C2),
 }
 
 
 def test_table_rows_in_series_order():
     names = [p["name"] for p in _C.PHASES]
     assert names == ["data", "forward", "loss", "backward", "other", "optimizer", "step", "eval_forward",
-                     "user", "module", "capture"]
+                     "eval", "user", "module", "capture"]
     assert report.PARTITION == ("data", "forward", "loss", "backward", "other", "optimizer")
-    assert [p["name"] for p in _C.PHASES if p["series"]] == names[:8]
+    assert [p["name"] for p in _C.PHASES if p["series"]] == names[:9]
 
 
 def test_report_phases_follow_the_table():
