@@ -978,3 +978,53 @@ def test_class_dim_bad_values_are_refused():
     m = stepscope.ClassificationMetrics("multiclass", num_classes=3, class_dim=3)
     with pytest.raises(ValueError, match="class_dim=3 is out of range"):
         m.update(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- unsigned and float64
+@pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
+def test_wide_unsigned_targets_never_wrap(dtype, device):
+    x = torch.randn(6, 4, device=device)
+    big = [2**32 + 2, 2**32 - 1, 3, 2**31, 1, 0] if dtype == torch.uint64 else [2**32 - 1, 2**31, 3, 2**31 + 2, 1, 0]
+    t = torch.tensor(big, dtype=dtype, device=device)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, ignore_index=-1, device=device)
+    m.update(x, t)
+    out = m.compute(check=False)
+    assert int(out["invalid_target"]) == 3 and int(out["ignored"]) == 0 and int(out["samples"]) == 3
+    ref = stepscope.ClassificationMetrics("multiclass", num_classes=4, ignore_index=-1, device=device)
+    keep = torch.tensor([b < 4 for b in big], device=device)
+    ref.update(x[keep], t[keep].long())
+    torch.testing.assert_close(out["confusion_matrix"], ref.compute()["confusion_matrix"])
+    if dtype == torch.uint64:  # past INT64_MAX: reinterpreted as int64 these would be -1 (ignore_index)
+        u = torch.tensor([2**64 - 1, 2**63, 2**64 - 2], dtype=torch.uint64, device=device)
+        for ig in (-1, -2, 2**63 - 1):
+            m = stepscope.ClassificationMetrics("binary", ignore_index=ig, device=device)
+            m.update(torch.rand(3, device=device), u)
+            out = m.compute(check=False)
+            assert (int(out["invalid_target"]), int(out["ignored"])) == (3, 0), ig
+    b = stepscope.ClassificationMetrics("binary", device=device)
+    b.update(torch.rand(3, device=device), torch.tensor([2**32 + 1, 1, 0], dtype=dtype, device=device)
+             if dtype == torch.uint64 else torch.tensor([2**32 - 1, 1, 0], dtype=dtype, device=device))
+    assert int(b.compute(check=False)["invalid_target"]) == 1
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_float64_elementwise_preds_keep_their_precision(task):
+    # 0.50000001 is 0.5 in float32; 1e300 is finite in float64 and inf in float32.
+    p = torch.tensor([[0.50000001, 0.49999999], [0.5, 0.75]], dtype=torch.float64)
+    t = torch.tensor([[1, 0], [1, 1]])
+    kw = {"num_labels": 2} if task == "multilabel" else {}
+    m = stepscope.ClassificationMetrics(task, threshold=0.5, input="probs", **kw)
+    m.update(p, t)
+    ref = (tmc.MultilabelStatScores(2, average="micro") if task == "multilabel" else tmc.BinaryStatScores())
+    tp, fp, tn, fn, _ = ref(p, t).tolist()
+    st = m.confusion_matrix()
+    st = st.sum(0) if task == "multilabel" else st
+    assert [int(st[1, 1]), int(st[0, 1]), int(st[0, 0]), int(st[1, 0])] == [tp, fp, tn, fn] == [2, 0, 1, 1]
+    big = stepscope.ClassificationMetrics(task, input="logits", **kw)
+    x = torch.tensor([[1e300, -1e300], [-3.5e38, 4e38]], dtype=torch.float64)
+    big.update(x, t)
+    assert int(big.compute()["nonfinite"]) == 0
+    st = big.confusion_matrix()
+    st = st.sum(0) if task == "multilabel" else st
+    assert [int(st[1, 1]), int(st[0, 1]), int(st[0, 0]), int(st[1, 0])] == [2, 0, 1, 1]
