@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import operator
 import warnings
 from typing import Any, Optional, Sequence, Union
 
@@ -11,6 +14,44 @@ from . import _C
 
 _TASKS = dict(_C.TASKS)  # name -> the op's encoding, as C++ defines it
 _INPUTS = dict(_C.INPUT_KINDS)
+
+
+def _whole(name: str, value: Any, accepts: str) -> int:
+    # operator.index takes ints and integer-like objects (numpy ints), never 2.5 or "3"; bool is an
+    # int to Python but never a count or a label here.
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"stepscope: {name} must be {accepts}; got {type(value).__name__} {value!r}") from None
+
+
+def _real(name: str, value: Any, accepts: str) -> float:
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"stepscope: {name} must be {accepts}; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _top_k(top_k: Any) -> tuple:
+    accepts = f"an int or a sequence of at most {_C.MAX_TOP_K} distinct ints"
+    if isinstance(top_k, (str, bytes)) or not hasattr(top_k, "__iter__"):
+        top_k = (_whole("top_k", top_k, accepts),)
+    ks = tuple(_whole("top_k", k, accepts) for k in top_k)
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"stepscope: top_k must be {accepts}; got {list(ks)} (a value repeats)")
+    return ks
+
+
+def _check_tensors(preds: Any, target: Any) -> None:
+    """What the dispatcher would refuse before the op's own checks, said in stepscope's words."""
+    for name, t in (("preds", preds), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"stepscope: {name} must be a torch.Tensor; got {type(t).__name__} (convert it with "
+                            f"torch.as_tensor first)")
+        if t.layout != torch.strided:
+            raise TypeError(f"stepscope: {name} must be a dense (torch.strided) tensor; got layout {t.layout} "
+                            f"(call .to_dense() first)")
 
 
 class ClassificationMetrics(torch.nn.Module):
@@ -122,21 +163,23 @@ class ClassificationMetrics(torch.nn.Module):
         if task == "multiclass":
             if num_classes is None:
                 raise ValueError("stepscope: task='multiclass' needs num_classes")
-            n = int(num_classes)
+            n = _whole("num_classes", num_classes, "a positive int (the number of classes)")
         elif task == "multilabel":
             if num_labels is None:
                 raise ValueError("stepscope: task='multilabel' needs num_labels")
-            n = int(num_labels)
+            n = _whole("num_labels", num_labels, "a positive int (the number of labels)")
         else:
             n = 1
-        if isinstance(top_k, int):
-            top_k = (top_k,)
-        top_k = tuple(int(k) for k in top_k)
+        top_k = _top_k(top_k)
         if task != "multiclass" and top_k == (1,):
             top_k = ()
         if confusion_matrix is None:
             confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
-        _C.check_beta(float(beta))
+        beta = _real("beta", beta, "a finite number > 0")
+        _C.check_beta(beta)
+        threshold = _real("threshold", threshold, "a number in [0, 1]")
+        if ignore_index is not None:
+            ignore_index = _whole("ignore_index", ignore_index, "an int (a target value to skip) or None")
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
         if task == "binary" and class_dim != 1:
@@ -150,26 +193,52 @@ class ClassificationMetrics(torch.nn.Module):
         self.task = task
         self.num_classes = n
         self.top_k = top_k
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
-        self.threshold = float(threshold)
+        self.ignore_index = ignore_index
+        self.threshold = threshold
         self.input = input
         self.keeps_confusion_matrix = bool(confusion_matrix) and task == "multiclass"
-        self.beta = float(beta)
-        self._cfg = _C.MetricsConfig(
-            _TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
-            self.keeps_confusion_matrix,
-        )
-        # The op's scalar arguments, built once: update() runs every step.
-        self._op_args = (_TASKS[task], n, list(top_k), self.ignore_index, self.threshold, _INPUTS[input],
-                         self.keeps_confusion_matrix)
+        self.beta = beta
         self.class_dim = class_dim
         self._moves_class_dim = class_dim != 1 and task != "binary"
-        self._op = torch.ops.stepscope.classification_update.default
+        self._build()
         self.state: torch.Tensor
         self.register_buffer("state", torch.zeros(self._cfg.numel, dtype=torch.float64, device=device),
                              persistent=persistent)
         # The state follows the first update's device until it is placed (device=, .to(), a load).
         self._placed = device is not None
+
+    def _build(self) -> None:
+        """The parts that are rebuilt from the configuration rather than saved (a pybind object and
+        the op handle pickle to nothing)."""
+        self._cfg = _C.MetricsConfig(
+            _TASKS[self.task], self.num_classes, list(self.top_k), self.ignore_index, self.threshold,
+            _INPUTS[self.input], self.keeps_confusion_matrix,
+        )
+        # The op's scalar arguments, built once: update() runs every step.
+        self._op_args = (_TASKS[self.task], self.num_classes, list(self.top_k), self.ignore_index, self.threshold,
+                         _INPUTS[self.input], self.keeps_confusion_matrix)
+        self._op = torch.ops.stepscope.classification_update.default
+
+    # Pickling (torch.save of a model holding one) and deepcopy (EMA / SWA copies) keep the
+    # configuration and the state and rebuild the rest. A process group cannot be pickled: a
+    # loaded copy reduces over the default group; a deep copy shares the original's group.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for k in ("_cfg", "_op", "_op_args"):
+            state.pop(k, None)
+        state["process_group"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._build()
+
+    def __deepcopy__(self, memo: dict) -> "ClassificationMetrics":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new.process_group = self.process_group
+        return new
 
     def _apply(self, fn: Any, recurse: bool = True) -> "ClassificationMetrics":
         def keep_float64(t: torch.Tensor) -> torch.Tensor:
@@ -192,30 +261,54 @@ class ClassificationMetrics(torch.nn.Module):
             target = target.movedim(self.class_dim, 1)
         return preds.movedim(self.class_dim, 1), target
 
-    def _place(self, device: torch.device) -> None:
-        if self._placed:
-            return
-        if self.state.device != device:
-            self.state = self.state.to(device)
+    def _first_update(self, preds: Any, target: Any) -> None:
+        """The first update of an unplaced state: the state moves to the preds' device only once the
+        call has passed every check, so that a bad first call changes nothing."""
+        _check_tensors(preds, target)
+        state = self.state.to(preds.device)
+        self._run(preds, target, state)
+        self.state = state
         self._placed = True
+
+    def _run(self, preds: Any, target: Any, state: torch.Tensor) -> None:
+        if self._moves_class_dim:
+            _check_tensors(preds, target)
+            preds, target = self._inputs(preds, target)
+        try:
+            self._op(preds, target, state, *self._op_args)
+        except (RuntimeError, NotImplementedError):
+            # Off the common path: say what was wrong with the call in stepscope's words when the
+            # dispatcher refused it before the op's own checks could (not a tensor, a sparse one).
+            _check_tensors(preds, target)
+            raise
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Accumulate one batch. No host sync; raises before touching the state on bad input."""
         # Runs every step: the common case reads plain attributes only (nn.Module's __getattr__ for
         # the buffer and a torch.device per call cost microseconds here).
         if not self._placed:
-            self._place(preds.device)
+            return self._first_update(preds, target)
         if self._moves_class_dim:
-            preds, target = self._inputs(preds, target)
-        self._op(preds, target, self._buffers["state"], *self._op_args)
+            return self._run(preds, target, self._buffers["state"])
+        try:
+            self._op(preds, target, self._buffers["state"], *self._op_args)
+        except (RuntimeError, NotImplementedError):
+            _check_tensors(preds, target)
+            raise
 
     def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
         """Accumulates the batch (as ``update``) and returns its own metrics: ``compute()``'s keys for
         this batch alone. No host sync (the health counters are in the dict, not checked)."""
-        self._place(preds.device)
-        batch = torch.zeros_like(self.state)
-        torch.ops.stepscope.classification_update(*self._inputs(preds, target), batch, *self._op_args)
-        self.state.add_(batch)
+        state = self.state
+        if not self._placed:
+            _check_tensors(preds, target)
+            state = state.to(preds.device)
+        batch = torch.zeros_like(state)
+        self._run(preds, target, batch)
+        if not self._placed:
+            self.state = state
+            self._placed = True
+        state.add_(batch)
         return self._cfg.compute(batch, self.beta)
 
     def compute(self, check: bool = True, scalars: bool = False) -> dict:
@@ -238,10 +331,10 @@ class ClassificationMetrics(torch.nn.Module):
         """
         state = self.state
         if self._should_sync():
-            import torch.distributed as dist
-
             # A rank that saw no data still takes part, with zeros on the collective's device.
             state = state.clone() if self._placed else state.to(self._comm_device())
+            import torch.distributed as dist
+
             dist.all_reduce(state, op=dist.ReduceOp.SUM, group=self.process_group)
         if check:
             nonfinite = self._cfg.check(state)[0]
@@ -289,7 +382,7 @@ class ClassificationMetrics(torch.nn.Module):
         self.state.zero_()
         self._synced_in_place = False
 
-    def sync(self, process_group=None) -> None:
+    def sync(self, process_group: Any = None) -> None:
         """Sum the state over all ranks in place: one all_reduce of one float64 tensor (Gloo or
         NCCL); ``compute()`` then does not reduce again until ``reset()``. ``process_group``
         defaults to the one given at construction."""
