@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import operator
+import struct
 import warnings
 from typing import Any, Optional, Sequence, Union
 
@@ -54,6 +56,64 @@ def _check_tensors(preds: Any, target: Any) -> None:
                             f"(call .to_dense() first)")
 
 
+def _timeout_seconds(name: str, timeout: Any) -> float:
+    from .distributed import timeout_seconds
+
+    return timeout_seconds(name, timeout)
+
+
+# The configuration that decides what the state's sums mean, as a fixed-size int64 vector, so that
+# ranks can compare theirs with one all_gather before summing states (a mismatch would be summed
+# silently, or abort inside the backend when the sizes differ).
+_FP_MAGIC = 0x73746570  # "step": a rank running another collective here shows as a mismatch
+_FP_WORDS = 11 + _C.MAX_TOP_K
+_FP_FIELDS = ("task", "num_classes", "top_k", "ignore_index", "threshold", "input", "confusion_matrix", "beta")
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _unbits(x: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", x))[0]
+
+
+def _fingerprint(m: "ClassificationMetrics") -> tuple:
+    ks = list(m.top_k) + [0] * (_C.MAX_TOP_K - len(m.top_k))
+    ig = m.ignore_index
+    return (_FP_MAGIC, _TASKS[m.task], m.num_classes, len(m.top_k), *ks, ig is not None, 0 if ig is None else ig,
+            _bits(m.threshold), _INPUTS[m.input], m.keeps_confusion_matrix, _bits(m.beta), m._cfg.numel)
+
+
+def _decode(fp: list) -> dict:
+    if fp[0] != _FP_MAGIC:
+        return {f: "?" for f in _FP_FIELDS}
+    k = _C.MAX_TOP_K
+    tasks = {v: n for n, v in _TASKS.items()}
+    inputs = {v: n for n, v in _INPUTS.items()}
+    return {"task": tasks.get(fp[1], fp[1]), "num_classes": fp[2], "top_k": tuple(fp[4:4 + fp[3]]),
+            "ignore_index": fp[5 + k] if fp[4 + k] else None, "threshold": _unbits(fp[6 + k]),
+            "input": inputs.get(fp[7 + k], fp[7 + k]), "confusion_matrix": bool(fp[8 + k]),
+            "beta": _unbits(fp[9 + k])}
+
+
+def _config_mismatch(rows: list, what: str) -> Optional[str]:
+    configs = [_decode(r) for r in rows]
+    diffs = []
+    for f in _FP_FIELDS:
+        by_value: dict = {}  # repr -> ranks, in rank order: compact for a large world
+        for r, c in enumerate(configs):
+            by_value.setdefault(repr(c[f]), []).append(r)
+        if len(by_value) > 1:
+            diffs.append(f + ": " + ", ".join(f"{v} on rank(s) {ranks}" for v, ranks in by_value.items()))
+    if not diffs and len({tuple(r) for r in rows}) > 1:
+        diffs.append("state size: " + ", ".join(f"{row[-1]} on rank {r}" for r, row in enumerate(rows)))
+    if not diffs:
+        return None
+    return (f"stepscope: {what}: the ClassificationMetrics of the ranks are configured differently, so their "
+            f"states cannot be summed; " + "; ".join(diffs) + " (ranks are numbered within the process group)")
+
+
 class ClassificationMetrics(torch.nn.Module):
     """Accuracy, precision, recall, F1/F-beta, specificity, IoU, confusion matrix, top-k accuracy,
     mean loss and calibration error (ECE), all from one pass over the predictions.
@@ -94,6 +154,9 @@ class ClassificationMetrics(torch.nn.Module):
             initialised; ``False``: this rank's data only.
         process_group: the group ``compute()`` and ``sync()`` reduce over (default: the default
             group).
+        sync_timeout: seconds (or a ``timedelta``) that ``compute()`` and ``sync()`` wait for the
+            other ranks before raising :class:`stepscope.distributed.CollectiveTimeoutError`
+            naming the ranks that had not called them; default: the process group's own timeout.
 
     Example:
         >>> m = ClassificationMetrics("multiclass", num_classes=3, top_k=(1, 2))
@@ -154,6 +217,7 @@ class ClassificationMetrics(torch.nn.Module):
         persistent: bool = True,
         sync_on_compute: Optional[bool] = None,
         process_group: object = None,
+        sync_timeout: Union[float, datetime.timedelta, None] = None,
     ) -> None:
         super().__init__()
         if task not in _TASKS:
@@ -189,6 +253,8 @@ class ClassificationMetrics(torch.nn.Module):
             raise TypeError(f"stepscope: sync_on_compute must be None, True or False; got {sync_on_compute!r}")
         self.sync_on_compute = sync_on_compute
         self.process_group = process_group
+        self.sync_timeout = None if sync_timeout is None else _timeout_seconds("sync_timeout", sync_timeout)
+        self._checked_config: Optional[tuple] = None  # (group, fingerprint) last checked across ranks
         self._synced_in_place = False  # sync() made the state global: compute() must not sum it again
         self.task = task
         self.num_classes = n
@@ -224,13 +290,14 @@ class ClassificationMetrics(torch.nn.Module):
     # loaded copy reduces over the default group; a deep copy shares the original's group.
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for k in ("_cfg", "_op", "_op_args"):
+        for k in ("_cfg", "_op", "_op_args", "_checked_config"):
             state.pop(k, None)
         state["process_group"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._checked_config = None
         self._build()
 
     def __deepcopy__(self, memo: dict) -> "ClassificationMetrics":
@@ -311,7 +378,7 @@ class ClassificationMetrics(torch.nn.Module):
         state.add_(batch)
         return self._cfg.compute(batch, self.beta)
 
-    def compute(self, check: bool = True, scalars: bool = False) -> dict:
+    def compute(self, check: bool = True, scalars: bool = False, timeout: Any = None) -> dict:
         """All metrics as a dict of tensors on the state's device.
 
         Keys (multiclass/multilabel): ``accuracy`` (micro) and ``<metric>_<average>`` for metric
@@ -327,15 +394,22 @@ class ClassificationMetrics(torch.nn.Module):
         as loggers such as Lightning's ``self.log_dict`` need.
 
         Under torch.distributed (see ``sync_on_compute``) the metrics are those of all ranks'
-        data: one all_reduce of a copy of the state, the local state untouched.
+        data: one all_reduce of a copy of the state, the local state untouched. The first such call
+        (and any after the configuration or the group changed) first compares the ranks'
+        configurations with one all_gather of a small fixed-size fingerprint, and raises ValueError on
+        every rank naming each field that differs and every rank's value. ``timeout`` (seconds or a
+        ``timedelta``; default ``sync_timeout``): wait at most that long for the other ranks, then
+        raise :class:`stepscope.distributed.CollectiveTimeoutError` naming the ranks that had not
+        called ``compute()`` (without it a missing rank is waited for until the process group's own
+        timeout, 30 minutes by default).
         """
+        if timeout is not None:
+            timeout = _timeout_seconds("timeout", timeout)
         state = self.state
         if self._should_sync():
             # A rank that saw no data still takes part, with zeros on the collective's device.
             state = state.clone() if self._placed else state.to(self._comm_device())
-            import torch.distributed as dist
-
-            dist.all_reduce(state, op=dist.ReduceOp.SUM, group=self.process_group)
+            self._all_reduce(state, self.process_group, timeout, "ClassificationMetrics.compute()")
         if check:
             nonfinite = self._cfg.check(state)[0]
             if nonfinite:
@@ -382,15 +456,35 @@ class ClassificationMetrics(torch.nn.Module):
         self.state.zero_()
         self._synced_in_place = False
 
-    def sync(self, process_group: Any = None) -> None:
+    def sync(self, process_group: Any = None, timeout: Any = None) -> None:
         """Sum the state over all ranks in place: one all_reduce of one float64 tensor (Gloo or
         NCCL); ``compute()`` then does not reduce again until ``reset()``. ``process_group``
-        defaults to the one given at construction."""
+        defaults to the one given at construction. The configuration check and ``timeout`` are
+        ``compute()``'s."""
+        group = process_group if process_group is not None else self.process_group
+        self._all_reduce(self.state, group, timeout, "ClassificationMetrics.sync()")
+        self._synced_in_place = True
+
+    def _all_reduce(self, state: torch.Tensor, group: Any, timeout: Any, what: str) -> None:
         import torch.distributed as dist
 
-        group = process_group if process_group is not None else self.process_group
-        dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=group)
-        self._synced_in_place = True
+        from .distributed import run_collective
+
+        timeout = self.sync_timeout if timeout is None else _timeout_seconds("timeout", timeout)
+        fp = _fingerprint(self)
+        key = group if group is not None else dist.group.WORLD
+        if self._checked_config is None or self._checked_config[0] is not key or self._checked_config[1] != fp:
+            mine = torch.tensor(fp, dtype=torch.int64, device=state.device)
+            world = dist.get_world_size(group)
+            rows = torch.empty(world * _FP_WORDS, dtype=torch.int64, device=state.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            run_collective(lambda async_op: gather(rows, mine, group=group, async_op=async_op), group, timeout, what)
+            problem = _config_mismatch(rows.view(world, _FP_WORDS).tolist(), what)
+            if problem:
+                raise ValueError(problem)
+            self._checked_config = (key, fp)
+        run_collective(lambda async_op: dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group, async_op=async_op),
+                       group, timeout, what)
 
     def _config_dict(self) -> dict:
         return {

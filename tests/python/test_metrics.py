@@ -1158,6 +1158,8 @@ CONSTRUCTOR_MISUSE = [
     ({"beta": float("inf")}, ValueError, r"beta must be a finite number > 0; got inf"),
     ({"beta": float("nan")}, ValueError, r"beta must be a finite number > 0; got nan"),
     ({"beta": "2"}, TypeError, r"beta must be a finite number > 0; got str"),
+    ({"sync_timeout": 0}, ValueError, r"sync_timeout must be a finite number of seconds > 0"),
+    ({"sync_timeout": "5"}, TypeError, r"sync_timeout must be a number of seconds or a datetime.timedelta"),
 ]
 
 
