@@ -511,8 +511,22 @@ def _config_worker(rank: int, world: int, port: int, q, done, ready) -> None:
         # The same configuration on every rank: one check, then the sums of every compute.
         m = _make(dict(num_classes=3, top_k=(1, 2), ignore_index=-1))
         _feed(m, rank)
+        calls = {"gather": 0, "all_reduce": 0}
+        originals = {n: getattr(dist, n) for n in ("all_gather_single", "all_gather_into_tensor", "all_reduce")
+                     if hasattr(dist, n)}
+
+        def counting(name, f):
+            def wrapped(*a, **k):
+                calls["all_reduce" if name == "all_reduce" else "gather"] += 1
+                return f(*a, **k)
+            return wrapped
+
+        for n, f in originals.items():
+            setattr(dist, n, counting(n, f))
         samples = [int(m.compute()["samples"]) for _ in range(3)]
-        q.put({"rank": rank, "outcomes": outcomes, "samples": samples})
+        for n, f in originals.items():
+            setattr(dist, n, f)
+        q.put({"rank": rank, "outcomes": outcomes, "samples": samples, "calls": calls})
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as e:
@@ -532,6 +546,8 @@ def test_compute_refuses_ranks_configured_differently_on_every_rank():
             assert unchanged, "a refused sync() changed the state"
         assert o0[0] == o1[0]
     assert out[0]["samples"] == out[1]["samples"] == [10 + 13] * 3
+    # The configuration is compared once, then each compute() is its one all_reduce.
+    assert out[0]["calls"] == out[1]["calls"] == {"gather": 1, "all_reduce": 3}
 
 
 def _timeout_worker(rank: int, world: int, port: int, q, done, ready, what: str, missing: int) -> None:
