@@ -29,9 +29,13 @@ inline std::string shape_str(at::IntArrayRef s) {
   TORCH_CHECK_VALUE((t).device() == (ref).device(), "stepscope: ", #t, " must be on the same device as ", \
                     #ref, " (", (ref).device(), "); got ", (t).device())
 
-#define STEPSCOPE_CHECK_FLOATING(t)                                                                \
-  TORCH_CHECK_TYPE(at::isFloatingType((t).scalar_type()), "stepscope: ", #t,                     \
-                   " must be a floating tensor (float32, float16, bfloat16", ", or float64 on CPU); got ", \
+// The prediction dtypes the kernels read (STEPSCOPE_DISPATCH_PREDS); float64 is refused on CUDA
+// later, after the shape checks. float8 and complex are floating to ATen but not read here.
+#define STEPSCOPE_CHECK_FLOATING(t)                                                                  \
+  TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kHalf ||             \
+                       (t).scalar_type() == at::kBFloat16 || (t).scalar_type() == at::kDouble,      \
+                   "stepscope: ", #t,                                                               \
+                   " must be a floating tensor of float32, float16, bfloat16 (or float64 on CPU); got ", \
                    (t).scalar_type())
 
 #define STEPSCOPE_CHECK_INTEGRAL(t)                                                                \

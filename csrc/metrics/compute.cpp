@@ -3,6 +3,8 @@
 // skip classes with tp + fp + fn == 0; weighted = by support tp + fn).
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "check.h"
 #include "metrics/accumulator.h"
 
@@ -184,6 +186,9 @@ std::string nonfinite_message(const Config& cfg, int64_t count) {
          " had NaN or Inf predictions and were left out of every metric";
 }
 
-void check_beta(double beta) { STEPSCOPE_CHECK(beta > 0.0, "beta must be > 0; got ", beta); }
+void check_beta(double beta) {
+  // inf would turn every F-beta into inf / inf = NaN; NaN fails every comparison.
+  STEPSCOPE_CHECK(std::isfinite(beta) && beta > 0.0, "beta must be a finite number > 0; got ", beta);
+}
 
 }  // namespace stepscope::metrics

@@ -136,27 +136,32 @@ STEPSCOPE_HD SampleResult finish_row(const RowState& s, float xt, bool logits) {
   return r;
 }
 
-// Binary / multilabel element: probability, hard prediction and binary cross-entropy.
-struct ElementResult {
-  float prob;
+// Binary / multilabel element: probability, hard prediction and binary cross-entropy, in T: float
+// for float32/float16/bfloat16 inputs, double for float64 ones (CPU), so that a float64 probability
+// is compared with the threshold without being rounded to float first.
+template <typename T>
+struct ElementResultT {
+  T prob;
   bool pred;
   double loss;
 };
+using ElementResult = ElementResultT<float>;
 
-STEPSCOPE_HD ElementResult binary_element(float x, bool logits, float threshold, int64_t y) {
-  ElementResult r;
-  const float yf = static_cast<float>(y);
+template <typename T>
+STEPSCOPE_HD ElementResultT<T> binary_element(T x, bool logits, T threshold, int64_t y) {
+  ElementResultT<T> r;
+  const T yf = static_cast<T>(y);
   if (logits) {
-    const float ax = x < 0.0f ? -x : x;
-    r.prob = 1.0f / (1.0f + std::exp(-x));
+    const T ax = x < T(0) ? -x : x;
+    r.prob = T(1) / (T(1) + std::exp(-x));
     // max(x, 0) - x*y + log(1 + exp(-|x|)): BCE with logits without overflow.
-    r.loss = static_cast<double>((x > 0.0f ? x : 0.0f) - x * yf + std::log1p(std::exp(-ax)));
+    r.loss = static_cast<double>((x > T(0) ? x : T(0)) - x * yf + std::log1p(std::exp(-ax)));
   } else {
     r.prob = x;
     // torch.nn.BCELoss clamps each log at -100 so that p in {0, 1} stays finite.
-    const float lp = std::log(x) < -100.0f ? -100.0f : std::log(x);
-    const float lq = std::log(1.0f - x) < -100.0f ? -100.0f : std::log(1.0f - x);
-    r.loss = -static_cast<double>(yf * lp + (1.0f - yf) * lq);
+    const T lp = std::log(x) < T(-100) ? T(-100) : std::log(x);
+    const T lq = std::log(T(1) - x) < T(-100) ? T(-100) : std::log(T(1) - x);
+    r.loss = -static_cast<double>(yf * lp + (T(1) - yf) * lq);
   }
   r.pred = r.prob > threshold;
   return r;

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "check.h"
 #include "metrics/update.h"
 
@@ -11,6 +13,28 @@ namespace stepscope::metrics {
 bool is_kernel_target_dtype(at::ScalarType t) {
   return t == at::kLong || t == at::kInt || t == at::kByte || t == at::kBool;
 }
+
+namespace {
+
+// Targets in a dtype the kernels read. Narrow integer dtypes fit int32; uint32 does not and uint64
+// not even int64, so they are widened (uint32) or reinterpreted (uint64) as int64 with every value
+// past INT64_MAX, which wraps negative, replaced by one that is out of range for any configuration
+// and is not ignore_index: an out-of-range label counts as invalid_target, never as a class or as
+// ignored. Device ops only (no host read).
+at::Tensor kernel_target(const at::Tensor& target, std::optional<int64_t> ignore_index) {
+  const at::ScalarType t = target.scalar_type();
+  if (is_kernel_target_dtype(t)) return target;
+  if (t == at::kUInt32) return target.to(at::kLong);
+  if (t == at::kUInt64) {
+    const at::Tensor v = target.view(at::kLong);
+    const int64_t past = ignore_index == std::numeric_limits<int64_t>::max() ? std::numeric_limits<int64_t>::max() - 1
+                                                                              : std::numeric_limits<int64_t>::max();
+    return at::where(v < 0, at::scalar_tensor(past, v.options()), v);
+  }
+  return target.to(at::kInt);
+}
+
+}  // namespace
 
 UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
                             int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
@@ -72,7 +96,7 @@ UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, c
   // After the shape checks, so that a CUDA call refuses what a CPU one refuses, in the same words.
   TORCH_CHECK_TYPE(preds.device().is_cpu() || preds.scalar_type() != at::kDouble || preds.device().is_meta(),
                    "stepscope: float64 preds are supported on CPU only; got them on ", preds.device());
-  if (!is_kernel_target_dtype(in.target.scalar_type())) in.target = in.target.to(at::kInt);
+  in.target = kernel_target(in.target, in.cfg.ignore_index);
   return in;
 }
 

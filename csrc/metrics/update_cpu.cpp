@@ -265,6 +265,9 @@ bool any_outside_unit(const at::Tensor& preds) {
 
 template <typename scalar_t, typename target_t>
 void elementwise_cpu(const UpdateInputs& in, double* state) {
+  // float64 preds are read, thresholded and checked for finiteness as double (a float would round
+  // p = 0.50000001 to 0.5 and overflow finite values past 3.4e38 to inf).
+  using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const Config& cfg = in.cfg;
   const Layout& lay = in.lay;
   const int64_t L = in.c, D = in.d;
@@ -274,7 +277,7 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
   const int64_t tN = in.target.stride(0), tL = in.target.stride(1), tD = in.target.stride(2);
   const bool logits =
       cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit(in.preds));
-  const float thr = static_cast<float>(cfg.threshold);
+  const compute_t thr = static_cast<compute_t>(cfg.threshold);
   const bool has_ignore = cfg.ignore_index.has_value();
   const int64_t ignore = cfg.ignore_index.value_or(0);
   const bool per_label_valid = lay.valid_len > 1;
@@ -292,18 +295,18 @@ void elementwise_cpu(const UpdateInputs& in, double* state) {
           acc[lay.invalid] += 1.0;
           continue;
         }
-        const float x = static_cast<float>(P[n * sN + l * sL + d * sD]);
+        const compute_t x = static_cast<compute_t>(P[n * sN + l * sL + d * sD]);
         if (!std::isfinite(x)) {
           acc[lay.nonfinite] += 1.0;
           continue;
         }
-        const ElementResult r = binary_element(x, logits, thr, y);
+        const ElementResultT<compute_t> r = binary_element(x, logits, thr, y);
         acc[lay.tp + l] += r.pred && y;
         acc[lay.pred + l] += r.pred;
         acc[lay.target + l] += static_cast<double>(y);
         acc[lay.valid + (per_label_valid ? l : 0)] += 1.0;
         acc[lay.loss] += r.loss;
-        const int bin = ece_bin(r.prob);
+        const int bin = ece_bin(static_cast<float>(r.prob));
         acc[lay.ece_count + bin] += 1.0;
         acc[lay.ece_conf + bin] += r.prob;
         acc[lay.ece_acc + bin] += static_cast<double>(y);

@@ -10,12 +10,27 @@ torch.distributed runs) brings every rank's to every rank. Nothing is exchanged 
 The merged and per-rank summaries come from the same C++ code as a local report, so the numbers
 shown for rank r are exactly rank r's own ``mon.report()``. The straggler rule
 (``straggler_findings``, also in :data:`stepscope.diagnose.RULES`) reads the gathered report.
+
+A collective waits for every rank of the group. A rank that never calls it (one that crashed,
+took another branch, or is still training) leaves the others waiting for the process group's own
+timeout (``init_process_group(timeout=)``: 30 minutes by default on Gloo, 10 on NCCL), after which
+only the backend's message is shown. ``timeout=`` (seconds or a ``timedelta``) on
+:func:`gather_report`, ``ClassificationMetrics.compute()``/``sync()`` (or its ``sync_timeout``)
+bounds that wait: each rank raises :class:`CollectiveTimeoutError` naming stepscope's call and the
+ranks that had not arrived. The collective is then issued asynchronously and waited for with
+``Work.wait(timeout)``, and each rank marks its arrival in the process group's store, which is how
+every rank can name the missing ones (while the store answers: under a TCP or env:// init it lives
+in rank 0's process, and a rank whose store has gone says so). Tested on Gloo; the same calls exist
+on NCCL.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
+import math
 import statistics
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -36,6 +51,80 @@ def _dist() -> Any:
     return dist
 
 
+class CollectiveTimeoutError(TimeoutError, RuntimeError):
+    """A stepscope collective that not every rank reached within its ``timeout``."""
+
+
+Timeout = Union[float, int, datetime.timedelta, None]
+
+
+def timeout_seconds(name: str, timeout: Any) -> float:
+    """``timeout`` (seconds or a ``timedelta``) as a positive finite float; TypeError/ValueError
+    naming ``name`` otherwise."""
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"stepscope: {name} must be a number of seconds or a datetime.timedelta; got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"stepscope: {name} must be a finite number of seconds > 0; got {timeout!r}")
+    return float(timeout)
+
+
+_ARRIVALS: dict = {}  # group name -> count: numbers this process's bounded collectives per group
+
+
+def _store(dist: Any) -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001  (a private accessor: without it the message names no rank)
+        return None
+
+
+def run_collective(issue: Callable[[bool], Any], group: Any, timeout: Timeout, what: str) -> None:
+    """Runs one collective, ``issue(async_op)``; with a ``timeout``, waits at most that long and
+    raises :class:`CollectiveTimeoutError` naming ``what`` and the ranks of ``group`` that had not
+    arrived. Every rank of the group calls its bounded collectives on that group in the same order
+    (they are collectives), so the n-th one of each rank is the same call."""
+    if timeout is None:
+        issue(False)
+        return
+    import torch.distributed as dist
+
+    seconds = timeout_seconds("timeout", timeout)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    name = getattr(group if group is not None else dist.group.WORLD, "group_name", "default")
+    seq = next(_ARRIVALS.setdefault(name, itertools.count()))
+    store = _store(dist)
+    prefix = f"stepscope/arrived/{name}/{seq}/"
+    if store is not None:
+        store.set(prefix + str(rank), "1")
+        if seq:
+            try:  # the previous call completed on every rank: its marks are no longer read
+                store.delete_key(f"stepscope/arrived/{name}/{seq - 1}/{rank}")
+            except Exception:  # noqa: BLE001  (a store without delete_key keeps a few bytes)
+                pass
+    work = issue(True)
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as e:
+        missing = None
+        if store is not None:
+            try:
+                missing = [r for r in range(world) if not store.check([prefix + str(r)])]
+            except Exception:  # noqa: BLE001
+                missing = None
+        if group is not None and missing:
+            missing = [dist.get_global_rank(group, r) for r in missing]
+        who = (f"rank(s) {missing} had not called it" if missing else
+               "not every rank had called it (which ones could not be read from the process group's store; "
+               "under a TCP or env:// init the store lives in rank 0's process, whose own error names them)")
+        raise CollectiveTimeoutError(
+            f"stepscope: {what} is a collective and timed out after {seconds:g} s on rank {dist.get_rank()} "
+            f"(world size {world}): {who}. Every rank of the group must call it; the group can no longer be "
+            f"used for collectives. Backend: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def _comm_device(dist: Any, group: Any) -> torch.device:
     # NCCL moves CUDA tensors only; Gloo (and the rest) take CPU tensors.
     if dist.get_backend(group) == "nccl":
@@ -43,11 +132,12 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None) -> torch.Tensor:
+def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None, timeout: Timeout = None) -> torch.Tensor:
     """Every rank's packed statistics, ``[world_size, PACKED_WORDS + 2]`` float64 on the CPU.
 
-    One ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.14) over ``group`` (default: the default group); every rank of the
-    group must call it.
+    One ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.14) over ``group``
+    (default: the default group); every rank of the group must call it. ``timeout`` (seconds):
+    see the module's docstring.
     """
     dist = _dist()
     if mon._tl is None:
@@ -60,7 +150,8 @@ def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None) ->
     out = torch.empty(world * local.numel(), dtype=torch.float64, device=dev)
     # torch >= 2.14 names it all_gather_single (all_gather_into_tensor is deprecated there).
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local, group=group)
+    run_collective(lambda async_op: gather(out, local, group=group, async_op=async_op), group, timeout,
+                   "mon.report(gather=True)")
     return out.view(world, -1).cpu()
 
 
@@ -123,12 +214,14 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
     return rep
 
 
-def gather_report(mon: Any, group: Any = None, top_modules: int = 10) -> dict:
+def gather_report(mon: Any, group: Any = None, top_modules: int = 10, timeout: Timeout = None) -> dict:
     """``mon.report()`` merged over the ranks of ``group``, with a per-rank view (``ranks``).
 
     A collective: every rank of the group calls it, and each gets the same ``phases`` and
     ``ranks`` (see :func:`report_from_gathered`). Exactly one ``all_gather`` of one fixed-size
-    tensor; nothing is exchanged during the steps.
+    tensor; nothing is exchanged during the steps. ``timeout`` (seconds or a ``timedelta``): wait at
+    most that long for the other ranks, then raise :class:`CollectiveTimeoutError` naming the ranks
+    that had not called it (default: the process group's own timeout).
 
     Example (under torchrun)::
 
@@ -137,5 +230,7 @@ def gather_report(mon: Any, group: Any = None, top_modules: int = 10) -> dict:
             print(rep["ranks"]["phases"]["data"])   # slowest rank, its p50, the skew
     """
     local = mon.report(top_modules=top_modules)
-    packed = gather_packed(mon, group, local["memory"])
+    if timeout is not None:
+        timeout_seconds("timeout", timeout)
+    packed = gather_packed(mon, group, local["memory"], timeout=timeout)
     return report_from_gathered(packed, local, top_modules=top_modules)

@@ -233,6 +233,33 @@ TEST(Accumulator, BadInputIsRefusedBeforeAnyChange) {
   }
 }
 
+TEST(RowMath, BinaryElementComparesInTheInputsPrecision) {
+  // 0.50000001 rounds to 0.5f: as float it is not above a 0.5 threshold, as double it is.
+  EXPECT_FALSE(sm::binary_element(static_cast<float>(0.50000001), false, 0.5f, 1).pred);
+  const auto r = sm::binary_element(0.50000001, false, 0.5, 1);
+  EXPECT_TRUE(r.pred);
+  EXPECT_DOUBLE_EQ(r.prob, 0.50000001);
+  // A logit finite in double but past float's range: a probability, not NaN.
+  const auto big = sm::binary_element(1e300, true, 0.5, 1);
+  EXPECT_TRUE(big.pred);
+  EXPECT_EQ(big.prob, 1.0);
+  EXPECT_EQ(big.loss, 0.0);
+}
+
+TEST(Accumulator, WideUnsignedTargetsCountAsInvalid) {
+  sm::Config cfg;
+  cfg.num_classes = 4;
+  cfg.ignore_index = -1;
+  sm::Accumulator acc(cfg, torch::kCPU);
+  auto t = torch::tensor({int64_t{3}, int64_t{1}}, torch::kLong).to(torch::kUInt64);
+  auto wide = torch::full({3}, -1, torch::kLong).to(torch::kUInt64);  // 2^64 - 1: -1 once wrapped
+  acc.update(torch::randn({5, 4}), torch::cat({t, wide}));
+  auto m = acc.compute(1.0, /*check=*/false);
+  EXPECT_EQ(m.at("samples").item<int64_t>(), 2);
+  EXPECT_EQ(m.at("invalid_target").item<int64_t>(), 3);
+  EXPECT_EQ(m.at("ignored").item<int64_t>(), 0);
+}
+
 TEST(Accumulator, BinaryAndMultilabel) {
   sm::Config cfg;
   cfg.task = sm::Task::kMultilabel;

@@ -21,8 +21,9 @@ import torch
 import stepscope
 
 PRED_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
-               torch.complex64]
-TARGET_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float32, torch.complex64]
+               torch.complex64, torch.float8_e4m3fn]
+TARGET_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float32, torch.complex64, torch.uint32,
+                 torch.uint64]
 
 
 def rand_shape(rng: np.random.Generator) -> list:

@@ -419,3 +419,185 @@ def test_fsdp2_fully_shard_phases_sum_to_the_step():
         parts = sum(ph[k]["host"]["total"] for k in stepscope.report.PARTITION)
         assert parts == pytest.approx(ph["step"]["host"]["total"], rel=1e-9)
         assert o["rep"]["ranks"]["per_rank"][o["rank"]]["p50"]["step"] == ph["step"]["host"]["p50"]
+
+
+# ----------------------------------------------------------------------------- misuse across ranks
+def _spawn(target, world: int, *args, expect: int = 0, wait: float = 90) -> list:
+    """Runs target(rank, world, port, q, done, ready, *args) in `world` processes; returns what `expect`
+    of them (default: all) put, by rank; `done` is set once they have; `ready` is a barrier for those
+    `expect` processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q, done, ready = ctx.Queue(), ctx.Event(), ctx.Barrier(expect or world)
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, q, done, ready, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = []
+    try:
+        while len(out) < (expect or world):
+            out.append(q.get(timeout=wait))
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    return sorted(out, key=lambda o: o["rank"])
+
+
+def _init(rank: int, world: int, port: int):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=40))
+    return dist
+
+
+def _leave(q) -> None:
+    # A timed-out collective may still be pending in the backend: leave without tearing the group down.
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
+# (the field the error must name, rank 0's and rank 1's configuration; the same state size except the
+# last two, whose mismatch used to abort both processes inside Gloo)
+CONFIG_CASES = [
+    ("ignore_index", dict(num_classes=3, ignore_index=-1), dict(num_classes=3)),
+    ("top_k", dict(num_classes=3, top_k=(1, 2)), dict(num_classes=3, top_k=(1, 3))),
+    ("input", dict(num_classes=3, input="logits"), dict(num_classes=3, input="probs")),
+    ("task", dict(num_classes=2), dict(task="multilabel", num_labels=2)),
+    ("threshold", dict(task="binary", threshold=0.5), dict(task="binary", threshold=0.25)),
+    ("top_k", dict(num_classes=3, top_k=(1,)), dict(num_classes=3, top_k=(1, 2))),
+    ("num_classes", dict(num_classes=3), dict(num_classes=4)),
+]
+
+
+def _make(kw: dict, **extra) -> stepscope.ClassificationMetrics:
+    kw = {"task": "multiclass", **kw, **extra}
+    return stepscope.ClassificationMetrics(kw.pop("task"), device="cpu", **kw)
+
+
+def _feed(m: stepscope.ClassificationMetrics, rank: int) -> None:
+    g = torch.Generator().manual_seed(rank)
+    n = 10 + 3 * rank
+    if m.task == "multiclass":
+        m.update(torch.rand(n, m.num_classes, generator=g), torch.randint(0, m.num_classes, (n,), generator=g))
+    elif m.task == "multilabel":
+        m.update(torch.rand(n, m.num_classes, generator=g), torch.randint(0, 2, (n, m.num_classes), generator=g))
+    else:
+        m.update(torch.rand(n, generator=g), torch.randint(0, 2, (n,), generator=g))
+
+
+def _config_worker(rank: int, world: int, port: int, q, done, ready) -> None:
+    try:
+        dist = _init(rank, world, port)
+        outcomes = []
+        for i, (_, a, b) in enumerate(CONFIG_CASES):
+            m = _make(a if rank == 0 else b)
+            _feed(m, rank)
+            before = m.state.clone()
+            try:
+                (m.compute if i % 2 == 0 else m.sync)()
+                outcomes.append("no error")
+            except ValueError as e:
+                outcomes.append(str(e))
+            outcomes[-1] = (outcomes[-1], torch.equal(m.state, before))
+        # The same configuration on every rank: one check, then the sums of every compute.
+        m = _make(dict(num_classes=3, top_k=(1, 2), ignore_index=-1))
+        _feed(m, rank)
+        calls = {"gather": 0, "all_reduce": 0}
+        originals = {n: getattr(dist, n) for n in ("all_gather_single", "all_gather_into_tensor", "all_reduce")
+                     if hasattr(dist, n)}
+
+        def counting(name, f):
+            def wrapped(*a, **k):
+                calls["all_reduce" if name == "all_reduce" else "gather"] += 1
+                return f(*a, **k)
+            return wrapped
+
+        for n, f in originals.items():
+            setattr(dist, n, counting(n, f))
+        samples = [int(m.compute()["samples"]) for _ in range(3)]
+        for n, f in originals.items():
+            setattr(dist, n, f)
+        q.put({"rank": rank, "outcomes": outcomes, "samples": samples, "calls": calls})
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:
+        q.put({"rank": rank, "error": repr(e)})
+        raise
+
+
+def test_compute_refuses_ranks_configured_differently_on_every_rank():
+    out = _spawn(_config_worker, 2)
+    assert not [o for o in out if "error" in o], out
+    for (field, a, b), o0, o1 in zip(CONFIG_CASES, out[0]["outcomes"], out[1]["outcomes"]):
+        for msg, unchanged in (o0, o1):
+            assert msg.startswith("stepscope: ClassificationMetrics.") and "configured differently" in msg, msg
+            va, vb = (_make(c)._config_dict()[field] for c in (a, b))
+            va, vb = (tuple(v) if isinstance(v, list) else v for v in (va, vb))
+            assert f"{field}: {va!r} on rank(s) [0], {vb!r} on rank(s) [1]" in msg, msg
+            assert unchanged, "a refused sync() changed the state"
+        assert o0[0] == o1[0]
+    assert out[0]["samples"] == out[1]["samples"] == [10 + 13] * 3
+    # The configuration is compared once, then each compute() is its one all_reduce.
+    assert out[0]["calls"] == out[1]["calls"] == {"gather": 1, "all_reduce": 3}
+
+
+def _timeout_worker(rank: int, world: int, port: int, q, done, ready, what: str, missing: int) -> None:
+    import time
+
+    try:
+        _init(rank, world, port)
+        if rank == missing:  # in the group, alive, but never calls
+            done.wait(80)
+            _leave(q)
+        m = _metrics(sync_on_compute=True, sync_timeout=2.0 if what == "compute" else None)
+        m.update(torch.randn(4, 5), torch.randint(0, 5, (4,)))
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+            for _ in range(3):
+                model(torch.randn(2, 3)).sum().backward()
+                opt.step()
+        ready.wait(60)  # the callers arrive together: the timeout is not spent on a slow start-up
+        t0 = time.monotonic()
+        try:
+            if what == "compute":
+                m.compute()
+            elif what == "sync":
+                m.sync(timeout=2)
+            else:
+                distributed.gather_report(mon, timeout=2)
+            rec = {"type": None}
+        except Exception as e:  # noqa: BLE001  (what it raised is the result)
+            rec = {"type": type(e).__name__, "msg": str(e),
+                   "is_timeout": isinstance(e, (TimeoutError, distributed.CollectiveTimeoutError))}
+        q.put({"rank": rank, "s": time.monotonic() - t0, **rec})
+        done.wait(80)  # rank 0's process holds the store the other ranks read the arrivals from
+        _leave(q)
+    except BaseException as e:
+        q.put({"rank": rank, "error": repr(e)})
+        raise
+
+
+@pytest.mark.parametrize("what,world,missing,call", [
+    ("compute", 3, 1, "ClassificationMetrics.compute()"),
+    ("sync", 2, 1, "ClassificationMetrics.sync()"),
+    ("gather", 2, 0, "mon.report(gather=True)"),
+])
+def test_a_missing_rank_is_named_after_the_timeout(what, world, missing, call):
+    out = _spawn(_timeout_worker, world, what, missing, expect=world - 1)
+    assert len(out) == world - 1 and not [o for o in out if "error" in o], out
+    for o in out:
+        assert o["type"] == "CollectiveTimeoutError" and o["is_timeout"], o
+        assert o["msg"].startswith(f"stepscope: {call} is a collective and timed out after 2 s"), o["msg"]
+        assert f"rank(s) [{missing}] had not called it" in o["msg"], o["msg"]
+        # bounded by stepscope's timeout, not the group's 40 s (loose: a loaded machine is slow)
+        assert 2.0 <= o["s"] < 25, o["s"]

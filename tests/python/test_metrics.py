@@ -978,3 +978,202 @@ def test_class_dim_bad_values_are_refused():
     m = stepscope.ClassificationMetrics("multiclass", num_classes=3, class_dim=3)
     with pytest.raises(ValueError, match="class_dim=3 is out of range"):
         m.update(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- copies and pickles
+class _Holder(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 5)
+        self.metrics = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 2), ignore_index=-1,
+                                                       **kw)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _saved_and_loaded(model):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+COPIES = {
+    "deepcopy": lambda m: __import__("copy").deepcopy(m),
+    "AveragedModel": lambda m: torch.optim.swa_utils.AveragedModel(m).module,
+    "torch.save": _saved_and_loaded,
+    "pickle": lambda m: __import__("pickle").loads(__import__("pickle").dumps(m)),
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("updated", [True, False])
+def test_copies_and_pickles_keep_their_own_state(how, updated, base_seed):
+    g = torch.Generator().manual_seed(base_seed)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(-1, 5, (40,), generator=g)
+    model = _Holder()
+    if updated:
+        model.metrics.update(x[:20], y[:20])
+    copy_ = COPIES[how](model)
+    cm = copy_.metrics
+    assert cm is not model.metrics
+    assert torch.equal(cm.state, model.metrics.state)
+    assert cm.state.data_ptr() != model.metrics.state.data_ptr()
+    assert cm._config_dict() == model.metrics._config_dict() and cm._placed == model.metrics._placed
+    # Independent from here on: the copy accumulates, the original does not see it.
+    before = model.metrics.state.clone()
+    cm.update(x[20:], y[20:])
+    assert torch.equal(model.metrics.state, before)
+    ref = stepscope.ClassificationMetrics("multiclass", num_classes=5, top_k=(1, 2), ignore_index=-1)
+    if updated:
+        ref.update(x[:20], y[:20])
+    ref.update(x[20:], y[20:])
+    assert torch.equal(cm.state, ref.state)
+    for k, v in ref.compute().items():
+        torch.testing.assert_close(cm.compute()[k], v, msg=k)
+    assert int(cm(x[:4], y[:4])["samples"]) == int((y[:4] != -1).sum())  # forward works on the copy
+
+
+def test_deepcopy_shares_the_process_group_and_a_pickle_drops_it():
+    sentinel = object()  # a process group cannot be copied or pickled; the copy keeps the same one
+    m = stepscope.ClassificationMetrics("binary", process_group=sentinel)
+    assert __import__("copy").deepcopy(m).process_group is sentinel
+    m.process_group = None
+    assert __import__("pickle").loads(__import__("pickle").dumps(m)).process_group is None
+
+
+# ----------------------------------------------------------------------------- unsigned and float64
+@pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
+@pytest.mark.parametrize("device", MISUSE_DEVICES)
+def test_wide_unsigned_targets_never_wrap(dtype, device):
+    x = torch.randn(6, 4, device=device)
+    big = [2**32 + 2, 2**32 - 1, 3, 2**31, 1, 0] if dtype == torch.uint64 else [2**32 - 1, 2**31, 3, 2**31 + 2, 1, 0]
+    t = torch.tensor(big, dtype=dtype, device=device)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, ignore_index=-1, device=device)
+    m.update(x, t)
+    out = m.compute(check=False)
+    assert int(out["invalid_target"]) == 3 and int(out["ignored"]) == 0 and int(out["samples"]) == 3
+    ref = stepscope.ClassificationMetrics("multiclass", num_classes=4, ignore_index=-1, device=device)
+    keep = torch.tensor([b < 4 for b in big], device=device)
+    ref.update(x[keep], t[keep].long())
+    torch.testing.assert_close(out["confusion_matrix"], ref.compute()["confusion_matrix"])
+    if dtype == torch.uint64:  # past INT64_MAX: reinterpreted as int64 these would be -1 (ignore_index)
+        u = torch.tensor([2**64 - 1, 2**63, 2**64 - 2], dtype=torch.uint64, device=device)
+        for ig in (-1, -2, 2**63 - 1):
+            m = stepscope.ClassificationMetrics("binary", ignore_index=ig, device=device)
+            m.update(torch.rand(3, device=device), u)
+            out = m.compute(check=False)
+            assert (int(out["invalid_target"]), int(out["ignored"])) == (3, 0), ig
+    b = stepscope.ClassificationMetrics("binary", device=device)
+    b.update(torch.rand(3, device=device), torch.tensor([2**32 + 1, 1, 0], dtype=dtype, device=device)
+             if dtype == torch.uint64 else torch.tensor([2**32 - 1, 1, 0], dtype=dtype, device=device))
+    assert int(b.compute(check=False)["invalid_target"]) == 1
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_float64_elementwise_preds_keep_their_precision(task):
+    # 0.50000001 is 0.5 in float32; 1e300 is finite in float64 and inf in float32.
+    p = torch.tensor([[0.50000001, 0.49999999], [0.5, 0.75]], dtype=torch.float64)
+    t = torch.tensor([[1, 0], [1, 1]])
+    kw = {"num_labels": 2} if task == "multilabel" else {}
+    m = stepscope.ClassificationMetrics(task, threshold=0.5, input="probs", **kw)
+    m.update(p, t)
+    ref = (tmc.MultilabelStatScores(2, average="micro") if task == "multilabel" else tmc.BinaryStatScores())
+    tp, fp, tn, fn, _ = ref(p, t).tolist()
+    st = m.confusion_matrix()
+    st = st.sum(0) if task == "multilabel" else st
+    assert [int(st[1, 1]), int(st[0, 1]), int(st[0, 0]), int(st[1, 0])] == [tp, fp, tn, fn] == [2, 0, 1, 1]
+    big = stepscope.ClassificationMetrics(task, input="logits", **kw)
+    x = torch.tensor([[1e300, -1e300], [-3.5e38, 4e38]], dtype=torch.float64)
+    big.update(x, t)
+    assert int(big.compute()["nonfinite"]) == 0
+    st = big.confusion_matrix()
+    st = st.sum(0) if task == "multilabel" else st
+    assert [int(st[1, 1]), int(st[0, 1]), int(st[0, 0]), int(st[1, 0])] == [2, 0, 1, 1]
+
+
+# ----------------------------------------------------------------------------- a bad call changes nothing
+@pytest.mark.parametrize("how", ["update", "forward"])
+def test_a_failing_first_update_leaves_the_state_unplaced(how):
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4)
+    call = m.update if how == "update" else m
+    with pytest.raises(ValueError, match="same device"):
+        call(torch.randn(3, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="preds must be a torch.Tensor"):
+        call([[0.0] * 4] * 3, torch.zeros(3, dtype=torch.long))
+    assert m.state.device.type == "cpu" and not m._placed
+    call(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    assert int(m.compute()["samples"]) == 3 and m._placed
+
+
+# ----------------------------------------------------------------------------- clear errors
+def _sparse():
+    return torch.randn(4, 3).to_sparse()
+
+
+UPDATE_MISUSE = [
+    (lambda: torch.randn(4, 3).to(torch.float8_e4m3fn), lambda: torch.zeros(4, dtype=torch.long), TypeError,
+     r"preds must be a floating tensor of float32, float16, bfloat16 \(or float64 on CPU\); got Float8_e4m3fn"),
+    (_sparse, lambda: torch.zeros(4, dtype=torch.long), TypeError, r"preds must be a dense \(torch.strided\) tensor"),
+    (lambda: torch.randn(4, 3), lambda: torch.zeros(4, dtype=torch.long).to_sparse(), TypeError,
+     r"target must be a dense"),
+    (lambda: [[0.1, 0.2, 0.7]] * 4, lambda: torch.zeros(4, dtype=torch.long), TypeError,
+     r"preds must be a torch.Tensor; got list"),
+    (lambda: np.zeros((4, 3), dtype=np.float32), lambda: torch.zeros(4, dtype=torch.long), TypeError,
+     r"preds must be a torch.Tensor; got ndarray"),
+    (lambda: torch.randn(4, 3), lambda: [0, 1, 2, 0], TypeError, r"target must be a torch.Tensor; got list"),
+]
+
+
+@pytest.mark.parametrize("placed", [True, False])
+@pytest.mark.parametrize("class_dim", [1, -1])
+@pytest.mark.parametrize("preds,target,exc,match", UPDATE_MISUSE)
+def test_update_misuse_names_the_argument(preds, target, exc, match, placed, class_dim):
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=3, class_dim=class_dim,
+                                        device="cpu" if placed else None)
+    for call in (m.update, m):
+        with pytest.raises(exc, match=match):
+            call(preds(), target())
+    assert m.state.abs().sum() == 0
+
+
+CONSTRUCTOR_MISUSE = [
+    ({"top_k": 2.7}, TypeError, r"top_k must be an int or a sequence of at most 8 distinct ints; got float 2.7"),
+    ({"top_k": (1, 2.0)}, TypeError, r"top_k must be an int or a sequence"),
+    ({"top_k": (1, 2, 1)}, ValueError, r"top_k must be .*\[1, 2, 1\] \(a value repeats\)"),
+    ({"top_k": "2"}, TypeError, r"top_k must be"),
+    ({"top_k": True}, TypeError, r"top_k must be"),
+    ({"threshold": "0.5x"}, TypeError, r"threshold must be a number in \[0, 1\]; got str '0.5x'"),
+    ({"threshold": "0.5"}, TypeError, r"threshold must be a number"),
+    ({"ignore_index": "x"}, TypeError, r"ignore_index must be an int \(a target value to skip\) or None; got str"),
+    ({"ignore_index": 1.5}, TypeError, r"ignore_index must be an int .*got float 1.5"),
+    ({"ignore_index": True}, TypeError, r"ignore_index must be an int"),
+    ({"num_classes": 2.5}, TypeError, r"num_classes must be a positive int \(the number of classes\); got float 2.5"),
+    ({"num_classes": "3"}, TypeError, r"num_classes must be a positive int .*got str '3'"),
+    ({"num_classes": True}, TypeError, r"num_classes must be a positive int .*got bool True"),
+    ({"num_classes": 3.0}, TypeError, r"num_classes must be a positive int"),
+    ({"beta": float("inf")}, ValueError, r"beta must be a finite number > 0; got inf"),
+    ({"beta": float("nan")}, ValueError, r"beta must be a finite number > 0; got nan"),
+    ({"beta": "2"}, TypeError, r"beta must be a finite number > 0; got str"),
+    ({"sync_timeout": 0}, ValueError, r"sync_timeout must be a finite number of seconds > 0"),
+    ({"sync_timeout": "5"}, TypeError, r"sync_timeout must be a number of seconds or a datetime.timedelta"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", CONSTRUCTOR_MISUSE)
+def test_constructor_misuse_names_the_argument(kw, exc, match):
+    kw = {"num_classes": 3, "top_k": (1,), **kw}
+    with pytest.raises(exc, match=match):
+        stepscope.ClassificationMetrics("multiclass", **kw)
+
+
+def test_constructor_misuse_multilabel_and_integer_likes_still_work():
+    with pytest.raises(TypeError, match=r"num_labels must be a positive int \(the number of labels\); got float"):
+        stepscope.ClassificationMetrics("multilabel", num_labels=2.5)
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=np.int64(4), top_k=np.array([1, 3]),
+                                        ignore_index=np.int32(-1), threshold=np.float32(0.25), beta=2)
+    assert (m.num_classes, m.top_k, m.ignore_index, m.beta) == (4, (1, 3), -1, 2.0)
+    assert type(m.num_classes) is int and all(type(k) is int for k in m.top_k)
