@@ -151,12 +151,62 @@ def test_lightning_logs_phases_and_metrics_to_callback_metrics(tmp_path):
     trainer, cb = fit(batches=4, metrics=metrics, log_every_n_steps=2, summary=False, trace=str(trace))
     assert trace.stat().st_size > 0  # written by the Monitor when the callback detached it
     logged = trainer.callback_metrics
-    for key in ("stepscope/forward_p50_ms", "stepscope/optimizer_share", "stepscope/accuracy",
+    for key in ("stepscope/step_p50_ms", "stepscope/optimizer_share", "stepscope/accuracy",
                 "stepscope/f1_macro", "stepscope/loss"):
         assert key in logged, sorted(logged)
-    assert float(logged["stepscope/forward_p50_ms"]) > 0
+    assert float(logged["stepscope/step_p50_ms"]) > 0
     assert int(metrics.compute()["samples"]) == 4 * 8
     assert "stepscope/accuracy_per_class" not in logged
+
+
+def test_lightning_own_logging_is_its_own_span_outside_the_step():
+    # log_dict with many names took 35-55 ms and landed in the next step's data: plant that cost in
+    # log_dict itself and log after every step, so every data span would hold it.
+    pl, lit = lightning_module(False)
+    from stepscope.integrations.lightning import LOG_KEYS, StepscopeCallback
+
+    log_dict, calls = lit.log_dict, []
+
+    def slow_log_dict(d, **kw):
+        calls.append(sorted(d))
+        sleep(0.040, "stepscope_log")
+        return log_dict(d, **kw)
+
+    lit.log_dict = slow_log_dict
+    metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
+    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=1, summary=False, warmup_steps=0)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(7), batch_size=None))
+    rep = cb.monitor.report()
+    print(cb.monitor.summary())
+    assert rep["steps"] == 7 and len(calls) == 7
+    assert_close(rep["phases"]["data"]["host"]["p50"], "data")  # the loader's sleep, not the log's
+    own = rep["user"]["stepscope_log"]
+    assert own["host"]["count"] == 7 and own["parent"] == "eval_forward"
+    assert_planted(own["host"]["p50"], "stepscope_log", SLACK)
+    assert "stepscope_log" in cb.monitor.summary()
+    # the short list by default: 9 names at most, each one of LOG_KEYS
+    prefix = "stepscope/"
+    assert all(1 <= len(c) <= len(LOG_KEYS) for c in calls)
+    assert {k[len(prefix):] for c in calls for k in c} <= set(LOG_KEYS)
+    assert {"stepscope/step_p50_ms", "stepscope/data_share", "stepscope/accuracy"} <= set(calls[0])
+
+
+def test_lightning_log_keys_all_and_a_list():
+    trainer, cb = fit(batches=2, log_every_n_steps=1, summary=False, log_keys="all",
+                      metrics=stepscope.ClassificationMetrics("multiclass", num_classes=4))
+    logged = set(trainer.callback_metrics)
+    assert {"stepscope/forward_p50_ms", "stepscope/loss_share", "stepscope/precision_macro",
+            "stepscope/ece"} <= logged and len(logged) > 30
+    trainer, cb = fit(batches=2, log_every_n_steps=1, summary=False, log_keys=["optimizer_p50_ms"])
+    assert set(trainer.callback_metrics) == {"stepscope/optimizer_p50_ms"}
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    with pytest.raises(TypeError, match="log_keys"):
+        StepscopeCallback(log_keys="some")
+    with pytest.raises(ValueError, match="log_keys"):
+        StepscopeCallback(log_keys=[])
 
 
 def test_plant_bounds_fail_when_a_sleep_is_reported_in_another_phase():

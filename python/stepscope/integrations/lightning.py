@@ -19,8 +19,8 @@ Validation loops inside ``fit`` are reported as ``eval_forward`` and left out of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 try:
     import lightning.pytorch as pl
@@ -35,6 +35,7 @@ from ..metrics import ClassificationMetrics
 from ..monitor import Monitor
 from . import _common
 
+LOG_KEYS = _common.LOG_KEYS
 
 class StepscopeCallback(pl.Callback):
     """Times each training step (:class:`stepscope.Monitor`) and logs phase p50s and shares.
@@ -44,6 +45,11 @@ class StepscopeCallback(pl.Callback):
             a mapping with ``"preds"`` and ``"target"``; its scalar entries are logged.
         log_every_n_steps: log (``pl_module.log``, so they reach ``trainer.callback_metrics``
             and the loggers) every this many optimizer steps; 0: never.
+        log_keys: which names to log (without the prefix): ``"short"`` (default,
+            :data:`LOG_KEYS`: ``step_p50_ms``, the shares of
+            ``data``, ``forward``, ``backward`` and ``optimizer``, ``accuracy``, ``f1_macro`` or
+            ``f1``, ``loss``), ``"all"`` (every phase's ``<phase>_p50_ms`` and ``<phase>_share``
+            and every scalar metric, about 40 names) or a list of names.
         summary: print the summary table (with its diagnosis) at the end.
         trace: a path: the Monitor writes a Perfetto / Chrome trace of the recent steps there
             when it detaches (:meth:`stepscope.Monitor.export_trace`).
@@ -53,12 +59,15 @@ class StepscopeCallback(pl.Callback):
     The Monitor attaches at ``on_train_start`` to the LightningModule and ``trainer.optimizers``
     and detaches at ``on_train_end`` or when training raises; ``callback.monitor`` keeps the
     numbers after ``fit``. Reading the metrics for a log costs one small host read (the timing
-    never syncs).
+    never syncs). The callback's own logging (the report, the metric read and ``log_dict``: tens
+    of ms with many names) runs between steps, where it would be the next step's ``data``: it is
+    timed as the user phase ``stepscope_log`` and left out of the training step as an evaluation
+    is (so ``eval_forward`` counts it too).
     """
 
     def __init__(self, metrics: Optional[ClassificationMetrics] = None, log_every_n_steps: int = 50,
                  summary: bool = True, trace: Optional[str] = None, prefix: str = "stepscope/",
-                 **monitor_kwargs: Any) -> None:
+                 log_keys: Union[str, Iterable[str]] = "short", **monitor_kwargs: Any) -> None:
         super().__init__()
         if metrics is not None and not isinstance(metrics, ClassificationMetrics):
             raise TypeError("stepscope: metrics must be a stepscope.ClassificationMetrics or None; got "
@@ -72,6 +81,7 @@ class StepscopeCallback(pl.Callback):
         if trace is not None:
             monitor_kwargs = dict(monitor_kwargs, trace=trace)  # the Monitor writes it at detach
         self.prefix = prefix
+        self.log_keys = _common.check_log_keys(log_keys)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Optional[Monitor] = None
         self._next_log = log_every_n_steps
@@ -131,7 +141,8 @@ class StepscopeCallback(pl.Callback):
         if mon is None or self.log_every_n_steps == 0 or mon.steps < self._next_log:
             return
         self._next_log = mon.steps + self.log_every_n_steps
-        logged = _common.phase_scalars(mon.report(), self.prefix)
-        if self.metrics is not None:
-            logged.update(self.metrics.log_dict(self.prefix))
-        pl_module.log_dict(logged, on_step=True, on_epoch=False)
+        with _common.own_work(mon):
+            logged = _common.phase_scalars(mon.report(), self.prefix, self.log_keys)
+            if self.metrics is not None:
+                logged.update(_common.pick(self.metrics.log_dict(), self.log_keys, self.prefix))
+            pl_module.log_dict(logged, on_step=True, on_epoch=False)
