@@ -299,8 +299,85 @@ def test_hf_trainer_steps_are_optimizer_steps(tmp_path, capsys, accumulate):
         assert f"\n{row}" in out, row
     assert cb.loss_in_forward and "'forward' includes the loss" in out
     # the phases reached the loggers after the callback
-    assert any(h.get("stepscope/optimizer_p50_ms", 0) > 0 for h in seen), seen
+    assert any(h.get("stepscope/step_p50_ms", 0) > 0 and h.get("stepscope/optimizer_share", 0) > 0
+               for h in seen), seen
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_hf_metrics_from_the_models_logits_and_labels_per_log_and_on_eval(tmp_path):
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    def lm_metrics():
+        return stepscope.ClassificationMetrics("multiclass", num_classes=64, class_dim=-1, ignore_index=-100)
+
+    cb = StepscopeCallback(metrics=lm_metrics(), eval_metrics=lm_metrics(), summary=False, warmup_steps=0)
+    # The oracle, by hand from each training forward: token t predicts label t + 1. (The Trainer's
+    # logged loss divides by every label of the batch, 12 a row, through num_items_in_batch.)
+    losses, hits, seen = [], [], []
+
+    def own_loss(module, args, kwargs, output):
+        if module.training:
+            logits, labels = output.logits[:, :-1].flatten(0, 1).double(), kwargs["labels"][:, 1:].flatten()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, labels)))
+            hits.append(float((logits.argmax(-1) == labels).double().mean()))
+
+    class Logger(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    own_loss_handle = model.register_forward_hook(own_loss, with_kwargs=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=2, disable_tqdm=True,
+        learning_rate=1e-2, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64),
+                                   eval_dataset=TokenData(16), callbacks=[cb, Logger()])
+    trainer.train()
+    train_logs = [h for h in seen if "stepscope/loss" in h]
+    assert len(train_logs) == 2, seen  # one per logging_steps: each the metrics of its own 2 steps
+    for log, i in zip(train_logs, (0, 2)):
+        assert log["stepscope/loss"] == pytest.approx(sum(losses[i:i + 2]) / 2, rel=1e-5)
+        assert log["stepscope/accuracy"] == pytest.approx(sum(hits[i:i + 2]) / 2, rel=1e-5)
+    assert train_logs[0]["stepscope/loss"] != train_logs[1]["stepscope/loss"]
+    run = cb.run_metrics.compute()
+    assert int(run["samples"]) == 4 * 4 * 11  # 4 steps of 4 sequences, 11 predicted tokens each
+    assert float(run["loss"]) == pytest.approx(sum(losses) / 4, rel=1e-5)
+    assert int(cb.metrics.compute()["samples"]) == 0  # reset at each log
+    out = trainer.evaluate()
+    # HF's own eval loss, which divides the 11 predicted tokens' losses of a row by its 12 labels
+    assert out["eval_stepscope/loss"] * 11 / 12 == pytest.approx(out["eval_loss"], rel=1e-5)
+    assert 0 <= out["eval_stepscope/accuracy"] <= 1
+    assert int(cb.eval_metrics.compute()["samples"]) == 0 and int(cb.run_metrics.compute()["samples"]) == 176
+    cb.remove_hooks()
+    assert not model._forward_hooks.keys() - {own_loss_handle.id}
+
+
+def test_hf_metrics_refuse_what_they_cannot_read(tmp_path):
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    with pytest.raises(TypeError, match="metrics must be a stepscope.ClassificationMetrics"):
+        StepscopeCallback(metrics=object())
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=64, class_dim=-1)
+    with pytest.raises(ValueError, match="two objects"):
+        StepscopeCallback(metrics=m, eval_metrics=m)
+
+    class NoLabels(TokenData):
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i]}
+
+    def no_label_loss(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.float().mean()
+
+    cb = StepscopeCallback(metrics=m, summary=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1,
+                                          per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                                          save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=NoLabels(8), callbacks=[cb],
+                                   compute_loss_func=no_label_loss)
+    with pytest.raises(ValueError, match="'labels'.*preds_target"):
+        trainer.train()
 
 
 def test_hf_optimizer_wrapper_is_unwrapped():

@@ -90,3 +90,33 @@ def own_work(mon: Any) -> Iterator[None]:
     finally:
         mon.mark("eval_end")
 
+
+def run_total(m: Any) -> Any:
+    """An empty :class:`stepscope.ClassificationMetrics` configured as ``m``: the whole run's
+    metrics, to which :func:`fold` adds each interval's state before ``m`` is reset."""
+    from ..metrics import ClassificationMetrics
+
+    size = {"num_classes": m.num_classes} if m.task == "multiclass" else (
+        {"num_labels": m.num_classes} if m.task == "multilabel" else {})
+    return ClassificationMetrics(m.task, **size, top_k=m.top_k or (1,), ignore_index=m.ignore_index,
+                                 threshold=m.threshold, input=m.input,
+                                 confusion_matrix=m.keeps_confusion_matrix, beta=m.beta,
+                                 class_dim=m.class_dim, persistent=False, sync_on_compute=m.sync_on_compute,
+                                 process_group=m.process_group)
+
+
+def fold(total: Any, m: Any) -> None:
+    """Adds ``m``'s state into ``total`` (counts add; on the state's device, no host sync) and
+    resets ``m``."""
+    if total.state.device != m.state.device:
+        total.to(m.state.device)
+    total.state.add_(m.state)
+    m.reset()
+
+
+def floats(scalars: dict) -> dict:
+    """One-element tensors as floats, read from the device in one copy."""
+    if not scalars:
+        return {}
+    values = torch.stack([v.reshape(()).to(torch.float64) for v in scalars.values()]).tolist()
+    return dict(zip(scalars, values))
