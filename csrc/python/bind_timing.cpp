@@ -25,8 +25,9 @@ py::dict series_dict(const tm::SeriesSummary& s) {
   d["total"] = s.total;
   d["mean"] = s.mean;
   d["std"] = s.std;
-  d["min"] = s.min;
-  d["max"] = s.max;
+  // An interval's extremes that no histogram can bound (modules keep moments only) are unknown.
+  d["min"] = std::isnan(s.min) ? py::object(py::none()) : py::object(py::float_(s.min));
+  d["max"] = std::isnan(s.max) ? py::object(py::none()) : py::object(py::float_(s.max));
   if (s.has_quantiles) {
     d["p50"] = s.p50;
     d["p90"] = s.p90;
@@ -208,6 +209,8 @@ py::dict report_from_packed(const at::Tensor& packed) {
 // read, at most one event record and the Timeline's own lock, which is never held while calling
 // back into Python.
 void bind_timing(py::module_& m) {
+  py::class_<tm::TimelineSnapshot, std::shared_ptr<tm::TimelineSnapshot>>(
+      m, "TimelineSnapshot", "Timeline.snapshot()'s opaque mark: pass it to Timeline.report(since=...).");
   py::class_<Timeline, std::shared_ptr<Timeline>>(
       m, "Timeline", "Phase boundaries -> host/device phase statistics, NVTX ranges and a ring of recent steps.")
       .def(py::init(&make_timeline), py::arg("device") = false, py::arg("nvtx") = true, py::arg("ring") = 256,
@@ -231,10 +234,28 @@ void bind_timing(py::module_& m) {
       .def("close", &Timeline::close)
       .def_property_readonly("steps", &Timeline::steps)
       .def_property_readonly("device", &Timeline::device)
-      .def("report", [](Timeline& tl) { return report_dict(tl.report()); },
-           "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for.")
-      .def("pack", [](Timeline& tl) { return torch::tensor(tl.pack(), torch::dtype(torch::kFloat64)); },
-           "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it).")
+      .def(
+          "report",
+          [](Timeline& tl, const std::shared_ptr<tm::TimelineSnapshot>& since) {
+            return report_dict(tl.report(since.get()));
+          },
+          py::arg("since") = nullptr,
+          "Statistics so far (seconds); completed CUDA events are resolved first, none is waited for. since: a "
+          "snapshot() of this Timeline: the statistics of the steps that ended after it (see snapshot).")
+      .def(
+          "pack",
+          [](Timeline& tl, const std::shared_ptr<tm::TimelineSnapshot>& since) {
+            return torch::tensor(tl.pack(since.get()), torch::dtype(torch::kFloat64));
+          },
+          py::arg("since") = nullptr,
+          "The raw phase statistics as one float64 tensor of PACKED_WORDS (report_from_packed reads it); since: "
+          "those of the steps after a snapshot().")
+      .def("snapshot", &Timeline::snapshot,
+           "An opaque mark between steps for report(since=...) and pack(since=...): one copy of the statistics, no "
+           "device synchronisation. Taken inside a step, it marks that step's end.")
+      .def("reset", &Timeline::reset,
+           "Forgets every statistic and the ring of recent steps; the step clock, step index and names stay. A step "
+           "open at the reset is not counted.")
       .def("recent_steps", &recent_steps_list,
            "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, the user "
            "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start) and, on CUDA, "

@@ -19,6 +19,10 @@ class Ring {
     ++pushed_;
     return slot;
   }
+  void clear() {  // forgets every item; keeps the memory
+    head_ = 0;
+    pushed_ = 0;
+  }
   size_t capacity() const { return items_.size(); }
   size_t size() const { return pushed_ < items_.size() ? static_cast<size_t>(pushed_) : items_.size(); }
   uint64_t pushed() const { return pushed_; }

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -61,6 +62,25 @@ Stats Stats::from_moments(const double* in) {
   s.total_ = in[3];
   s.min_ = in[4];
   s.max_ = in[5];
+  return s;
+}
+
+Stats Stats::since(const Stats& later, const Stats& earlier) {
+  Stats s;
+  if (later.n_ <= earlier.n_) return s;  // nothing added (or `earlier` is not a past of `later`)
+  if (earlier.n_ == 0) return later;
+  const double n1 = static_cast<double>(later.n_), n0 = static_cast<double>(earlier.n_);
+  s.n_ = later.n_ - earlier.n_;
+  const double n = static_cast<double>(s.n_);
+  s.total_ = later.total_ - earlier.total_;
+  // later = merge(earlier, interval): solve merge()'s two updates for the interval's moments. The
+  // mean as later's plus a correction keeps the cancellation to the difference of the two means.
+  s.mean_ = later.mean_ + (later.mean_ - earlier.mean_) * n0 / n;
+  const double d = s.mean_ - earlier.mean_;
+  s.m2_ = std::max(0.0, later.m2_ - earlier.m2_ - d * d * n0 * n / n1);
+  const double unknown = std::numeric_limits<double>::quiet_NaN();
+  s.min_ = later.min_ < earlier.min_ ? later.min_ : unknown;
+  s.max_ = later.max_ > earlier.max_ ? later.max_ : unknown;
   return s;
 }
 
@@ -147,6 +167,39 @@ LogHistogram LogHistogram::from_counts(const double* counts, double min, double 
     h.max_ = max;
   }
   return h;
+}
+
+LogHistogram LogHistogram::since(const LogHistogram& later, const LogHistogram& earlier) {
+  LogHistogram h;
+  if (later.n_ <= earlier.n_) return h;
+  if (earlier.n_ == 0) return later;
+  int lo = -1, hi = -1;
+  for (int i = 0; i < kBuckets; ++i) {
+    // A bucket cannot lose samples; a smaller count means `earlier` is no past of `later`.
+    const uint64_t c = later.counts_[i] >= earlier.counts_[i] ? later.counts_[i] - earlier.counts_[i] : 0;
+    h.counts_[i] = c;
+    h.n_ += static_cast<int64_t>(c);
+    if (c > 0) {
+      if (lo < 0) lo = i;
+      hi = i;
+    }
+  }
+  if (h.n_ == 0) return h;
+  h.min_ = later.min_ < earlier.min_ ? later.min_ : std::clamp(bucket_value(lo), later.min_, later.max_);
+  h.max_ = later.max_ > earlier.max_ ? later.max_ : std::clamp(bucket_value(hi), later.min_, later.max_);
+  return h;
+}
+
+Series Series::since(const Series& later, const Series& earlier) {
+  Series s{Stats::since(later.stats, earlier.stats), LogHistogram::since(later.hist, earlier.hist)};
+  if (s.stats.count() > 0 && (std::isnan(s.stats.min()) || std::isnan(s.stats.max()))) {
+    double m[Stats::kMoments];
+    s.stats.to_moments(m);
+    if (std::isnan(m[4])) m[4] = s.hist.min();
+    if (std::isnan(m[5])) m[5] = s.hist.max();
+    s.stats = Stats::from_moments(m);
+  }
+  return s;
 }
 
 double LogHistogram::quantile(double q) const {

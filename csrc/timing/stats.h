@@ -27,6 +27,13 @@ class Stats {
   void to_moments(double* out) const;
   static Stats from_moments(const double* in);  // throws std::invalid_argument on a bad count
 
+  // The statistics of the samples added to `later` after it was `earlier` (a copy taken then):
+  // the count and total subtract exactly, the mean and second moment by the reverse of merge().
+  // The extremes are exact only where the interval renewed them (later's min below earlier's, max
+  // above); elsewhere they are unknown here and set to NaN (Series::since fills them from its
+  // histogram).
+  static Stats since(const Stats& later, const Stats& earlier);
+
  private:
   int64_t n_ = 0;
   double mean_ = 0, m2_ = 0, total_ = 0, min_ = 0, max_ = 0;
@@ -60,6 +67,11 @@ class LogHistogram {
   // to 2^53 exactly) and the exact extremes; the count is their sum. With the counts, min and
   // max of another histogram it answers every quantile exactly as that one does.
   static LogHistogram from_counts(const double* counts, double min, double max);  // throws std::invalid_argument
+  // The samples added to `later` after it was `earlier`: bucket counts subtract exactly, so every
+  // quantile is the one a histogram of those samples alone gives, but for the extremes (and the
+  // quantiles clamped to them): exact where the interval renewed them, otherwise the value of the
+  // lowest (highest) occupied bucket, within kRelativeError of the true extreme.
+  static LogHistogram since(const LogHistogram& later, const LogHistogram& earlier);
 
  private:
   std::vector<uint64_t> counts_;
@@ -75,6 +87,8 @@ struct Series {
     stats.add(ns);
     hist.add(ns);
   }
+  // Stats::since and LogHistogram::since, the histogram's extremes standing in for unknown ones.
+  static Series since(const Series& later, const Series& earlier);
 };
 
 }  // namespace stepscope::timing

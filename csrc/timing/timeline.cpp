@@ -102,6 +102,7 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
 }
 
 void Timeline::add_host(int series, double ns) {
+  if (discard_) return;  // a step cut by reset()
   if (warm_) {
     warm_sum_.host[series] += ns * 1e-9;
     return;
@@ -200,7 +201,9 @@ void Timeline::finish_step(int64_t now, int ev) {
   if (device_) read_device_memory(pool_.device(), &memory_);
   r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
-  if (warm_) {
+  if (discard_) {
+    ring_.clear();  // a step cut by reset() is kept nowhere, the ring included
+  } else if (warm_) {
     ++warm_sum_.steps;
     warm_sum_.samples += step_samples_;
   } else {
@@ -222,6 +225,8 @@ void Timeline::finish_step(int64_t now, int ev) {
   const int64_t t_poll = device_ ? now_ns() : 0;
   poll_locked();
   if (device_) dev_cost_ns_ += now_ns() - t_poll;
+  discard_ = false;
+  if (!snap_waiting_.empty()) fill_waiting_snapshots();
   start_step(now, ev);
 }
 
@@ -414,6 +419,14 @@ void Timeline::close() {
   closed_ = true;
   fold_host();  // the partial step's phases still count
   poll_locked();
+  discard_ = false;
+  if (!snap_waiting_.empty()) fill_waiting_snapshots();
+}
+
+void Timeline::fill_waiting_snapshots() {
+  fold_host();
+  for (auto& s : snap_waiting_) fill_snapshot(*s);
+  snap_waiting_.clear();
 }
 
 int64_t Timeline::steps() const {

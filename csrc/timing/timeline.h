@@ -62,6 +62,7 @@
 #include <deque>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -192,6 +193,24 @@ struct Report {
   double event_record_cost = 0;
 };
 
+// The statistics at one moment (Timeline::snapshot), which report(since) and pack(since) subtract to
+// give the figures of the steps after it. Opaque outside the Timeline; a few hundred KB (its
+// histograms), taken once per interval (an epoch, a log line), never per step.
+struct TimelineSnapshot {
+  const void* owner = nullptr;  // the Timeline it was taken from
+  bool ready = false;           // false while it waits for the end of the step it was taken in
+  uint64_t generation = 0;      // Timeline::reset() calls before it was filled
+  std::array<Series, static_cast<size_t>(Phase::kCount)> host, dev;
+  std::array<Series, kNumPartition> lag;
+  std::vector<Series> user_host, user_dev;
+  std::vector<Stats> module_host, module_dev;
+  int64_t steps = 0, samples = 0, dropped = 0, device_steps = 0, device_events = 0;
+  double step_host_total = 0;  // ns
+  WarmupSummary warmup;
+  uint64_t spikes = 0;      // spikes seen before it
+  int64_t first_step = 0;   // index of the first step after it
+};
+
 // Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
 // "slow steps" uses 2-3x; 3x keeps a GC pause or a checkpoint, not ordinary jitter). The running
 // median is a multiplicative streaming estimate (one word per series, updated per step), so the
@@ -237,9 +256,31 @@ class Timeline {
   void close();
   void open();
 
-  Report report();
-  // The raw statistics behind report()'s phases as kPackedWords doubles (see report_from_packed).
-  std::vector<double> pack();
+  // Statistics so far; with `since`, those of the steps after that snapshot (see snapshot()).
+  Report report(const TimelineSnapshot* since = nullptr);
+  // The raw statistics behind report()'s phases as kPackedWords doubles (see report_from_packed);
+  // with `since`, those of the steps after that snapshot, so that ranks can gather an interval.
+  std::vector<double> pack(const TimelineSnapshot* since = nullptr);
+
+  // Interval statistics. A snapshot marks a point between steps: report(snap) then gives the figures
+  // of the steps that ended after it, as a fresh Timeline fed those steps would (phases, step,
+  // shares, samples/s, spikes, user phases and modules; warm-up steps never count). Counts, totals
+  // and histogram buckets subtract exactly (so do the quantiles); means and standard deviations come
+  // from reversing the moments' merge (exact up to rounding); an interval's min and max are exact
+  // where it renewed them, else the value of its lowest / highest occupied histogram bucket (within
+  // LogHistogram::kRelativeError), and unknown (NaN) for modules, which keep no histogram. A snapshot
+  // taken inside a step (after its first boundary) waits for that step's end: the interval then
+  // begins with the next step, so that no step is split between two intervals. Device samples resolve
+  // a step or two late: those of steps before the snapshot still pending at it
+  // (Report::pending_device_samples) count in the interval. Costs one copy of the statistics, no
+  // device synchronisation and nothing per step.
+  std::shared_ptr<TimelineSnapshot> snapshot();
+  // Forgets every statistic (phases, user phases, modules, counts, warm-up totals, spikes, lags, the
+  // ring of recent steps), keeping the step clock, the step index (NVTX payloads, capture window),
+  // device sampling and the registered names. A step open at the reset (one whose first boundary
+  // came before it) is not counted when it ends; device samples of earlier steps are dropped when
+  // they resolve. Snapshots taken before a reset give the figures since the reset.
+  void reset();
   std::vector<StepRecord> recent_steps() const;
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
@@ -294,6 +335,12 @@ class Timeline {
   void queue_or_drop(int kind, int id, std::initializer_list<int> events, int slot = -1);
   SpanRecord* span_record(uint64_t serial, int slot);
   void poll_locked();
+  void fill_snapshot(TimelineSnapshot& s) const;
+  void fill_waiting_snapshots();  // at the end of the step they were taken in
+  Report report_locked(const TimelineSnapshot* since);
+  // The snapshot report(since) and pack(since) subtract: nullptr for everything so far (none given,
+  // or taken before the last reset), `scratch` filled now for one still waiting for its step's end.
+  const TimelineSnapshot* base_of(const TimelineSnapshot* since, TimelineSnapshot& scratch) const;
   template <typename G>
   int group_add(G& g, const std::string& name, size_t limit);
   template <typename G>
@@ -367,6 +414,13 @@ class Timeline {
   StepRecord cur_;
   Ring<StepRecord> ring_;
   int64_t steps_done_ = 0, samples_done_ = 0;
+  // Interval statistics: snapshots waiting for the open step's end, reset() calls, and the open step
+  // being one that a reset cut (its samples go nowhere) and the newest step serial it cut (device
+  // samples of that step or before are dropped when they resolve).
+  std::vector<std::shared_ptr<TimelineSnapshot>> snap_waiting_;
+  uint64_t generation_ = 0;
+  bool discard_ = false;
+  uint64_t reset_serial_ = 0;
   double step_host_total_ = 0;
   // Warm-up: whether the open step is one, and what the warm-up steps add up to.
   bool warm_ = false;

@@ -88,7 +88,7 @@ void Timeline::place_on_host_clock(const DevSpan& d, float m0, float m1, double 
   }
   const double elapsed_ms = two ? m1 : m0;
   const double lag = clock_.place(elapsed_ms * 1e6, static_cast<double>(pool_.stamp(close)), seen);
-  if (!d.warm) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
+  if (!d.warm && d.serial > reset_serial_) lag_[d.id].add(std::max(lag, 1.0));  // the histogram's floor is 1 ns
   lag_min_ns_ = std::min(lag_min_ns_, lag);
   if (!two && d.slot >= 0) {
     // The span's device interval for the trace: it closed at the placed time, and opened the
@@ -125,7 +125,9 @@ void Timeline::poll_locked() {
       ms = static_cast<double>(m0) + static_cast<double>(m1);
       if (!failed && d.kind == 0 && d.id < kNumPartition && anchor_ev_ >= 0) place_on_host_clock(d, m0, m1, seen);
     }
-    if (failed) {
+    if (d.serial <= reset_serial_) {
+      // A step before the last reset(): forgotten with it.
+    } else if (failed) {
       ++dropped_;
     } else {
       const double ns = ms * 1e6;

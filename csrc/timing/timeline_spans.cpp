@@ -51,7 +51,7 @@ void Timeline::group_end(G& g, int id) {
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
   const int ev = record_event(now);
-  if (!warm_) g.host[id].add(static_cast<double>(now - o.t0));
+  if (!warm_ && !discard_) g.host[id].add(static_cast<double>(now - o.t0));
   // A span that crosses from a timed step into an untimed one (or back) has no device time, and
   // that is no dropped sample.
   if (device_ && dev_step_ && o.timed) queue_or_drop(g.kind, id, {o.ev, ev});

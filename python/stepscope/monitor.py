@@ -143,6 +143,23 @@ class _Phase:
         self._tl.user_end(self._id)
 
 
+class Snapshot:
+    """A mark between steps, from :meth:`Monitor.snapshot`, for ``report/summary/diagnose(since=...)``.
+
+    Opaque: it holds a copy of the Monitor's raw statistics (a few hundred KB), taken without a
+    device synchronisation. A snapshot taken before the Monitor was first attached marks the start.
+    """
+
+    __slots__ = ("_owner", "_c")
+
+    def __init__(self, owner: "Monitor", c: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self._c = c  # _C.TimelineSnapshot, or None: the start
+
+    def __repr__(self) -> str:
+        return "<stepscope.Snapshot>" if self._c is not None else "<stepscope.Snapshot (start)>"
+
+
 class Monitor:
     """Times forward, backward, optimizer step and the gaps between them, every step.
 
@@ -490,40 +507,102 @@ class Monitor:
             ctx["cuda_capability"] = list(torch.cuda.get_device_capability(dev))
         return ctx
 
-    def report(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> dict:
+    # ------------------------------------------------------------------ intervals
+    def snapshot(self) -> Snapshot:
+        """A mark for interval statistics: ``report(since=snap)`` (and ``summary``/``diagnose``)
+        then give the figures of the steps that ended after it, as a fresh Monitor fed only those
+        steps would (phases, step, shares, samples/s, spikes, user phases, modules; warm-up steps
+        never count), while ``report()`` stays cumulative. Any number of snapshots may be kept::
+
+            snap = mon.snapshot()
+            for x, y in loader: ...                       # one epoch
+            print(mon.summary(since=snap)); snap = mon.snapshot()
+
+        Cheap: one copy of the raw statistics, no device synchronisation, nothing per step. Taken
+        between steps (after ``optimizer.step()``, at an epoch's or a log's end) it splits the run
+        exactly; taken inside a step it marks that step's end, so that no step is split between
+        two intervals. The difference is exact for counts, totals and histogram buckets (hence the
+        quantiles); means and standard deviations reverse the moments' merge (exact up to
+        rounding). Approximate: an interval's min and max are exact where the interval renewed
+        them, otherwise the value of its lowest / highest histogram bucket (within 0.5%); for
+        ``modules`` (moments only, no histogram) they are then unknown (None). On CUDA, device
+        samples resolve a step or two late: those of the steps before the snapshot that were still
+        pending at it count in the interval. A snapshot taken before :meth:`reset` gives the
+        figures since the reset; one taken before the first attach, those since the start.
+        """
+        return Snapshot(self, self._tl.snapshot() if self._tl is not None else None)
+
+    def reset(self) -> None:
+        """Forgets every statistic (phases, user phases, modules, step and sample counts, warm-up
+        totals, spikes, the ring of recent steps); the hooks stay attached and timing goes on.
+
+        ``steps`` counts from 0 again; the step index (NVTX payloads, ``profile_steps``) and the
+        warm-up (counted from the first attach, not per reset) go on. A step already under way
+        (one that closed a phase before the reset) is not counted. Snapshots taken before it then
+        give the figures since the reset.
+        """
+        if self._tl is not None:
+            self._tl.reset()
+
+    def _since(self, since: Optional[Snapshot]) -> Any:
+        # The C++ snapshot report(since=) subtracts, or None: everything so far.
+        if since is None:
+            return None
+        if not isinstance(since, Snapshot):
+            raise TypeError(f"stepscope: since must be a Monitor.snapshot() or None; got {_what(since)}")
+        if since._owner() is not self:
+            raise ValueError("stepscope: since is a snapshot of another Monitor; take it with this "
+                             "Monitor's snapshot()")
+        return since._c
+
+    def report(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
+               group: Any = None) -> dict:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`).
 
-        ``gather=True``: merged over the ranks of ``group`` (default: the default process group)
-        by one all_gather, plus a per-rank view in ``ranks`` (see
+        ``since``: a :meth:`snapshot`: the same dict for the steps that ended after it (see
+        :meth:`snapshot` for what is exact); ``None``: the whole run (since the last
+        :meth:`reset`). ``gather=True``: merged over the ranks of ``group`` (default: the default
+        process group) by one all_gather, plus a per-rank view in ``ranks`` (see
         :func:`stepscope.distributed.gather_report`); a collective, so every rank must call it.
         """
+        base = self._since(since)
         if gather:
+            if since is not None:
+                raise ValueError("stepscope: report(gather=True) covers the whole run; since= is for "
+                                 "a local report")
             from . import distributed
 
             return distributed.gather_report(self, group, top_modules=top_modules)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
-        raw = self._tl.report()
+        raw = self._tl.report(since=base)
         return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
                                     context=self._context())
 
-    def diagnose(self, *, gather: bool = False, group: Any = None) -> list:
+    def diagnose(self, *, since: Optional[Snapshot] = None, gather: bool = False, group: Any = None) -> list:
         """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
-        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first. ``gather=True``
-        diagnoses the report gathered over the ranks (a collective), which adds the straggler rule.
+        saving) from the rules in :mod:`stepscope.diagnose`, largest saving first. ``since``: of
+        the steps after a :meth:`snapshot`. ``gather=True`` diagnoses the report gathered over
+        the ranks (a collective), which adds the straggler rule.
         """
-        return _diagnose.diagnose(self.report(gather=gather, group=group))
+        return _diagnose.diagnose(self.report(since=since, gather=gather, group=group))
 
-    def summary(self, top_modules: int = 10, *, gather: bool = False, group: Any = None) -> str:
+    def summary(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
+                group: Any = None) -> str:
         """A plain-text table (phase, count, mean, p50, p90, p99, max, total, share of step; host,
         then device), warm-up and spike lines, and the diagnosis ("What to fix first").
 
+        ``since``: the table and diagnosis of the steps after a :meth:`snapshot`.
         ``gather=True``: the table merged over the ranks, the per-rank p50 table, and the
         diagnosis of the gathered report (the straggler rule included); a collective, as in
         :meth:`report`.
         """
-        rep = self.report(top_modules=top_modules, gather=gather, group=group)
-        return _report.format_summary(rep, findings=_diagnose.diagnose(rep) if gather else self.diagnose())
+        rep = self.report(top_modules=top_modules, since=since, gather=gather, group=group)
+        if gather:
+            findings = _diagnose.diagnose(rep)
+        else:
+            findings = self.diagnose() if since is None else self.diagnose(since=since)
+        return _report.format_summary(rep, findings=findings)
 
     def recent_steps(self) -> list:
         """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""

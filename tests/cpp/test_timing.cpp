@@ -9,6 +9,7 @@
 #include <random>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "timing/device_clock.h"
@@ -650,4 +651,266 @@ TEST(TimingPacked, RefusesForeignBuffers) {
   v = tl.pack();
   v[kPackedHeader] = -1;  // the data phase's sample count
   EXPECT_THROW(report_from_packed(v.data(), 1), std::invalid_argument);
+}
+
+// ---- interval statistics: snapshot(), report(since), reset()
+
+namespace {
+
+// A series summarised as Timeline::report() does (seconds).
+SeriesSummary report_of_series(const Series& s) {
+  return SeriesSummary{s.stats.count(), s.stats.total() * 1e-9, s.stats.mean() * 1e-9, s.stats.std() * 1e-9,
+                       s.stats.min() * 1e-9, s.stats.max() * 1e-9, s.hist.quantile(0.5) * 1e-9,
+                       s.hist.quantile(0.9) * 1e-9, s.hist.quantile(0.99) * 1e-9, true};
+}
+
+// The statistics of `xs` alone, as a fresh Series would hold them.
+Series series_of(const std::vector<double>& xs) {
+  Series s;
+  for (double x : xs) s.add(x);
+  return s;
+}
+
+// An interval's summary against the summary of a fresh series of the same samples: exact counts and
+// buckets, moments up to rounding, extremes (and quantiles clamped to them) within a bucket's error.
+void expect_interval_matches(const SeriesSummary& got, const SeriesSummary& want, const char* what) {
+  constexpr double e = LogHistogram::kRelativeError;
+  EXPECT_EQ(got.count, want.count) << what;
+  EXPECT_NEAR(got.total, want.total, 1e-12 * want.total + 1e-15) << what;
+  EXPECT_NEAR(got.mean, want.mean, 1e-9 * want.mean + 1e-15) << what;
+  EXPECT_NEAR(got.std, want.std, 1e-6 * want.mean + 1e-15) << what;
+  for (auto [g, w, q] : {std::tuple{got.min, want.min, "min"}, {got.max, want.max, "max"}, {got.p50, want.p50, "p50"},
+                         {got.p90, want.p90, "p90"}, {got.p99, want.p99, "p99"}})
+    EXPECT_NEAR(g, w, 2 * e * w + 1e-15) << what << " " << q;
+}
+
+// Per-phase samples of the ring's steps from index `first` on (one forward/backward per step, so
+// each step holds one sample of each phase), in ns.
+std::vector<std::vector<double>> ring_samples(const Timeline& tl, int64_t first) {
+  std::vector<std::vector<double>> v(kNumPartition + 1);
+  for (const StepRecord& r : tl.recent_steps()) {
+    if (r.index < first || r.warmup) continue;
+    double step = 0;
+    for (int i = 0; i < kNumPartition; ++i) {
+      const double ns = static_cast<double>(std::llround(r.host[i] * 1e9));
+      v[i].push_back(ns);
+      step += ns;
+    }
+    v[kNumPartition].push_back(step);
+  }
+  return v;
+}
+
+void spin_us(int us) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  while (std::chrono::steady_clock::now() < end) {
+  }
+}
+
+}  // namespace
+
+TEST(TimingStats, SinceGivesTheStatisticsOfTheLaterSamples) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> early(13.0, 0.5), late(15.0, 0.3);  // the interval shifts up
+  std::vector<double> a(3000), b(700);
+  for (double& x : a) x = early(rng);
+  for (double& x : b) x = late(rng);
+  Series s = series_of(a);
+  const Series before = s;
+  for (double x : b) s.add(x);
+  const Series d = Series::since(s, before), fresh = series_of(b);
+  EXPECT_EQ(d.stats.count(), fresh.stats.count());
+  EXPECT_EQ(d.hist.buckets(), fresh.hist.buckets()) << "seed " << seed;
+  EXPECT_NEAR(d.stats.total(), fresh.stats.total(), 1e-12 * fresh.stats.total());
+  EXPECT_NEAR(d.stats.mean(), fresh.stats.mean(), 1e-9 * fresh.stats.mean()) << "seed " << seed;
+  EXPECT_NEAR(d.stats.std(), fresh.stats.std(), 1e-6 * fresh.stats.std()) << "seed " << seed;
+  // The later samples renewed the max (exact) but not the min (from the lowest occupied bucket).
+  EXPECT_EQ(d.stats.max(), fresh.stats.max());
+  EXPECT_NEAR(d.stats.min(), fresh.stats.min(), LogHistogram::kRelativeError * fresh.stats.min());
+  for (double q : {0.1, 0.5, 0.9, 0.99}) EXPECT_EQ(d.hist.quantile(q), fresh.hist.quantile(q)) << q;
+  // Moments alone: an extreme the interval did not renew is unknown.
+  const Stats m = Stats::since(s.stats, before.stats);
+  EXPECT_TRUE(std::isnan(m.min()));
+  EXPECT_EQ(m.max(), fresh.stats.max());
+  // Nothing added, and an empty past.
+  EXPECT_EQ(Series::since(s, s).stats.count(), 0);
+  EXPECT_EQ(Series::since(s, s).hist.count(), 0);
+  EXPECT_EQ(Series::since(s, Series{}).stats.mean(), s.stats.mean());
+}
+
+TEST(TimingInterval, ReportSinceEqualsAFreshTimelineOfTheSameSteps) {
+  Timeline tl({.device = false, .nvtx = false, .warmup_steps = 2});
+  const auto start = tl.snapshot();  // before anything: the interval is the whole run, exactly
+  run_steps(tl, 12, 40);
+  auto spike_step = [&](int us) {  // a step > 3x the running median: its data phase grew
+    spin_us(us);
+    tl.forward_begin(false, 4);
+    tl.forward_end();
+    ASSERT_TRUE(tl.backward_begin());
+    tl.backward_end();
+    tl.optimizer_begin();
+    tl.optimizer_end();
+  };
+  spike_step(3000);
+  const auto snap = tl.snapshot();
+  const int64_t first = tl.steps();
+  run_steps(tl, 15, 150);  // another speed in the interval
+  spike_step(8000);
+  run_steps(tl, 3, 150);
+  const Report all = tl.report(), whole = tl.report(start.get()), r = tl.report(snap.get());
+  for (size_t i = 0; i < all.phases.size(); ++i)
+    expect_same_summary(whole.phases[i].host, all.phases[i].host, all.phases[i].name.c_str());
+  EXPECT_EQ(whole.steps, all.steps);
+  EXPECT_EQ(whole.spikes_total, all.spikes_total);
+
+  const auto samples = ring_samples(tl, first);
+  ASSERT_EQ(samples[0].size(), 19u);
+  EXPECT_EQ(r.steps, 19);
+  EXPECT_EQ(r.samples, 19 * 4);
+  EXPECT_EQ(r.warmup.steps, 0);  // the warm-up steps came before
+  for (int i = 0; i <= kNumPartition; ++i) {
+    const Phase p = i < kNumPartition ? static_cast<Phase>(i) : Phase::kStep;
+    expect_interval_matches(phase(r, p).host, report_of_series(series_of(samples[i])), phase_name(p));
+  }
+  double step_total = 0;
+  for (double x : samples[kNumPartition]) step_total += x;
+  EXPECT_NEAR(r.step_host_total, step_total * 1e-9, 1e-12);
+  // The spikes after the snapshot only (a loaded machine may add some of its own: compare with the
+  // cumulative list); the cumulative report keeps the planted one before it too.
+  ASSERT_LT(all.spikes_total, kMaxSpikes);
+  std::vector<int64_t> after, got;
+  bool planted_before = false;
+  for (const auto& sp : all.spikes) {
+    if (sp.index >= first) after.push_back(sp.index);
+    planted_before = planted_before || sp.index == first - 1;
+  }
+  for (const auto& sp : r.spikes) got.push_back(sp.index);
+  EXPECT_EQ(got, after);
+  EXPECT_EQ(r.spikes_total, static_cast<int64_t>(after.size()));
+  EXPECT_NE(std::find(got.begin(), got.end(), first + 15), got.end());
+  EXPECT_TRUE(planted_before);
+}
+
+TEST(TimingInterval, UserPhasesAndModulesSubtractToo) {
+  Timeline tl({.device = false, .nvtx = false});
+  const int enc = tl.register_module("encoder"), clip = tl.user_series("clip");
+  auto step = [&](int mod_us, bool late_phase) {
+    tl.forward_begin(false, 2);
+    tl.module_begin(enc);
+    spin_us(mod_us);
+    tl.module_end(enc);
+    tl.forward_end();
+    tl.backward_begin();
+    tl.backward_end();
+    tl.user_begin(clip);
+    tl.user_end(clip);
+    if (late_phase) {
+      ScopedPhase p(tl, std::string("late"));  // registered after the snapshot
+    }
+    tl.optimizer_begin();
+    tl.optimizer_end();
+  };
+  for (int k = 0; k < 5; ++k) step(400, false);
+  const auto snap = tl.snapshot();
+  for (int k = 0; k < 3; ++k) step(100, true);
+  const Report r = tl.report(snap.get());
+  ASSERT_EQ(r.user.size(), 2u);
+  EXPECT_EQ(r.user[0].host.count, 3);
+  EXPECT_EQ(r.user[1].name, "late");
+  EXPECT_EQ(r.user[1].host.count, 3);
+  ASSERT_EQ(r.modules.size(), 1u);
+  const SeriesSummary& m = r.modules[0].host;
+  EXPECT_EQ(m.count, 3);
+  EXPECT_GE(m.mean, 100e-6);
+  // Moments only: an extreme is exact where the interval renewed it, else unknown. Which happened
+  // depends on the machine's load; the ring's module spans tell.
+  double lo[2] = {1e30, 1e30}, hi[2] = {0, 0};
+  for (const StepRecord& st : tl.recent_steps())
+    for (int i = 0; i < st.n_spans; ++i)
+      if (st.spans[i].kind == SpanRecord::kModule) {
+        const double x = static_cast<double>(st.spans[i].t1 - st.spans[i].t0) * 1e-9;
+        const int k = st.index >= 5 ? 1 : 0;
+        lo[k] = std::min(lo[k], x);
+        hi[k] = std::max(hi[k], x);
+      }
+  if (lo[1] < lo[0]) {
+    EXPECT_DOUBLE_EQ(m.min, lo[1]);
+  } else {
+    EXPECT_TRUE(std::isnan(m.min));
+  }
+  if (hi[1] > hi[0]) {
+    EXPECT_DOUBLE_EQ(m.max, hi[1]);
+  } else {
+    EXPECT_TRUE(std::isnan(m.max));
+  }
+}
+
+TEST(TimingInterval, SnapshotInsideAStepMarksItsEnd) {
+  Timeline tl({.device = false, .nvtx = false});
+  run_steps(tl, 3, 20);
+  tl.forward_begin(false, 4);  // the step has begun
+  const auto snap = tl.snapshot();
+  EXPECT_EQ(tl.report(snap.get()).steps, 0);  // waiting: no step has ended after it
+  tl.forward_end();
+  EXPECT_TRUE(tl.step());
+  EXPECT_EQ(tl.report(snap.get()).steps, 0);  // that step belongs before the snapshot
+  run_steps(tl, 2, 20);
+  const Report r = tl.report(snap.get());
+  EXPECT_EQ(r.steps, 2);
+  for (int i = 0; i < kNumPartition; ++i) EXPECT_EQ(r.phases[i].host.count, 2) << phase_name(static_cast<Phase>(i));
+  EXPECT_EQ(r.samples, 8);
+  // Between steps a snapshot is immediate, and the open step's data phase lands after it.
+  const auto between = tl.snapshot();
+  run_steps(tl, 1, 20);
+  EXPECT_EQ(phase(tl.report(between.get()), Phase::kData).host.count, 1);
+  // close() (detach) fills a waiting snapshot: the cut step is gone.
+  tl.forward_begin(false, 4);
+  const auto at_close = tl.snapshot();
+  tl.close();
+  EXPECT_EQ(tl.report(at_close.get()).steps, 0);
+  EXPECT_EQ(tl.report(at_close.get()).phases[0].host.count, 0);
+  Timeline other({.nvtx = false});
+  EXPECT_THROW(other.report(snap.get()), c10::ValueError);
+  EXPECT_THROW(other.pack(snap.get()), c10::ValueError);
+}
+
+TEST(TimingInterval, ResetForgetsEverythingAndTheStepItCut) {
+  Timeline tl({.device = false, .nvtx = false, .ring = 8, .warmup_steps = 1});
+  const int clip = tl.user_series("clip");
+  run_steps(tl, 6, 30);
+  const auto before = tl.snapshot();
+  tl.reset();
+  Report r = tl.report();
+  EXPECT_EQ(r.steps, 0);
+  EXPECT_EQ(tl.steps(), 0);
+  EXPECT_EQ(r.warmup.steps, 0);
+  for (const auto& p : r.phases) EXPECT_EQ(p.host.count, 0) << p.name;
+  EXPECT_TRUE(tl.recent_steps().empty());
+  EXPECT_EQ(r.user.at(0).name, "clip");  // names stay
+  // A reset inside a step: that step is counted nowhere, the next ones as by a fresh Timeline.
+  tl.forward_begin(false, 4);
+  tl.forward_end();
+  tl.reset();
+  tl.user_begin(clip);
+  tl.user_end(clip);
+  EXPECT_TRUE(tl.backward_begin());
+  tl.backward_end();
+  tl.optimizer_begin();
+  tl.optimizer_end();
+  EXPECT_EQ(tl.steps(), 0);
+  EXPECT_TRUE(tl.recent_steps().empty());
+  run_steps(tl, 3, 30);
+  r = tl.report();
+  EXPECT_EQ(r.steps, 3);
+  EXPECT_EQ(r.samples, 12);
+  EXPECT_EQ(r.user.at(0).host.count, 0);
+  for (int i = 0; i <= kNumPartition; ++i) EXPECT_EQ(r.phases[i].host.count, 3) << phase_name(static_cast<Phase>(i));
+  EXPECT_EQ(tl.recent_steps().size(), 3u);
+  const auto samples = ring_samples(tl, 0);
+  expect_interval_matches(phase(r, Phase::kForward).host, report_of_series(series_of(samples[1])), "forward");
+  // A snapshot from before the reset gives the figures since the reset.
+  const Report s = tl.report(before.get());
+  EXPECT_EQ(s.steps, 3);
+  expect_same_summary(phase(s, Phase::kStep).host, phase(r, Phase::kStep).host, "step");
 }
