@@ -8,6 +8,7 @@ machine and more when it is loaded: SLACK is generous against that and half the 
 when it is not installed (``make test`` installs both).
 """
 
+import collections
 import os
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def test_lightning_logs_phases_and_metrics_to_callback_metrics(tmp_path):
                 "stepscope/f1_macro", "stepscope/loss"):
         assert key in logged, sorted(logged)
     assert float(logged["stepscope/step_p50_ms"]) > 0
-    assert int(metrics.compute()["samples"]) == 4 * 8
+    assert int(cb.run_metrics.compute()["samples"]) == 4 * 8
+    assert int(metrics.compute()["samples"]) == 0  # logged and reset at the epoch's end
     assert "stepscope/accuracy_per_class" not in logged
 
 
@@ -186,17 +188,70 @@ def test_lightning_own_logging_is_its_own_span_outside_the_step():
     trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(7), batch_size=None))
     rep = cb.monitor.report()
     print(cb.monitor.summary())
-    assert rep["steps"] == 7 and len(calls) == 7
+    assert rep["steps"] == 7 and len(calls) == 7 + 1  # after each step, and the metrics at the epoch's end
     assert_lightning_data(rep)  # the loader's sleep, not the log's
     own = rep["user"]["stepscope_log"]
-    assert own["host"]["count"] == 7 and own["parent"] == "eval_forward"
+    assert own["host"]["count"] == 8 and own["parent"] == "eval_forward"
     assert_planted(own["host"]["p50"], "stepscope_log", SLACK)
     assert "stepscope_log" in cb.monitor.summary()
     # the short list by default: 9 names at most, each one of LOG_KEYS
     prefix = "stepscope/"
     assert all(1 <= len(c) <= len(LOG_KEYS) for c in calls)
     assert {k[len(prefix):] for c in calls for k in c} <= set(LOG_KEYS)
-    assert {"stepscope/step_p50_ms", "stepscope/data_share", "stepscope/accuracy"} <= set(calls[0])
+    assert {"stepscope/step_p50_ms", "stepscope/data_share"} <= set(calls[0])
+    assert {"stepscope/accuracy", "stepscope/f1_macro", "stepscope/loss"} == set(calls[-1])
+
+
+def test_lightning_metrics_per_epoch_and_timing_per_interval():
+    # The forward sleeps 5 ms in epoch 0 and 40 ms in epoch 1; 4 steps an epoch, a log every 2.
+    pl = pytest.importorskip("lightning.pytorch")
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    seen = collections.defaultdict(lambda: ([], []))  # epoch -> (preds, targets) fed to the metrics
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(6, 4)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            sleep((0.005, 0.040)[self.current_epoch], f"forward{self.current_epoch}")
+            logits = self.net(x)
+            seen[self.current_epoch][0].append(logits.detach().clone())
+            seen[self.current_epoch][1].append(y)
+            return {"loss": torch.nn.functional.cross_entropy(logits, y), "preds": logits.detach(), "target": y}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
+    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=2, log_keys="all", summary=False, warmup_steps=0)
+    lit, logged = Lit(), []  # what the callback sent to log_dict, call by call
+    log_dict = lit.log_dict
+    lit.log_dict = lambda d, **kw: (logged.append({k: float(v) for k, v in d.items()}), log_dict(d, **kw))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(lit, torch.utils.data.DataLoader(batches, batch_size=None))
+
+    def accuracy(epochs):
+        p = torch.cat([t for e in epochs for t in seen[e][0]])
+        y = torch.cat([t for e in epochs for t in seen[e][1]])
+        return float((p.argmax(1) == y).double().mean())
+
+    per_epoch = [h["stepscope/accuracy"] for h in logged if "stepscope/accuracy" in h]
+    assert per_epoch == pytest.approx([accuracy([0]), accuracy([1])], abs=1e-6)  # reset each epoch
+    assert float(cb.run_metrics.compute()["accuracy"]) == pytest.approx(accuracy([0, 1]), abs=1e-12)
+    assert int(cb.run_metrics.compute()["samples"]) == 2 * 4 * 8 and int(metrics.compute()["samples"]) == 0
+    # each timing log holds the 2 steps since the previous one: the third log holds 40 ms forwards only
+    fwd = [h["stepscope/forward_p50_ms"] / 1e3 for h in logged if "stepscope/forward_p50_ms" in h]
+    assert len(fwd) == 4
+    assert_planted(fwd[1], "forward", SLACK, slept=SLEPT["forward0"][2:4])
+    assert_planted(fwd[2], "forward", SLACK, slept=SLEPT["forward1"][0:2])
+    whole = cb.monitor.report()["phases"]["forward"]["host"]
+    assert whole["count"] == 8 and whole["p50"] < 0.040  # the whole run's stays in report()
 
 
 def test_lightning_log_keys_all_and_a_list():
@@ -357,6 +412,68 @@ def test_hf_metrics_from_the_models_logits_and_labels_per_log_and_on_eval(tmp_pa
     assert int(cb.eval_metrics.compute()["samples"]) == 0 and int(cb.run_metrics.compute()["samples"]) == 176
     cb.remove_hooks()
     assert not model._forward_hooks.keys() - {own_loss_handle.id}
+
+
+def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
+    # The model's forward sleeps 5 ms on steps 1-2 and 40 ms on steps 3-4; a log every 2 steps.
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    forwards = []
+
+    def slow(module, args, kwargs, output):  # runs before the Monitor's post hook: inside forward
+        if module.training:
+            forwards.append(1)
+            sleep(0.005 if len(forwards) <= 2 else 0.040, "forward")
+
+    model.register_forward_hook(slow, with_kwargs=True)
+    seen = []
+
+    class Logger(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    cb = StepscopeCallback(summary=False, warmup_steps=0, log_keys="all")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
+    transformers.Trainer(model=model, args=args, train_dataset=TokenData(64), callbacks=[cb, Logger()]).train()
+    fwd = [h["stepscope/forward_p50_ms"] / 1e3 for h in seen if "stepscope/forward_p50_ms" in h]
+    assert len(fwd) == 2, seen
+    assert_planted(fwd[0], "forward", SLACK, slept=SLEPT["forward"][0:2])
+    assert_planted(fwd[1], "forward", SLACK, slept=SLEPT["forward"][2:4])  # cumulative: the 5 ms ones
+    assert cb.monitor.report()["phases"]["forward"]["host"]["count"] == 4
+
+
+def test_log_tensorboard_since_a_snapshot_logs_that_interval():
+    class Writer:
+        def __init__(self):
+            self.scalars = collections.defaultdict(dict)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[step][tag] = value
+
+    model = torch.nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    # a forward hook registered before the Monitor's runs before its post hook: inside forward
+    model.register_forward_hook(lambda m, a, out: sleep(0.005 if len(SLEPT["f0"]) < 3 else 0.030,
+                                                        "f0" if len(SLEPT["f0"]) < 3 else "f1"))
+    w = Writer()
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        snap = None
+        for epoch in range(2):
+            for _ in range(3):
+                model(torch.randn(8, 6)).sum().backward()
+                opt.step()
+            snap = stepscope.log_tensorboard(w, mon, epoch, since=snap)
+        assert isinstance(snap, stepscope.monitor.Snapshot)
+        assert stepscope.log_tensorboard(w, mon, 9) is not None  # the old call: the whole run
+    assert_planted(w.scalars[0]["stepscope/forward/p50_ms"] / 1e3, "forward", 0.004, slept=SLEPT["f0"])
+    assert_planted(w.scalars[1]["stepscope/forward/p50_ms"] / 1e3, "forward", SLACK, slept=SLEPT["f1"])
+    assert w.scalars[9]["stepscope/forward/p50_ms"] == pytest.approx(
+        mon.report()["phases"]["forward"]["host"]["p50"] * 1e3)
+    with pytest.raises(TypeError, match="since=.*live Monitor"):
+        stepscope.log_tensorboard(w, mon.report(), 0, since=snap)
 
 
 def test_hf_metrics_refuse_what_they_cannot_read(tmp_path):

@@ -42,9 +42,13 @@ class StepscopeCallback(pl.Callback):
 
     Args:
         metrics: a :class:`stepscope.ClassificationMetrics` fed from ``training_step``'s outputs,
-            a mapping with ``"preds"`` and ``"target"``; its scalar entries are logged.
-        log_every_n_steps: log (``pl_module.log``, so they reach ``trainer.callback_metrics``
-            and the loggers) every this many optimizer steps; 0: never.
+            a mapping with ``"preds"`` and ``"target"``; at each training epoch's end its scalar
+            entries are computed, logged (``on_epoch``) and the metrics reset, as Lightning does
+            with torchmetrics; ``callback.run_metrics`` adds up every epoch (the whole run).
+        log_every_n_steps: every this many optimizer steps, log the timing of the steps since
+            the previous log (``pl_module.log``, so they reach ``trainer.callback_metrics`` and
+            the loggers; :meth:`stepscope.Monitor.snapshot`); 0: never. The whole run's figures
+            stay in ``callback.monitor.report()``.
         log_keys: which names to log (without the prefix): ``"short"`` (default,
             :data:`LOG_KEYS`: ``step_p50_ms``, the shares of
             ``data``, ``forward``, ``backward`` and ``optimizer``, ``accuracy``, ``f1_macro`` or
@@ -58,8 +62,8 @@ class StepscopeCallback(pl.Callback):
 
     The Monitor attaches at ``on_train_start`` to the LightningModule and ``trainer.optimizers``
     and detaches at ``on_train_end`` or when training raises; ``callback.monitor`` keeps the
-    numbers after ``fit``. Reading the metrics for a log costs one small host read (the timing
-    never syncs). The callback's own logging (the report, the metric read and ``log_dict``: tens
+    numbers after ``fit``. Reading the metrics at an epoch's end costs one small host read (the
+    timing never syncs). The callback's own logging (the report, the metric read and ``log_dict``: tens
     of ms with many names) runs between steps, where it would be the next step's ``data``: it is
     timed as the user phase ``stepscope_log`` and left out of the training step as an evaluation
     is (so ``eval_forward`` counts it too).
@@ -76,6 +80,7 @@ class StepscopeCallback(pl.Callback):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
         self.metrics = metrics
+        self.run_metrics = _common.run_total(metrics) if metrics is not None else None
         self.log_every_n_steps = log_every_n_steps
         self.summary = summary
         if trace is not None:
@@ -85,11 +90,13 @@ class StepscopeCallback(pl.Callback):
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Optional[Monitor] = None
         self._next_log = log_every_n_steps
+        self._since: Any = None
 
     # ------------------------------------------------------------------ attach / detach
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.monitor = Monitor(pl_module, list(trainer.optimizers), **self.monitor_kwargs).attach()
         self._next_log = self.log_every_n_steps
+        self._since = self.monitor.snapshot()
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         mon = self.monitor
@@ -142,7 +149,20 @@ class StepscopeCallback(pl.Callback):
             return
         self._next_log = mon.steps + self.log_every_n_steps
         with _common.own_work(mon):
-            logged = _common.phase_scalars(mon.report(), self.prefix, self.log_keys)
-            if self.metrics is not None:
-                logged.update(_common.pick(self.metrics.log_dict(), self.log_keys, self.prefix))
-            pl_module.log_dict(logged, on_step=True, on_epoch=False)
+            logged = _common.phase_scalars(mon.report(since=self._since), self.prefix, self.log_keys)
+            self._since = mon.snapshot()
+            if logged:
+                pl_module.log_dict(logged, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        m = self.metrics
+        if m is None or self.monitor is None:
+            return
+        with _common.own_work(self.monitor):
+            values = m.log_dict()
+            if float(values["samples"]) == 0:  # an epoch without a training batch
+                return
+            logged = _common.pick(values, self.log_keys, self.prefix)
+            _common.fold(self.run_metrics, m)
+            if logged:
+                pl_module.log_dict(logged, on_step=False, on_epoch=True)

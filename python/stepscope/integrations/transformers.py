@@ -83,8 +83,10 @@ class StepscopeCallback(TrainerCallback):
         preds_target: ``(output, inputs) -> (preds, target)``, for heads the rule above does not
             fit (``inputs``: the keyword arguments the model was called with).
         summary: print the summary table (with its diagnosis) at the end.
-        log: add phase p50s (ms) and shares to the Trainer's logs (``on_log``), for the
-            loggers after this callback in the list.
+        log: add phase p50s (ms) and shares to the Trainer's training logs (``on_log``), for the
+            loggers after this callback in the list: the figures of the steps since the previous
+            log (:meth:`stepscope.Monitor.snapshot`), as the Trainer's own ``loss`` is; the whole
+            run's stay in ``callback.monitor.report()``.
         log_keys: which names to log: ``"short"`` (default, :data:`LOG_KEYS`), ``"all"`` or a
             list of names (without the prefix), as in the Lightning callback.
         prefix: of every logged name.
@@ -124,6 +126,7 @@ class StepscopeCallback(TrainerCallback):
         self._loss_hook: Any = None
         self._metrics_hook: Any = None
         self._causal = False
+        self._since: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -136,6 +139,7 @@ class StepscopeCallback(TrainerCallback):
         # input to count: samples per forward are the configured batch (a short last batch counts full).
         kw.setdefault("batch_size", args.per_device_train_batch_size)
         self.monitor = Monitor(model, unwrap_optimizer(optimizer), **kw).attach()
+        self._since = self.monitor.snapshot()
         # Whether the model's output carries a loss: read from the output, no tensor touched.
         self._loss_hook = model.register_forward_hook(self._see_loss)
         self._hook_metrics(model)
@@ -193,8 +197,10 @@ class StepscopeCallback(TrainerCallback):
                 logs.update(self._read(self.eval_metrics, "eval_" + self.prefix))
                 self.eval_metrics.reset()
             return
-        if self.log and self.monitor is not None and self.monitor.attached:
-            logs.update(_common.phase_scalars(self.monitor.report(), self.prefix, self.log_keys))
+        mon = self.monitor
+        if self.log and mon is not None and mon.attached:
+            logs.update(_common.phase_scalars(mon.report(since=self._since), self.prefix, self.log_keys))
+            self._since = mon.snapshot()
         if self.metrics is not None:
             logs.update(self._read(self.metrics, self.prefix))
             _common.fold(self.run_metrics, self.metrics)
