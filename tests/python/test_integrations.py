@@ -220,7 +220,8 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
             logits = self.net(x)
             seen[self.current_epoch][0].append(logits.detach().clone())
             seen[self.current_epoch][1].append(y)
-            return {"loss": torch.nn.functional.cross_entropy(logits, y), "preds": logits.detach(), "target": y}
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            return {"loss": loss, "preds": logits.detach(), "target": y}
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -228,7 +229,8 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
-    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=2, log_keys="all", summary=False, warmup_steps=0)
+    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=2, log_keys="all", summary=False,
+                           warmup_steps=0)
     lit, logged = Lit(), []  # what the callback sent to log_dict, call by call
     log_dict = lit.log_dict
     lit.log_dict = lambda d, **kw: (logged.append({k: float(v) for k, v in d.items()}), log_dict(d, **kw))
@@ -437,7 +439,9 @@ def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
-    transformers.Trainer(model=model, args=args, train_dataset=TokenData(64), callbacks=[cb, Logger()]).train()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64),
+                                   callbacks=[cb, Logger()])
+    trainer.train()
     fwd = [h["stepscope/forward_p50_ms"] / 1e3 for h in seen if "stepscope/forward_p50_ms" in h]
     assert len(fwd) == 2, seen
     assert_planted(fwd[0], "forward", SLACK, slept=SLEPT["forward"][0:2])

@@ -37,6 +37,7 @@ from . import _common
 
 LOG_KEYS = _common.LOG_KEYS
 
+
 class StepscopeCallback(pl.Callback):
     """Times each training step (:class:`stepscope.Monitor`) and logs phase p50s and shares.
 
@@ -63,10 +64,10 @@ class StepscopeCallback(pl.Callback):
     The Monitor attaches at ``on_train_start`` to the LightningModule and ``trainer.optimizers``
     and detaches at ``on_train_end`` or when training raises; ``callback.monitor`` keeps the
     numbers after ``fit``. Reading the metrics at an epoch's end costs one small host read (the
-    timing never syncs). The callback's own logging (the report, the metric read and ``log_dict``: tens
-    of ms with many names) runs between steps, where it would be the next step's ``data``: it is
-    timed as the user phase ``stepscope_log`` and left out of the training step as an evaluation
-    is (so ``eval_forward`` counts it too).
+    timing never syncs). The callback's own logging (the report, the metric read and
+    ``log_dict``: tens of ms with many names) runs between steps, where it would be the next
+    step's ``data``: it is timed as the user phase ``stepscope_log`` and left out of the training
+    step as an evaluation is (so ``eval_forward`` counts it too).
     """
 
     def __init__(self, metrics: Optional[ClassificationMetrics] = None, log_every_n_steps: int = 50,
