@@ -203,7 +203,7 @@ def test_lightning_own_logging_is_its_own_span_outside_the_step():
 
 
 def test_lightning_metrics_per_epoch_and_timing_per_interval():
-    # The forward sleeps 5 ms in epoch 0 and 40 ms in epoch 1; 4 steps an epoch, a log every 2.
+    # The forward sleeps 5 ms in epoch 0 and 60 ms in epoch 1; 4 steps an epoch, a log every 2.
     pl = pytest.importorskip("lightning.pytorch")
     from stepscope.integrations.lightning import StepscopeCallback
 
@@ -216,7 +216,7 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            sleep((0.005, 0.040)[self.current_epoch], f"forward{self.current_epoch}")
+            sleep((0.005, 0.060)[self.current_epoch], f"forward{self.current_epoch}")
             logits = self.net(x)
             seen[self.current_epoch][0].append(logits.detach().clone())
             seen[self.current_epoch][1].append(y)
@@ -247,13 +247,13 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
     assert per_epoch == pytest.approx([accuracy([0]), accuracy([1])], abs=1e-6)  # reset each epoch
     assert float(cb.run_metrics.compute()["accuracy"]) == pytest.approx(accuracy([0, 1]), abs=1e-12)
     assert int(cb.run_metrics.compute()["samples"]) == 2 * 4 * 8 and int(metrics.compute()["samples"]) == 0
-    # each timing log holds the 2 steps since the previous one: the third log holds 40 ms forwards only
+    # each timing log holds the 2 steps since the previous one: the third log holds 60 ms forwards only
     fwd = [h["stepscope/forward_p50_ms"] / 1e3 for h in logged if "stepscope/forward_p50_ms" in h]
     assert len(fwd) == 4
     assert_planted(fwd[1], "forward", SLACK, slept=SLEPT["forward0"][2:4])
     assert_planted(fwd[2], "forward", SLACK, slept=SLEPT["forward1"][0:2])
-    whole = cb.monitor.report()["phases"]["forward"]["host"]
-    assert whole["count"] == 8 and whole["p50"] < 0.040  # the whole run's stays in report()
+    whole = cb.monitor.report()["phases"]["forward"]["host"]  # the whole run's stays in report()
+    assert whole["count"] == 8 and whole["total"] >= sum(SLEPT["forward0"] + SLEPT["forward1"])
 
 
 def test_lightning_log_keys_all_and_a_list():
@@ -417,7 +417,9 @@ def test_hf_metrics_from_the_models_logits_and_labels_per_log_and_on_eval(tmp_pa
 
 
 def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
-    # The model's forward sleeps 5 ms on steps 1-2 and 40 ms on steps 3-4; a log every 2 steps.
+    # The model's forward sleeps 5 ms on steps 1-2 and 100 ms on steps 3-4; a log every 2 steps. The
+    # tiny GPT-2's own forward takes 2-5 ms on a quiet machine and was seen at 25 ms on a loaded one:
+    # 60 ms of slack, still below the 100 ms plant that would land in the wrong interval.
     transformers, model = tiny_lm()
     from stepscope.integrations.transformers import StepscopeCallback
 
@@ -426,7 +428,7 @@ def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
     def slow(module, args, kwargs, output):  # runs before the Monitor's post hook: inside forward
         if module.training:
             forwards.append(1)
-            sleep(0.005 if len(forwards) <= 2 else 0.040, "forward")
+            sleep(0.005 if len(forwards) <= 2 else 0.100, "forward")
 
     model.register_forward_hook(slow, with_kwargs=True)
     seen = []
@@ -444,8 +446,8 @@ def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
     trainer.train()
     fwd = [h["stepscope/forward_p50_ms"] / 1e3 for h in seen if "stepscope/forward_p50_ms" in h]
     assert len(fwd) == 2, seen
-    assert_planted(fwd[0], "forward", SLACK, slept=SLEPT["forward"][0:2])
-    assert_planted(fwd[1], "forward", SLACK, slept=SLEPT["forward"][2:4])  # cumulative: the 5 ms ones
+    assert_planted(fwd[0], "forward", 0.060, slept=SLEPT["forward"][0:2])
+    assert_planted(fwd[1], "forward", 0.060, slept=SLEPT["forward"][2:4])  # cumulative: a 5 ms one
     assert cb.monitor.report()["phases"]["forward"]["host"]["count"] == 4
 
 
@@ -472,7 +474,7 @@ def test_log_tensorboard_since_a_snapshot_logs_that_interval():
             snap = stepscope.log_tensorboard(w, mon, epoch, since=snap)
         assert isinstance(snap, stepscope.monitor.Snapshot)
         assert stepscope.log_tensorboard(w, mon, 9) is not None  # the old call: the whole run
-    assert_planted(w.scalars[0]["stepscope/forward/p50_ms"] / 1e3, "forward", 0.004, slept=SLEPT["f0"])
+    assert_planted(w.scalars[0]["stepscope/forward/p50_ms"] / 1e3, "forward", SLACK, slept=SLEPT["f0"])
     assert_planted(w.scalars[1]["stepscope/forward/p50_ms"] / 1e3, "forward", SLACK, slept=SLEPT["f1"])
     assert w.scalars[9]["stepscope/forward/p50_ms"] == pytest.approx(
         mon.report()["phases"]["forward"]["host"]["p50"] * 1e3)
