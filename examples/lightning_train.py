@@ -4,8 +4,10 @@
 
 scikit-learn's bundled digits (no download). ``StepscopeCallback`` times every training step
 (data, forward, backward, optimizer: right in automatic optimization, where Lightning runs
-``training_step`` and the backward inside ``optimizer.step(closure)``) and feeds the training
-metrics from ``training_step``'s outputs; the validation metrics are a submodule of the
+``training_step`` and the backward inside ``optimizer.step(closure)``), logs the timing of the
+steps since its previous log, and feeds the training metrics from ``training_step``'s outputs
+(logged and reset at each epoch's end; ``cb.run_metrics`` keeps the whole run's); the validation
+metrics are a submodule of the
 LightningModule, so they move with it and are saved in its checkpoints, and
 ``log_dict(metrics.log_dict("val/"))`` logs their scalar entries.
 """
@@ -81,6 +83,7 @@ def main() -> None:
     logged = {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items())}
     print("logged:", logged)
     rep = cb.monitor.report()
+    print(f"training accuracy over the run {float(cb.run_metrics.compute()['accuracy']):.4f}")
     print(f"steps {cb.monitor.steps} (optimizer steps {trainer.global_step}), "
           f"forward p50 {rep['phases']['forward']['host']['p50'] * 1e3:.3f} ms")
     if cb.monitor.steps != trainer.global_step:  # warm-up steps included: every completed step

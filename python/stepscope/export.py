@@ -823,7 +823,8 @@ def _report_of(source: Source) -> dict:
     return source.report()
 
 
-def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[dict] = None) -> None:
+def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[dict] = None, *,
+                    since: Any = None) -> Any:
     """Adds scalars to a TensorBoard writer (``torch.utils.tensorboard.SummaryWriter`` or any
     object with ``add_scalar(tag, value, step)``):
     ``stepscope/<phase>/p50_ms`` and ``share`` (host; ``device_p50_ms``/``device_share`` on CUDA),
@@ -831,9 +832,21 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
     each one-element value of ``metrics`` (a ``ClassificationMetrics.compute()`` dict) as
     ``metrics/<name>`` (reading them is the host sync compute() leaves to the caller).
 
-        stepscope.log_tensorboard(writer, mon, epoch, metrics=val_metrics.compute())
+    ``since``: a :meth:`stepscope.Monitor.snapshot`: the figures of the steps after it, not of
+    the whole run (a live Monitor only). Returns a snapshot taken at this call for a Monitor
+    (None for a saved run), so that each call logs the interval since the previous one::
+
+        snap = None
+        for epoch in range(epochs):
+            train_one_epoch()
+            snap = stepscope.log_tensorboard(writer, mon, epoch, metrics=val.compute(), since=snap)
     """
-    rep = _report_of(source)
+    if since is not None and isinstance(source, (SavedRun, dict)):
+        raise TypeError("stepscope: log_tensorboard(since=...) needs a live Monitor; a saved run has "
+                        "only the whole run's figures")
+    live = not isinstance(source, (SavedRun, dict))
+    rep = source.report(since=since) if live else _report_of(source)
+    snap = source.snapshot() if live else None
 
     def add(tag: str, v: Any) -> None:
         if v is not None and math.isfinite(float(v)):
@@ -865,6 +878,7 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
             v = v.item()
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             add(f"metrics/{k}", v)
+    return snap
 
 
 # ----------------------------------------------------------------------------------- live line

@@ -1,14 +1,15 @@
 """stepscope.Monitor: planted sleeps in every phase must be reported where they were planted.
 
 Each planted sleep logs how long it really lasted (on a loaded machine a 10 ms sleep can last
-11 ms: that is the scheduler, not the Monitor), and the reported per-phase median must be within
-5% of the median planted duration. Sleeps are 6-25 ms, a few steps each.
+11 ms: that is the scheduler, not the Monitor). A reported per-phase median must hold its sleeps
+(a lower bound however loaded the machine) and at most SLACK more (planted.p50_bounds): the
+bounds hold on a loaded 2-core machine and still fail when a sleep is reported in another phase.
+Sleeps are 6-25 ms, a few steps each.
 """
 
 import collections
 import gc
 import os
-import statistics
 import random
 import time
 
@@ -17,16 +18,17 @@ import torch
 import torch.optim.optimizer as optim_mod
 
 import stepscope
-from planted import SLEPT, sleep
+from planted import SLEPT, assert_planted, sleep
 from stepscope import _C
 
 # Phases also hold real work the sleeps do not cover (loss computation and autograd's start,
-# SGD's update, returning from backward: 0.2-0.8 ms each on this loaded 2-core machine): planted
-# times are long enough that this unplanted work stays inside the 5%.
+# SGD's update, returning from backward: 0.2-0.8 ms each on a quiet 2-core machine, a few ms when
+# the scheduler makes it wait). SLACK bounds that unplanted work at a phase's p50: generous against
+# the scheduler, below half the smallest plant (15 ms) that could land in the wrong phase.
 PLANT = {"data": 0.020, "forward": 0.020, "loss": 0.025, "backward": 0.025, "other": 0.015,
          "optimizer": 0.020}
 PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
-TOL = 0.05
+SLACK = 0.007
 
 
 
@@ -108,13 +110,6 @@ def p50(rep, phase):
     return rep["phases"][phase]["host"]["p50"]
 
 
-def assert_close(got, want, what):
-    """`want`: the nominal planted time; the comparison is with the median of the real sleeps."""
-    real = statistics.median(SLEPT[what]) if SLEPT[what] else want
-    assert abs(got - real) <= TOL * real, (
-        f"{what}: reported {got * 1e3:.3f} ms, planted {want * 1e3:.3f} ms (slept {real * 1e3:.3f} ms)")
-
-
 def no_hooks(model, *opts):
     mods = list(model.modules())
     return (all(not m._forward_hooks and not m._forward_pre_hooks for m in mods)
@@ -146,12 +141,13 @@ def test_planted_phases_each_within_5_percent_and_sum_to_step():
     assert rep["samples"] == 16 * steps
     for ph in PARTITION:
         assert rep["phases"][ph]["host"]["count"] == steps
-        assert_close(p50(rep, ph), PLANT[ph], ph)
+        assert_planted(p50(rep, ph), ph, SLACK)
     total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
     assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
     assert sum(rep["phases"][ph]["share_host"] for ph in PARTITION) == pytest.approx(1.0, rel=1e-9)
-    slept = sum(statistics.median(SLEPT[ph]) for ph in PARTITION)
-    assert abs(p50(rep, "step") - slept) <= TOL * slept
+    # each step holds one sleep of every phase, and SLACK of unplanted work per phase at most
+    per_step = [sum(s) for s in zip(*(SLEPT[ph] for ph in PARTITION))]
+    assert_planted(p50(rep, "step"), "step", len(PARTITION) * SLACK, slept=per_step)
     assert rep["samples_per_s"] == pytest.approx(rep["samples"] / rep["phases"]["step"]["host"]["total"])
     ring = mon.recent_steps()
     assert [r["step"] for r in ring] == list(range(steps))
@@ -168,7 +164,7 @@ def test_global_optimizer_hooks_when_no_optimizer_given():
         assert optim_mod._global_optimizer_pre_hooks
     rep = mon.report()
     assert rep["steps"] == 4
-    assert_close(p50(rep, "optimizer"), 0.020, "optimizer")
+    assert_planted(p50(rep, "optimizer"), "optimizer", SLACK)
     assert no_hooks(model, opt)
 
 
@@ -190,13 +186,13 @@ def test_gradient_accumulation():
     rep = mon.report()
     assert rep["steps"] == steps
     assert rep["samples"] == 16 * micro * steps
-    for ph, want in (("forward", 0.015), ("backward", 0.015), ("data", 0.009), ("loss", 0.020)):
+    for ph in ("forward", "backward", "data", "loss"):
         assert rep["phases"][ph]["host"]["count"] == micro * steps, ph
-        assert_close(p50(rep, ph), want, ph)
+        assert_planted(p50(rep, ph), ph, SLACK)
     # the gap after a micro-batch's backward closes at the next forward: it is that batch's data
     assert rep["phases"]["other"]["host"]["count"] == steps
-    assert_close(p50(rep, "other"), 0.015, "other")
-    assert_close(p50(rep, "optimizer"), 0.020, "optimizer")
+    assert_planted(p50(rep, "other"), "other", SLACK)
+    assert_planted(p50(rep, "optimizer"), "optimizer", SLACK)
     per_step = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION) / steps
     assert per_step == pytest.approx(rep["phases"]["step"]["host"]["mean"], rel=1e-9)
 
@@ -212,7 +208,7 @@ def test_eval_is_reported_apart(mode):
             train_step(model, opt, x, plant=plant)
             if i % 2 == 0:
                 for _ in range(n_eval):
-                    sleep(0.005)  # eval data: neither training data nor eval forward
+                    sleep(0.005, "eval_data")  # eval data: neither training data nor eval forward
                     if mode == "no_grad":
                         with torch.no_grad():
                             model(x)
@@ -226,13 +222,16 @@ def test_eval_is_reported_apart(mode):
     rep = mon.report()
     assert rep["steps"] == 4
     assert rep["phases"]["eval_forward"]["host"]["count"] == 2 * n_eval
-    assert_close(p50(rep, "eval_forward"), 0.012, "eval_forward")
+    assert_planted(p50(rep, "eval_forward"), "eval_forward", SLACK)
     assert rep["phases"]["forward"]["host"]["count"] == 4
     assert rep["samples"] == 4 * 16
     # The eval loop (3 x 17 ms) ran in the data gap of steps 1 and 3 and is left out of training
-    # data: that gap is the loader's 10 ms plus the 5 ms before the first eval forward. The bound
-    # leaves room for scheduler noise but not for the eval forwards.
-    assert rep["phases"]["data"]["host"]["max"] < 0.010 + 0.005 + 0.012
+    # data: that gap holds at most the loader's sleep and the eval data before the first eval
+    # forward. In totals, SLACK per step of unplanted work is far below the 6 eval forwards
+    # (72 ms) that would land there if eval were not left out.
+    firsts = SLEPT["eval_data"][::n_eval]  # the eval data sleep before each loop's first forward
+    data_bound = sum(SLEPT["data"]) + sum(firsts) + 4 * SLACK
+    assert rep["phases"]["data"]["host"]["total"] <= data_bound, (rep["phases"]["data"], data_bound)
 
 
 def test_phase_and_manual_step_and_user_phases():
@@ -249,7 +248,7 @@ def test_phase_and_manual_step_and_user_phases():
     assert rep["steps"] == 3
     assert rep["phases"]["optimizer"]["host"]["count"] == 0
     assert rep["user"]["clip"]["host"]["count"] == 3
-    assert_close(rep["user"]["clip"]["host"]["p50"], 0.012, "clip")
+    assert_planted(rep["user"]["clip"]["host"]["p50"], "clip", SLACK)
     # the user phase lies inside "other" (backward end -> step end)
     assert rep["phases"]["other"]["host"]["min"] >= 0.012
     assert "user:clip" in mon.summary()
@@ -788,7 +787,7 @@ def test_lbfgs_closure_is_one_step_and_phases_sum_to_it(global_hooks):
     total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
     assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
     # data: the loader's sleep and LBFGS's prelude to the closure, nothing of the planted optimizer time
-    assert_close(p50(rep, "data"), 0.030, "data")
+    assert_planted(p50(rep, "data"), "data", SLACK)
     for r in mon.recent_steps():
         assert r["spans"][0][0] == "data" and r["spans"][-1][0] == "optimizer"
         assert sum(r["host"].values()) == pytest.approx(r["t1"] - r["t0"], abs=1e-6)
@@ -822,7 +821,7 @@ def test_closure_in_a_plain_optimizer_times_the_optimizer_after_the_closure():
     assert rep["steps"] == steps
     for ph in ("data", "forward", "loss", "backward", "optimizer"):
         assert rep["phases"][ph]["host"]["count"] == steps
-        assert_close(p50(rep, ph), PLANT[ph], ph)
+        assert_planted(p50(rep, ph), ph, SLACK)
     assert rep["phases"]["other"]["host"]["count"] == 0
 
 
@@ -882,7 +881,7 @@ def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
     assert rep["steps"] == steps and rep["samples"] == 16 * steps
     for ph in ("data", "forward", "backward", "optimizer"):
         assert rep["phases"][ph]["host"]["count"] == steps
-        assert_close(p50(rep, ph), PLANT[ph], ph)
+        assert_planted(p50(rep, ph), ph, SLACK)
     assert rep["phases"]["other"]["host"]["count"] == 0
     total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
     assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)

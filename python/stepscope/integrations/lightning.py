@@ -19,8 +19,8 @@ Validation loops inside ``fit`` are reported as ``eval_forward`` and left out of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 try:
     import lightning.pytorch as pl
@@ -35,15 +35,26 @@ from ..metrics import ClassificationMetrics
 from ..monitor import Monitor
 from . import _common
 
+LOG_KEYS = _common.LOG_KEYS
+
 
 class StepscopeCallback(pl.Callback):
     """Times each training step (:class:`stepscope.Monitor`) and logs phase p50s and shares.
 
     Args:
         metrics: a :class:`stepscope.ClassificationMetrics` fed from ``training_step``'s outputs,
-            a mapping with ``"preds"`` and ``"target"``; its scalar entries are logged.
-        log_every_n_steps: log (``pl_module.log``, so they reach ``trainer.callback_metrics``
-            and the loggers) every this many optimizer steps; 0: never.
+            a mapping with ``"preds"`` and ``"target"``; at each training epoch's end its scalar
+            entries are computed, logged (``on_epoch``) and the metrics reset, as Lightning does
+            with torchmetrics; ``callback.run_metrics`` adds up every epoch (the whole run).
+        log_every_n_steps: every this many optimizer steps, log the timing of the steps since
+            the previous log (``pl_module.log``, so they reach ``trainer.callback_metrics`` and
+            the loggers; :meth:`stepscope.Monitor.snapshot`); 0: never. The whole run's figures
+            stay in ``callback.monitor.report()``.
+        log_keys: which names to log (without the prefix): ``"short"`` (default,
+            :data:`LOG_KEYS`: ``step_p50_ms``, the shares of
+            ``data``, ``forward``, ``backward`` and ``optimizer``, ``accuracy``, ``f1_macro`` or
+            ``f1``, ``loss``), ``"all"`` (every phase's ``<phase>_p50_ms`` and ``<phase>_share``
+            and every scalar metric, about 40 names) or a list of names.
         summary: print the summary table (with its diagnosis) at the end.
         trace: a path: the Monitor writes a Perfetto / Chrome trace of the recent steps there
             when it detaches (:meth:`stepscope.Monitor.export_trace`).
@@ -52,13 +63,16 @@ class StepscopeCallback(pl.Callback):
 
     The Monitor attaches at ``on_train_start`` to the LightningModule and ``trainer.optimizers``
     and detaches at ``on_train_end`` or when training raises; ``callback.monitor`` keeps the
-    numbers after ``fit``. Reading the metrics for a log costs one small host read (the timing
-    never syncs).
+    numbers after ``fit``. Reading the metrics at an epoch's end costs one small host read (the
+    timing never syncs). The callback's own logging (the report, the metric read and
+    ``log_dict``: tens of ms with many names) runs between steps, where it would be the next
+    step's ``data``: it is timed as the user phase ``stepscope_log`` and left out of the training
+    step as an evaluation is (so ``eval_forward`` counts it too).
     """
 
     def __init__(self, metrics: Optional[ClassificationMetrics] = None, log_every_n_steps: int = 50,
                  summary: bool = True, trace: Optional[str] = None, prefix: str = "stepscope/",
-                 **monitor_kwargs: Any) -> None:
+                 log_keys: Union[str, Iterable[str]] = "short", **monitor_kwargs: Any) -> None:
         super().__init__()
         if metrics is not None and not isinstance(metrics, ClassificationMetrics):
             raise TypeError("stepscope: metrics must be a stepscope.ClassificationMetrics or None; got "
@@ -67,19 +81,23 @@ class StepscopeCallback(pl.Callback):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
         self.metrics = metrics
+        self.run_metrics = _common.run_total(metrics) if metrics is not None else None
         self.log_every_n_steps = log_every_n_steps
         self.summary = summary
         if trace is not None:
             monitor_kwargs = dict(monitor_kwargs, trace=trace)  # the Monitor writes it at detach
         self.prefix = prefix
+        self.log_keys = _common.check_log_keys(log_keys)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Optional[Monitor] = None
         self._next_log = log_every_n_steps
+        self._since: Any = None
 
     # ------------------------------------------------------------------ attach / detach
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.monitor = Monitor(pl_module, list(trainer.optimizers), **self.monitor_kwargs).attach()
         self._next_log = self.log_every_n_steps
+        self._since = self.monitor.snapshot()
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         mon = self.monitor
@@ -131,7 +149,21 @@ class StepscopeCallback(pl.Callback):
         if mon is None or self.log_every_n_steps == 0 or mon.steps < self._next_log:
             return
         self._next_log = mon.steps + self.log_every_n_steps
-        logged = _common.phase_scalars(mon.report(), self.prefix)
-        if self.metrics is not None:
-            logged.update(self.metrics.log_dict(self.prefix))
-        pl_module.log_dict(logged, on_step=True, on_epoch=False)
+        with _common.own_work(mon):
+            logged = _common.phase_scalars(mon.report(since=self._since), self.prefix, self.log_keys)
+            self._since = mon.snapshot()
+            if logged:
+                pl_module.log_dict(logged, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        m = self.metrics
+        if m is None or self.monitor is None:
+            return
+        with _common.own_work(self.monitor):
+            values = m.log_dict()
+            if float(values["samples"]) == 0:  # an epoch without a training batch
+                return
+            logged = _common.pick(values, self.log_keys, self.prefix)
+            _common.fold(self.run_metrics, m)
+            if logged:
+                pl_module.log_dict(logged, on_step=False, on_epoch=True)

@@ -16,7 +16,8 @@ says so. Evaluation inside ``train()`` runs without grad and is reported as ``ev
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -26,8 +27,11 @@ except ImportError as e:
     raise ImportError("stepscope.integrations.transformers needs transformers: "
                       "pip install stepscope[transformers]") from e
 
+from ..metrics import ClassificationMetrics
 from ..monitor import Monitor
 from . import _common
+
+LOG_KEYS = _common.LOG_KEYS
 
 LOSS_NOTE = ("note: the model computes its loss inside forward (labels given), so 'forward' includes the "
              "loss; 'loss' is the Trainer's time between the model's return and the backward.")
@@ -46,6 +50,15 @@ def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def _is_causal_lm(model: Any) -> bool:
+    # The models whose own loss shifts labels by one token (ForCausalLMLoss): the causal-LM heads,
+    # named by class as the Auto classes list them (GPT2LMHeadModel's loss_type is None).
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(model, "loss_type", None) == "ForCausalLM" or \
+        type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def _hookable(opt: Any) -> bool:
     # A wrapper may subclass Optimizer without its __init__ (no hook tables): look inside it.
     return isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks") \
@@ -56,26 +69,64 @@ class StepscopeCallback(TrainerCallback):
     """Times each optimizer step of a ``transformers.Trainer`` (:class:`stepscope.Monitor`).
 
     Args:
+        metrics: a :class:`stepscope.ClassificationMetrics` fed from every training forward of the
+            model: its output's ``logits`` and the ``labels`` the Trainer passed it, shifted by one
+            token for a causal-LM head (a model ``AutoModelForCausalLM`` lists, or ``loss_type``
+            ``"ForCausalLM"``), as the model's own loss reads them. Configure it for the head:
+            ``class_dim=-1, ignore_index=-100`` for token logits ``[B, T, V]``;
+            ``num_classes=model.config.num_labels`` for sequence classification. Logged with each
+            training log (``on_log``) as the metrics of the steps since the previous log, then
+            reset, as the Trainer's own ``loss`` is; ``callback.run_metrics`` holds the whole run's.
+        eval_metrics: the same, fed from the evaluation forwards of ``trainer.evaluate()`` (and
+            of evaluation inside ``train()``) and added to that evaluation's logs and returned
+            dict as ``eval_<prefix><name>``, then reset.
+        preds_target: ``(output, inputs) -> (preds, target)``, for heads the rule above does not
+            fit (``inputs``: the keyword arguments the model was called with).
         summary: print the summary table (with its diagnosis) at the end.
-        log: add phase p50s (ms) and shares to the Trainer's logs (``on_log``), for the
-            loggers after this callback in the list.
+        log: add phase p50s (ms) and shares to the Trainer's training logs (``on_log``), for the
+            loggers after this callback in the list: the figures of the steps since the previous
+            log (:meth:`stepscope.Monitor.snapshot`), as the Trainer's own ``loss`` is; the whole
+            run's stay in ``callback.monitor.report()``.
+        log_keys: which names to log: ``"short"`` (default, :data:`LOG_KEYS`), ``"all"`` or a
+            list of names (without the prefix), as in the Lightning callback.
         prefix: of every logged name.
         **monitor_kwargs: passed to :class:`stepscope.Monitor` (``batch_size`` defaults to
             ``args.per_device_train_batch_size``: the model is called with keywords only).
 
     ``callback.monitor`` keeps the numbers after ``train()``; ``callback.loss_in_forward`` says
-    whether the model returned its own loss (then ``forward`` includes it).
+    whether the model returned its own loss (then ``forward`` includes it). A metric update is
+    one kernel launch after the model's forward returns, so it is inside the ``loss`` row.
     """
 
     def __init__(self, summary: bool = True, log: bool = True, prefix: str = "stepscope/",
-                 **monitor_kwargs: Any) -> None:
+                 metrics: Optional[ClassificationMetrics] = None,
+                 eval_metrics: Optional[ClassificationMetrics] = None,
+                 preds_target: Optional[Callable[[Any, dict], tuple]] = None,
+                 log_keys: Union[str, Iterable[str]] = "short", **monitor_kwargs: Any) -> None:
+        for name, m in (("metrics", metrics), ("eval_metrics", eval_metrics)):
+            if m is not None and not isinstance(m, ClassificationMetrics):
+                raise TypeError(f"stepscope: {name} must be a stepscope.ClassificationMetrics or None; got "
+                                f"{type(m).__name__}")
+        if metrics is not None and metrics is eval_metrics:
+            raise ValueError("stepscope: metrics and eval_metrics must be two objects (each is reset when "
+                             "logged)")
+        if preds_target is not None and not callable(preds_target):
+            raise TypeError(f"stepscope: preds_target must be callable; got {type(preds_target).__name__}")
         self.summary = summary
         self.log = log
         self.prefix = prefix
+        self.metrics = metrics
+        self.eval_metrics = eval_metrics
+        self.run_metrics = _common.run_total(metrics) if metrics is not None else None
+        self.preds_target = preds_target
+        self.log_keys = _common.check_log_keys(log_keys)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Optional[Monitor] = None
         self.loss_in_forward = False
         self._loss_hook: Any = None
+        self._metrics_hook: Any = None
+        self._causal = False
+        self._since: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -88,8 +139,50 @@ class StepscopeCallback(TrainerCallback):
         # input to count: samples per forward are the configured batch (a short last batch counts full).
         kw.setdefault("batch_size", args.per_device_train_batch_size)
         self.monitor = Monitor(model, unwrap_optimizer(optimizer), **kw).attach()
+        self._since = self.monitor.snapshot()
         # Whether the model's output carries a loss: read from the output, no tensor touched.
         self._loss_hook = model.register_forward_hook(self._see_loss)
+        self._hook_metrics(model)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None:
+            self._hook_metrics(model)  # so that trainer.evaluate() before train() feeds eval_metrics
+
+    def _hook_metrics(self, model: Any) -> None:
+        if (self.metrics is None and self.eval_metrics is None) or self._metrics_hook is not None:
+            return
+        self._causal = _is_causal_lm(model)
+        self._metrics_hook = model.register_forward_hook(self._feed, with_kwargs=True)
+
+    def remove_hooks(self) -> None:
+        """Removes the metrics' forward hook from the model. It stays on after ``train()`` so that
+        ``trainer.evaluate()`` still feeds ``eval_metrics``; the timing hooks go at the end of
+        ``train()``."""
+        if self._metrics_hook is not None:
+            self._metrics_hook.remove()
+            self._metrics_hook = None
+
+    def _feed(self, module: Any, args: Any, kwargs: dict, output: Any) -> None:
+        m = self.metrics if module.training and torch.is_grad_enabled() else self.eval_metrics
+        if m is None:
+            return
+        if self.preds_target is not None:
+            preds, target = self.preds_target(output, kwargs)
+        else:
+            logits = output.get("logits") if hasattr(output, "get") else None
+            target = kwargs.get("labels")
+            if logits is None or target is None:
+                what = "no logits" if logits is None else "no labels"
+                raise ValueError("stepscope: StepscopeCallback(metrics=...) reads the model output's "
+                                 f"'logits' and the 'labels' it was called with; got {what} "
+                                 f"({type(output).__name__}); "
+                                 "the Trainer keeps the labels from the model when compute_loss_func or "
+                                 "label_smoothing_factor is set. Pass preds_target=lambda output, inputs: "
+                                 "(preds, target)")
+            preds = logits
+            if self._causal:  # token t predicts label t + 1
+                preds, target = logits[..., :-1, :], target[..., 1:]
+        m.update(preds.detach(), target)
 
     def _see_loss(self, module: Any, inputs: Any, output: Any) -> None:
         if module.training and getattr(output, "get", None) is not None and output.get("loss") is not None:
@@ -97,8 +190,25 @@ class StepscopeCallback(TrainerCallback):
             self._loss_hook.remove()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
-        if self.log and logs is not None and self.monitor is not None and self.monitor.attached:
-            logs.update(_common.phase_scalars(self.monitor.report(), self.prefix))
+        if logs is None:
+            return
+        if any(k.startswith("eval_") for k in logs):  # an evaluation's log
+            if self.eval_metrics is not None:
+                logs.update(self._read(self.eval_metrics, "eval_" + self.prefix))
+                self.eval_metrics.reset()
+            return
+        mon = self.monitor
+        if self.log and mon is not None and mon.attached:
+            logs.update(_common.phase_scalars(mon.report(since=self._since), self.prefix, self.log_keys))
+            self._since = mon.snapshot()
+        if self.metrics is not None:
+            logs.update(self._read(self.metrics, self.prefix))
+            _common.fold(self.run_metrics, self.metrics)
+
+    def _read(self, m: ClassificationMetrics, prefix: str) -> dict:
+        # One host read; nothing when no batch came since the last log (the end-of-training log).
+        values = _common.floats(m.log_dict())
+        return _common.pick(values, self.log_keys, prefix) if values["samples"] > 0 else {}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._detach()
