@@ -576,3 +576,18 @@ def test_the_hooks_themselves_copy_inert_and_pickle_to_a_no_op():
     assert len(m._forward_hooks) == 1 and not m._forward_pre_hooks and not m._forward_hooks_always_called
     mine.remove()
     assert not m._forward_hooks
+
+
+def test_the_no_step_rule_on_crafted_reports():
+    from stepscope import diagnose
+
+    def rep(steps=0, warm=0, forwards=30):
+        return {"steps": steps, "warmup": {"steps": warm}, "context": {"train_forwards": forwards}}
+
+    (f,) = diagnose.rule_no_step(rep())
+    assert f["severity"] == "critical" and f["evidence"] == {"train_forwards": 30, "steps": 0}
+    assert f["title"] == "30 forward/backward passes ran but no step ended"
+    assert diagnose.rule_no_step(rep(steps=1)) == []
+    assert diagnose.rule_no_step(rep(warm=2)) == []  # steps ended, all of them warm-up so far
+    assert diagnose.rule_no_step(rep(forwards=1)) == []  # one probe forward
+    assert diagnose.rule_no_step({"steps": 0}) == []  # a report without context (an old file)
