@@ -290,7 +290,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
   }
   boundary(closes, now, ev);
   cursor_push(nvtx::Phase::kForward);
-  if (batch > 0) step_samples_ += batch;
+  if (batch > 0 && closes != Phase::kOptimizer) step_samples_ += batch;  // a closure again: the same batch
   step_forward_ = true;
   state_ = State::kForward;
 }

@@ -299,6 +299,30 @@ def rule_dropped(rep: dict) -> list:
         "the steps that were sampled. Nothing to fix in the model.")]
 
 
+# A loop whose update no hook sees (a manual update such as ``p -= lr * p.grad``, no optimizer
+# object, no mon.step()) ends no step, and every number above stays empty: say so before anything
+# else. Two forwards at least, so that one probe forward before the loop does not raise it.
+NO_STEP_FORWARDS = 2
+
+
+def no_step_message(forwards: int) -> str:
+    return (f"{forwards} forward/backward passes ran but no step ended: pass the optimizer to "
+            "Monitor(model, optimizer), or call mon.step() after each update")
+
+
+def rule_no_step(rep: dict) -> list:
+    ctx = rep.get("context") or {}
+    forwards = ctx.get("train_forwards", 0)
+    warm = (rep.get("warmup") or {}).get("steps", 0)
+    if rep.get("steps", 0) or warm or forwards < NO_STEP_FORWARDS:
+        return []
+    return [finding(
+        "no_step", "critical", f"{forwards} forward/backward passes ran but no step ended",
+        {"train_forwards": forwards, "steps": 0},
+        "Pass the optimizer to Monitor(model, optimizer), or call mon.step() after each update: a manual "
+        "update (p -= lr * p.grad) has no hook that could end the step, so nothing was timed.")]
+
+
 # --------------------------------------------------------------------------- distributed
 # Phases a straggler is looked for in. DDP's gradient all-reduce ends backward on every rank at
 # the same moment (the fast ranks wait inside it for the slow one), so a slow rank shows as a
@@ -386,9 +410,9 @@ def rule_straggler(rep: dict) -> list:
     return out
 
 
-RULES: list = [rule_input_bound, rule_optimizer_heavy, rule_jitter, rule_launch_bound, rule_sync_in_phase,
-               rule_memory, rule_precision, rule_eval_share, rule_module_dominates, rule_warmup, rule_dropped,
-               rule_straggler]
+RULES: list = [rule_no_step, rule_input_bound, rule_optimizer_heavy, rule_jitter, rule_launch_bound,
+               rule_sync_in_phase, rule_memory, rule_precision, rule_eval_share, rule_module_dominates, rule_warmup,
+               rule_dropped, rule_straggler]
 
 
 def diagnose(rep: dict, rules: Optional[list] = None) -> list:

@@ -19,10 +19,18 @@ lag). The hooks are C functions
 (``_C.StepHooks``) that CPython calls directly: this module only registers them and reads the
 results, and no Python runs per step unless per-module sampling or ``print_every`` need it (CUDA
 memory counters are read in C++ at each step's end).
+
+The hooks over their life (csrc/python/step_hooks.cpp): a copy of a monitored model
+(``copy.deepcopy``, EMA and teacher copies, ``AveragedModel``) is never timed, and its copied hooks
+remove themselves at its first forward; ``torch.save(model)`` while attached stores a no-op of the
+standard library where each hook was (the checkpoint loads without stepscope); a forward
+interrupted by a KeyboardInterrupt, or an optimizer step that raised, is recognised as over by the
+next boundary; a Monitor that is garbage-collected while attached takes its hooks with it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -48,6 +56,42 @@ _attached_models: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = we
 def _attached_to(m: torch.nn.Module) -> Optional["Monitor"]:
     r = _attached_models.get(m)
     return r() if r is not None else None
+
+
+def _attached_elsewhere(models: list) -> Optional[torch.nn.Module]:
+    """The first of `models` another Monitor is attached to. A Monitor nobody can reach any more
+    (dropped in a reference cycle) still counts until it is collected: collect once, then look
+    again, before refusing."""
+    def first() -> Optional[torch.nn.Module]:
+        return next((m for m in models if _attached_to(m) is not None), None)
+
+    if first() is None:
+        return None
+    gc.collect()
+    return first()
+
+
+def _release(handles: list, module_handles: list, tl: Any) -> None:
+    """A Monitor's finaliser: it was collected while attached, and its hooks go with it. Holds
+    no reference to the Monitor (its lists are emptied in place)."""
+    for h in handles + module_handles:
+        h.remove()
+    handles.clear()
+    module_handles.clear()
+    tl.close()
+
+
+def _owner_of(models: list) -> Any:
+    """owns(optimizer) for global optimizer hooks: whether it holds any parameter of `models`
+    (asked once per optimizer object, never per step). Holds the models weakly."""
+    refs = [weakref.ref(m) for m in models]
+
+    def owns(opt: Any) -> bool:
+        models = [m for m in (r() for r in refs) if m is not None]
+        mine = {id(p) for m in models for p in m.parameters()}
+        return any(id(p) in mine for g in getattr(opt, "param_groups", ()) for p in g["params"])
+
+    return owns
 
 
 def _is_compiled(m: torch.nn.Module) -> bool:
@@ -179,7 +223,8 @@ class Monitor:
         model: the module (or a list of modules) whose forward is timed; backward begins when
             the gradient reaches its output.
         optimizers: an optimizer or a list of them; the step ends when each has stepped once.
-            ``None``: torch's global optimizer hooks, and every ``optimizer.step()`` ends a step.
+            ``None``: torch's global optimizer hooks; the ``step()`` of any optimizer that holds
+            the model's parameters ends a step, and other optimizers count nothing.
         per_module: ``True`` times every submodule's forward, or a list of submodule names or
             module types; sampled on one step in ``per_module_every``. Training forwards only:
             a module's spans inside an eval forward of a sampled step are not counted. Refused (with a warning,
@@ -187,7 +232,12 @@ class Monitor:
         nvtx: emit NVTX ranges (domain "stepscope") for Nsight Systems.
         profile_steps: ``range(a, b)``: open the profiler capture window (cudaProfilerStart and
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
-        batch_size: samples per forward; default: the first input's leading dimension.
+        batch_size: samples per forward; default: the first input's size along ``batch_dim``.
+        batch_dim: the dimension of the first input that counts samples (default 0; 1 for
+            sequence-first ``[T, B, ...]`` inputs). Give ``batch_size`` or ``batch_dim``, not both.
+            A closure step (LBFGS) counts its batch once however often it runs the closure;
+            ``mark("forward_begin", batch=n)`` counts ``n``. ``report()["samples_counted_by"]``
+            says which rule counted.
         ring: how many recent steps are kept raw (:meth:`recent_steps`): an int from 1 to
             ``_C.MAX_RING`` (65536; each slot takes ``_C.RING_SLOT_BYTES``, about 2 KB, allocated
             at attach, so the ceiling is about 143 MB).
@@ -225,6 +275,26 @@ class Monitor:
     in it (or runs inside its closure). Backward begins at a C++ pre-hook on the output's
     ``grad_fn``, which compiled autograd does not support. Frameworks whose loop hides the
     model's forward or backward from module hooks drive the boundaries by hand: :meth:`mark`.
+
+    With global hooks an optimizer that holds none of the model's parameters (another model's, as
+    the discriminator's in a GAN loop with ``Monitor(G)``) counts nothing, wherever it steps.
+    A loop that never ends a step (a manual update without an optimizer object, and no
+    :meth:`step`) gets a critical finding and a warning at detach.
+
+    Threads: the training thread is the first thread to run a training boundary (a forward with
+    grad in ``train()`` mode, an optimizer step, :meth:`step` or a :meth:`mark`) after attach;
+    until one has, the thread that attached. Forwards (eval ones too), optimizer steps,
+    per-module spans, :meth:`step` and marks from any other thread are ignored, so a background
+    evaluator calling the same model does not move the training step. Backward boundaries come
+    from autograd on whichever thread it runs them (``backward_begin``/``backward_end`` marks
+    too).
+
+    Copies and checkpoints: a copy of the model made while attached (``copy.deepcopy``, an EMA or
+    teacher copy, ``torch.optim.swa_utils.AveragedModel``) is never timed; its copied hooks remove
+    themselves at its first forward. ``torch.save(model)`` (or pickling) while attached works: the
+    saved model holds a no-op of the standard library where each hook was, so it loads without
+    stepscope. A Monitor collected while attached (dropped without :meth:`detach`) removes its
+    hooks, and a new Monitor may attach in its place.
     """
 
     def __init__(
@@ -237,6 +307,7 @@ class Monitor:
         nvtx: bool = True,
         profile_steps: Optional[range] = None,
         batch_size: Optional[int] = None,
+        batch_dim: Optional[int] = None,
         ring: int = 256,
         warmup_steps: int = 3,
         trace: Optional[Union[str, "os.PathLike[str]"]] = None,
@@ -257,6 +328,15 @@ class Monitor:
             raise TypeError(f"stepscope: trace must be a path or None; got {type(trace).__name__}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"stepscope: batch_size must be >= 1; got {batch_size}")
+        if batch_dim is not None:
+            if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+                raise TypeError(f"stepscope: batch_dim must be an int >= 0 (the first input's dimension that "
+                                f"counts samples); got {_what(batch_dim)}")
+            if batch_dim < 0:
+                raise ValueError(f"stepscope: batch_dim must be an int >= 0; got {batch_dim}")
+            if batch_size is not None:
+                raise ValueError("stepscope: give batch_size or batch_dim, not both (batch_size fixes the samples "
+                                 "per forward, batch_dim reads them from the first input)")
         if profile_steps is not None and (not isinstance(profile_steps, range) or profile_steps.step != 1
                                           or len(profile_steps) == 0 or profile_steps.start < 0):
             raise ValueError("stepscope: profile_steps must be a non-empty range(a, b) of steps; "
@@ -274,12 +354,16 @@ class Monitor:
         self._nvtx = nvtx
         self._profile = profile_steps
         self._batch = batch_size if batch_size is not None else -1
+        self._batch_dim = batch_dim if batch_dim is not None else 0
+        self._marked_batch = False  # mark("forward_begin", batch=n) counted samples
         self._ring = _check_ring(ring)
         self._warmup = warmup_steps
         self._tl: Any = None
         self._hooks: Any = None  # _C.StepHooks while attached
+        # Emptied in place, never replaced: the finaliser (attach) holds these lists.
         self._handles: list = []
         self._module_handles: list = []
+        self._finalizer: Optional[weakref.finalize] = None
         self._modules: list = []  # (module, id)
         self._phases: dict = {}
         self._cuda = False
@@ -294,12 +378,11 @@ class Monitor:
         if self._attached:
             raise RuntimeError("stepscope: this Monitor is already attached; detach() it before attaching "
                                "again")
-        for m in self._models:
-            other = _attached_to(m)
-            if other is not None:
-                raise RuntimeError("stepscope: another Monitor is already attached to this "
-                                   f"{type(m).__name__}; "
-                                   "detach it first (two Monitors would time every phase twice)")
+        taken = _attached_elsewhere(self._models)
+        if taken is not None:
+            raise RuntimeError("stepscope: another Monitor is already attached to this "
+                               f"{type(taken).__name__}; "
+                               "detach it first (two Monitors would time every phase twice)")
         self._cuda = torch.cuda.is_available() and any(
             p.is_cuda for m in self._models for p in m.parameters())
         if self._tl is None:
@@ -320,6 +403,8 @@ class Monitor:
             raise
         for m in self._models:
             _attached_models[m] = weakref.ref(self)
+        self._finalizer = weakref.finalize(self, _release, self._handles, self._module_handles, self._tl)
+        self._finalizer.atexit = False
         self._attached = True
         return self
 
@@ -328,6 +413,9 @@ class Monitor:
         if not self._attached:
             raise RuntimeError("stepscope: this Monitor is not attached (detach() called twice, or never "
                                "attached)")
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         self._remove_all()
         self._autocast = self._autocast_counts()
         self._hooks = None
@@ -338,6 +426,9 @@ class Monitor:
         self._attached = False
         if self._trace is not None:
             self.export_trace(self._trace)
+        forwards = self._autocast[0]
+        if self._tl.steps == 0 and forwards >= _diagnose.NO_STEP_FORWARDS:
+            warnings.warn(f"stepscope: {_diagnose.no_step_message(forwards)}", stacklevel=2)
 
     @property
     def attached(self) -> bool:
@@ -355,10 +446,13 @@ class Monitor:
         # and Python is called back once per step only when there is Python work to do.
         tl = self._tl
         every = self._every if self._per_module else 0
+        # A bound method: the hooks hold the Monitor through a weak reference (step_hooks.cpp), so a
+        # Monitor dropped while attached is collected and its finaliser removes the hooks.
         on_end = self._step_ended if (every > 1 or self._print_every) else None
-        hk = self._hooks = _C.step_hooks(tl, batch=self._batch, optimizers=len(self._opts), on_step_end=on_end,
-                                         module_every=every,
-                                         print_every=self._print_every)
+        hk = self._hooks = _C.step_hooks(tl, batch=self._batch, batch_dim=self._batch_dim,
+                                         optimizers=len(self._opts), on_step_end=on_end, module_every=every,
+                                         print_every=self._print_every,
+                                         owns=None if self._opts else _owner_of(self._models))
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
@@ -395,8 +489,8 @@ class Monitor:
     def _remove_all(self) -> None:
         for h in self._handles + self._module_handles:
             h.remove()
-        self._handles = []
-        self._module_handles = []
+        self._handles.clear()
+        self._module_handles.clear()
 
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
@@ -418,7 +512,7 @@ class Monitor:
         elif not want and self._module_handles:
             for h in self._module_handles:
                 h.remove()
-            self._module_handles = []
+            self._module_handles.clear()
 
     # ------------------------------------------------------------------ user API
     def step(self) -> bool:
@@ -463,8 +557,12 @@ class Monitor:
         if batch is not None and boundary != "forward_begin":
             raise ValueError(f"stepscope: mark({boundary!r}) takes no batch (only 'forward_begin' does)")
         tl = self._tl
+        if boundary not in ("backward_begin", "backward_end") and not self._hooks.claim(
+                boundary not in ("eval_begin", "eval_end")):
+            return  # another thread than the training thread
         if boundary == "forward_begin":
             n = self._batch if batch is None else int(batch)
+            self._marked_batch = self._marked_batch or batch is not None
             tl.forward_begin(False, n)
         elif boundary == "forward_end":
             tl.forward_end()
@@ -573,7 +671,7 @@ class Monitor:
         return since._c
 
     def report(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
-               group: Any = None) -> dict:
+               group: Any = None, timeout: Optional[float] = None) -> dict:
         """Statistics so far, in seconds (see :func:`stepscope.report.build_report`).
 
         ``since``: a :meth:`snapshot`: the same dict for the steps that ended after it (see
@@ -581,6 +679,10 @@ class Monitor:
         :meth:`reset`). ``gather=True``: merged over the ranks of ``group`` (default: the default
         process group) by one all_gather, plus a per-rank view in ``ranks`` (see
         :func:`stepscope.distributed.gather_report`); a collective, so every rank must call it.
+        ``timeout`` (seconds, with ``gather=True``): raise ``distributed.CollectiveTimeoutError``
+        naming the ranks that did not call it, instead of waiting for the process group's own
+        timeout (30 minutes by default). A local report also says how samples were counted: ``samples_counted_by`` is
+        ``"batch_size=N"``, ``"the first input's dimension D"`` or ``"mark(batch=)"``.
         """
         base = self._since(since)
         if gather:
@@ -589,12 +691,21 @@ class Monitor:
                                  "a local report")
             from . import distributed
 
-            return distributed.gather_report(self, group, top_modules=top_modules)
+            return distributed.gather_report(self, group, top_modules=top_modules, timeout=timeout)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
         raw = self._tl.report(since=base)
-        return _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
-                                    context=self._context())
+        rep = _report.build_report(raw, memory=self._memory(raw), top_modules=top_modules,
+                                   context=self._context())
+        rep["samples_counted_by"] = self._samples_counted_by()
+        return rep
+
+    def _samples_counted_by(self) -> str:
+        if self._marked_batch:
+            return "mark(batch=)"
+        if self._batch > 0:
+            return f"batch_size={self._batch}"
+        return f"the first input's dimension {self._batch_dim}"
 
     def diagnose(self, *, since: Optional[Snapshot] = None, gather: bool = False, group: Any = None) -> list:
         """What to fix first: findings (dicts with rule, severity, title, evidence, advice,

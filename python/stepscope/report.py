@@ -171,6 +171,8 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         if sampling:
             tail.append(sampling)
     lines.append(", ".join(tail))
+    if rep.get("samples_counted_by"):
+        lines.append(f"samples counted by {rep['samples_counted_by']}")
     warm = rep.get("warmup")
     if warm and warm["steps"]:
         lines.append(f"warm-up: {warm['steps']} step(s), {format_seconds(warm['host']['step'])}, kept out of "
