@@ -52,7 +52,7 @@ def _per_step_p50(rep: dict, name: str) -> float:
     """A phase's typical time per step: its p50 per occurrence times its occurrences per step
     (gradient accumulation runs forward/backward several times in one step)."""
     h = _phase(rep, name)["host"]
-    steps = rep["steps"]
+    steps = rep.get("steady_steps", rep["steps"])  # the counts cover the steady steps
     if not steps or not h["count"]:
         return 0.0
     return h.get("p50", h["mean"]) * h["count"] / steps

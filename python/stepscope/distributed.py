@@ -185,6 +185,8 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
     # warm-up, spikes, queue lag and the diagnosis context are per process.
     for k in ("user", "modules", "warmup", "spikes", "spikes_total", "lag", "context"):
         rep[k] = local.get(k)
+    # The packed statistics hold steady steps only; every rank warms up alike (warmup_steps).
+    rep["steps"] = rep["steady_steps"] + int((rep.get("warmup") or {}).get("steps", 0))
 
     names = list(_report.PARTITION) + ["step"]
     per_rank = []

@@ -39,7 +39,8 @@ from . import diagnose as _diagnose
 from .report import PARTITION, PHASES, format_summary
 
 FORMAT = "stepscope.run"
-SCHEMA_VERSION = 1
+# 2: report.steps counts warm-up steps too, report.steady_steps the others (1 had steps = steady).
+SCHEMA_VERSION = 2
 
 logger = logging.getLogger("stepscope")
 
@@ -227,6 +228,7 @@ class SavedRun:
 
     @property
     def steps(self) -> int:
+        """Every completed step, warm-up included (as ``Monitor.steps``)."""
         return int(self.data["report"]["steps"])
 
     def __repr__(self) -> str:
@@ -441,6 +443,12 @@ def load(path: PathLike, *, max_bytes: Optional[int] = None) -> SavedRun:
     if missing:
         raise ValueError(f"stepscope: {p} is a damaged stepscope run (missing {', '.join(missing)})")
     _check_run_fields(data, p)
+    rep = data["report"]
+    if schema == 1 and "steady_steps" not in rep:  # schema 1's steps were the steady ones
+        rep["steady_steps"] = rep["steps"]
+        warm = rep.get("warmup")
+        rep["steps"] = rep["steps"] + (warm.get("steps", 0) if isinstance(warm, dict) and _is_num(warm.get("steps"))
+                                       else 0)
     return SavedRun(data, p)
 
 
@@ -884,11 +892,11 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
 # ----------------------------------------------------------------------------------- live line
 def live_line(rep: dict, step_number: Optional[int] = None) -> str:
     """The ``Monitor(print_every=n)`` line: step (``step_number``, warm-up steps included; default
-    the report's steady steps), p50 step time, the largest phase and its share, samples/s and CUDA
+    the report's steps), p50 step time, the largest phase and its share, samples/s and CUDA
     memory. During warm-up there are no statistics yet, and the line says so."""
     step = rep["phases"]["step"]["host"]
     parts = [f"stepscope step {rep['steps'] if step_number is None else step_number}"]
-    if not rep["steps"] and (rep.get("warmup") or {}).get("steps"):
+    if not rep.get("steady_steps", rep["steps"]) and (rep.get("warmup") or {}).get("steps"):
         parts.append("warm-up")
     if step.get("count") and step.get("p50") is not None:
         parts.append(f"p50 step {step['p50'] * 1e3:.3f} ms")

@@ -19,7 +19,8 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
                  context: Optional[dict] = None) -> dict:
     """Shapes ``_C.Timeline.report()`` for people.
 
-    Keys: ``steps``, ``samples``, ``samples_per_s`` (training samples over summed step time),
+    Keys: ``steps`` (every completed step, warm-up included: ``Monitor.steps``, a trainer's global
+    step), ``steady_steps`` (the steps after warm-up, which every statistic covers), ``samples``, ``samples_per_s`` (training samples over summed step time),
     ``device`` (whether device times were recorded), ``phases`` (``data`` .. ``optimizer``,
     ``step``, ``eval_forward``, ``eval`` (each evaluation stretch, its first eval forward to the
     end of its last, the time between its forwards included; host only); each
@@ -43,7 +44,7 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     ``event_record_cost`` (seconds of host time per event record, measured in the loop; None
     before auto sampling first chose, or without it),
     and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
-    Steps and step statistics count steady (post-warm-up) steps only.
+    Step statistics, samples and ``device_steps`` count steady (post-warm-up) steps only.
     """
     dev = bool(raw["device"])
     step = raw["phases"]["step"]
@@ -61,7 +62,10 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     key = (lambda kv: kv[1]["device"]["total"]) if dev else (lambda kv: kv[1]["host"]["total"])
     modules = dict(sorted(raw["modules"].items(), key=key, reverse=True)[:top_modules])
     return {
-        "steps": raw["steps"],
+        # One meaning per name: ``steps`` counts every completed step (Monitor.steps, a trainer's
+        # global step), ``steady_steps`` the ones behind the statistics (warm-up left out).
+        "steps": raw["steps"] + int((raw.get("warmup") or {}).get("steps", 0)),
+        "steady_steps": raw["steps"],
         "samples": raw["samples"],
         "samples_per_s": raw["samples"] / raw["step_host_total"] if raw["step_host_total"] > 0 else None,
         "device": dev,
@@ -156,7 +160,8 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
     lines = ["times in ms unless marked s; share = phase total / step total; (share) = part of the phase above",
              fmt(head), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]
-    tail = [f"steps {rep['steps']}"]
+    steady = rep.get("steady_steps", rep["steps"])
+    tail = [f"steps {rep['steps']}" + (f" ({steady} after warm-up)" if steady != rep["steps"] else "")]
     if rep["samples_per_s"] is not None and rep["samples"]:
         tail.append(f"samples/s {rep['samples_per_s']:.1f}")
     mem = rep["memory"]
@@ -202,7 +207,7 @@ def format_device_sampling(rep: dict) -> str:
     if not k or k <= 1:
         return ""
     how = " (auto)" if rep.get("device_every_auto") else ""
-    return f"device: every {_ordinal(k)} step{how}, {rep.get('device_steps', 0)} of {rep['steps']} steps"
+    return f"device: every {_ordinal(k)} step{how}, {rep.get('device_steps', 0)} of {rep.get('steady_steps', rep['steps'])} steps"
 
 
 def format_findings(findings: list) -> str:

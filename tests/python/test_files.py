@@ -380,3 +380,23 @@ def test_demo_writes_the_run_file_it_names(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "stepscope", "report", "stepscope_demo.json"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and "What to fix first" in rep.stdout, rep.stderr
+
+
+def test_steps_means_every_step_and_steady_steps_the_counted_ones(tmp_path):
+    mon = _train(steps=10, warmup_steps=3)
+    rep = mon.report()
+    assert mon.steps == rep["steps"] == 10 and rep["steady_steps"] == 7
+    assert rep["phases"]["step"]["host"]["count"] == 7 and rep["warmup"]["steps"] == 3
+    assert "steps 10 (7 after warm-up)" in mon.summary()
+    saved = tmp_path / "run.json"
+    mon.save(saved)
+    assert stepscope.load(saved).steps == 10
+    # A schema-1 file (steps were the steady ones) reads with today's meaning.
+    data = json.loads(saved.read_text())
+    data["schema"] = 1
+    data["report"]["steps"] = 7
+    del data["report"]["steady_steps"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    run = stepscope.load(old)
+    assert run.steps == 10 and run.report()["steady_steps"] == 7
