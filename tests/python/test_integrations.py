@@ -540,13 +540,13 @@ def run_example(name, *args):
 def test_example_segmentation():
     out = run_example("segmentation.py")
     assert "val IoU per class" in out and "\nforward" in out
-    assert "steps 45" in out and "warm-up: 3 step(s)" in out  # 48 steps, the Monitor's default warm-up
+    assert "steps 48 (45 after warm-up)" in out and "warm-up: 3 step(s)" in out  # 48 steps, the Monitor's default warm-up
 
 
 def test_example_lm_tokens():
     out = run_example("lm_tokens.py")
     assert "metric state: 96155 float64 values for V = 32000" in out  # O(V), no V x V matrix (3V + 155)
-    assert "padding ignored" in out and "steps 27" in out and "warm-up: 3 step(s)" in out
+    assert "padding ignored" in out and "steps 30 (27 after warm-up)" in out and "warm-up: 3 step(s)" in out
 
 
 def test_example_lightning():

@@ -60,7 +60,8 @@ def test_each_interval_reports_its_own_plant_and_cumulative_stays():
         second = mon.report(since=snap)
         whole = mon.report()
         assert mon.report(since=start)["phases"] == whole["phases"]  # since the start: the whole run
-    assert (first["steps"], second["steps"], whole["steps"]) == (8, 6, 14)
+    assert (first["steps"], second["steps"], whole["steps"]) == (10, 6, 16)  # warm-up included
+    assert (first["steady_steps"], second["steady_steps"], whole["steady_steps"]) == (8, 6, 14)
     assert second["phases"]["forward"]["host"]["count"] == 6
     assert second["phases"]["step"]["host"]["count"] == 6
     assert second["samples"] == 6 * 8
