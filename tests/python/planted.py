@@ -13,6 +13,8 @@ that got it rises above its upper bound.
 import collections
 import time
 
+import torch
+
 SLEPT = collections.defaultdict(list)  # phase -> how long each planted sleep really lasted
 
 #: The Timeline's quantiles come from log buckets within 0.5% of the sample of that rank
@@ -54,3 +56,17 @@ def assert_planted(got: float, phase: str, slack: float, slept: list = None) -> 
         f"{phase}: reported p50 {got * 1e3:.3f} ms outside [{lo * 1e3:.3f}, {hi * 1e3:.3f}] ms "
         f"(its sleeps' p50 to the next rank + {slack * 1e3:.1f} ms of slack; slept "
         f"{', '.join(f'{x * 1e3:.2f}' for x in slept)} ms)")
+
+
+class SleepInBackward(torch.autograd.Function):
+    """Identity forward; its backward sleeps `secs` (recorded under `phase` when given)."""
+
+    @staticmethod
+    def forward(ctx, x, secs, phase=""):
+        ctx.secs, ctx.phase = secs, phase
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        sleep(ctx.secs, ctx.phase)
+        return g, None, None

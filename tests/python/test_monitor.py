@@ -18,7 +18,7 @@ import torch
 import torch.optim.optimizer as optim_mod
 
 import stepscope
-from planted import SLEPT, assert_planted, sleep
+from planted import SLEPT, SleepInBackward, assert_planted, sleep
 from stepscope import _C
 
 # Phases also hold real work the sleeps do not cover (loss computation and autograd's start,
@@ -33,18 +33,6 @@ SLACK = 0.007
 
 
 
-
-
-class SleepFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, secs):
-        ctx.secs = secs
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        sleep(ctx.secs, "backward")
-        return g, None
 
 
 class Boom(RuntimeError):
@@ -73,7 +61,7 @@ class Planted(torch.nn.Module):
         sleep(self.fwd, "eval_forward" if not (self.training and torch.is_grad_enabled()) else "forward")
         if self.fail_forward:
             raise Boom("forward")
-        y = SleepFn.apply(self.lin(x), self.bwd)
+        y = SleepInBackward.apply(self.lin(x), self.bwd, "backward")
         return RaiseInBackward.apply(y) if self.fail_backward else y
 
 
@@ -626,7 +614,7 @@ def test_step_hooks_find_the_output_tensor_in_nested_outputs():
             self.kind = kind
 
         def forward(self, x):
-            y = SleepFn.apply(self.lin(x), 0.015)
+            y = SleepInBackward.apply(self.lin(x), 0.015, "backward")
             if self.kind == "dict":
                 return collections.OrderedDict(n=3, aux=x, logits=y)
             if self.kind == "list":

@@ -20,7 +20,7 @@ import torch
 import torch.optim.optimizer as optim_mod
 
 import stepscope
-from planted import SLEPT, sleep
+from planted import SLEPT, SleepInBackward, sleep
 
 PARTITION = ("data", "forward", "loss", "backward", "other", "optimizer")
 
@@ -332,18 +332,6 @@ def test_failed_optimizer_step_with_its_traceback_kept_does_not_stop_step_counti
 
 
 # ----------------------------------------------------------------------------- B4: other optimizers
-class SlowBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, secs):
-        ctx.secs = secs
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        sleep(ctx.secs)
-        return g, None
-
-
 @pytest.mark.parametrize("closure", [False, True])
 def test_another_models_optimizer_between_forward_and_backward_counts_nothing(closure):
     class Generator(torch.nn.Module):
@@ -352,7 +340,7 @@ def test_another_models_optimizer_between_forward_and_backward_counts_nothing(cl
             self.lin = torch.nn.Linear(8, 8)
 
         def forward(self, z):
-            return SlowBackward.apply(self.lin(z), 0.020)  # G's backward: 20 ms planted
+            return SleepInBackward.apply(self.lin(z), 0.020)  # G's backward: 20 ms planted
 
     G = Generator()
     D = torch.nn.Linear(8, 1)
