@@ -22,7 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "timing/phases.h"
+#include "phases.h"
 
 namespace stepscope::nvtx {
 

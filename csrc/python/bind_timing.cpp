@@ -267,16 +267,21 @@ void bind_timing(py::module_& m) {
   m.def("report_from_packed", &report_from_packed, py::arg("packed"),
         "Merges packed Timeline statistics ([n, PACKED_WORDS] or n*PACKED_WORDS float64) into a report dict "
         "shaped like Timeline.report() (user and modules empty). One buffer gives its Timeline's phases exactly.");
-  // The one phase table (csrc/timing/phases.h), for report.py and export.py: the Timeline's series
-  // (partition first) in order, then the NVTX-only phases.
+  // The one phase table (csrc/phases.h), for report.py and the run files: the Timeline's series
+  // (partition first) in order, then the NVTX-only phases; and the boundaries in step order.
   py::list phases;
   for (int i = 0; i < static_cast<int>(nvtx::Phase::kCount); ++i) {
     const PhaseInfo& p = kPhaseTable[i];
+    auto opt = [](const char* s) { return s ? py::object(py::str(s)) : py::object(py::none()); };
     phases.append(py::dict(py::arg("name") = p.name, py::arg("nvtx_name") = p.nvtx_name, py::arg("color") = p.argb,
                            py::arg("category") = p.category, py::arg("partition") = i < tm::kNumPartition,
-                           py::arg("series") = i < static_cast<int>(tm::Phase::kCount)));
+                           py::arg("series") = i < static_cast<int>(tm::Phase::kCount),
+                           py::arg("opens") = opt(p.opens), py::arg("closes") = opt(p.closes)));
   }
   m.attr("PHASES") = py::tuple(phases);
+  py::list boundaries;
+  for (int i = 0; i < tm::kNumPartition; ++i) boundaries.append(boundary_name(i));
+  m.attr("BOUNDARIES") = py::tuple(boundaries);
 }
 
 }  // namespace stepscope::python

@@ -79,14 +79,14 @@
 #include "timing/device_clock.h"
 #include "timing/device_sampling.h"
 #include "timing/event_pool.h"
-#include "timing/phases.h"
+#include "phases.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
 #include "timing/stats.h"
 
 namespace stepscope::timing {
 
-// Phase and kNumPartition: timing/phases.h. The report name of a series.
+// Phase and kNumPartition: phases.h. The report name of a series.
 const char* phase_name(Phase p);
 
 struct TimelineOptions {

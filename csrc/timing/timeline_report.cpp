@@ -227,11 +227,9 @@ Report Timeline::report_locked(const TimelineSnapshot* since) {
     r.memory_trend.rising_fraction = n > 1 ? static_cast<double>(rises) / static_cast<double>(n - 1) : 0.0;
   }
   if (device_) {
-    // Named by the boundary that closes each phase (diagnose.PHASE_BOUNDS reads these names).
-    static constexpr const char* kBoundary[kNumPartition] = {"forward_begin", "forward_end", "backward_begin",
-                                                             "backward_end", "optimizer_begin", "optimizer_end"};
+    // Named by the boundary that closes each phase (the phase table's `closes`).
     for (int i = 0; i < kNumPartition; ++i)
-      r.lag.push_back(NamedSummary{kBoundary[i], summarize(lag_[i], b ? &b->lag[i] : nullptr), {}});
+      r.lag.push_back(NamedSummary{boundary_name(i), summarize(lag_[i], b ? &b->lag[i] : nullptr), {}});
   }
   // The spike ring holds the newest kMaxSpikes; the i-th kept one is spike number pushed - size + i.
   const uint64_t spikes_before = b ? b->spikes : 0;

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 # The extension loads without the torch module being imported, so a saved run is still read
 # without it (export.py); what it needs is the built extension, whose table is the one home of the
-# phases (csrc/timing/phases.h).
+# phases (csrc/phases.h).
 from . import _C
 
 #: One dict per phase (``name``, ``nvtx_name``, ``color`` ARGB, NVTX ``category``, ``partition``,

@@ -1,4 +1,4 @@
-"""The one phase table (csrc/timing/phases.h) as Python sees it: _C.PHASES, report.PARTITION and
+"""The one phase table (csrc/phases.h) as Python sees it: _C.PHASES, report.PARTITION and
 the NVTX layer all read the same rows."""
 
 from stepscope import _C, report
@@ -32,3 +32,14 @@ def test_nvtx_reads_the_same_table():
     for p in _C.nvtx.Phase.__members__.values():
         name = _C.nvtx.phase_name(p)
         assert (_C.nvtx.phase_category(p), _C.nvtx.phase_color(p)) == NVTX_STYLE[name]
+
+
+def test_boundaries_open_and_close_the_partition():
+    # The step's boundaries in order; each partition phase closes at its own and opens where the
+    # one before it closed (data: at the previous step's optimizer_end).
+    assert _C.BOUNDARIES == ("forward_begin", "forward_end", "backward_begin", "backward_end", "optimizer_begin",
+                             "optimizer_end")
+    part = [p for p in _C.PHASES if p["partition"]]
+    assert [p["closes"] for p in part] == list(_C.BOUNDARIES)
+    assert [p["opens"] for p in part] == [_C.BOUNDARIES[-1], *_C.BOUNDARIES[:-1]]
+    assert all(p["opens"] is None and p["closes"] is None for p in _C.PHASES if not p["partition"])
