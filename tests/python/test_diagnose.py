@@ -232,7 +232,13 @@ def run(steps: int, fwd_ms: float = 6.0, opt_ms: float = 1.0, data_ms: float = 0
 
 def test_e2e_healthy_loop_nothing_above_info():
     mon = run(20, fwd_ms=6.0, opt_ms=1.0)
-    assert above_info(mon.diagnose()) == [], mon.summary()
+    # On a loaded machine the planted sleeps themselves overshoot now and then; the jitter finding is
+    # then true by its own rule (p99 at 2x the p50, or spikes), and it alone is allowed.
+    rep = mon.report()
+    h = rep["phases"]["step"]["host"]
+    uneven = h["p99"] >= 2.0 * h["p50"] or bool(rep["spikes"])
+    wrong = [f for f in above_info(mon.diagnose()) if not (f["rule"] == "jitter" and uneven)]
+    assert wrong == [], mon.summary()
 
 
 def test_e2e_slow_loader_is_input_bound():
