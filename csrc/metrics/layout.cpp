@@ -1,8 +1,10 @@
 #include "metrics/layout.h"
 
+#include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <utility>
 
 namespace stepscope::metrics {
 
@@ -88,17 +90,31 @@ Layout make_layout(const Config& cfg) {
   return l;
 }
 
-Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
-                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind, bool confusion_matrix) {
+OpArgs::OpArgs(Config c) : cfg(std::move(c)), lay(make_layout(cfg)) {}
+
+OpArgs OpArgs::parse(const std::vector<c10::IValue>& stack, size_t first) {
+  TORCH_INTERNAL_ASSERT(stack.size() >= first + kCount, "stepscope: the update op takes ", kFirst + kCount,
+                        " arguments");
+  const c10::IValue* a = stack.data() + first;
   Config c;
-  c.task = static_cast<Task>(task);
-  c.num_classes = num_classes;
-  c.top_k = top_k;
-  c.ignore_index = ignore_index;
-  c.threshold = threshold;
-  c.input = static_cast<InputKind>(input_kind);
-  c.confusion_matrix = confusion_matrix;
-  return c;
+  c.task = static_cast<Task>(a[0].toInt());
+  c.num_classes = a[1].toInt();
+  c.top_k = a[2].toIntVector();
+  if (!a[3].isNone()) c.ignore_index = a[3].toInt();
+  c.threshold = a[4].toDouble();
+  c.input = static_cast<InputKind>(a[5].toInt());
+  c.confusion_matrix = a[6].toBool();
+  return OpArgs(std::move(c));
+}
+
+void OpArgs::push(std::vector<c10::IValue>& stack) const {
+  stack.emplace_back(static_cast<int64_t>(cfg.task));
+  stack.emplace_back(cfg.num_classes);
+  stack.emplace_back(c10::IntArrayRef(cfg.top_k));
+  stack.emplace_back(cfg.ignore_index ? c10::IValue(*cfg.ignore_index) : c10::IValue());
+  stack.emplace_back(cfg.threshold);
+  stack.emplace_back(static_cast<int64_t>(cfg.input));
+  stack.emplace_back(cfg.confusion_matrix);
 }
 
 }  // namespace stepscope::metrics

@@ -5,13 +5,17 @@
 // (9e15 samples), far past any training run. The layout is a pure function of the Config, so
 // Python, C++ and the kernels agree on it without passing offsets around.
 //
-// No ATen here: the kernels and the GoogleTests use this header directly.
+// No ATen here (c10::IValue is only named): the kernels and the GoogleTests use this header directly.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
+
+namespace c10 {
+class IValue;  // OpArgs reads and writes the op's boxed arguments; nothing else here needs ATen
+}
 
 namespace stepscope::metrics {
 
@@ -80,11 +84,42 @@ struct Layout {
 // Checks a Config (throws c10::Error with a message naming the argument) and returns its layout.
 Layout make_layout(const Config& cfg);
 
-// Builds a Config from the scalars of the update op's schema (the one encoding both sides share).
-// Checks nothing: make_layout() does, once, where the op is entered.
-Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
-                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                   bool confusion_matrix);
+// Every field of Layout by name: what Python sees as MetricsConfig.layout (a new block is one
+// line here, beside its field).
+struct LayoutField {
+  const char* name;
+  int64_t Layout::*member;
+};
+inline constexpr LayoutField kLayoutFields[] = {
+    {"classes", &Layout::classes}, {"num_topk", &Layout::num_topk},   {"tp", &Layout::tp},
+    {"pred", &Layout::pred},       {"target", &Layout::target},       {"valid", &Layout::valid},
+    {"valid_len", &Layout::valid_len}, {"topk", &Layout::topk},       {"loss", &Layout::loss},
+    {"ece_count", &Layout::ece_count}, {"ece_conf", &Layout::ece_conf}, {"ece_acc", &Layout::ece_acc},
+    {"nonfinite", &Layout::nonfinite}, {"invalid", &Layout::invalid}, {"ignored", &Layout::ignored},
+    {"pending", &Layout::pending}, {"dense", &Layout::dense},         {"confmat", &Layout::confmat},
+    {"numel", &Layout::numel},
+};
+
+// The update op's configuration arguments: every argument of its schema (csrc/metrics/op.cpp)
+// after preds, target and state, parsed and checked once per call into the Config they encode and
+// that Config's Layout, which every user then reads instead of building its own. parse() is the one
+// reader of that argument list and push() its one writer (the Accumulator's calls); Python's
+// MetricsConfig is an OpArgs parsed from the same list.
+struct OpArgs {
+  static constexpr size_t kFirst = 3;  // preds, target, state come before the configuration
+  static constexpr size_t kCount = 7;  // task, num_classes, top_k, ignore_index, threshold, input_kind,
+                                       // confusion_matrix: the schema's order
+
+  explicit OpArgs(Config c);  // checks c (make_layout)
+
+  // The configuration in [stack[first], stack[first + kCount]) of a call's boxed arguments.
+  static OpArgs parse(const std::vector<c10::IValue>& stack, size_t first);
+  // Appends the configuration to a call's boxed arguments, in the schema's order.
+  void push(std::vector<c10::IValue>& stack) const;
+
+  Config cfg;
+  Layout lay;
+};
 
 const char* task_name(Task t);
 
