@@ -1045,6 +1045,56 @@ def test_deepcopy_shares_the_process_group_and_a_pickle_drops_it():
     assert __import__("pickle").loads(__import__("pickle").dumps(m)).process_group is None
 
 
+# A ClassificationMetrics("binary", threshold=0.25, ignore_index=-1) after one update, pickled (zlib,
+# base64) by the version that kept the configuration as plain attributes: pickles keep that form.
+_OLD_PICKLE = (
+    "eNq1VEtrU0EUTtKk77dWtBVxmW5C7UNbXLRoUTC0at1kI4fJvZNkzM3MvTNz20Yo1EWhlQEXjkLBhbjyLwgu/AFdCP4KwUVX"
+    "giDouUlqmzZUBDuLDPOd77xy7vk2k69utsdqxwwpTX3lCJ9mKlRL5ihrRm57RClWYA7RTPClBv7Sjj+zGzZtOrUkjDNetNum"
+    "B3wiCbpSqdBoOiEfFgqNR0ppoqk1vVpIp5SBUDMP4w+DpPmQeS5oypWQsDqJwdOmr05TeJEiug2CJ4gLBSkqkK9qGpVw62Mi"
+    "FttMPO/2fr658+Pqk/cPLmU2E0tf2/B3I4ilc4PYlS+FFo7wYBULwQ6COBJyfWjxmNYeBcpdRniQ2M51I6irPgXFnlIVtG0E"
+    "yXQuhaAqCamDVDaRa8MX4zpozyZzySiG4MWgI5sMQ8yZznVE5HrJQcyptdC9KMK8Rx/V0e4gnutH0tz01Mzs3MT0tcmZG9cn"
+    "gnpgxw+Dtuzssg6SDzHc4yDWihsnmdlY01lofXdG9/nX777PN9P3j73/hv/rOTXO293dD63sC1NTX/5H/k97e9/mz6DuM4iz"
+    "P2+37IrNxrKzWzYb37I7pgc/VI860abhbvTcly6V1F1kjo42bsVq5CszBlxw8KPvGTeW64M1A0W1fWHNOcgTp7xGpAu+pFAS"
+    "oqxs6SL6m4FD01H4AjAFhdDzms122fRDQcgT/NFmFNaYLkHkVzxgXD7GIN4aqSpwCPbnNjjDfzjHy7xy0tIixxDUNAVc/H+a"
+    "3EeOGo7HHq0rySmMsZMMoZozdEJFuKFHa9I2oKrcARyJIyp+iCK3bPpQdhyqFBSlCH0EemsczSpUhBrfgxAB1AWGk/SIQ3H6"
+    "SU1U2Zr2PONEVnH+PKyAE+kv5snGTUoLH8p23PSyIhdYNOMuXbf3fuExXbokKQqV59q7858bip5iHAuyJklCLXDMZYoCj2Xy"
+    "QhhpIVQIyvl6lDpPNUHH/YZjVy0tNl+JEg9it6tUwSG4YzrqZbt2O8xnfgNsHr77"
+)
+
+
+def test_a_pickle_of_the_earlier_configuration_form_loads():
+    import base64
+    import pickle
+    import zlib
+
+    old = pickle.loads(zlib.decompress(base64.b64decode(_OLD_PICKLE)))
+    ref = stepscope.ClassificationMetrics("binary", threshold=0.25, ignore_index=-1)
+    ref.update(torch.tensor([0.1, 0.9, 0.3, 0.7]), torch.tensor([0, 1, 1, -1]))
+    assert old._config_dict() == ref._config_dict() and repr(old) == repr(ref)
+    assert (old.task, old.threshold, old.ignore_index, old.top_k) == ("binary", 0.25, -1, ())
+    assert torch.equal(old.state, ref.state)
+    old.update(torch.tensor([0.2, 0.8]), torch.tensor([1, 1]))
+    ref.update(torch.tensor([0.2, 0.8]), torch.tensor([1, 1]))
+    for k, v in ref.compute().items():
+        torch.testing.assert_close(old.compute()[k], v, msg=k)
+    # And what this version pickles keeps the plain fields, so an earlier version reads it too.
+    state = ref.__getstate__()
+    assert {k: state[k] for k in ("task", "num_classes", "top_k", "ignore_index", "threshold", "input",
+                                  "keeps_confusion_matrix")} == {
+        "task": "binary", "num_classes": 1, "top_k": (), "ignore_index": -1, "threshold": 0.25, "input": "auto",
+        "keeps_confusion_matrix": False}
+
+
+def test_the_configuration_is_read_only_and_one_object():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, top_k=(1, 2), threshold=0.5)
+    with pytest.raises(AttributeError):
+        m.threshold = 0.3  # would not reach the op's arguments, which are built once
+    assert m._op_args == (1, 4, [1, 2], None, 0.5, 0, True)
+    assert m._cfg.numel == m.state.numel() and m._cfg.layout["numel"] == m.state.numel()
+    assert m._config_dict() == {"task": "multiclass", "num_classes": 4, "top_k": [1, 2], "ignore_index": None,
+                                "threshold": 0.5, "input": "auto", "confusion_matrix": True}
+
+
 # ----------------------------------------------------------------------------- unsigned and float64
 @pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
