@@ -1095,6 +1095,17 @@ def test_the_configuration_is_read_only_and_one_object():
                                 "threshold": 0.5, "input": "auto", "confusion_matrix": True}
 
 
+def test_metrics_config_is_parsed_from_the_op_arguments():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=6, top_k=(1, 3), ignore_index=-1)
+    from stepscope import _C
+
+    assert _C.MetricsConfig(*m._op_args).layout == m._cfg.layout
+    with pytest.raises(ValueError, match="7 configuration arguments"):
+        _C.MetricsConfig(*m._op_args[:6])
+    with pytest.raises(ValueError, match="num_classes"):
+        _C.MetricsConfig(1, 0, [1], None, 0.5, 0, True)
+
+
 # ----------------------------------------------------------------------------- unsigned and float64
 @pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
