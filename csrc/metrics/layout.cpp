@@ -3,10 +3,29 @@
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
+#include <iterator>
 #include <limits>
 #include <utility>
 
 namespace stepscope::metrics {
+
+namespace {
+
+constexpr bool follows(int64_t Layout::*a, int64_t Layout::*b) {
+  for (size_t i = 0; i + 1 < std::size(kLayoutBlocks); ++i) {
+    if (kLayoutBlocks[i].offset == a) return kLayoutBlocks[i + 1].offset == b;
+  }
+  return false;
+}
+static_assert(kReadingLen == 1 + 3 * kEceSlots && follows(&Layout::loss, &Layout::ece_count) &&
+                  follows(&Layout::ece_count, &Layout::ece_conf) && follows(&Layout::ece_conf, &Layout::ece_acc),
+              "the reading (loss, then ece_count, ece_conf, ece_acc) must be contiguous");
+static_assert(follows(&Layout::nonfinite, &Layout::invalid) && follows(&Layout::invalid, &Layout::ignored),
+              "check_state reads nonfinite, invalid and ignored with one copy");
+static_assert(std::size(kLayoutBlocks) > 0 && kLayoutBlocks[std::size(kLayoutBlocks) - 1].len == BlockLen::kConfmat,
+              "the confusion matrix is last: the CPU kernel copies the O(C) part before it per thread");
+
+}  // namespace
 
 const char* task_name(Task t) {
   switch (t) {
@@ -51,40 +70,26 @@ Layout make_layout(const Config& cfg) {
                       cfg.threshold);
   }
   const int64_t C = l.classes;
-  int64_t o = 0;
-  l.tp = o;
-  o += C;
-  l.pred = o;
-  o += C;
-  l.target = o;
-  o += C;
-  l.valid = o;
   l.valid_len = cfg.task == Task::kMultilabel ? C : 1;
-  o += l.valid_len;
-  l.topk = l.num_topk > 0 ? o : -1;
-  o += l.num_topk;
-  l.loss = o++;
-  l.ece_count = o;
-  o += kEceSlots;
-  l.ece_conf = o;
-  o += kEceSlots;
-  l.ece_acc = o;
-  o += kEceSlots;
-  l.nonfinite = o++;
-  l.invalid = o++;
-  l.ignored = o++;
-  static_assert(kReadingLen == 1 + 3 * kEceSlots);
-  if (cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto) {
-    l.pending = o;
-    o += kPendingLen;
-  }
-  l.dense = o;
-  if (cfg.task == Task::kMulticlass && cfg.confusion_matrix) {
-    TORCH_CHECK_VALUE(C <= (int64_t{1} << 16),
-                      "stepscope: a confusion matrix of ", C, " x ", C,
-                      " classes is too large to keep; pass confusion_matrix=False");
-    l.confmat = o;
-    o += C * C;
+  const bool confmat = cfg.task == Task::kMulticlass && cfg.confusion_matrix;
+  TORCH_CHECK_VALUE(!confmat || C <= (int64_t{1} << 16), "stepscope: a confusion matrix of ", C, " x ", C,
+                    " classes is too large to keep; pass confusion_matrix=False");
+  const int64_t pending = cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto ? kPendingLen : 0;
+  int64_t o = 0;
+  for (const LayoutBlock& b : kLayoutBlocks) {
+    if (b.len == BlockLen::kConfmat) l.dense = o;
+    int64_t n = 1;
+    switch (b.len) {
+      case BlockLen::kClasses: n = C; break;
+      case BlockLen::kValid: n = l.valid_len; break;
+      case BlockLen::kTopK: n = l.num_topk; break;
+      case BlockLen::kOne: n = 1; break;
+      case BlockLen::kEceSlots: n = kEceSlots; break;
+      case BlockLen::kPending: n = pending; break;
+      case BlockLen::kConfmat: n = confmat ? C * C : 0; break;
+    }
+    l.*b.offset = n > 0 ? o : -1;
+    o += n;
   }
   l.numel = o;
   return l;

@@ -8,6 +8,7 @@
 // No ATen here (c10::IValue is only named): the kernels and the GoogleTests use this header directly.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -84,20 +85,32 @@ struct Layout {
 // Checks a Config (throws c10::Error with a message naming the argument) and returns its layout.
 Layout make_layout(const Config& cfg);
 
-// Every field of Layout by name: what Python sees as MetricsConfig.layout (a new block is one
-// line here, beside its field).
-struct LayoutField {
+// The state's blocks, in their order: make_layout places them one after the other, a block whose
+// length is 0 for a configuration being absent (offset -1). A new counter is its Layout field and
+// one line here (MetricsConfig.layout reads the names from this table too). The order is relied
+// on: the reading (loss, ece_*) is contiguous (kReadingLen), nonfinite/invalid/ignored are
+// adjacent (one host read), and the confusion matrix is last (dense ends where it starts).
+enum class BlockLen { kClasses, kValid, kTopK, kOne, kEceSlots, kPending, kConfmat };
+struct LayoutBlock {
   const char* name;
-  int64_t Layout::*member;
+  int64_t Layout::*offset;
+  BlockLen len;
 };
-inline constexpr LayoutField kLayoutFields[] = {
-    {"classes", &Layout::classes}, {"num_topk", &Layout::num_topk},   {"tp", &Layout::tp},
-    {"pred", &Layout::pred},       {"target", &Layout::target},       {"valid", &Layout::valid},
-    {"valid_len", &Layout::valid_len}, {"topk", &Layout::topk},       {"loss", &Layout::loss},
-    {"ece_count", &Layout::ece_count}, {"ece_conf", &Layout::ece_conf}, {"ece_acc", &Layout::ece_acc},
-    {"nonfinite", &Layout::nonfinite}, {"invalid", &Layout::invalid}, {"ignored", &Layout::ignored},
-    {"pending", &Layout::pending}, {"dense", &Layout::dense},         {"confmat", &Layout::confmat},
-    {"numel", &Layout::numel},
+inline constexpr LayoutBlock kLayoutBlocks[] = {
+    {"tp", &Layout::tp, BlockLen::kClasses},
+    {"pred", &Layout::pred, BlockLen::kClasses},
+    {"target", &Layout::target, BlockLen::kClasses},
+    {"valid", &Layout::valid, BlockLen::kValid},
+    {"topk", &Layout::topk, BlockLen::kTopK},
+    {"loss", &Layout::loss, BlockLen::kOne},
+    {"ece_count", &Layout::ece_count, BlockLen::kEceSlots},
+    {"ece_conf", &Layout::ece_conf, BlockLen::kEceSlots},
+    {"ece_acc", &Layout::ece_acc, BlockLen::kEceSlots},
+    {"nonfinite", &Layout::nonfinite, BlockLen::kOne},
+    {"invalid", &Layout::invalid, BlockLen::kOne},
+    {"ignored", &Layout::ignored, BlockLen::kOne},
+    {"pending", &Layout::pending, BlockLen::kPending},
+    {"confmat", &Layout::confmat, BlockLen::kConfmat},
 };
 
 // The update op's configuration arguments: every argument of its schema (csrc/metrics/op.cpp)

@@ -32,7 +32,12 @@ OpArgs config_from(const py::args& a) {
 
 py::dict layout_dict(const stepscope::metrics::Layout& l) {
   py::dict d;
-  for (const auto& f : stepscope::metrics::kLayoutFields) d[f.name] = l.*f.member;
+  for (const auto& b : stepscope::metrics::kLayoutBlocks) d[b.name] = l.*b.offset;
+  d["classes"] = l.classes;
+  d["num_topk"] = l.num_topk;
+  d["valid_len"] = l.valid_len;
+  d["dense"] = l.dense;
+  d["numel"] = l.numel;
   return d;
 }
 

@@ -1106,6 +1106,35 @@ def test_metrics_config_is_parsed_from_the_op_arguments():
         _C.MetricsConfig(1, 0, [1], None, 0.5, 0, True)
 
 
+# The state's offsets as the sequential layout code placed them before the block table: saved states
+# and the kernels depend on them, so the table must reproduce them exactly.
+_EARLIER_LAYOUTS = [
+    ({"task": "multiclass", "num_classes": 5, "top_k": (1, 3)},
+     {"classes": 5, "tp": 0, "pred": 5, "target": 10, "valid": 15, "valid_len": 1, "topk": 16,
+      "loss": 18, "ece_count": 19, "ece_conf": 35, "ece_acc": 51, "nonfinite": 67, "invalid": 68,
+      "ignored": 69, "pending": 70, "confmat": 170, "numel": 195}),
+    ({"task": "multiclass", "num_classes": 7, "input": "logits", "confusion_matrix": False},
+     {"classes": 7, "tp": 0, "pred": 7, "target": 14, "valid": 21, "valid_len": 1, "topk": 22,
+      "loss": 23, "ece_count": 24, "ece_conf": 40, "ece_acc": 56, "nonfinite": 72, "invalid": 73,
+      "ignored": 74, "pending": -1, "confmat": -1, "numel": 75}),
+    ({"task": "binary"},
+     {"classes": 1, "tp": 0, "pred": 1, "target": 2, "valid": 3, "valid_len": 1, "topk": -1, "loss": 4,
+      "ece_count": 5, "ece_conf": 21, "ece_acc": 37, "nonfinite": 53, "invalid": 54, "ignored": 55,
+      "pending": -1, "confmat": -1, "numel": 56}),
+    ({"task": "multilabel", "num_labels": 4, "input": "probs"},
+     {"classes": 4, "tp": 0, "pred": 4, "target": 8, "valid": 12, "valid_len": 4, "topk": -1, "loss": 16,
+      "ece_count": 17, "ece_conf": 33, "ece_acc": 49, "nonfinite": 65, "invalid": 66, "ignored": 67,
+      "pending": -1, "confmat": -1, "numel": 68}),
+]
+
+
+@pytest.mark.parametrize("kw,expected", _EARLIER_LAYOUTS)
+def test_layout_offsets_are_those_of_earlier_versions(kw, expected):
+    lay = stepscope.ClassificationMetrics(**kw)._cfg.layout
+    assert {k: lay[k] for k in expected} == expected
+    assert lay["dense"] == (expected["confmat"] if expected["confmat"] >= 0 else expected["numel"])
+
+
 # ----------------------------------------------------------------------------- unsigned and float64
 @pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
