@@ -26,15 +26,21 @@ namespace stepscope::metrics {
 //   binary: accuracy, precision, recall, f1, specificity, iou (+ fbeta), confusion_matrix [2, 2].
 //   all: loss (mean), ece, samples, nonfinite, invalid_target, ignored.
 // Float metrics are float32 (computed in float64); counts are int64. zero_division is 0.
+// The formulas are tables by name in compute.cpp. Each of these functions takes a parsed OpArgs
+// (its layout built once) or, for convenience, a Config, checked and laid out for that one call.
+std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const OpArgs& args, const at::Tensor& state,
+                                                                double beta = 1.0);
 std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cfg, const at::Tensor& state,
                                                                 double beta = 1.0);
 
 // The confusion matrix (multiclass [C, C], binary [2, 2], multilabel [L, 2, 2]), rows =
 // targets. normalize: "none" (int64 counts), "true" (rows sum to 1), "pred" (columns), "all".
+at::Tensor confusion_matrix(const OpArgs& args, const at::Tensor& state, const std::string& normalize = "none");
 at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const std::string& normalize = "none");
 
 // The one host read: raises if any target was out of range (naming how many) and, with warn,
 // warns (TORCH_WARN) on non-finite predictions. Returns {nonfinite, invalid, ignored}.
+std::vector<int64_t> check_state(const OpArgs& args, const at::Tensor& state, bool warn = true);
 std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn = true);
 
 // The one wording of the non-finite warning (check_state's TORCH_WARN, Python's warnings.warn).
@@ -55,12 +61,12 @@ class Accumulator {
 
   const at::Tensor& state() const { return state_; }
   void load_state(const at::Tensor& state);
-  const Config& config() const { return cfg_; }
-  const Layout& layout() const { return lay_; }
+  const Config& config() const { return args_.cfg; }
+  const Layout& layout() const { return args_.lay; }
+  const OpArgs& op_args() const { return args_; }
 
  private:
-  Config cfg_;
-  Layout lay_;
+  OpArgs args_;  // checked and laid out once, at construction
   at::Tensor state_;
 };
 

@@ -21,7 +21,7 @@ struct Counts {
   at::Tensor valid_total;     // float64 scalar: samples (multiclass/binary) or elements (multilabel)
 };
 
-Counts counts(const Config& cfg, const Layout& lay, const at::Tensor& s) {
+Counts counts(const Layout& lay, const at::Tensor& s) {
   const int64_t C = lay.classes;
   Counts k;
   k.tp = s.narrow(0, lay.tp, C);
@@ -49,99 +49,136 @@ at::Tensor average(const at::Tensor& score, const Counts& k, const std::string& 
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
-// The one definition of each count-based score, for per-class counts ([C]) and for their sums
-// (the micro average) alike. Multiclass accuracy is recall (torchmetrics: tn does not count).
-at::Tensor score(const std::string& n, const Counts& k, double b2, bool multiclass) {
-  const at::Tensor &tp = k.tp, &fp = k.fp, &fn = k.fn, &tn = k.tn;
-  if (n == "precision") return safe_div(tp, tp + fp);
-  if (n == "recall") return safe_div(tp, tp + fn);
-  if (n == "f1") return safe_div(2 * tp, 2 * tp + fp + fn);
-  if (n == "fbeta") return safe_div((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp);
-  if (n == "specificity") return safe_div(tn, tn + fp);
-  if (n == "iou") return safe_div(tp, tp + fp + fn);
-  if (n == "accuracy") return multiclass ? safe_div(tp, tp + fn) : safe_div(tp + tn, tp + tn + fp + fn);
-  TORCH_INTERNAL_ASSERT(false, n);
-  return at::Tensor();
+// What a formula reads: the configuration, the state and the counts derived from it once.
+struct Inputs {
+  const OpArgs& args;
+  const at::Tensor& state;
+  const Counts& k;
+  double b2;  // beta^2
+  at::Tensor at(int64_t offset) const { return state[offset]; }
+  at::Tensor block(int64_t offset, int64_t len) const { return state.narrow(0, offset, len); }
+};
+
+// The count-based scores by name, each one definition for per-class counts ([C]) and for their
+// sums (the micro average) alike. Multiclass accuracy is recall (torchmetrics: tn does not count).
+// Reported as <name> (binary) or <name>_<average> (multiclass / multilabel); fbeta when beta != 1.
+using ScoreFn = at::Tensor (*)(const Counts&, double b2, bool multiclass);
+struct Score {
+  const char* name;
+  ScoreFn fn;
+};
+const Score kScores[] = {
+    {"accuracy",
+     [](const Counts& k, double, bool mc) {
+       return mc ? safe_div(k.tp, k.tp + k.fn) : safe_div(k.tp + k.tn, k.tp + k.tn + k.fp + k.fn);
+     }},
+    {"precision", [](const Counts& k, double, bool) { return safe_div(k.tp, k.tp + k.fp); }},
+    {"recall", [](const Counts& k, double, bool) { return safe_div(k.tp, k.tp + k.fn); }},
+    {"f1", [](const Counts& k, double, bool) { return safe_div(2 * k.tp, 2 * k.tp + k.fp + k.fn); }},
+    {"specificity", [](const Counts& k, double, bool) { return safe_div(k.tn, k.tn + k.fp); }},
+    {"iou", [](const Counts& k, double, bool) { return safe_div(k.tp, k.tp + k.fp + k.fn); }},
+    {"fbeta",
+     [](const Counts& k, double b2, bool) { return safe_div((1 + b2) * k.tp, (1 + b2) * k.tp + b2 * k.fn + k.fp); }},
+};
+
+// The metrics read from counters of their own, by name, after the scores: a metric with a new
+// counter is one line here (beside its block in layout.h / layout.cpp and the kernels that fill it).
+using StateFn = at::Tensor (*)(const Inputs&);
+struct StateMetric {
+  const char* name;
+  StateFn fn;
+};
+const StateMetric kStateMetrics[] = {
+    {"loss", [](const Inputs& x) { return f32(safe_div(x.at(x.args.lay.loss), x.k.valid_total)); }},
+    // ECE (l1): sum over bins of |acc_bin - conf_bin| * n_bin / n = sum |acc_sum - conf_sum| / n.
+    {"ece",
+     [](const Inputs& x) {
+       const Layout& l = x.args.lay;
+       const at::Tensor gap = (x.block(l.ece_acc, kEceSlots) - x.block(l.ece_conf, kEceSlots)).abs();
+       return f32(safe_div(gap.sum(), x.block(l.ece_count, kEceSlots).sum()));
+     }},
+    {"samples", [](const Inputs& x) { return x.k.valid_total.to(at::kLong); }},
+    {"nonfinite", [](const Inputs& x) { return x.at(x.args.lay.nonfinite).to(at::kLong); }},
+    {"invalid_target", [](const Inputs& x) { return x.at(x.args.lay.invalid).to(at::kLong); }},
+    {"ignored", [](const Inputs& x) { return x.at(x.args.lay.ignored).to(at::kLong); }},
+};
+
+using Out = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Multiclass IoU is torchmetrics' JaccardIndex: the ignore_index class leaves the micro
+// denominator (its false positives too) and the macro average.
+void add_iou_multiclass(Out& out, const Inputs& x, const Counts& sums, const at::Tensor& score) {
+  const Counts& k = x.k;
+  const std::optional<int64_t>& ig = x.args.cfg.ignore_index;
+  const bool ignore_class = ig && *ig >= 0 && *ig < x.args.lay.classes;
+  const at::Tensor micro = ignore_class ? safe_div(sums.tp, sums.tp + sums.fp + sums.fn - (k.tp + k.fp + k.fn)[*ig])
+                                        : safe_div(sums.tp, sums.tp + sums.fp + sums.fn);
+  out.emplace_back("iou_micro", f32(micro));
+  at::Tensor w = at::where(k.tp + k.fp + k.fn == 0, at::zeros_like(score), at::ones_like(score));
+  if (ignore_class) {
+    w.index_fill_(0, at::scalar_tensor(*ig, at::TensorOptions().dtype(at::kLong).device(w.device())), 0.0);
+  }
+  const at::Tensor macro = safe_div((w * score).sum(), w.sum());
+  out.emplace_back("iou_macro", f32(macro));
+  out.emplace_back("mean_iou", f32(macro));
+}
+
+void add_scores(Out& out, const Inputs& x) {
+  const Counts& k = x.k;
+  const bool multiclass = x.args.cfg.task == Task::kMulticlass;
+  const bool fbeta = x.b2 != 1.0;
+  if (x.args.cfg.task == Task::kBinary) {
+    for (const Score& s : kScores) {
+      if (fbeta || std::string(s.name) != "fbeta") out.emplace_back(s.name, f32(s.fn(k, x.b2, false).squeeze(0)));
+    }
+    return;
+  }
+  const Counts sums{k.tp.sum(), k.fp.sum(), k.fn.sum(), k.tn.sum(), k.valid_total};
+  out.emplace_back("accuracy", f32(kScores[0].fn(sums, x.b2, multiclass)));
+  for (const Score& s : kScores) {
+    const std::string n = s.name;
+    if (n == "fbeta" && !fbeta) continue;
+    const at::Tensor score = s.fn(k, x.b2, multiclass);
+    if (n == "iou" && multiclass) {
+      add_iou_multiclass(out, x, sums, score);
+    } else {
+      out.emplace_back(n + "_micro", f32(s.fn(sums, x.b2, multiclass)));
+      out.emplace_back(n + "_macro", f32(average(score, k, "macro", multiclass)));
+      if (n == "iou") out.emplace_back("mean_iou", out.back().second);
+    }
+    out.emplace_back(n + "_weighted", f32(average(score, k, "weighted", multiclass)));
+    out.emplace_back(n + "_per_class", f32(score));
+  }
 }
 
 }  // namespace
 
-std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cfg, const at::Tensor& state,
+std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const OpArgs& args, const at::Tensor& state,
                                                                 double beta) {
-  const Layout lay = make_layout(cfg);
+  const Layout& lay = args.lay;
   STEPSCOPE_CHECK(state.dim() == 1 && state.numel() == lay.numel && state.scalar_type() == at::kDouble,
                   "state must be float64 [", lay.numel, "] for this configuration; got ", state.scalar_type(), " ",
                   shape_str(state.sizes()));
   check_beta(beta);
-  const Counts k = counts(cfg, lay, state);
-  const bool multiclass = cfg.task == Task::kMulticlass;
-  const at::Tensor& tp = k.tp;
-  const at::Tensor& fp = k.fp;
-  const at::Tensor& fn = k.fn;
-  const double b2 = beta * beta;
-  const bool ignore_class =
-      multiclass && cfg.ignore_index && *cfg.ignore_index >= 0 && *cfg.ignore_index < lay.classes;
-
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  auto per_class_scores = [&](const char* name) -> at::Tensor { return score(name, k, b2, multiclass); };
-  const Counts sums{tp.sum(), fp.sum(), fn.sum(), k.tn.sum(), k.valid_total};
-  auto micro = [&](const std::string& n) -> at::Tensor {
-    // IoU (torchmetrics' JaccardIndex): the ignore_index class's false positives leave the
-    // denominator too.
-    if (n == "iou" && ignore_class) {
-      return safe_div(sums.tp, sums.tp + sums.fp + sums.fn - (tp + fp + fn)[*cfg.ignore_index]);
-    }
-    return score(n, sums, b2, multiclass);
-  };
-
-  std::vector<const char*> names = {"accuracy", "precision", "recall", "f1", "specificity", "iou"};
-  if (beta != 1.0) names.push_back("fbeta");
-  if (cfg.task == Task::kBinary) {
-    for (const char* n : names) out.emplace_back(n, f32(per_class_scores(n).squeeze(0)));
-  } else {
-    out.emplace_back("accuracy", f32(micro("accuracy")));
-    for (const char* n : names) {
-      const at::Tensor score = per_class_scores(n);
-      out.emplace_back(std::string(n) + "_micro", f32(micro(n)));
-      if (std::string(n) == "iou" && multiclass) {
-        // JaccardIndex's macro also drops the ignore_index class.
-        at::Tensor w = at::where(tp + fp + fn == 0, at::zeros_like(score), at::ones_like(score));
-        if (ignore_class) {
-          w.index_fill_(0, at::scalar_tensor(*cfg.ignore_index, at::TensorOptions().dtype(at::kLong).device(w.device())),
-                        0.0);
-        }
-        const at::Tensor macro = safe_div((w * score).sum(), w.sum());
-        out.emplace_back("iou_macro", f32(macro));
-        out.emplace_back("mean_iou", f32(macro));
-      } else {
-        out.emplace_back(std::string(n) + "_macro", f32(average(score, k, "macro", multiclass)));
-        if (std::string(n) == "iou") out.emplace_back("mean_iou", out.back().second);
-      }
-      out.emplace_back(std::string(n) + "_weighted", f32(average(score, k, "weighted", multiclass)));
-      out.emplace_back(std::string(n) + "_per_class", f32(score));
-    }
-  }
+  const Counts k = counts(lay, state);
+  const Inputs x{args, state, k, beta * beta};
+  Out out;
+  add_scores(out, x);
+  const bool multiclass = args.cfg.task == Task::kMulticlass;
   if (multiclass) {
     const at::Tensor n = state.narrow(0, lay.valid, 1).squeeze(0);
     for (int64_t i = 0; i < lay.num_topk; ++i) {
-      out.emplace_back("top" + std::to_string(cfg.top_k[i]) + "_accuracy", f32(safe_div(state[lay.topk + i], n)));
+      out.emplace_back("top" + std::to_string(args.cfg.top_k[i]) + "_accuracy", f32(safe_div(state[lay.topk + i], n)));
     }
   }
-  if (lay.confmat >= 0 || !multiclass) out.emplace_back("confusion_matrix", confusion_matrix(cfg, state, "none"));
-  out.emplace_back("loss", f32(safe_div(state[lay.loss], k.valid_total)));
-  // ECE (l1): sum over bins of |acc_bin - conf_bin| * n_bin / n = sum |acc_sum - conf_sum| / n.
-  const at::Tensor ece_n = state.narrow(0, lay.ece_count, kEceSlots).sum();
-  const at::Tensor gap = (state.narrow(0, lay.ece_acc, kEceSlots) - state.narrow(0, lay.ece_conf, kEceSlots)).abs();
-  out.emplace_back("ece", f32(safe_div(gap.sum(), ece_n)));
-  out.emplace_back("samples", k.valid_total.to(at::kLong));
-  out.emplace_back("nonfinite", state[lay.nonfinite].to(at::kLong));
-  out.emplace_back("invalid_target", state[lay.invalid].to(at::kLong));
-  out.emplace_back("ignored", state[lay.ignored].to(at::kLong));
+  if (lay.confmat >= 0 || !multiclass) out.emplace_back("confusion_matrix", confusion_matrix(args, state, "none"));
+  for (const StateMetric& m : kStateMetrics) out.emplace_back(m.name, m.fn(x));
   return out;
 }
 
-at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const std::string& normalize) {
-  const Layout lay = make_layout(cfg);
+at::Tensor confusion_matrix(const OpArgs& args, const at::Tensor& state, const std::string& normalize) {
+  const Config& cfg = args.cfg;
+  const Layout& lay = args.lay;
   STEPSCOPE_CHECK(normalize == "none" || normalize == "true" || normalize == "pred" || normalize == "all",
                   "normalize must be one of none, true, pred, all; got '", normalize, "'");
   at::Tensor m;
@@ -151,7 +188,7 @@ at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const st
                     kDefaultConfmatLimit, " classes)");
     m = state.narrow(0, lay.confmat, lay.classes * lay.classes).view({lay.classes, lay.classes});
   } else {
-    const Counts k = counts(cfg, lay, state);
+    const Counts k = counts(lay, state);
     // [[tn, fp], [fn, tp]] per label, as torchmetrics lays out binary/multilabel matrices.
     m = at::stack({k.tn, k.fp, k.fn, k.tp}, 1).view({lay.classes, 2, 2});
     if (cfg.task == Task::kBinary) m = m.squeeze(0);
@@ -164,8 +201,9 @@ at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const st
   return f32(safe_div(m, den.expand_as(m)));
 }
 
-std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn) {
-  const Layout lay = make_layout(cfg);
+std::vector<int64_t> check_state(const OpArgs& args, const at::Tensor& state, bool warn) {
+  const Config& cfg = args.cfg;
+  const Layout& lay = args.lay;
   // nonfinite, invalid and ignored are adjacent: one small device-to-host copy.
   const at::Tensor h = state.narrow(0, lay.nonfinite, 3).to(at::kCPU, at::kLong);
   const int64_t* v = h.const_data_ptr<int64_t>();
@@ -179,6 +217,19 @@ std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, boo
   }
   if (warn && v[0] > 0) TORCH_WARN(nonfinite_message(cfg, v[0]));
   return {v[0], v[1], v[2]};
+}
+
+std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const Config& cfg, const at::Tensor& state,
+                                                                double beta) {
+  return compute_metrics(OpArgs(cfg), state, beta);
+}
+
+at::Tensor confusion_matrix(const Config& cfg, const at::Tensor& state, const std::string& normalize) {
+  return confusion_matrix(OpArgs(cfg), state, normalize);
+}
+
+std::vector<int64_t> check_state(const Config& cfg, const at::Tensor& state, bool warn) {
+  return check_state(OpArgs(cfg), state, warn);
 }
 
 std::string nonfinite_message(const Config& cfg, int64_t count) {

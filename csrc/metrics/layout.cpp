@@ -1,10 +1,31 @@
 #include "metrics/layout.h"
 
+#include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
+#include <iterator>
 #include <limits>
+#include <utility>
 
 namespace stepscope::metrics {
+
+namespace {
+
+constexpr bool follows(int64_t Layout::*a, int64_t Layout::*b) {
+  for (size_t i = 0; i + 1 < std::size(kLayoutBlocks); ++i) {
+    if (kLayoutBlocks[i].offset == a) return kLayoutBlocks[i + 1].offset == b;
+  }
+  return false;
+}
+static_assert(kReadingLen == 1 + 3 * kEceSlots && follows(&Layout::loss, &Layout::ece_count) &&
+                  follows(&Layout::ece_count, &Layout::ece_conf) && follows(&Layout::ece_conf, &Layout::ece_acc),
+              "the reading (loss, then ece_count, ece_conf, ece_acc) must be contiguous");
+static_assert(follows(&Layout::nonfinite, &Layout::invalid) && follows(&Layout::invalid, &Layout::ignored),
+              "check_state reads nonfinite, invalid and ignored with one copy");
+static_assert(std::size(kLayoutBlocks) > 0 && kLayoutBlocks[std::size(kLayoutBlocks) - 1].len == BlockLen::kConfmat,
+              "the confusion matrix is last: the CPU kernel copies the O(C) part before it per thread");
+
+}  // namespace
 
 const char* task_name(Task t) {
   switch (t) {
@@ -49,56 +70,56 @@ Layout make_layout(const Config& cfg) {
                       cfg.threshold);
   }
   const int64_t C = l.classes;
-  int64_t o = 0;
-  l.tp = o;
-  o += C;
-  l.pred = o;
-  o += C;
-  l.target = o;
-  o += C;
-  l.valid = o;
   l.valid_len = cfg.task == Task::kMultilabel ? C : 1;
-  o += l.valid_len;
-  l.topk = l.num_topk > 0 ? o : -1;
-  o += l.num_topk;
-  l.loss = o++;
-  l.ece_count = o;
-  o += kEceSlots;
-  l.ece_conf = o;
-  o += kEceSlots;
-  l.ece_acc = o;
-  o += kEceSlots;
-  l.nonfinite = o++;
-  l.invalid = o++;
-  l.ignored = o++;
-  static_assert(kReadingLen == 1 + 3 * kEceSlots);
-  if (cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto) {
-    l.pending = o;
-    o += kPendingLen;
-  }
-  l.dense = o;
-  if (cfg.task == Task::kMulticlass && cfg.confusion_matrix) {
-    TORCH_CHECK_VALUE(C <= (int64_t{1} << 16),
-                      "stepscope: a confusion matrix of ", C, " x ", C,
-                      " classes is too large to keep; pass confusion_matrix=False");
-    l.confmat = o;
-    o += C * C;
+  const bool confmat = cfg.task == Task::kMulticlass && cfg.confusion_matrix;
+  TORCH_CHECK_VALUE(!confmat || C <= (int64_t{1} << 16), "stepscope: a confusion matrix of ", C, " x ", C,
+                    " classes is too large to keep; pass confusion_matrix=False");
+  const int64_t pending = cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto ? kPendingLen : 0;
+  int64_t o = 0;
+  for (const LayoutBlock& b : kLayoutBlocks) {
+    if (b.len == BlockLen::kConfmat) l.dense = o;
+    int64_t n = 1;
+    switch (b.len) {
+      case BlockLen::kClasses: n = C; break;
+      case BlockLen::kValid: n = l.valid_len; break;
+      case BlockLen::kTopK: n = l.num_topk; break;
+      case BlockLen::kOne: n = 1; break;
+      case BlockLen::kEceSlots: n = kEceSlots; break;
+      case BlockLen::kPending: n = pending; break;
+      case BlockLen::kConfmat: n = confmat ? C * C : 0; break;
+    }
+    l.*b.offset = n > 0 ? o : -1;
+    o += n;
   }
   l.numel = o;
   return l;
 }
 
-Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
-                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind, bool confusion_matrix) {
+OpArgs::OpArgs(Config c) : cfg(std::move(c)), lay(make_layout(cfg)) {}
+
+OpArgs OpArgs::parse(const std::vector<c10::IValue>& stack, size_t first) {
+  TORCH_INTERNAL_ASSERT(stack.size() >= first + kCount, "stepscope: the update op takes ", kFirst + kCount,
+                        " arguments");
+  const c10::IValue* a = stack.data() + first;
   Config c;
-  c.task = static_cast<Task>(task);
-  c.num_classes = num_classes;
-  c.top_k = top_k;
-  c.ignore_index = ignore_index;
-  c.threshold = threshold;
-  c.input = static_cast<InputKind>(input_kind);
-  c.confusion_matrix = confusion_matrix;
-  return c;
+  c.task = static_cast<Task>(a[0].toInt());
+  c.num_classes = a[1].toInt();
+  c.top_k = a[2].toIntVector();
+  if (!a[3].isNone()) c.ignore_index = a[3].toInt();
+  c.threshold = a[4].toDouble();
+  c.input = static_cast<InputKind>(a[5].toInt());
+  c.confusion_matrix = a[6].toBool();
+  return OpArgs(std::move(c));
+}
+
+void OpArgs::push(std::vector<c10::IValue>& stack) const {
+  stack.emplace_back(static_cast<int64_t>(cfg.task));
+  stack.emplace_back(cfg.num_classes);
+  stack.emplace_back(c10::IntArrayRef(cfg.top_k));
+  stack.emplace_back(cfg.ignore_index ? c10::IValue(*cfg.ignore_index) : c10::IValue());
+  stack.emplace_back(cfg.threshold);
+  stack.emplace_back(static_cast<int64_t>(cfg.input));
+  stack.emplace_back(cfg.confusion_matrix);
 }
 
 }  // namespace stepscope::metrics

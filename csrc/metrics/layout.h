@@ -5,13 +5,18 @@
 // (9e15 samples), far past any training run. The layout is a pure function of the Config, so
 // Python, C++ and the kernels agree on it without passing offsets around.
 //
-// No ATen here: the kernels and the GoogleTests use this header directly.
+// No ATen here (c10::IValue is only named): the kernels and the GoogleTests use this header directly.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
+
+namespace c10 {
+class IValue;  // OpArgs reads and writes the op's boxed arguments; nothing else here needs ATen
+}
 
 namespace stepscope::metrics {
 
@@ -80,11 +85,54 @@ struct Layout {
 // Checks a Config (throws c10::Error with a message naming the argument) and returns its layout.
 Layout make_layout(const Config& cfg);
 
-// Builds a Config from the scalars of the update op's schema (the one encoding both sides share).
-// Checks nothing: make_layout() does, once, where the op is entered.
-Config make_config(int64_t task, int64_t num_classes, const std::vector<int64_t>& top_k,
-                   std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                   bool confusion_matrix);
+// The state's blocks, in their order: make_layout places them one after the other, a block whose
+// length is 0 for a configuration being absent (offset -1). A new counter is its Layout field and
+// one line here (MetricsConfig.layout reads the names from this table too). The order is relied
+// on: the reading (loss, ece_*) is contiguous (kReadingLen), nonfinite/invalid/ignored are
+// adjacent (one host read), and the confusion matrix is last (dense ends where it starts).
+enum class BlockLen { kClasses, kValid, kTopK, kOne, kEceSlots, kPending, kConfmat };
+struct LayoutBlock {
+  const char* name;
+  int64_t Layout::*offset;
+  BlockLen len;
+};
+inline constexpr LayoutBlock kLayoutBlocks[] = {
+    {"tp", &Layout::tp, BlockLen::kClasses},
+    {"pred", &Layout::pred, BlockLen::kClasses},
+    {"target", &Layout::target, BlockLen::kClasses},
+    {"valid", &Layout::valid, BlockLen::kValid},
+    {"topk", &Layout::topk, BlockLen::kTopK},
+    {"loss", &Layout::loss, BlockLen::kOne},
+    {"ece_count", &Layout::ece_count, BlockLen::kEceSlots},
+    {"ece_conf", &Layout::ece_conf, BlockLen::kEceSlots},
+    {"ece_acc", &Layout::ece_acc, BlockLen::kEceSlots},
+    {"nonfinite", &Layout::nonfinite, BlockLen::kOne},
+    {"invalid", &Layout::invalid, BlockLen::kOne},
+    {"ignored", &Layout::ignored, BlockLen::kOne},
+    {"pending", &Layout::pending, BlockLen::kPending},
+    {"confmat", &Layout::confmat, BlockLen::kConfmat},
+};
+
+// The update op's configuration arguments: every argument of its schema (csrc/metrics/op.cpp)
+// after preds, target and state, parsed and checked once per call into the Config they encode and
+// that Config's Layout, which every user then reads instead of building its own. parse() is the one
+// reader of that argument list and push() its one writer (the Accumulator's calls); Python's
+// MetricsConfig is an OpArgs parsed from the same list.
+struct OpArgs {
+  static constexpr size_t kFirst = 3;  // preds, target, state come before the configuration
+  static constexpr size_t kCount = 7;  // task, num_classes, top_k, ignore_index, threshold, input_kind,
+                                       // confusion_matrix: the schema's order
+
+  explicit OpArgs(Config c);  // checks c (make_layout)
+
+  // The configuration in [stack[first], stack[first + kCount]) of a call's boxed arguments.
+  static OpArgs parse(const std::vector<c10::IValue>& stack, size_t first);
+  // Appends the configuration to a call's boxed arguments, in the schema's order.
+  void push(std::vector<c10::IValue>& stack) const;
+
+  Config cfg;
+  Layout lay;
+};
 
 const char* task_name(Task t);
 

@@ -1,7 +1,6 @@
-// Checks and canonical views for the update op, plus its Meta (fake) implementation, which
-// runs the same checks and touches nothing: what torch.compile and opcheck trace with.
+// Checks and canonical views for the update op: what every implementation registered in
+// op.cpp (the Meta one too, which runs the checks and touches nothing) calls first.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <limits>
 
@@ -36,22 +35,20 @@ at::Tensor kernel_target(const at::Tensor& target, std::optional<int64_t> ignore
 
 }  // namespace
 
-UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
-                            int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
-                            std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                            bool confusion_matrix) {
-  UpdateInputs in;
-  in.cfg = make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index, threshold,
-                       input_kind, confusion_matrix);
-  in.lay = make_layout(in.cfg);
-  const Layout& lay = in.lay;
-
-  STEPSCOPE_CHECK(preds.defined() && target.defined() && state.defined(), "preds, target and state must be defined");
+void check_update_kinds(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state) {
   STEPSCOPE_CHECK_FLOATING(preds);
   STEPSCOPE_CHECK_INTEGRAL(target);
   STEPSCOPE_CHECK_DEVICE(target, preds);
   STEPSCOPE_CHECK_DEVICE(state, preds);
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
+}
+
+UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state, OpArgs args) {
+  UpdateInputs in(std::move(args));
+  const Layout& lay = in.lay;
+
+  STEPSCOPE_CHECK(preds.defined() && target.defined() && state.defined(), "preds, target and state must be defined");
+  check_update_kinds(preds, target, state);
   STEPSCOPE_CHECK(state.dim() == 1 && state.numel() == lay.numel && state.is_contiguous(),
                   "state must be a contiguous 1-D tensor of ", lay.numel, " elements for this configuration; got ",
                   shape_str(state.sizes()), " (build it with the same task, num_classes, top_k and confusion_matrix)");
@@ -99,42 +96,5 @@ UpdateInputs prepare_update(const at::Tensor& preds, const at::Tensor& target, c
   in.target = kernel_target(in.target, in.cfg.ignore_index);
   return in;
 }
-
-namespace {
-
-void classification_update_meta(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& state,
-                                int64_t task, int64_t num_classes, c10::IntArrayRef top_k,
-                                std::optional<int64_t> ignore_index, double threshold, int64_t input_kind,
-                                bool confusion_matrix) {
-  const bool symbolic = preds.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                        target.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                        state.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-  if (!symbolic) {
-    (void)prepare_update(preds, target, state, task, num_classes, top_k, ignore_index, threshold, input_kind,
-                         confusion_matrix);
-    return;
-  }
-  // Traced with dynamic shapes: the checks that need concrete sizes run again in the real
-  // kernel; here only what symbolic sizes allow.
-  (void)make_layout(make_config(task, num_classes, std::vector<int64_t>(top_k.begin(), top_k.end()), ignore_index,
-                                threshold, input_kind, confusion_matrix));
-  STEPSCOPE_CHECK_FLOATING(preds);
-  STEPSCOPE_CHECK_INTEGRAL(target);
-  STEPSCOPE_CHECK_DEVICE(target, preds);
-  STEPSCOPE_CHECK_DEVICE(state, preds);
-  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble, "stepscope: state must be float64; got ", state.scalar_type());
-}
-
-
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(stepscope, Meta, m) { m.impl("classification_update", &classification_update_meta); }
-#if defined(STEPSCOPE_WITH_CUDA)
-// Registered here, compiled by the host compiler like the CPU entry, so that the argument checks
-// (and the exceptions they throw) never pass through a CUDA translation unit: cuda/ holds the
-// kernels and their launches only.
-TORCH_LIBRARY_IMPL(stepscope, CUDA, m) { m.impl("classification_update", &update_entry<update_cuda>); }
-#endif
 
 }  // namespace stepscope::metrics

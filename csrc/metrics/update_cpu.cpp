@@ -8,7 +8,6 @@
 // C x C matrix is never copied per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -330,7 +329,5 @@ void update_cpu(const UpdateInputs& in, const at::Tensor& state) {
     });
   });
 }
-
-TORCH_LIBRARY_IMPL(stepscope, CPU, m) { m.impl("classification_update", &update_entry<update_cpu>); }
 
 }  // namespace stepscope::metrics

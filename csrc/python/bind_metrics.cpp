@@ -1,11 +1,11 @@
 // _C.MetricsConfig and the metrics constants. The update itself is not bound here: it is a
-// TORCH_LIBRARY op (csrc/ops.cpp), reached as torch.ops.stepscope.*.
+// TORCH_LIBRARY op (csrc/metrics/op.cpp), reached as torch.ops.stepscope.*.
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
-#include <optional>
 #include <string>
-#include <vector>
 
+#include "check.h"
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
 #include "python/bindings.h"
@@ -15,39 +15,33 @@ namespace py = pybind11;
 namespace stepscope::python {
 namespace {
 
-using stepscope::metrics::Config;
+using stepscope::metrics::OpArgs;
 
-Config config_from(int64_t task, int64_t num_classes, std::vector<int64_t> top_k, std::optional<int64_t> ignore_index,
-                   double threshold, int64_t input_kind, bool confusion_matrix) {
-  Config c = stepscope::metrics::make_config(task, num_classes, top_k, ignore_index, threshold, input_kind,
-                                             confusion_matrix);
-  (void)stepscope::metrics::make_layout(c);  // validates
-  return c;
+// MetricsConfig(*op_args): the op's configuration arguments as Python passes them to the op,
+// converted by the op's own schema types and parsed by OpArgs::parse, the op's one parser.
+OpArgs config_from(const py::args& a) {
+  const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow("stepscope::classification_update", "").schema();
+  STEPSCOPE_CHECK(a.size() == OpArgs::kCount, "MetricsConfig takes the update op's ", OpArgs::kCount,
+                  " configuration arguments; got ", a.size());
+  c10::Stack stack;
+  for (size_t i = 0; i < OpArgs::kCount; ++i) {
+    stack.push_back(torch::jit::toIValue(a[i], schema.arguments()[OpArgs::kFirst + i].type()));
+  }
+  return OpArgs::parse(stack, 0);
 }
 
 py::dict layout_dict(const stepscope::metrics::Layout& l) {
   py::dict d;
+  for (const auto& b : stepscope::metrics::kLayoutBlocks) d[b.name] = l.*b.offset;
   d["classes"] = l.classes;
-  d["tp"] = l.tp;
-  d["pred"] = l.pred;
-  d["target"] = l.target;
-  d["valid"] = l.valid;
+  d["num_topk"] = l.num_topk;
   d["valid_len"] = l.valid_len;
-  d["topk"] = l.topk;
-  d["loss"] = l.loss;
-  d["ece_count"] = l.ece_count;
-  d["ece_conf"] = l.ece_conf;
-  d["ece_acc"] = l.ece_acc;
-  d["nonfinite"] = l.nonfinite;
-  d["invalid"] = l.invalid;
-  d["ignored"] = l.ignored;
-  d["pending"] = l.pending;
-  d["confmat"] = l.confmat;
+  d["dense"] = l.dense;
   d["numel"] = l.numel;
   return d;
 }
 
-py::dict compute_dict(const Config& c, const at::Tensor& state, double beta) {
+py::dict compute_dict(const OpArgs& c, const at::Tensor& state, double beta) {
   py::dict d;
   for (auto& [k, v] : stepscope::metrics::compute_metrics(c, state, beta)) d[py::str(k)] = v;
   return d;
@@ -56,25 +50,28 @@ py::dict compute_dict(const Config& c, const at::Tensor& state, double beta) {
 }  // namespace
 
 void bind_metrics(py::module_& m) {
-  py::class_<Config>(m, "MetricsConfig",
-                     "A validated metrics configuration: the state layout and the compute formulas.")
-      .def(py::init(&config_from), py::arg("task"), py::arg("num_classes"), py::arg("top_k"), py::arg("ignore_index"),
-           py::arg("threshold"), py::arg("input_kind"), py::arg("confusion_matrix"))
-      .def_property_readonly("numel", [](const Config& c) { return stepscope::metrics::make_layout(c).numel; })
-      .def_property_readonly("layout", [](const Config& c) { return layout_dict(stepscope::metrics::make_layout(c)); })
+  py::class_<OpArgs>(m, "MetricsConfig",
+                     "A validated metrics configuration, built from the update op's configuration arguments "
+                     "(MetricsConfig(*op_args)): the state layout and the compute formulas.")
+      .def(py::init(&config_from))
+      .def_property_readonly("numel", [](const OpArgs& c) { return c.lay.numel; })
+      .def_property_readonly("layout", [](const OpArgs& c) { return layout_dict(c.lay); })
       .def("compute", &compute_dict, py::arg("state"), py::arg("beta") = 1.0)
       .def(
           "confusion_matrix",
-          [](const Config& c, const at::Tensor& state, const std::string& normalize) {
+          [](const OpArgs& c, const at::Tensor& state, const std::string& normalize) {
             return stepscope::metrics::confusion_matrix(c, state, normalize);
           },
           py::arg("state"), py::arg("normalize") = "none")
       .def(
           "check",
           // Python raises the non-finite warning itself (a TORCH_WARN from here would only reach stderr).
-          [](const Config& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state, false); },
+          [](const OpArgs& c, const at::Tensor& state) { return stepscope::metrics::check_state(c, state, false); },
           py::arg("state"))
-      .def("nonfinite_message", &stepscope::metrics::nonfinite_message, py::arg("count"));
+      .def(
+          "nonfinite_message",
+          [](const OpArgs& c, int64_t count) { return stepscope::metrics::nonfinite_message(c.cfg, count); },
+          py::arg("count"));
   m.def("check_beta", &stepscope::metrics::check_beta, py::arg("beta"), "ValueError unless beta > 0.");
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;

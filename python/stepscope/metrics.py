@@ -4,56 +4,17 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
-import operator
-import struct
 import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from . import _C
+from ._metrics_config import FP_WORDS, MetricsArgs, check_config, check_tensors, config_mismatch, fingerprint
 
-_TASKS = dict(_C.TASKS)  # name -> the op's encoding, as C++ defines it
-_INPUTS = dict(_C.INPUT_KINDS)
-
-
-def _whole(name: str, value: Any, accepts: str) -> int:
-    # operator.index takes ints and integer-like objects (numpy ints), never 2.5 or "3"; bool is an
-    # int to Python but never a count or a label here.
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"stepscope: {name} must be {accepts}; got {type(value).__name__} {value!r}") from None
-
-
-def _real(name: str, value: Any, accepts: str) -> float:
-    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"stepscope: {name} must be {accepts}; got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _top_k(top_k: Any) -> tuple:
-    accepts = f"an int or a sequence of at most {_C.MAX_TOP_K} distinct ints"
-    if isinstance(top_k, (str, bytes)) or not hasattr(top_k, "__iter__"):
-        top_k = (_whole("top_k", top_k, accepts),)
-    ks = tuple(_whole("top_k", k, accepts) for k in top_k)
-    if len(set(ks)) != len(ks):
-        raise ValueError(f"stepscope: top_k must be {accepts}; got {list(ks)} (a value repeats)")
-    return ks
-
-
-def _check_tensors(preds: Any, target: Any) -> None:
-    """What the dispatcher would refuse before the op's own checks, said in stepscope's words."""
-    for name, t in (("preds", preds), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"stepscope: {name} must be a torch.Tensor; got {type(t).__name__} (convert it with "
-                            f"torch.as_tensor first)")
-        if t.layout != torch.strided:
-            raise TypeError(f"stepscope: {name} must be a dense (torch.strided) tensor; got layout {t.layout} "
-                            f"(call .to_dense() first)")
+# The fields pickles have carried as plain attributes (the configuration's form before MetricsArgs).
+_PICKLED = {"task": "task", "num_classes": "num_classes", "top_k": "top_k", "ignore_index": "ignore_index",
+            "threshold": "threshold", "input": "input", "confusion_matrix": "keeps_confusion_matrix"}
 
 
 def _timeout_seconds(name: str, timeout: Any) -> float:
@@ -62,56 +23,8 @@ def _timeout_seconds(name: str, timeout: Any) -> float:
     return timeout_seconds(name, timeout)
 
 
-# The configuration that decides what the state's sums mean, as a fixed-size int64 vector, so that
-# ranks can compare theirs with one all_gather before summing states (a mismatch would be summed
-# silently, or abort inside the backend when the sizes differ).
-_FP_MAGIC = 0x73746570  # "step": a rank running another collective here shows as a mismatch
-_FP_WORDS = 11 + _C.MAX_TOP_K
-_FP_FIELDS = ("task", "num_classes", "top_k", "ignore_index", "threshold", "input", "confusion_matrix", "beta")
-
-
-def _bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def _unbits(x: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", x))[0]
-
-
-def _fingerprint(m: "ClassificationMetrics") -> tuple:
-    ks = list(m.top_k) + [0] * (_C.MAX_TOP_K - len(m.top_k))
-    ig = m.ignore_index
-    return (_FP_MAGIC, _TASKS[m.task], m.num_classes, len(m.top_k), *ks, ig is not None, 0 if ig is None else ig,
-            _bits(m.threshold), _INPUTS[m.input], m.keeps_confusion_matrix, _bits(m.beta), m._cfg.numel)
-
-
-def _decode(fp: list) -> dict:
-    if fp[0] != _FP_MAGIC:
-        return {f: "?" for f in _FP_FIELDS}
-    k = _C.MAX_TOP_K
-    tasks = {v: n for n, v in _TASKS.items()}
-    inputs = {v: n for n, v in _INPUTS.items()}
-    return {"task": tasks.get(fp[1], fp[1]), "num_classes": fp[2], "top_k": tuple(fp[4:4 + fp[3]]),
-            "ignore_index": fp[5 + k] if fp[4 + k] else None, "threshold": _unbits(fp[6 + k]),
-            "input": inputs.get(fp[7 + k], fp[7 + k]), "confusion_matrix": bool(fp[8 + k]),
-            "beta": _unbits(fp[9 + k])}
-
-
-def _config_mismatch(rows: list, what: str) -> Optional[str]:
-    configs = [_decode(r) for r in rows]
-    diffs = []
-    for f in _FP_FIELDS:
-        by_value: dict = {}  # repr -> ranks, in rank order: compact for a large world
-        for r, c in enumerate(configs):
-            by_value.setdefault(repr(c[f]), []).append(r)
-        if len(by_value) > 1:
-            diffs.append(f + ": " + ", ".join(f"{v} on rank(s) {ranks}" for v, ranks in by_value.items()))
-    if not diffs and len({tuple(r) for r in rows}) > 1:
-        diffs.append("state size: " + ", ".join(f"{row[-1]} on rank {r}" for r, row in enumerate(rows)))
-    if not diffs:
-        return None
-    return (f"stepscope: {what}: the ClassificationMetrics of the ranks are configured differently, so their "
-            f"states cannot be summed; " + "; ".join(diffs) + " (ranks are numbered within the process group)")
+def _config_property(field: str, doc: str) -> property:
+    return property(lambda self: getattr(self._config, field), doc=doc)
 
 
 class ClassificationMetrics(torch.nn.Module):
@@ -220,30 +133,8 @@ class ClassificationMetrics(torch.nn.Module):
         sync_timeout: Union[float, datetime.timedelta, None] = None,
     ) -> None:
         super().__init__()
-        if task not in _TASKS:
-            raise ValueError(f"stepscope: task must be one of {sorted(_TASKS)}; got {task!r}")
-        if input not in _INPUTS:
-            raise ValueError(f"stepscope: input must be one of {sorted(_INPUTS)}; got {input!r}")
-        if task == "multiclass":
-            if num_classes is None:
-                raise ValueError("stepscope: task='multiclass' needs num_classes")
-            n = _whole("num_classes", num_classes, "a positive int (the number of classes)")
-        elif task == "multilabel":
-            if num_labels is None:
-                raise ValueError("stepscope: task='multilabel' needs num_labels")
-            n = _whole("num_labels", num_labels, "a positive int (the number of labels)")
-        else:
-            n = 1
-        top_k = _top_k(top_k)
-        if task != "multiclass" and top_k == (1,):
-            top_k = ()
-        if confusion_matrix is None:
-            confusion_matrix = task == "multiclass" and n <= _C.DEFAULT_CONFMAT_LIMIT
-        beta = _real("beta", beta, "a finite number > 0")
-        _C.check_beta(beta)
-        threshold = _real("threshold", threshold, "a number in [0, 1]")
-        if ignore_index is not None:
-            ignore_index = _whole("ignore_index", ignore_index, "an int (a target value to skip) or None")
+        config, beta = check_config(task, num_classes, num_labels, top_k, ignore_index, threshold, input,
+                                    confusion_matrix, beta)
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
         if task == "binary" and class_dim != 1:
@@ -256,13 +147,7 @@ class ClassificationMetrics(torch.nn.Module):
         self.sync_timeout = None if sync_timeout is None else _timeout_seconds("sync_timeout", sync_timeout)
         self._checked_config: Optional[tuple] = None  # (group, fingerprint) last checked across ranks
         self._synced_in_place = False  # sync() made the state global: compute() must not sum it again
-        self.task = task
-        self.num_classes = n
-        self.top_k = top_k
-        self.ignore_index = ignore_index
-        self.threshold = threshold
-        self.input = input
-        self.keeps_confusion_matrix = bool(confusion_matrix) and task == "multiclass"
+        self._config = config  # the configuration's one form; _op_args and _cfg are derived from it
         self.beta = beta
         self.class_dim = class_dim
         self._moves_class_dim = class_dim != 1 and task != "binary"
@@ -273,30 +158,39 @@ class ClassificationMetrics(torch.nn.Module):
         # The state follows the first update's device until it is placed (device=, .to(), a load).
         self._placed = device is not None
 
+    task = _config_property("task", "``'multiclass'``, ``'binary'`` or ``'multilabel'``.")
+    num_classes = _config_property("num_classes", "C (multiclass), L (multilabel) or 1 (binary).")
+    top_k = _config_property("top_k", "The multiclass top-k accuracies tracked (a tuple).")
+    ignore_index = _config_property("ignore_index", "The target value counted nowhere, or None.")
+    threshold = _config_property("threshold", "Binary / multilabel: positive iff probability > threshold.")
+    input = _config_property("input", "How predictions are read: ``'auto'``, ``'logits'`` or ``'probs'``.")
+    keeps_confusion_matrix = _config_property("confusion_matrix", "Whether the C x C matrix is kept.")
+
     def _build(self) -> None:
-        """The parts that are rebuilt from the configuration rather than saved (a pybind object and
-        the op handle pickle to nothing)."""
-        self._cfg = _C.MetricsConfig(
-            _TASKS[self.task], self.num_classes, list(self.top_k), self.ignore_index, self.threshold,
-            _INPUTS[self.input], self.keeps_confusion_matrix,
-        )
-        # The op's scalar arguments, built once: update() runs every step.
-        self._op_args = (_TASKS[self.task], self.num_classes, list(self.top_k), self.ignore_index, self.threshold,
-                         _INPUTS[self.input], self.keeps_confusion_matrix)
+        """The parts derived from the configuration rather than saved (a pybind object and the op
+        handle pickle to nothing)."""
+        # The op's configuration arguments, built once: update() runs every step.
+        self._op_args = self._config.op_args()
+        self._cfg = _C.MetricsConfig(*self._op_args)
         self._op = torch.ops.stepscope.classification_update.default
 
     # Pickling (torch.save of a model holding one) and deepcopy (EMA / SWA copies) keep the
     # configuration and the state and rebuild the rest. A process group cannot be pickled: a
     # loaded copy reduces over the default group; a deep copy shares the original's group.
+    # The configuration is pickled as plain fields, the form earlier versions wrote and read.
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for k in ("_cfg", "_op", "_op_args", "_checked_config"):
+        for k in ("_cfg", "_op", "_op_args", "_checked_config", "_config"):
             state.pop(k, None)
+        state.update({name: getattr(self._config, field) for field, name in _PICKLED.items()})
         state["process_group"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        fields = {field: state.pop(name) for field, name in _PICKLED.items()}
         super().__setstate__(state)
+        self._config = MetricsArgs(**fields)
         self._checked_config = None
         self._build()
 
@@ -331,7 +225,7 @@ class ClassificationMetrics(torch.nn.Module):
     def _first_update(self, preds: Any, target: Any) -> None:
         """The first update of an unplaced state: the state moves to the preds' device only once the
         call has passed every check, so that a bad first call changes nothing."""
-        _check_tensors(preds, target)
+        check_tensors(preds, target)
         state = self.state.to(preds.device)
         self._run(preds, target, state)
         self.state = state
@@ -339,14 +233,14 @@ class ClassificationMetrics(torch.nn.Module):
 
     def _run(self, preds: Any, target: Any, state: torch.Tensor) -> None:
         if self._moves_class_dim:
-            _check_tensors(preds, target)
+            check_tensors(preds, target)
             preds, target = self._inputs(preds, target)
         try:
             self._op(preds, target, state, *self._op_args)
         except (RuntimeError, NotImplementedError):
             # Off the common path: say what was wrong with the call in stepscope's words when the
             # dispatcher refused it before the op's own checks could (not a tensor, a sparse one).
-            _check_tensors(preds, target)
+            check_tensors(preds, target)
             raise
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
@@ -360,7 +254,7 @@ class ClassificationMetrics(torch.nn.Module):
         try:
             self._op(preds, target, self._buffers["state"], *self._op_args)
         except (RuntimeError, NotImplementedError):
-            _check_tensors(preds, target)
+            check_tensors(preds, target)
             raise
 
     def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
@@ -368,7 +262,7 @@ class ClassificationMetrics(torch.nn.Module):
         this batch alone. No host sync (the health counters are in the dict, not checked)."""
         state = self.state
         if not self._placed:
-            _check_tensors(preds, target)
+            check_tensors(preds, target)
             state = state.to(preds.device)
         batch = torch.zeros_like(state)
         self._run(preds, target, batch)
@@ -433,9 +327,9 @@ class ClassificationMetrics(torch.nn.Module):
     def _comm_device(self) -> torch.device:
         import torch.distributed as dist
 
-        if dist.get_backend(self.process_group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        from .distributed import _comm_device
+
+        return _comm_device(dist, self.process_group)
 
     def log_dict(self, prefix: str = "", check: bool = True) -> dict:
         """``compute(scalars=True)`` with each key prefixed and counts as float64 (loggers reduce
@@ -471,15 +365,15 @@ class ClassificationMetrics(torch.nn.Module):
         from .distributed import run_collective
 
         timeout = self.sync_timeout if timeout is None else _timeout_seconds("timeout", timeout)
-        fp = _fingerprint(self)
+        fp = fingerprint(self._config, self.beta, self._cfg.numel)
         key = group if group is not None else dist.group.WORLD
         if self._checked_config is None or self._checked_config[0] is not key or self._checked_config[1] != fp:
             mine = torch.tensor(fp, dtype=torch.int64, device=state.device)
             world = dist.get_world_size(group)
-            rows = torch.empty(world * _FP_WORDS, dtype=torch.int64, device=state.device)
+            rows = torch.empty(world * FP_WORDS, dtype=torch.int64, device=state.device)
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             run_collective(lambda async_op: gather(rows, mine, group=group, async_op=async_op), group, timeout, what)
-            problem = _config_mismatch(rows.view(world, _FP_WORDS).tolist(), what)
+            problem = config_mismatch(rows.view(world, FP_WORDS).tolist(), what)
             if problem:
                 raise ValueError(problem)
             self._checked_config = (key, fp)
@@ -487,11 +381,7 @@ class ClassificationMetrics(torch.nn.Module):
                        group, timeout, what)
 
     def _config_dict(self) -> dict:
-        return {
-            "task": self.task, "num_classes": self.num_classes, "top_k": list(self.top_k),
-            "ignore_index": self.ignore_index, "threshold": self.threshold, "input": self.input,
-            "confusion_matrix": self.keeps_confusion_matrix,
-        }
+        return self._config.as_dict()
 
     # state_dict: nn.Module's, with the configuration as extra state (``_extra_state``); a load
     # checks it before any tensor is copied.

@@ -79,6 +79,50 @@ TEST(Layout, ValidatesArguments) {
   EXPECT_EQ(l.numel, l.dense + 25);
 }
 
+// OpArgs is the one reader (parse) and writer (push) of the op's configuration arguments: a round
+// trip keeps the Config, and the schema has exactly the arguments they fill, in their order.
+TEST(OpArgs, PushThenParseKeepsTheConfiguration) {
+  sm::Config c;
+  c.num_classes = 7;
+  c.top_k = {1, 3};
+  c.ignore_index = -1;
+  c.threshold = 0.25;
+  c.input = sm::InputKind::kLogits;
+  c.confusion_matrix = false;
+  const sm::OpArgs a(c);
+  c10::Stack stack{c10::IValue(), c10::IValue()};  // parse() starts where it is told
+  a.push(stack);
+  ASSERT_EQ(stack.size(), 2 + sm::OpArgs::kCount);
+  const sm::OpArgs b = sm::OpArgs::parse(stack, 2);
+  EXPECT_EQ(b.cfg.task, c.task);
+  EXPECT_EQ(b.cfg.num_classes, c.num_classes);
+  EXPECT_EQ(b.cfg.top_k, c.top_k);
+  EXPECT_EQ(b.cfg.ignore_index, c.ignore_index);
+  EXPECT_EQ(b.cfg.threshold, c.threshold);
+  EXPECT_EQ(b.cfg.input, c.input);
+  EXPECT_EQ(b.cfg.confusion_matrix, c.confusion_matrix);
+  EXPECT_EQ(b.lay.numel, sm::make_layout(c).numel);
+  EXPECT_EQ(b.lay.confmat, -1);
+
+  const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow("stepscope::classification_update", "").schema();
+  const std::vector<std::string> names = {"preds", "target", "state", "task", "num_classes", "top_k",
+                                          "ignore_index", "threshold", "input_kind", "confusion_matrix"};
+  ASSERT_EQ(schema.arguments().size(), sm::OpArgs::kFirst + sm::OpArgs::kCount);
+  for (size_t i = 0; i < names.size(); ++i) EXPECT_EQ(schema.arguments()[i].name(), names[i]);
+}
+
+TEST(OpArgs, ParseChecksTheConfiguration) {
+  sm::Config c;
+  c.num_classes = 4;
+  c10::Stack stack;
+  sm::OpArgs(c).push(stack);
+  stack[1] = c10::IValue(int64_t{0});  // num_classes
+  EXPECT_THROW(sm::OpArgs::parse(stack, 0), c10::Error);
+  stack[1] = c10::IValue(int64_t{4});
+  stack[0] = c10::IValue(int64_t{7});  // no such task
+  EXPECT_THROW(sm::OpArgs::parse(stack, 0), c10::Error);
+}
+
 TEST(RowMath, EceBinMatchesTorchBucketize) {
   auto edges = torch::linspace(0, 1, sm::kNumEceBins + 1, torch::kFloat);
   std::mt19937 g(123);

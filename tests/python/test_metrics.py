@@ -1045,6 +1045,96 @@ def test_deepcopy_shares_the_process_group_and_a_pickle_drops_it():
     assert __import__("pickle").loads(__import__("pickle").dumps(m)).process_group is None
 
 
+# A ClassificationMetrics("binary", threshold=0.25, ignore_index=-1) after one update, pickled (zlib,
+# base64) by the version that kept the configuration as plain attributes: pickles keep that form.
+_OLD_PICKLE = (
+    "eNq1VEtrU0EUTtKk77dWtBVxmW5C7UNbXLRoUTC0at1kI4fJvZNkzM3MvTNz20Yo1EWhlQEXjkLBhbjyLwgu/AFdCP4KwUVX"
+    "giDouUlqmzZUBDuLDPOd77xy7vk2k69utsdqxwwpTX3lCJ9mKlRL5ihrRm57RClWYA7RTPClBv7Sjj+zGzZtOrUkjDNetNum"
+    "B3wiCbpSqdBoOiEfFgqNR0ppoqk1vVpIp5SBUDMP4w+DpPmQeS5oypWQsDqJwdOmr05TeJEiug2CJ4gLBSkqkK9qGpVw62Mi"
+    "FttMPO/2fr658+Pqk/cPLmU2E0tf2/B3I4ilc4PYlS+FFo7wYBULwQ6COBJyfWjxmNYeBcpdRniQ2M51I6irPgXFnlIVtG0E"
+    "yXQuhaAqCamDVDaRa8MX4zpozyZzySiG4MWgI5sMQ8yZznVE5HrJQcyptdC9KMK8Rx/V0e4gnutH0tz01Mzs3MT0tcmZG9cn"
+    "gnpgxw+Dtuzssg6SDzHc4yDWihsnmdlY01lofXdG9/nX777PN9P3j73/hv/rOTXO293dD63sC1NTX/5H/k97e9/mz6DuM4iz"
+    "P2+37IrNxrKzWzYb37I7pgc/VI860abhbvTcly6V1F1kjo42bsVq5CszBlxw8KPvGTeW64M1A0W1fWHNOcgTp7xGpAu+pFAS"
+    "oqxs6SL6m4FD01H4AjAFhdDzms122fRDQcgT/NFmFNaYLkHkVzxgXD7GIN4aqSpwCPbnNjjDfzjHy7xy0tIixxDUNAVc/H+a"
+    "3EeOGo7HHq0rySmMsZMMoZozdEJFuKFHa9I2oKrcARyJIyp+iCK3bPpQdhyqFBSlCH0EemsczSpUhBrfgxAB1AWGk/SIQ3H6"
+    "SU1U2Zr2PONEVnH+PKyAE+kv5snGTUoLH8p23PSyIhdYNOMuXbf3fuExXbokKQqV59q7858bip5iHAuyJklCLXDMZYoCj2Xy"
+    "QhhpIVQIyvl6lDpPNUHH/YZjVy0tNl+JEg9it6tUwSG4YzrqZbt2O8xnfgNsHr77"
+)
+
+
+def test_a_pickle_of_the_earlier_configuration_form_loads():
+    import base64
+    import pickle
+    import zlib
+
+    old = pickle.loads(zlib.decompress(base64.b64decode(_OLD_PICKLE)))
+    ref = stepscope.ClassificationMetrics("binary", threshold=0.25, ignore_index=-1)
+    ref.update(torch.tensor([0.1, 0.9, 0.3, 0.7]), torch.tensor([0, 1, 1, -1]))
+    assert old._config_dict() == ref._config_dict() and repr(old) == repr(ref)
+    assert (old.task, old.threshold, old.ignore_index, old.top_k) == ("binary", 0.25, -1, ())
+    assert torch.equal(old.state, ref.state)
+    old.update(torch.tensor([0.2, 0.8]), torch.tensor([1, 1]))
+    ref.update(torch.tensor([0.2, 0.8]), torch.tensor([1, 1]))
+    for k, v in ref.compute().items():
+        torch.testing.assert_close(old.compute()[k], v, msg=k)
+    # And what this version pickles keeps the plain fields, so an earlier version reads it too.
+    state = ref.__getstate__()
+    assert {k: state[k] for k in ("task", "num_classes", "top_k", "ignore_index", "threshold", "input",
+                                  "keeps_confusion_matrix")} == {
+        "task": "binary", "num_classes": 1, "top_k": (), "ignore_index": -1, "threshold": 0.25, "input": "auto",
+        "keeps_confusion_matrix": False}
+
+
+def test_the_configuration_is_read_only_and_one_object():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, top_k=(1, 2), threshold=0.5)
+    with pytest.raises(AttributeError):
+        m.threshold = 0.3  # would not reach the op's arguments, which are built once
+    assert m._op_args == (1, 4, [1, 2], None, 0.5, 0, True)
+    assert m._cfg.numel == m.state.numel() and m._cfg.layout["numel"] == m.state.numel()
+    assert m._config_dict() == {"task": "multiclass", "num_classes": 4, "top_k": [1, 2], "ignore_index": None,
+                                "threshold": 0.5, "input": "auto", "confusion_matrix": True}
+
+
+def test_metrics_config_is_parsed_from_the_op_arguments():
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=6, top_k=(1, 3), ignore_index=-1)
+    from stepscope import _C
+
+    assert _C.MetricsConfig(*m._op_args).layout == m._cfg.layout
+    with pytest.raises(ValueError, match="7 configuration arguments"):
+        _C.MetricsConfig(*m._op_args[:6])
+    with pytest.raises(ValueError, match="num_classes"):
+        _C.MetricsConfig(1, 0, [1], None, 0.5, 0, True)
+
+
+# The state's offsets as the sequential layout code placed them before the block table: saved states
+# and the kernels depend on them, so the table must reproduce them exactly.
+_EARLIER_LAYOUTS = [
+    ({"task": "multiclass", "num_classes": 5, "top_k": (1, 3)},
+     {"classes": 5, "tp": 0, "pred": 5, "target": 10, "valid": 15, "valid_len": 1, "topk": 16,
+      "loss": 18, "ece_count": 19, "ece_conf": 35, "ece_acc": 51, "nonfinite": 67, "invalid": 68,
+      "ignored": 69, "pending": 70, "confmat": 170, "numel": 195}),
+    ({"task": "multiclass", "num_classes": 7, "input": "logits", "confusion_matrix": False},
+     {"classes": 7, "tp": 0, "pred": 7, "target": 14, "valid": 21, "valid_len": 1, "topk": 22,
+      "loss": 23, "ece_count": 24, "ece_conf": 40, "ece_acc": 56, "nonfinite": 72, "invalid": 73,
+      "ignored": 74, "pending": -1, "confmat": -1, "numel": 75}),
+    ({"task": "binary"},
+     {"classes": 1, "tp": 0, "pred": 1, "target": 2, "valid": 3, "valid_len": 1, "topk": -1, "loss": 4,
+      "ece_count": 5, "ece_conf": 21, "ece_acc": 37, "nonfinite": 53, "invalid": 54, "ignored": 55,
+      "pending": -1, "confmat": -1, "numel": 56}),
+    ({"task": "multilabel", "num_labels": 4, "input": "probs"},
+     {"classes": 4, "tp": 0, "pred": 4, "target": 8, "valid": 12, "valid_len": 4, "topk": -1, "loss": 16,
+      "ece_count": 17, "ece_conf": 33, "ece_acc": 49, "nonfinite": 65, "invalid": 66, "ignored": 67,
+      "pending": -1, "confmat": -1, "numel": 68}),
+]
+
+
+@pytest.mark.parametrize("kw,expected", _EARLIER_LAYOUTS)
+def test_layout_offsets_are_those_of_earlier_versions(kw, expected):
+    lay = stepscope.ClassificationMetrics(**kw)._cfg.layout
+    assert {k: lay[k] for k in expected} == expected
+    assert lay["dense"] == (expected["confmat"] if expected["confmat"] >= 0 else expected["numel"])
+
+
 # ----------------------------------------------------------------------------- unsigned and float64
 @pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64])
 @pytest.mark.parametrize("device", MISUSE_DEVICES)
