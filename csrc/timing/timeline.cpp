@@ -55,14 +55,14 @@ void Timeline::open_locked() {
   if (timer_.needs_anchor()) {
     // The one synchronisation, at attach and never again (DeviceTimer::anchor); the first step is
     // always device-timed.
-    last_ev_ = timer_.anchor(&now);
+    ev_.last = timer_.anchor(&now);
   } else {
     now = now_ns();
-    last_ev_ = timer_.record(now, timer_.next_timed(step_index_ < opts_.warmup_steps));
+    ev_.last = timer_.record(now, timer_.next_timed(step_index_ < opts_.warmup_steps));
   }
   last_ns_ = now;  // the record's reference now belongs to "the last boundary"
   timer_.opened();
-  start_step(now, last_ev_);
+  start_step(now, ev_.last);
 }
 
 
@@ -83,16 +83,16 @@ void Timeline::boundary(Phase closes, int64_t now, EventRef ev, bool nvtx) {
   }
   if (timer_.timed()) {
     if (paused_) {
-      queue_or_drop(0, i, {&carry_a_, &carry_b_, &last_ev_, &ev});
+      queue_or_drop(0, i, {&ev_.carry_a, &ev_.carry_b, &ev_.last, &ev});
     } else {
-      queue_or_drop(0, i, {&last_ev_, &ev}, slot);
+      queue_or_drop(0, i, {&ev_.last, &ev}, slot);
     }
   }
-  carry_a_.reset();
-  carry_b_.reset();
+  ev_.carry_a.reset();
+  ev_.carry_b.reset();
   carry_ns_ = 0;
   paused_ = false;
-  last_ev_ = std::move(ev);  // takes over the record's reference
+  ev_.last = std::move(ev);  // takes over the record's reference
   last_ns_ = now;
   step_active_ = true;
   if (nvtx) end_cursor_range();  // the phase just closed: so is its NVTX range
@@ -130,7 +130,7 @@ void Timeline::cursor_push(nvtx::Phase p) {
 
 void Timeline::start_step(int64_t now, const EventRef& ev) {
   step_t0_ = now;
-  step_ev_ = ev.share();
+  ev_.step = ev.share();
   std::fill(std::begin(step_phase_), std::end(step_phase_), 0.0);
   step_samples_ = 0;
   step_active_ = false;
@@ -170,7 +170,7 @@ void Timeline::finish_step(int64_t now) {
   if (timer_.timed()) {
     // An eval pause inside the step cuts it in pieces; the device step would include the eval
     // work, so that step's device total is not sampled (its phases still are).
-    if (!step_has_pause_) queue_or_drop(0, static_cast<int>(Phase::kStep), {&step_ev_, &last_ev_});
+    if (!step_has_pause_) queue_or_drop(0, static_cast<int>(Phase::kStep), {&ev_.step, &ev_.last});
   }
   StepRecord& r = ring_.push();
   r.index = step_index_;
@@ -200,7 +200,7 @@ void Timeline::finish_step(int64_t now) {
   timer_.poll(true);  // its time is device timing's cost
   discard_ = false;
   if (!snap_waiting_.empty()) fill_waiting_snapshots();
-  start_step(now, last_ev_);
+  start_step(now, ev_.last);
 }
 
 void Timeline::forward_begin(bool eval, int64_t batch) {
@@ -219,18 +219,18 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
       pause_t0_ = now;
       carry_t0_ = last_ns_;
       carry_ns_ = now - last_ns_;
-      carry_a_ = std::move(last_ev_);  // the last boundary's reference moves to the carry
-      carry_b_ = ev.share();
+      ev_.carry_a = std::move(ev_.last);  // the last boundary's reference moves to the carry
+      ev_.carry_b = ev.share();
     }
     eval_t0_ = now;
-    eval_ev_ = std::move(ev);
+    ev_.eval = std::move(ev);
     if (opts_.nvtx) nvtx::push(nvtx::Phase::kEval, nullptr, step_index_);
     return;
   }
   Phase closes = Phase::kData;
   if (opt_deferred_) {
     // The model runs inside the optimizer's step: a closure. The optimizer's prelude joins data.
-    opt_ev_.reset();
+    ev_.opt.reset();
     opt_deferred_ = false;
     in_closure_ = true;
   } else if (in_closure_) {
@@ -251,10 +251,10 @@ void Timeline::forward_end() {
   EventRef ev = record_event(now);
   if (fwd_eval_) {
     add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
-    if (timer_.timed()) queue_or_drop(0, static_cast<int>(Phase::kEvalForward), {&eval_ev_, &ev});
-    eval_ev_.reset();
+    if (timer_.timed()) queue_or_drop(0, static_cast<int>(Phase::kEvalForward), {&ev_.eval, &ev});
+    ev_.eval.reset();
     // The pause lasts until the next training boundary: training resumes from here.
-    last_ev_ = std::move(ev);
+    ev_.last = std::move(ev);
     last_ns_ = now;
     if (opts_.nvtx) nvtx::pop();
     return;
@@ -303,7 +303,7 @@ void Timeline::optimizer_begin() {
     end_cursor_range();
     opt_deferred_ = true;
     opt_ns_ = now;
-    opt_ev_ = std::move(ev);  // the record's reference waits here
+    ev_.opt = std::move(ev);  // the record's reference waits here
   }
   cursor_push(nvtx::Phase::kOptimizer);
   state_ = State::kOptimizer;
@@ -313,7 +313,7 @@ void Timeline::flush_optimizer_begin() {
   if (!opt_deferred_) return;
   opt_deferred_ = false;
   // The optimizer's NVTX range stays open; the event's reference now belongs to the last boundary.
-  boundary(Phase::kOther, opt_ns_, std::move(opt_ev_), false);
+  boundary(Phase::kOther, opt_ns_, std::move(ev_.opt), false);
 }
 
 void Timeline::optimizer_end(bool end_step) {
@@ -368,7 +368,7 @@ void Timeline::close() {
   }
   if (paused_) end_eval_stretch();  // an evaluation that no training followed
   // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
-  for (EventRef* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_, &opt_ev_}) s->reset();
+  ev_ = StepEvents{};
   for (auto* v : {&users_.open, &modules_.open})
     for (Open& o : *v) o = Open{};
   paused_ = false;

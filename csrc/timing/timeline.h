@@ -239,7 +239,7 @@ class Timeline : private DeviceSink {
   // Records the phase and ends its NVTX range (with nvtx false the range is left open: a
   // deferred optimizer_begin recorded at optimizer_end, whose optimizer range is open).
   void boundary(Phase closes, int64_t now, EventRef ev, bool nvtx = true);
-  void finish_step(int64_t now);  // at the step-ending boundary, whose event is last_ev_
+  void finish_step(int64_t now);  // at the step-ending boundary, whose event is ev_.last
   void flush_optimizer_begin();  // records a deferred optimizer_begin as the end of `other`
   void start_step(int64_t now, const EventRef& ev);
   void end_cursor_range();
@@ -300,13 +300,16 @@ class Timeline : private DeviceSink {
   int fwd_depth_ = 0;
   bool fwd_eval_ = false;
   int64_t last_ns_ = 0;
-  EventRef last_ev_;
+  // The open step's events (empty ones without device timing): the last boundary's, the step's
+  // opening one, the pair an eval pause carries, the open eval forward's and a deferred
+  // optimizer_begin's. Each holds its own reference; close() drops them all at once.
+  struct StepEvents {
+    EventRef last, step, carry_a, carry_b, eval, opt;
+  } ev_;
   // Eval pause: the training span cut at the first eval forward, carried to the next boundary.
   bool paused_ = false;
   int64_t carry_ns_ = 0, carry_t0_ = 0;
-  EventRef carry_a_, carry_b_;
   int64_t eval_t0_ = 0;
-  EventRef eval_ev_;
   int64_t pause_t0_ = 0;  // the evaluation stretch's first eval forward
   void end_eval_stretch();  // records the `eval` series of an open pause, up to its last eval forward
 
@@ -314,7 +317,6 @@ class Timeline : private DeviceSink {
   // the step shows whether a closure runs inside it.
   bool opt_deferred_ = false;
   int64_t opt_ns_ = 0;
-  EventRef opt_ev_;
   bool in_closure_ = false;  // the optimizer step is open and its closure has run the model
   bool step_forward_ = false;  // a training forward began in the open step
 
@@ -323,7 +325,6 @@ class Timeline : private DeviceSink {
   bool step_active_ = false;
   bool step_has_pause_ = false;
   int64_t step_t0_ = 0;
-  EventRef step_ev_;
   int64_t step_samples_ = 0;
   double step_phase_[kNumPartition] = {};
   StepRecord cur_;
