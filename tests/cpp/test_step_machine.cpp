@@ -193,9 +193,9 @@ TEST(TimingStepMachine, ReleaseAllGivesBackEveryToken) {
   FakeHost h;
   {
     StepMachine m(timeline(), 1, &h);
-    h.running = {&call_1, &call_2};
+    h.running = {&call_2, &call_1};
+    ASSERT_EQ(m.optimizer_begin(&opt_a, &call_2), 1);  // open: the step, and its closure's forward
     ASSERT_TRUE(m.forward_begin(false, 1, &call_1));
-    ASSERT_EQ(m.optimizer_begin(&opt_a, &call_2), 1);
     EXPECT_EQ(h.held.size(), 3u);
     for (const void* t : m.held()) EXPECT_NE(t, nullptr);
     m.release_all();
