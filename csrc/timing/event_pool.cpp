@@ -40,6 +40,13 @@ int EventPool::record() {
   if (dev != device_) return -1;  // one pool times one device; events of another cannot be paired
   const int slot = take();
   if (slot < 0) return -1;
+  if (events_[slot] == nullptr) {
+    cudaEvent_t e = nullptr;
+    // cudaEventDefault, not DisableTiming: timing is the point. No BlockingSync either, and no
+    // one ever waits on these events anyway.
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    events_[slot] = e;
+  }
   C10_CUDA_CHECK(
       cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
   return slot;
@@ -49,19 +56,14 @@ int EventPool::record() {
 }
 
 int EventPool::take() {
+  // Slot bookkeeping only: the slot's event is created by its first record(), so that take()
+  // touches no CUDA.
   int slot;
   if (!free_.empty()) {
     slot = free_.back();
     free_.pop_back();
   } else if (unmade_ > 0) {
     slot = capacity_ - unmade_;
-#if defined(STEPSCOPE_WITH_CUDA)
-    cudaEvent_t e = nullptr;
-    // cudaEventDefault, not DisableTiming: timing is the point. No BlockingSync either, and no
-    // one ever waits on these events anyway.
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
-    events_[slot] = e;
-#endif
     --unmade_;
   } else {
     return -1;

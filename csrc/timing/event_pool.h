@@ -36,8 +36,8 @@ class EventPool {
   // reference. -1 when no slot is free or the device differs from the pool's.
   int record();
   // A free slot with one reference and nothing recorded on it (record() is take() and a record);
-  // -1 when none is free. Without CUDA it hands out slots all the same, so the GoogleTests count
-  // references on the CPU.
+  // -1 when none is free. It makes no CUDA call (a slot's event is created at its first record),
+  // so the GoogleTests count references on the CPU, in a CUDA build too.
   int take();
   void ref(int slot) { ++refs_[slot]; }
   void unref(int slot);  // frees the slot at zero references
