@@ -38,28 +38,38 @@ int EventPool::record() {
   const int dev = c10::cuda::current_device();
   if (device_ < 0) device_ = dev;
   if (dev != device_) return -1;  // one pool times one device; events of another cannot be paired
+  const int slot = take();
+  if (slot < 0) return -1;
+  if (events_[slot] == nullptr) {
+    cudaEvent_t e = nullptr;
+    // cudaEventDefault, not DisableTiming: timing is the point. No BlockingSync either, and no
+    // one ever waits on these events anyway.
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    events_[slot] = e;
+  }
+  C10_CUDA_CHECK(
+      cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
+  return slot;
+#else
+  return -1;
+#endif
+}
+
+int EventPool::take() {
+  // Slot bookkeeping only: the slot's event is created by its first record(), so that take()
+  // touches no CUDA.
   int slot;
   if (!free_.empty()) {
     slot = free_.back();
     free_.pop_back();
   } else if (unmade_ > 0) {
     slot = capacity_ - unmade_;
-    cudaEvent_t e = nullptr;
-    // cudaEventDefault, not DisableTiming: timing is the point. No BlockingSync either, and no
-    // one ever waits on these events anyway.
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
-    events_[slot] = e;
     --unmade_;
   } else {
     return -1;
   }
-  C10_CUDA_CHECK(
-      cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
   refs_[slot] = 1;
   return slot;
-#else
-  return -1;
-#endif
 }
 
 void EventPool::unref(int slot) {

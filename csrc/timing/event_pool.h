@@ -5,6 +5,9 @@
 //
 // Not thread-safe: the Timeline serialises all calls under its mutex. Without CUDA compiled in
 // (or with no device at run time) the pool is empty and record() always returns -1.
+//
+// A slot lives while references to it are held; EventRef is the one way the Timeline holds one
+// (move-only, released on destruction or reset()), so no code path counts references by hand.
 #pragma once
 
 #include <cstdint>
@@ -32,8 +35,13 @@ class EventPool {
   // Records a free event on the current stream of the current device; the slot starts with one
   // reference. -1 when no slot is free or the device differs from the pool's.
   int record();
+  // A free slot with one reference and nothing recorded on it (record() is take() and a record);
+  // -1 when none is free. It makes no CUDA call (a slot's event is created at its first record),
+  // so the GoogleTests count references on the CPU, in a CUDA build too.
+  int take();
   void ref(int slot) { ++refs_[slot]; }
   void unref(int slot);  // frees the slot at zero references
+  int refs(int slot) const { return refs_[slot]; }
   // 1 complete, 0 still in flight, -1 failed (the sample is dropped).
   int query(int slot) const;
   // Milliseconds between two complete events.
@@ -55,6 +63,46 @@ class EventPool {
   std::vector<int> refs_;
   std::vector<int64_t> stamps_;
   std::vector<int> free_;
+};
+
+// One reference to a pool slot: move-only; released when destroyed, reset() or assigned over.
+// share() takes another reference to the same event. An empty ref (slot -1) stands for a
+// boundary with no event (not device-timed, or the pool ran dry). The pool must outlive it.
+class EventRef {
+ public:
+  EventRef() = default;
+  // Takes over the one reference that record() / take() gave `slot` (< 0: an empty ref).
+  static EventRef adopt(EventPool* pool, int slot) { return slot < 0 ? EventRef() : EventRef(pool, slot); }
+  EventRef(EventRef&& o) noexcept : pool_(o.pool_), slot_(o.slot_) { o.slot_ = -1; }
+  EventRef& operator=(EventRef&& o) noexcept {
+    if (this != &o) {
+      reset();
+      pool_ = o.pool_;
+      slot_ = o.slot_;
+      o.slot_ = -1;
+    }
+    return *this;
+  }
+  EventRef(const EventRef&) = delete;
+  EventRef& operator=(const EventRef&) = delete;
+  ~EventRef() { reset(); }
+
+  EventRef share() const {
+    if (slot_ < 0) return EventRef();
+    pool_->ref(slot_);
+    return EventRef(pool_, slot_);
+  }
+  void reset() {
+    if (slot_ >= 0) pool_->unref(slot_);
+    slot_ = -1;
+  }
+  int slot() const { return slot_; }
+  explicit operator bool() const { return slot_ >= 0; }
+
+ private:
+  EventRef(EventPool* pool, int slot) : pool_(pool), slot_(slot) {}
+  EventPool* pool_ = nullptr;
+  int slot_ = -1;
 };
 
 }  // namespace stepscope::timing

@@ -1,6 +1,7 @@
 // The Timeline's step clock: attach and detach, the training boundaries and the partition of
-// each step (timing/timeline.h tells the rules). Device events: timeline_device.cpp; user phases
-// and modules: timeline_spans.cpp; reports: timeline_report.cpp.
+// each step (timing/timeline.h tells the rules). Device events: timing/device_timer.cpp (the
+// Timeline's sink for them: timeline_spans.cpp); user phases and modules: timeline_spans.cpp;
+// reports: timeline_report.cpp.
 #include "timing/timeline.h"
 
 #include <c10/util/Exception.h>
@@ -13,8 +14,6 @@
 #include "nvtx/nvtx.h"
 
 namespace stepscope::timing {
-
-const char* phase_name(Phase p) { return kPhaseTable[static_cast<int>(p)].name; }
 
 namespace {
 uint64_t next_timeline_id() {
@@ -32,11 +31,9 @@ int check_ring(int64_t ring) {
 Timeline::Timeline(TimelineOptions opts)
     : opts_(opts),
       id_(next_timeline_id()),
-      device_(opts.device && EventPool::available()),
       origin_(std::chrono::steady_clock::now()),
-      pool_(opts.event_pool),
-      ring_(static_cast<size_t>(check_ring(opts.ring))),
-      sampler_(opts.device_every) {
+      timer_(opts.device, opts.event_pool, opts.device_every, origin_, this),
+      ring_(static_cast<size_t>(check_ring(opts.ring))) {
   // NVTX decides once per process whether a tool is attached; without one, no range call is made
   // at all (each boundary then touches neither the NVTX code nor the step name's formatting).
   opts_.nvtx = opts.nvtx && nvtx::tool_attached();
@@ -54,36 +51,22 @@ void Timeline::open() {
 
 void Timeline::open_locked() {
   closed_ = false;
-  if (device_ && !clock_.valid()) {
-    // The one synchronisation, at attach and never again: once this event is complete the GPU's
-    // queue on this stream is empty, so the next event (the first step's) is reached as soon as
-    // it is recorded, and its host record time anchors the device clock (timing/device_clock.h).
-    const int ref = pool_.record();
-    const bool synced = ref >= 0 && pool_.synchronize(ref);
-    pool_unref(ref);
-    const int64_t now = now_ns();
-    const int ev = record_event_if(now, true);  // the first step is always device-timed
-    if (synced && ev >= 0) {
-      clock_.anchor(static_cast<double>(now));
-      anchor_ev_ = ev;
-      pool_.ref(ev);
-    }
-    last_ns_ = now;
-    last_ev_ = ev;
-    sampler_.opened(events_);
-    start_step(now, ev);
-    return;
+  int64_t now = 0;
+  if (timer_.needs_anchor()) {
+    // The one synchronisation, at attach and never again (DeviceTimer::anchor); the first step is
+    // always device-timed.
+    ev_.last = timer_.anchor(&now);
+  } else {
+    now = now_ns();
+    ev_.last = timer_.record(now, timer_.next_timed(step_index_ < opts_.warmup_steps));
   }
-  const int64_t now = now_ns();
-  const int ev = record_event_if(now, sampler_.next_timed(step_index_ < opts_.warmup_steps));
-  last_ns_ = now;
-  last_ev_ = ev;  // the record's reference now belongs to "the last boundary"
-  sampler_.opened(events_);
-  start_step(now, ev);
+  last_ns_ = now;  // the record's reference now belongs to "the last boundary"
+  timer_.opened();
+  start_step(now, ev_.last);
 }
 
 
-void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
+void Timeline::boundary(Phase closes, int64_t now, EventRef ev, bool nvtx) {
   open_step_range();
   if (paused_) end_eval_stretch();
   const int i = static_cast<int>(closes);
@@ -98,20 +81,18 @@ void Timeline::boundary(Phase closes, int64_t now, int ev, bool nvtx) {
   } else {
     ++cur_.truncated;
   }
-  if (device_ && dev_step_) {
+  if (timer_.timed()) {
     if (paused_) {
-      queue_or_drop(0, i, {carry_a_, carry_b_, last_ev_, ev});
+      queue_or_drop(0, i, {&ev_.carry_a, &ev_.carry_b, &ev_.last, &ev});
     } else {
-      queue_or_drop(0, i, {last_ev_, ev}, slot);
+      queue_or_drop(0, i, {&ev_.last, &ev}, slot);
     }
   }
-  pool_unref(carry_a_);
-  pool_unref(carry_b_);
-  carry_a_ = carry_b_ = -1;
+  ev_.carry_a.reset();
+  ev_.carry_b.reset();
   carry_ns_ = 0;
   paused_ = false;
-  pool_unref(last_ev_);
-  last_ev_ = ev;  // takes over the record's reference
+  ev_.last = std::move(ev);  // takes over the record's reference
   last_ns_ = now;
   step_active_ = true;
   if (nvtx) end_cursor_range();  // the phase just closed: so is its NVTX range
@@ -122,22 +103,6 @@ void Timeline::end_eval_stretch() {
   // pause): the stretch ends there, and what follows belongs to the training phase it paused.
   if (last_ns_ > pause_t0_) add_host(static_cast<int>(Phase::kEval), static_cast<double>(last_ns_ - pause_t0_));
 }
-
-void Timeline::add_host(int series, double ns) {
-  if (discard_) return;  // a step cut by reset()
-  if (warm_) {
-    warm_sum_.host[series] += ns * 1e-9;
-    return;
-  }
-  if (n_host_pending_ == kHostPending) fold_host();
-  host_pending_[n_host_pending_++] = HostSample{series, ns};
-}
-
-void Timeline::fold_host() {
-  for (int k = 0; k < n_host_pending_; ++k) host_[host_pending_[k].series].add(host_pending_[k].ns);
-  n_host_pending_ = 0;
-}
-
 
 void Timeline::end_cursor_range() {
   if (nvtx_cursor_ != 0) {
@@ -163,11 +128,9 @@ void Timeline::cursor_push(nvtx::Phase p) {
   push_thread_ = std::this_thread::get_id();
 }
 
-void Timeline::start_step(int64_t now, int ev) {
+void Timeline::start_step(int64_t now, const EventRef& ev) {
   step_t0_ = now;
-  pool_unref(step_ev_);
-  step_ev_ = ev;
-  if (ev >= 0) pool_.ref(ev);
+  ev_.step = ev.share();
   std::fill(std::begin(step_phase_), std::end(step_phase_), 0.0);
   step_samples_ = 0;
   step_active_ = false;
@@ -179,7 +142,7 @@ void Timeline::start_step(int64_t now, int ev) {
   cur_.truncated = 0;
   state_ = State::kIdle;
   warm_ = step_index_ < opts_.warmup_steps;
-  dev_step_ = device_ && sampler_.begin_step(warm_);
+  timer_.begin_step(warm_);
   if (capturing_ && step_index_ == opts_.capture_end) {
     nvtx::capture_end();
     capturing_ = false;
@@ -200,14 +163,14 @@ void Timeline::open_step_range() {
   nvtx_step_ = nvtx::start(nvtx::Phase::kStep, name, step_index_);
 }
 
-void Timeline::finish_step(int64_t now, int ev) {
+void Timeline::finish_step(int64_t now) {
   double total = 0;
   for (int i = 0; i < kNumPartition; ++i) total += step_phase_[i];
   add_host(static_cast<int>(Phase::kStep), total);
-  if (device_ && dev_step_) {
+  if (timer_.timed()) {
     // An eval pause inside the step cuts it in pieces; the device step would include the eval
     // work, so that step's device total is not sampled (its phases still are).
-    if (!step_has_pause_) queue_or_drop(0, static_cast<int>(Phase::kStep), {step_ev_, ev});
+    if (!step_has_pause_) queue_or_drop(0, static_cast<int>(Phase::kStep), {&ev_.step, &ev_.last});
   }
   StepRecord& r = ring_.push();
   r.index = step_index_;
@@ -219,37 +182,25 @@ void Timeline::finish_step(int64_t now, int ev) {
   r.n_spans = cur_.n_spans;
   r.truncated = cur_.truncated;
   r.warmup = warm_;
-  r.device_timed = dev_step_;
-  if (device_) read_device_memory(pool_.device(), &memory_);
+  r.device_timed = timer_.timed();
+  timer_.read_memory(&memory_);
   r.memory = memory_;
   std::copy_n(cur_.spans.begin(), cur_.n_spans, r.spans.begin());
   if (discard_) {
     ring_.clear();  // a step cut by reset() is kept nowhere, the ring included
-  } else if (warm_) {
-    ++warm_sum_.steps;
-    warm_sum_.samples += step_samples_;
   } else {
-    check_spike(total);
-    if (dev_step_) ++device_steps_;
-    ++steps_done_;
-    samples_done_ += step_samples_;
-    step_host_total_ += total;
+    stats_.end_step(step_phase_, total, step_samples_, warm_, step_index_);
   }
   if (nvtx_step_ != 0) {
     nvtx::end(nvtx_step_);
     nvtx_step_ = 0;
   }
-  if (device_) {
-    sampler_.end_step(warm_, dev_step_, total, events_, static_cast<double>(dev_cost_ns_), lag_min_ns_);
-    lag_min_ns_ = std::numeric_limits<double>::infinity();
-  }
+  timer_.end_step(warm_, !discard_ && !warm_, total);
   ++step_index_;
-  const int64_t t_poll = device_ ? now_ns() : 0;
-  poll_locked();
-  if (device_) dev_cost_ns_ += now_ns() - t_poll;
+  timer_.poll(true);  // its time is device timing's cost
   discard_ = false;
   if (!snap_waiting_.empty()) fill_waiting_snapshots();
-  start_step(now, ev);
+  start_step(now, ev_.last);
 }
 
 void Timeline::forward_begin(bool eval, int64_t batch) {
@@ -257,7 +208,7 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
   if (closed_) return;
   if (fwd_depth_++ > 0) return;  // the model called inside its own forward: one forward
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  EventRef ev = record_event(now);
   fwd_eval_ = eval;
   if (eval) {
     flush_optimizer_begin();  // an eval forward inside the optimizer step is no closure
@@ -268,27 +219,24 @@ void Timeline::forward_begin(bool eval, int64_t batch) {
       pause_t0_ = now;
       carry_t0_ = last_ns_;
       carry_ns_ = now - last_ns_;
-      carry_a_ = last_ev_;  // the last boundary's reference moves to the carry
-      carry_b_ = ev;
-      if (ev >= 0) pool_.ref(ev);
-      last_ev_ = -1;
+      ev_.carry_a = std::move(ev_.last);  // the last boundary's reference moves to the carry
+      ev_.carry_b = ev.share();
     }
     eval_t0_ = now;
-    eval_ev_ = ev;
+    ev_.eval = std::move(ev);
     if (opts_.nvtx) nvtx::push(nvtx::Phase::kEval, nullptr, step_index_);
     return;
   }
   Phase closes = Phase::kData;
   if (opt_deferred_) {
     // The model runs inside the optimizer's step: a closure. The optimizer's prelude joins data.
-    pool_unref(opt_ev_);
-    opt_ev_ = -1;
+    ev_.opt.reset();
     opt_deferred_ = false;
     in_closure_ = true;
   } else if (in_closure_) {
     closes = Phase::kOptimizer;  // the closure called again (LBFGS): the optimizer worked in between
   }
-  boundary(closes, now, ev);
+  boundary(closes, now, std::move(ev));
   cursor_push(nvtx::Phase::kForward);
   if (batch > 0 && closes != Phase::kOptimizer) step_samples_ += batch;  // a closure again: the same batch
   step_forward_ = true;
@@ -300,20 +248,18 @@ void Timeline::forward_end() {
   if (closed_ || fwd_depth_ == 0) return;
   if (--fwd_depth_ > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  EventRef ev = record_event(now);
   if (fwd_eval_) {
     add_host(static_cast<int>(Phase::kEvalForward), static_cast<double>(now - eval_t0_));
-    if (device_ && dev_step_) queue_or_drop(0, static_cast<int>(Phase::kEvalForward), {eval_ev_, ev});
-    pool_unref(eval_ev_);
-    eval_ev_ = -1;
+    if (timer_.timed()) queue_or_drop(0, static_cast<int>(Phase::kEvalForward), {&ev_.eval, &ev});
+    ev_.eval.reset();
     // The pause lasts until the next training boundary: training resumes from here.
-    pool_unref(last_ev_);
-    last_ev_ = ev;
+    ev_.last = std::move(ev);
     last_ns_ = now;
     if (opts_.nvtx) nvtx::pop();
     return;
   }
-  boundary(Phase::kForward, now, ev);
+  boundary(Phase::kForward, now, std::move(ev));
   cursor_start(nvtx::Phase::kLoss);
   state_ = State::kAfterForward;
 }
@@ -323,8 +269,7 @@ bool Timeline::backward_begin() {
   if (closed_ || state_ == State::kBackward) return false;
   flush_optimizer_begin();
   const int64_t now = now_ns();
-  const int ev = record_event(now);
-  boundary(Phase::kLoss, now, ev);
+  boundary(Phase::kLoss, now, record_event(now));
   cursor_start(nvtx::Phase::kBackward);
   state_ = State::kBackward;
   return true;
@@ -334,8 +279,7 @@ void Timeline::backward_end() {
   std::lock_guard<SpinLock> g(mu_);
   if (closed_ || state_ != State::kBackward) return;
   const int64_t now = now_ns();
-  const int ev = record_event(now);
-  boundary(Phase::kBackward, now, ev);
+  boundary(Phase::kBackward, now, record_event(now));
   cursor_start(in_closure_ ? nvtx::Phase::kOptimizer : nvtx::Phase::kOther);
   state_ = State::kAfterBackward;
 }
@@ -349,9 +293,9 @@ void Timeline::optimizer_begin() {
     return;
   }
   const int64_t now = now_ns();
-  const int ev = record_event(now);
+  EventRef ev = record_event(now);
   if (in_closure_) {  // after the closure ran: an ordinary boundary
-    boundary(Phase::kOther, now, ev);
+    boundary(Phase::kOther, now, std::move(ev));
   } else {
     // Whether this span is `other` or the prelude of a closure's `data` is known at the next
     // forward or at optimizer_end; the NVTX range cannot wait, so it shows the optimizer call.
@@ -359,7 +303,7 @@ void Timeline::optimizer_begin() {
     end_cursor_range();
     opt_deferred_ = true;
     opt_ns_ = now;
-    opt_ev_ = ev;  // the record's reference waits here
+    ev_.opt = std::move(ev);  // the record's reference waits here
   }
   cursor_push(nvtx::Phase::kOptimizer);
   state_ = State::kOptimizer;
@@ -368,8 +312,8 @@ void Timeline::optimizer_begin() {
 void Timeline::flush_optimizer_begin() {
   if (!opt_deferred_) return;
   opt_deferred_ = false;
-  boundary(Phase::kOther, opt_ns_, opt_ev_, false);  // the optimizer's NVTX range stays open
-  opt_ev_ = -1;  // its reference now belongs to the last boundary
+  // The optimizer's NVTX range stays open; the event's reference now belongs to the last boundary.
+  boundary(Phase::kOther, opt_ns_, std::move(ev_.opt), false);
 }
 
 void Timeline::optimizer_end(bool end_step) {
@@ -379,12 +323,12 @@ void Timeline::optimizer_end(bool end_step) {
   const bool closure_end = in_closure_ && fwd_depth_ == 0 && state_ != State::kBackward;
   if (state_ != State::kOptimizer && !closure_end) return;
   const int64_t now = now_ns();
-  const int ev = end_step ? record_event_if(now, end_boundary_wanted()) : record_event(now);
+  EventRef ev = end_step ? timer_.record(now, end_boundary_wanted()) : record_event(now);
   flush_optimizer_begin();
-  boundary(Phase::kOptimizer, now, ev);
+  boundary(Phase::kOptimizer, now, std::move(ev));
   in_closure_ = false;
   if (end_step) {
-    finish_step(now, ev);
+    finish_step(now);
   } else {
     cursor_start(nvtx::Phase::kOther);
     state_ = State::kAfterOptimizer;
@@ -399,9 +343,8 @@ bool Timeline::step() {
   flush_optimizer_begin();
   if (!step_active_) return false;
   const int64_t now = now_ns();
-  const int ev = record_event_if(now, end_boundary_wanted());
-  boundary(Phase::kOther, now, ev);
-  finish_step(now, ev);
+  boundary(Phase::kOther, now, timer_.record(now, end_boundary_wanted()));
+  finish_step(now);
   return true;
 }
 
@@ -425,15 +368,9 @@ void Timeline::close() {
   }
   if (paused_) end_eval_stretch();  // an evaluation that no training followed
   // The open step is partial (the loop stopped or raised mid-step): it is not recorded.
-  for (int* s : {&last_ev_, &step_ev_, &carry_a_, &carry_b_, &eval_ev_, &opt_ev_}) {
-    pool_unref(*s);
-    *s = -1;
-  }
+  ev_ = StepEvents{};
   for (auto* v : {&users_.open, &modules_.open})
-    for (Open& o : *v) {
-      pool_unref(o.ev);
-      o = Open{};
-    }
+    for (Open& o : *v) o = Open{};
   paused_ = false;
   carry_ns_ = 0;
   opt_deferred_ = false;
@@ -447,6 +384,11 @@ void Timeline::close() {
   if (!snap_waiting_.empty()) fill_waiting_snapshots();
 }
 
+void Timeline::poll() {
+  std::lock_guard<SpinLock> g(mu_);
+  poll_locked();
+}
+
 void Timeline::fill_waiting_snapshots() {
   fold_host();
   for (auto& s : snap_waiting_) fill_snapshot(*s);
@@ -455,7 +397,7 @@ void Timeline::fill_waiting_snapshots() {
 
 int64_t Timeline::steps() const {
   std::lock_guard<SpinLock> g(mu_);
-  return steps_done_ + warm_sum_.steps;
+  return stats_.steps();
 }
 
 }  // namespace stepscope::timing

@@ -12,6 +12,14 @@
 //   }
 //   std::cout << stepscope::timing::format_summary(tl.report());
 //
+// Components. The Timeline is the facade: one lock over the step's partition and NVTX ranges
+// (here, timeline.cpp), the named spans and the ring of recent steps (timeline_spans.cpp), the
+// device side (DeviceTimer, timing/device_timer.h: pooled events held by EventRef, queue lag,
+// sampling) and the statistics (PhaseStats, timing/phase_stats.h: series, warm-up, spikes, the
+// Report and packed buffers). A loop that reports hook calls rather than boundaries (several
+// optimizers, nested or raised optimizer steps, interrupted forwards, other threads) puts a
+// StepMachine (timing/step_machine.h) in front of it.
+//
 // Partition. Every boundary closes the span open since the previous one and names it by the
 // boundary that closes it: forward begin closes `data`, forward end closes `forward`, backward
 // begin closes `loss`, backward end closes `backward`, optimizer begin closes `other`, optimizer
@@ -76,18 +84,15 @@
 #include <vector>
 
 #include "nvtx/nvtx.h"
-#include "timing/device_clock.h"
-#include "timing/device_sampling.h"
+#include "timing/device_timer.h"
 #include "timing/event_pool.h"
+#include "timing/phase_stats.h"
 #include "phases.h"
 #include "timing/ring.h"
 #include "timing/spin_lock.h"
 #include "timing/stats.h"
 
 namespace stepscope::timing {
-
-// Phase and kNumPartition: phases.h. The report name of a series.
-const char* phase_name(Phase p);
 
 struct TimelineOptions {
   bool device = false;       // record CUDA events (ignored without CUDA at build or run time)
@@ -103,36 +108,6 @@ struct TimelineOptions {
   // Device timing on one step in `device_every` (timing/device_sampling.h); 0 = auto: as often as
   // keeps the event records' host cost near 1% of the step. Host times are kept on every step.
   int64_t device_every = 0;
-};
-
-struct SeriesSummary {
-  int64_t count = 0;
-  double total = 0, mean = 0, std = 0, min = 0, max = 0, p50 = 0, p90 = 0, p99 = 0;  // seconds
-  bool has_quantiles = false;
-};
-
-struct NamedSummary {
-  std::string name;
-  SeriesSummary host, device;
-  const char* parent = nullptr;  // user phases: the partition phase open at their (last) begin
-};
-
-// Totals of the warm-up steps, per Phase (seconds); device totals over resolved samples only.
-struct WarmupSummary {
-  int64_t steps = 0;
-  int64_t samples = 0;
-  std::array<double, static_cast<size_t>(Phase::kCount)> host{}, device{};
-  std::array<int64_t, static_cast<size_t>(Phase::kCount)> device_count{};
-};
-
-// A step slower than kSpikeFactor x the running median step, and the phase that grew most
-// against its own running median (absolute excess).
-struct SpikeRecord {
-  int64_t index = 0;
-  double duration = 0;     // seconds
-  double step_median = 0;  // the running median step when it happened (seconds)
-  int phase = 0;           // Phase
-  double phase_time = 0, phase_median = 0;  // seconds, in this step / running median
 };
 
 struct SpanRecord {  // 32 bytes: the ring holds kMaxSpans of these per step
@@ -173,68 +148,7 @@ constexpr size_t kRingSlotBytes = sizeof(StepRecord);
 // `ring` checked as it enters (TimelineOptions, Monitor): throws c10::ValueError naming it.
 int check_ring(int64_t ring);
 
-struct Report {
-  std::vector<NamedSummary> phases;   // data .. optimizer, step, eval_forward, eval
-  std::vector<NamedSummary> user;     // mon.phase(name) / ScopedPhase(tl, "name")
-  std::vector<NamedSummary> modules;  // per-module forward (no quantiles)
-  int64_t steps = 0;
-  int64_t samples = 0;
-  double step_host_total = 0;  // seconds
-  int64_t dropped_device_samples = 0;
-  int64_t pending_device_samples = 0;
-  bool device = false;
-  WarmupSummary warmup;
-  DeviceMemory memory;  // at the last step's end (-1 without device timing)
-  // Allocated memory over the ring's steps (CUDA): first and last value and the share of
-  // step-to-step changes that rose; steps = 0 without device timing.
-  struct MemoryTrend {
-    int64_t steps = 0, first = 0, last = 0;
-    double rising_fraction = 0;
-  } memory_trend;
-  // CUDA queue lag per boundary (named by the boundary: forward_begin .. optimizer_end): how long
-  // after the host reached it the GPU did. Empty without device timing.
-  std::vector<NamedSummary> lag;
-  std::vector<SpikeRecord> spikes;  // the last kMaxSpikes, oldest first
-  int64_t spikes_total = 0;         // every spike seen, listed or not
-  // Device sampling (timing/device_sampling.h): the steady steps that were device-timed (the
-  // device series and shares cover these only), the current one-in-k (0: unknown, as in a merged
-  // report), whether k is chosen automatically, the CUDA events recorded at phase boundaries
-  // (one per boundary of a timed step, warm-up and attach included) and the host cost of one
-  // record measured at attach (seconds; 0 when not measured).
-  int64_t device_steps = 0;
-  int64_t device_every = 0;
-  bool device_every_auto = false;
-  int64_t device_events = 0;
-  double event_record_cost = 0;
-};
-
-// The statistics at one moment (Timeline::snapshot), which report(since) and pack(since) subtract to
-// give the figures of the steps after it. Opaque outside the Timeline; a few hundred KB (its
-// histograms), taken once per interval (an epoch, a log line), never per step.
-struct TimelineSnapshot {
-  uint64_t owner = 0;  // Timeline::id() of the Timeline it was taken from
-  bool ready = false;           // false while it waits for the end of the step it was taken in
-  uint64_t generation = 0;      // Timeline::reset() calls before it was filled
-  std::array<Series, static_cast<size_t>(Phase::kCount)> host, dev;
-  std::array<Series, kNumPartition> lag;
-  std::vector<Series> user_host, user_dev;
-  std::vector<Stats> module_host, module_dev;
-  int64_t steps = 0, samples = 0, dropped = 0, device_steps = 0, device_events = 0;
-  double step_host_total = 0;  // ns
-  WarmupSummary warmup;
-  uint64_t spikes = 0;      // spikes seen before it
-  int64_t first_step = 0;   // index of the first step after it
-};
-
-// Spike rule: slower than 3x the running median step (the issue tracker of tools that flag
-// "slow steps" uses 2-3x; 3x keeps a GC pause or a checkpoint, not ordinary jitter). The running
-// median is a multiplicative streaming estimate (one word per series, updated per step), so the
-// check costs a few multiplications at step end; it starts after kSpikeMinSteps steady steps.
-constexpr double kSpikeFactor = 3.0;
-constexpr int64_t kSpikeMinSteps = 5;
-constexpr int kMaxSpikes = 32;
-
-class Timeline {
+class Timeline : private DeviceSink {
  public:
   explicit Timeline(TimelineOptions opts = {});
   ~Timeline();
@@ -300,58 +214,52 @@ class Timeline {
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
-  bool device() const { return device_; }
+  bool device() const { return timer_.enabled(); }
   uint64_t id() const { return id_; }  // unique per Timeline in the process (never reused)
 
  private:
   struct Open {  // an open user or module span
     int64_t t0 = 0;
-    int ev = -1;
+    EventRef ev;
     int depth = 0;
     bool timed = false;  // began on a device-timed step
     bool eval = false;   // began inside an eval forward: not counted (modules)
-  };
-  struct DevSpan {  // device time to resolve: one or two event pairs (two when eval paused it)
-    int kind;       // 0 phase series, 1 user, 2 module
-    int id;
-    bool warm;      // recorded during a warm-up step: totalled apart
-    int a0, b0, a1, b1;
-    uint64_t serial;  // the step it belongs to (StepRecord::serial) ...
-    int slot;         // ... and its SpanRecord there (-1: none), for the device times
   };
   enum class State { kIdle, kForward, kAfterForward, kBackward, kAfterBackward, kOptimizer, kAfterOptimizer };
 
   int64_t now_ns() const {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - origin_).count();
   }
-  // Records an event for a boundary of the open step when it is device-timed (record_event_if:
-  // when `want`); -1 otherwise, or when the pool is exhausted.
-  int record_event(int64_t now) { return record_event_if(now, dev_step_); }
-  int record_event_if(int64_t now, bool want);
+  // An event for a boundary of the open step when it is device-timed (DeviceTimer::record).
+  EventRef record_event(int64_t now) { return timer_.record(now, timer_.timed()); }
   // The step-ending boundary also opens the next step: it records when either step is timed.
-  bool end_boundary_wanted() const;
-  void place_on_host_clock(const DevSpan& d, float m0, float m1, double seen);
+  bool end_boundary_wanted() const {
+    return timer_.timed() || timer_.next_timed(step_index_ + 1 < opts_.warmup_steps);
+  }
   // Records the phase and ends its NVTX range (with nvtx false the range is left open: a
   // deferred optimizer_begin recorded at optimizer_end, whose optimizer range is open).
-  void boundary(Phase closes, int64_t now, int ev, bool nvtx = true);
-  void finish_step(int64_t now, int ev);
+  void boundary(Phase closes, int64_t now, EventRef ev, bool nvtx = true);
+  void finish_step(int64_t now);  // at the step-ending boundary, whose event is ev_.last
   void flush_optimizer_begin();  // records a deferred optimizer_begin as the end of `other`
-  void start_step(int64_t now, int ev);
+  void start_step(int64_t now, const EventRef& ev);
   void end_cursor_range();
   void cursor_start(nvtx::Phase p);
   void cursor_push(nvtx::Phase p);
   void open_locked();
   void open_step_range();
-  void pool_unref(int slot);
-  void add_host(int series, double ns);
-  void check_spike(double total_ns);
+  void add_host(int series, double ns) {
+    if (!discard_) stats_.add_host(series, ns, warm_);  // none of a step cut by reset()
+  }
   const char* open_phase_name() const;
-  void fold_host();
-  // Queues a device span over its events' pair (or two pairs, around an eval pause) when every
-  // event was recorded, else counts a dropped sample.
-  void queue_or_drop(int kind, int id, std::initializer_list<int> events, int slot = -1);
-  SpanRecord* span_record(uint64_t serial, int slot);
-  void poll_locked();
+  void fold_host() { stats_.fold(); }
+  // A device span of the open step over these events (DeviceTimer::queue).
+  void queue_or_drop(int kind, int id, std::initializer_list<const EventRef*> events, int slot = -1) {
+    timer_.queue(kind, id, warm_, step_serial_, events, slot);
+  }
+  // DeviceSink: resolved device times into the statistics, and the ring's span records.
+  void device_time(const DeviceSpan& d, double ns) override;
+  SpanRecord* span_record(uint64_t serial, int slot) override;
+  void poll_locked() { timer_.poll(); }
   void fill_snapshot(TimelineSnapshot& s) const;
   void fill_waiting_snapshots();  // at the end of the step they were taken in
   Report report_locked(const TimelineSnapshot* since);
@@ -367,51 +275,41 @@ class Timeline {
 
   TimelineOptions opts_;
   uint64_t id_;
-  bool device_;
   std::chrono::steady_clock::time_point origin_;
   mutable SpinLock mu_;
-  EventPool pool_;
+  DeviceTimer timer_;  // before every EventRef below, which release into its pool
 
-  std::array<Series, static_cast<int>(Phase::kCount)> host_, dev_;
-  // Host samples wait here and are folded into host_ when it fills (every ~18 steps), at close()
-  // and at report(): a boundary inside a hook then only stores two words, and the series' code and
-  // histograms, cold by then, are touched once per fold instead of at every boundary.
-  struct HostSample {
-    int series;
-    double ns;
-  };
-  static constexpr int kHostPending = 128;
-  std::array<HostSample, kHostPending> host_pending_;
-  int n_host_pending_ = 0;
+  // The statistics (phases, user phases, modules, counts, warm-up, spikes; folded at close(),
+  // report() and when its buffer of host samples fills).
+  PhaseStats stats_;
   // User phases and per-module spans: named, re-entrant (an inner re-entry counts once), timed
   // on the host and, on CUDA, by an event pair. User phases keep histograms (Series); modules
   // keep moments only (Stats), so that a model with thousands of modules stays small.
   template <typename StatT>
   struct SpanGroup {
-    int kind;          // DevSpan kind: 1 user, 2 module
+    int kind;          // DeviceSpan kind: kUser, kModule
     nvtx::Phase phase;
     const char* what;  // for error messages
-    std::vector<std::string> names;
-    std::vector<StatT> host, dev;
+    NamedSeries<StatT>& series;  // in stats_
     std::vector<Open> open;
-    std::vector<const char*> parent;
   };
-  SpanGroup<Series> users_{1, nvtx::Phase::kUser, "user phase", {}, {}, {}, {}, {}};
-  SpanGroup<Stats> modules_{2, nvtx::Phase::kModule, "module", {}, {}, {}, {}, {}};
-  std::deque<DevSpan> pending_;
-  int64_t dropped_ = 0;
+  SpanGroup<Series> users_{DeviceSpan::kUser, nvtx::Phase::kUser, "user phase", stats_.users(), {}};
+  SpanGroup<Stats> modules_{DeviceSpan::kModule, nvtx::Phase::kModule, "module", stats_.modules(), {}};
 
   State state_ = State::kIdle;
   int fwd_depth_ = 0;
   bool fwd_eval_ = false;
   int64_t last_ns_ = 0;
-  int last_ev_ = -1;
+  // The open step's events (empty ones without device timing): the last boundary's, the step's
+  // opening one, the pair an eval pause carries, the open eval forward's and a deferred
+  // optimizer_begin's. Each holds its own reference; close() drops them all at once.
+  struct StepEvents {
+    EventRef last, step, carry_a, carry_b, eval, opt;
+  } ev_;
   // Eval pause: the training span cut at the first eval forward, carried to the next boundary.
   bool paused_ = false;
   int64_t carry_ns_ = 0, carry_t0_ = 0;
-  int carry_a_ = -1, carry_b_ = -1;
   int64_t eval_t0_ = 0;
-  int eval_ev_ = -1;
   int64_t pause_t0_ = 0;  // the evaluation stretch's first eval forward
   void end_eval_stretch();  // records the `eval` series of an open pause, up to its last eval forward
 
@@ -419,7 +317,6 @@ class Timeline {
   // the step shows whether a closure runs inside it.
   bool opt_deferred_ = false;
   int64_t opt_ns_ = 0;
-  int opt_ev_ = -1;
   bool in_closure_ = false;  // the optimizer step is open and its closure has run the model
   bool step_forward_ = false;  // a training forward began in the open step
 
@@ -428,41 +325,16 @@ class Timeline {
   bool step_active_ = false;
   bool step_has_pause_ = false;
   int64_t step_t0_ = 0;
-  int step_ev_ = -1;
   int64_t step_samples_ = 0;
   double step_phase_[kNumPartition] = {};
   StepRecord cur_;
   Ring<StepRecord> ring_;
-  int64_t steps_done_ = 0, samples_done_ = 0;
-  // Interval statistics: snapshots waiting for the open step's end, reset() calls, and the open step
-  // being one that a reset cut (its samples go nowhere) and the newest step serial it cut (device
-  // samples of that step or before are dropped when they resolve).
+  // Interval statistics: snapshots waiting for the open step's end, and the open step being one
+  // that a reset cut (its samples go nowhere; DeviceTimer drops its device samples).
   std::vector<std::shared_ptr<TimelineSnapshot>> snap_waiting_;
-  uint64_t generation_ = 0;
   bool discard_ = false;
-  uint64_t reset_serial_ = 0;
-  double step_host_total_ = 0;
-  // Warm-up: whether the open step is one, and what the warm-up steps add up to.
-  bool warm_ = false;
-  WarmupSummary warm_sum_;
-  // Spikes: running medians (ns) of the step and of each phase's per-step total.
-  double med_step_ = 0;
-  double med_phase_[kNumPartition] = {};
-  Ring<SpikeRecord> spikes_{kMaxSpikes};
-  // Queue lag: the device clock mapped onto the host's (timing/device_clock.h), anchored at a
-  // resolved boundary event that this Timeline keeps a reference to.
-  DeviceClock clock_;
+  bool warm_ = false;  // the open step is a warm-up step
   DeviceMemory memory_;  // read at each step's end on CUDA
-  int64_t dev_cost_ns_ = 0;  // host time spent recording and resolving CUDA events, in total
-  double lag_min_ns_ = std::numeric_limits<double>::infinity();  // least queue lag placed this step
-  int anchor_ev_ = -1;
-  std::array<Series, kNumPartition> lag_;
-  // Device sampling (timing/device_sampling.h): whether the open step records events, the steady
-  // steps that did, and every boundary event recorded.
-  DeviceSampler sampler_;
-  bool dev_step_ = false;
-  int64_t device_steps_ = 0;
-  int64_t events_ = 0;
 
   uint64_t nvtx_step_ = 0, nvtx_cursor_ = 0;
   bool pushed_ = false;  // a forward/optimizer push range is open ...
@@ -487,27 +359,5 @@ class ScopedPhase {
   int user_ = -1;
   bool open_ = true;
 };
-
-// Packed raw statistics: one fixed-size float64 buffer per process, so that torch.distributed
-// gathers every rank's in one all_gather, and any set of them merges into the summaries a local
-// report() gives (same Stats, same histogram quantile code: one buffer gives back its Timeline's
-// report() phases exactly). Layout: kPackedHeader words (tag, Phase::kCount, kBuckets, device,
-// steps, samples, step host ns, dropped and pending device samples, device-timed steps), then per phase, host
-// then device: Stats moments, histogram min and max, kBuckets counts. User phases and modules
-// are left out (their names differ between processes). ~390 KB.
-constexpr int kPackedHeader = 10;
-constexpr int kPackedSeries = Stats::kMoments + 2 + LogHistogram::kBuckets;
-constexpr int kPackedWords = kPackedHeader + 2 * static_cast<int>(Phase::kCount) * kPackedSeries;
-// Merges n packed buffers laid end to end (n * kPackedWords doubles): series add up; steps is the
-// most any buffer has (ranks step together), samples, device sample counts and device-timed steps
-// add up (like the device series' counts), the step host total is the largest (ranks run at once),
-// device is any buffer's. Throws
-// std::invalid_argument on a buffer of another layout or with corrupt counts.
-Report report_from_packed(const double* buffers, int64_t n);
-
-// A plain-text table of a report for LibTorch loops: host (and device) count, mean, p50, p90, p99,
-// total and share per phase. Monitor.summary() (report.py) is another, wider table (max, user
-// phases under their parent, modules, memory, warm-up, spikes).
-std::string format_summary(const Report& r);
 
 }  // namespace stepscope::timing

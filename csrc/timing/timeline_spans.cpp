@@ -1,5 +1,5 @@
-// The Timeline's named spans (user phases, per-module forwards), the ring of recent steps and
-// ScopedPhase.
+// The Timeline's named spans (user phases, per-module forwards), the ring of recent steps, where
+// resolved device times go (the Timeline as DeviceTimer's sink) and ScopedPhase.
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -18,16 +18,13 @@ constexpr size_t kMaxUserSeries = 256;  // distinct user phase names: each keeps
 template <typename G>
 int Timeline::group_add(G& g, const std::string& name, size_t limit) {
   std::lock_guard<SpinLock> lock(mu_);
-  for (size_t i = 0; i < g.names.size(); ++i)
-    if (g.names[i] == name) return static_cast<int>(i);
-  TORCH_CHECK(g.names.size() < limit, "stepscope: more than ", limit, " distinct ", g.what,
+  const auto& names = g.series.names;
+  for (size_t i = 0; i < names.size(); ++i)
+    if (names[i] == name) return static_cast<int>(i);
+  TORCH_CHECK(names.size() < limit, "stepscope: more than ", limit, " distinct ", g.what,
               " names; phase names must be fixed labels, not per-step strings");
-  g.names.push_back(name);
-  g.host.emplace_back();
-  g.dev.emplace_back();
   g.open.emplace_back();
-  g.parent.push_back(nullptr);
-  return static_cast<int>(g.names.size() - 1);
+  return g.series.add(name);
 }
 
 template <typename G>
@@ -38,12 +35,12 @@ void Timeline::group_begin(G& g, int id) {
   if (o.depth++ > 0) return;  // re-entered inside itself: the outer span counts
   o.t0 = now_ns();
   o.ev = record_event(o.t0);
-  o.timed = dev_step_;
+  o.timed = timer_.timed();
   // A module's statistics are its training forwards: an eval forward of a sampled step (eval mode
   // often runs another path, e.g. beam search or no dropout) would mix two workloads in one mean.
   o.eval = g.kind == modules_.kind && fwd_depth_ > 0 && fwd_eval_;
-  g.parent[id] = open_phase_name();
-  if (opts_.nvtx) nvtx::push(g.phase, g.names[id].c_str(), step_index_);
+  g.series.parent[id] = open_phase_name();
+  if (opts_.nvtx) nvtx::push(g.phase, g.series.names[id].c_str(), step_index_);
 }
 
 template <typename G>
@@ -53,14 +50,12 @@ void Timeline::group_end(G& g, int id) {
   Open& o = g.open[id];
   if (o.depth == 0 || --o.depth > 0) return;
   const int64_t now = now_ns();
-  const int ev = record_event(now);
-  if (!warm_ && !discard_ && !o.eval) g.host[id].add(static_cast<double>(now - o.t0));
+  const EventRef ev = record_event(now);
+  if (!warm_ && !discard_ && !o.eval) g.series.host[id].add(static_cast<double>(now - o.t0));
   // A span that crosses from a timed step into an untimed one (or back) has no device time, and
   // that is no dropped sample.
-  if (device_ && dev_step_ && o.timed && !o.eval) queue_or_drop(g.kind, id, {o.ev, ev});
-  pool_unref(o.ev);
-  pool_unref(ev);
-  o.ev = -1;
+  if (timer_.timed() && o.timed && !o.eval) queue_or_drop(g.kind, id, {&o.ev, &ev});
+  o.ev.reset();
   if (cur_.n_spans < StepRecord::kMaxSpans - StepRecord::kPartitionReserve) {
     const int8_t kind = g.kind == users_.kind ? SpanRecord::kUser : SpanRecord::kModule;
     cur_.spans[cur_.n_spans++] = SpanRecord{o.t0, now, id, 0, kind};
@@ -100,6 +95,22 @@ void Timeline::module_begin(int id) { group_begin(modules_, id); }
 void Timeline::module_end(int id) { group_end(modules_, id); }
 
 
+void Timeline::device_time(const DeviceSpan& d, double ns) { stats_.add_device(d.kind, d.id, d.warm, ns); }
+
+SpanRecord* Timeline::span_record(uint64_t serial, int slot) {
+  // One of the newest in the ring (events resolve a step or two late), else the open step; a step
+  // already pushed out of the ring, or cut by close(), is simply not found. The ring comes first:
+  // a step's end pushes its record and then polls, while cur_ still carries the same serial, and
+  // the pushed copy is the one that is kept.
+  for (size_t k = ring_.size(); k-- > 0;) {
+    StepRecord& r = ring_[k];
+    if (r.serial == serial) return slot < r.n_spans ? &r.spans[slot] : nullptr;
+    if (r.serial < serial) break;
+  }
+  if (serial == cur_.serial) return slot < cur_.n_spans ? &cur_.spans[slot] : nullptr;
+  return nullptr;
+}
+
 std::vector<StepRecord> Timeline::recent_steps() const {
   std::lock_guard<SpinLock> g(mu_);
   std::vector<StepRecord> v;
@@ -110,7 +121,7 @@ std::vector<StepRecord> Timeline::recent_steps() const {
 
 std::string Timeline::span_name(int kind, int id) const {
   std::lock_guard<SpinLock> g(mu_);
-  const auto& names = kind == SpanRecord::kUser ? users_.names : modules_.names;
+  const auto& names = kind == SpanRecord::kUser ? users_.series.names : modules_.series.names;
   TORCH_CHECK(kind != SpanRecord::kPartition && id >= 0 && static_cast<size_t>(id) < names.size(),
               "stepscope: no span name for kind ", kind, " id ", id);
   return names[id];
