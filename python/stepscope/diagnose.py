@@ -381,32 +381,22 @@ def rule_straggler(rep: dict) -> list:
             continue
         diffs = {label: _per_step(p, k, p[src]) - med_phase[label] for k, src, label in candidates}
         phase = max(diffs, key=lambda label: diffs[label])
-        severity = "critical" if over >= STRAGGLER_CRITICAL else "warn"
-        out.append({
-            "rule": "straggler",
-            "severity": severity,
-            "title": f"rank {r} is a straggler: {100 * over:.0f}% of a step over the median rank, "
-                     f"most of it in {phase}",
-            "evidence": {
-                "rank": r,
-                "world_size": ranks["world_size"],
-                "p50_step": p["p50"]["step"],
-                "median_p50_step": med_step,
-                "time_outside_backward": own[r],
-                "median_time_outside_backward": med_own,
-                "phase_excess": diffs[phase],
-                "over_median": over,
-            },
-            "advice": (f"Rank {r} spends {1e3 * diffs[phase]:.2f} ms more per step in {phase} than the median rank, "
-                       "and every rank waits for it at the gradient all-reduce. Backward is not compared: "
-                       "DistributedDataParallel's all-reduce makes every rank's backward end together, so the "
-                       "fast ranks' wait shows up there. For data, give that rank's "
-                       "torch.utils.data.DataLoader more num_workers (and pin_memory=True), or check that the "
-                       "DistributedSampler shards are even; for compute phases, check that rank's device and "
-                       "inputs."),
-            # The share of the median step the others spend waiting for this rank.
-            "saving": min(over, 1.0),
-        })
+        # The share of the median step the others spend waiting for this rank: min(over, 1).
+        out.append(finding(
+            "straggler", "critical" if over >= STRAGGLER_CRITICAL else "warn",
+            f"rank {r} is a straggler: {100 * over:.0f}% of a step over the median rank, "
+            f"most of it in {phase}",
+            {"rank": r, "world_size": ranks["world_size"], "p50_step": p["p50"]["step"],
+             "median_p50_step": med_step, "time_outside_backward": own[r], "median_time_outside_backward": med_own,
+             "phase_excess": diffs[phase], "over_median": over},
+            f"Rank {r} spends {1e3 * diffs[phase]:.2f} ms more per step in {phase} than the median rank, "
+            "and every rank waits for it at the gradient all-reduce. Backward is not compared: "
+            "DistributedDataParallel's all-reduce makes every rank's backward end together, so the "
+            "fast ranks' wait shows up there. For data, give that rank's "
+            "torch.utils.data.DataLoader more num_workers (and pin_memory=True), or check that the "
+            "DistributedSampler shards are even; for compute phases, check that rank's device and "
+            "inputs.",
+            min(over, 1.0)))
     return out
 
 
