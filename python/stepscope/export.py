@@ -36,7 +36,7 @@ import zlib
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from . import diagnose as _diagnose
-from .report import PARTITION, PHASES, format_summary
+from .report import PARTITION, PHASES, format_summary, live_line  # noqa: F401  (live_line: re-exported)
 
 FORMAT = "stepscope.run"
 # 2: report.steps counts warm-up steps too, report.steady_steps the others (1 had steps = steady).
@@ -887,27 +887,3 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             add(f"metrics/{k}", v)
     return snap
-
-
-# ----------------------------------------------------------------------------------- live line
-def live_line(rep: dict, step_number: Optional[int] = None) -> str:
-    """The ``Monitor(print_every=n)`` line: step (``step_number``, warm-up steps included; default
-    the report's steps), p50 step time, the largest phase and its share, samples/s and CUDA
-    memory. During warm-up there are no statistics yet, and the line says so."""
-    step = rep["phases"]["step"]["host"]
-    parts = [f"stepscope step {rep['steps'] if step_number is None else step_number}"]
-    if not rep.get("steady_steps", rep["steps"]) and (rep.get("warmup") or {}).get("steps"):
-        parts.append("warm-up")
-    if step.get("count") and step.get("p50") is not None:
-        parts.append(f"p50 step {step['p50'] * 1e3:.3f} ms")
-    key = "share_device" if rep.get("device") else "share_host"
-    shares = [(rep["phases"][p].get(key) or 0.0, p) for p in PARTITION]
-    share, name = max(shares)
-    if share > 0:
-        parts.append(f"largest {name} {100 * share:.1f}%")
-    if rep.get("samples_per_s"):
-        parts.append(f"{rep['samples_per_s']:.1f} samples/s")
-    mem = rep.get("memory")
-    if mem:
-        parts.append(f"mem {mem['allocated'] / 2**20:.1f} MiB (peak {mem['peak'] / 2**20:.1f})")
-    return " | ".join(parts)
