@@ -3,8 +3,9 @@ text from a report dict, with neither torch nor the extension imported.
 
 The phase table (csrc/phases.h: name, NVTX colour and category, partition, the boundaries that
 open and close each partition phase) is read from the extension (``_C.PHASES``, imported on
-first use) unless a function is given another one (``phases=``: a saved run's table).
-``PHASES`` and ``PARTITION`` are the extension's table and its partition names.
+first use) for a live Monitor, and from the run file for a saved run (``phases=``: the run's
+saved table, :attr:`stepscope.run.SavedRun.phase_table`). ``PHASES`` and ``PARTITION`` are the
+extension's table and its partition names.
 """
 
 from __future__ import annotations
