@@ -1,4 +1,6 @@
-"""Reading a run: without torch and without the extension (the run carries its phase table)."""
+"""Reading a run: without torch and without the extension (the run carries its phase table), the
+report built once per call, and the phase table as the one source of boundary and phase names.
+"""
 
 import json
 import os
@@ -9,7 +11,7 @@ import textwrap
 import pytest
 import stepscope
 import torch
-from stepscope import _C, report, run
+from stepscope import _C, diagnose, distributed, monitor, report, run
 from test_files import _train  # a small model trained a few steps under a Monitor
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(stepscope.__file__)))
@@ -145,3 +147,87 @@ def test_a_saved_table_is_the_one_read():
     text = report.format_summary(data["report"], phases=table)
     assert "\nother " not in text and "\nloss " in text
     assert "other_s" not in stepscope.export.csv_rows(dict(data, phase_table=table))[0]
+
+
+# ------------------------------------------------------------------------- the report built once
+class _CountingTimeline:
+    """The Monitor's Timeline, counting its report() calls."""
+
+    def __init__(self, tl):
+        self._tl = tl
+        self.reports = 0
+
+    def report(self, *args, **kwargs):
+        self.reports += 1
+        return self._tl.report(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tl, name)
+
+
+def _spied(mon: stepscope.Monitor) -> _CountingTimeline:
+    spy = mon._tl = _CountingTimeline(mon._tl)
+    return spy
+
+
+@pytest.mark.parametrize("call", ["summary", "save", "diagnose", "report", "summary_since"])
+def test_the_report_is_built_once_per_call(tmp_path, call):
+    mon = _train()
+    spy = _spied(mon)
+    if call == "save":
+        mon.save(tmp_path / "run.json")
+    elif call == "summary_since":
+        mon.summary(since=mon.snapshot())
+    else:
+        getattr(mon, call)()
+    assert spy.reports == 1, call
+
+
+def test_summary_diagnoses_the_report_it_prints():
+    mon = _train(per_module=True, per_module_every=1)
+    for top in (1, 10):
+        rep = mon.report(top_modules=top)
+        assert mon.summary(top_modules=top) == report.format_summary(rep, findings=diagnose.diagnose(rep))
+
+
+def test_a_saved_diagnosis_is_that_of_the_saved_report(tmp_path):
+    mon = _train()
+    mon.save(tmp_path / "run.json")
+    saved = stepscope.load(tmp_path / "run.json")
+    assert saved.diagnose() == json.loads(json.dumps(diagnose.diagnose(saved.report())))
+
+
+# ------------------------------------------------------------------------- one source of names
+def test_boundary_names_come_from_the_phase_table():
+    part = [p for p in _C.PHASES if p["partition"]]
+    assert diagnose.PHASE_BOUNDS == {p["name"]: (p["opens"], p["closes"]) for p in part}
+    assert report.boundaries() == _C.BOUNDARIES
+    assert monitor.MARKS[:len(_C.BOUNDARIES)] == _C.BOUNDARIES
+    assert monitor.MARKS[len(_C.BOUNDARIES):] == ("step", "eval_begin", "eval_end")
+    assert report.PARTITION == tuple(p["name"] for p in part)
+    assert report.PHASES == tuple(_C.PHASES)
+
+
+def test_every_mark_reaches_its_boundary():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        for _ in range(3):
+            for name in monitor.MARKS[:len(_C.BOUNDARIES)]:
+                mon.mark(name, batch=4 if name == "forward_begin" else None)
+    rep = mon.report()
+    assert rep["steps"] == 3 and rep["samples"] == 12
+    assert all(rep["phases"][k]["host"]["count"] == 3 for k in report.PARTITION if k != "data")
+
+
+def test_the_straggler_rule_has_one_definition():
+    assert distributed.straggler_findings is diagnose.rule_straggler
+    per = [{"rank": r, "count": {k: 10 for k in (*report.PARTITION, "step")},
+            "p50": {k: (0.05 if r == 1 and k == "data" else 0.01) for k in (*report.PARTITION, "step")},
+            "device_p50": None} for r in range(3)]
+    for p in per:
+        p["p50"]["step"] = sum(p["p50"][k] for k in report.PARTITION)
+    (f,) = diagnose.rule_straggler({"ranks": {"world_size": 3, "per_rank": per}})
+    assert f == diagnose.finding(f["rule"], f["severity"], f["title"], f["evidence"], f["advice"], f["saving"])
+    assert f["rule"] == "straggler" and f["evidence"]["rank"] == 1 and "data" in f["title"]
