@@ -431,8 +431,8 @@ class Monitor:
         _export.write_trace(self, path)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Writes the report, the ring of recent steps, the diagnosis (when this Monitor has one),
-        build info and versions as JSON; :func:`stepscope.load` reads it back.
+        """Writes the report, the ring of recent steps, its diagnosis, the phase table, build info
+        and versions as JSON (:func:`stepscope.run.save`); :func:`stepscope.load` reads it back.
 
             mon.save("run.json"); print(stepscope.load("run.json").summary())
         """

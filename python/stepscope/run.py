@@ -168,7 +168,7 @@ def save(source: Source, path: PathLike) -> None:
     """Writes the run (report, ring of recent steps, diagnosis, phase table, build info, versions)
     as JSON (gzip when ``path`` ends in ``.gz``), atomically.
 
-        stepscope.export.save(mon, "run.json"); run = stepscope.load("run.json")
+        stepscope.run.save(mon, "run.json"); run = stepscope.load("run.json")
     """
     data = run_data(source)
     _atomic_write(path, _encode(data, path))

@@ -16,18 +16,20 @@ and traced without them (the run carries its phase table).
 
 The names of the run file (``save``, ``load``, ``SavedRun``, ``run_data``, ``FORMAT``,
 ``SCHEMA_VERSION``, ``MAX_READ_BYTES``) live in :mod:`stepscope.run` and the live line in
-:mod:`stepscope.report`; they are re-exported here, where they were first.
+:mod:`stepscope.report`; they are re-exported here, where they were first. ``stepscope.export.plot``
+is the function (as before); its module is ``importlib.import_module("stepscope.export.plot")``.
 """
 
 from __future__ import annotations
 
+# Re-exported, private ones included (_atomic_write, _TID_DEVICE: tests and tools read them here).
 from ..report import live_line
-from ..run import (FORMAT, MAX_READ_BYTES, SCHEMA_VERSION, PathLike, SavedRun, Source, _atomic_write, load,
-                   run_data, save)
+from ..run import (FORMAT, MAX_READ_BYTES, SCHEMA_VERSION, PathLike, SavedRun, Source, _atomic_write,  # noqa: F401
+                   load, run_data, save)
 from .csv import csv_rows, write_csv
 from .plot import plot
 from .tensorboard import log_tensorboard
-from .trace import _TID_DEVICE, merge_traces, read_trace, trace_events, write_trace
+from .trace import _TID_DEVICE, merge_traces, read_trace, trace_events, write_trace  # noqa: F401
 
 __all__ = ["FORMAT", "MAX_READ_BYTES", "SCHEMA_VERSION", "PathLike", "SavedRun", "Source", "csv_rows", "live_line",
            "load", "log_tensorboard", "merge_traces", "plot", "read_trace", "run_data", "save", "trace_events",
