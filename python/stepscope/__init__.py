@@ -11,17 +11,36 @@
     mon.save("run.json"); mon.export_trace("run.trace.json.gz")   # see stepscope.export
 
 The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
-native classes live in stepscope._C.
+native classes live in stepscope._C. Reading a saved run needs neither torch nor the extension
+(stepscope.run, stepscope.report, stepscope.export, stepscope.diagnose): without torch this
+package imports those alone, and the names that need torch raise an ImportError saying so.
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+from typing import Any
 
-from . import _C, diagnose, distributed, export, nvtx
-from .export import SavedRun, load, log_tensorboard, plot
-from .metrics import ClassificationMetrics
-from .monitor import Monitor
+from . import diagnose, export
+from .run import SavedRun, load
+from .export import log_tensorboard, plot
 
 __version__ = "0.1.0"
+
+try:
+    import torch  # noqa: F401  (loads libtorch before the extension)
+except ImportError as e:  # a reader of saved runs without torch
+    _no_torch: "ImportError | None" = e
+else:
+    _no_torch = None
+    from . import _C, distributed, nvtx
+    from .metrics import ClassificationMetrics
+    from .monitor import Monitor
+
+
+def __getattr__(name: str) -> Any:
+    # Only reached without torch: the names below were not imported.
+    if name in ("_C", "distributed", "nvtx", "metrics", "monitor", "ClassificationMetrics", "Monitor"):
+        raise ImportError(f"stepscope.{name} needs torch, which could not be imported ({_no_torch}); "
+                          "saved runs are read without it (stepscope.load, stepscope.plot)") from _no_torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_info() -> dict:
@@ -31,6 +50,8 @@ def build_info() -> dict:
     toolkit version, or None for a CPU-only build), ``cuda_archs`` (list of the
     TORCH_CUDA_ARCH_LIST entries the kernels were built for) and ``nvtx`` (bool).
     """
+    from . import _C
+
     return _C.build_info()
 
 

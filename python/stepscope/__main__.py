@@ -60,9 +60,9 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    # Only the export module (no torch import) is needed to read a run; the package import is
-    # what `python -m stepscope` costs anyway.
-    from . import export
+    # Reading and writing need stepscope.run and stepscope.export alone: neither imports torch or
+    # the extension (a run file carries its phase table), so this works where torch is not installed.
+    from . import export, run
 
     # Reading: the file's own problems (missing, foreign, damaged, too large) are named by load().
     try:
@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             merged = export.merge_traces(args.traces, args.output, max_bytes=args.max_bytes)
             print(f"wrote {args.output}: {len(args.traces)} trace(s), {len(merged['traceEvents'])} events")
             return 0
-        run = export.load(args.run, max_bytes=args.max_bytes)
+        saved = run.load(args.run, max_bytes=args.max_bytes)
     except (OSError, ValueError, ImportError) as e:
         print(_one_line(e), file=sys.stderr)
         return 2
@@ -82,16 +82,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Using it: a file that passed load()'s checks and still fails here is damaged in a way they
     # do not see; writes that fail name their target (export's atomic writes do).
     try:
-        print(run.summary())  # ends with the diagnosis ("What to fix first")
+        print(saved.summary())  # ends with the diagnosis ("What to fix first")
         if args.png:
             with warnings.catch_warnings():
                 # matplotlib's warnings about odd values (a damaged or edited file) would print
                 # several lines on stderr; the dashboard is written all the same.
                 warnings.simplefilter("ignore")
-                export.plot(run, args.png)
+                export.plot(saved, args.png)
             print(f"wrote {args.png}")
         if args.trace:
-            export.write_trace(run, args.trace)
+            export.write_trace(saved, args.trace)
             print(f"wrote {args.trace}")
     except (OSError, ImportError) as e:
         print(_one_line(e), file=sys.stderr)

@@ -18,22 +18,20 @@ queue lag, no per-module timing) stays silent. Thresholds cite where they come f
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from .report import format_seconds
+from .report import Table, format_seconds, partition_bounds
 
 SEVERITIES = ("info", "warn", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
-# The boundaries that open and close each partition phase, by the names the queue-lag report uses.
-PHASE_BOUNDS = {
-    "data": ("optimizer_end", "forward_begin"),
-    "forward": ("forward_begin", "forward_end"),
-    "loss": ("forward_end", "backward_begin"),
-    "backward": ("backward_begin", "backward_end"),
-    "other": ("backward_end", "optimizer_begin"),
-    "optimizer": ("optimizer_begin", "optimizer_end"),
-}
+
+def __getattr__(name: str) -> Any:
+    # The boundaries that open and close each partition phase, by the names the queue-lag report
+    # uses: the phase table's (csrc/phases.h), read on first use.
+    if name == "PHASE_BOUNDS":
+        return partition_bounds()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def finding(rule: str, severity: str, title: str, evidence: dict, advice: str,
@@ -149,14 +147,15 @@ def rule_launch_bound(rep: dict) -> list:
         None)]
 
 
-def rule_sync_in_phase(rep: dict) -> list:
+def rule_sync_in_phase(rep: dict, phases: Table = None) -> list:
     # A queue that is long when a phase begins and empty when it ends drained inside that phase:
-    # the host waited for the GPU there (.item(), print(tensor), .cpu(), a blocking copy).
+    # the host waited for the GPU there (.item(), print(tensor), .cpu(), a blocking copy). The
+    # boundaries of each phase come from the phase table (``phases``: a saved run's).
     lag = rep.get("lag")
     if not rep.get("device") or not lag:
         return []
     out = []
-    for phase, (b0, b1) in PHASE_BOUNDS.items():
+    for phase, (b0, b1) in partition_bounds(phases).items():
         a, b = lag.get(b0), lag.get(b1)
         if not a or not b or not a.get("count") or not b.get("count"):
             continue
@@ -381,32 +380,22 @@ def rule_straggler(rep: dict) -> list:
             continue
         diffs = {label: _per_step(p, k, p[src]) - med_phase[label] for k, src, label in candidates}
         phase = max(diffs, key=lambda label: diffs[label])
-        severity = "critical" if over >= STRAGGLER_CRITICAL else "warn"
-        out.append({
-            "rule": "straggler",
-            "severity": severity,
-            "title": f"rank {r} is a straggler: {100 * over:.0f}% of a step over the median rank, "
-                     f"most of it in {phase}",
-            "evidence": {
-                "rank": r,
-                "world_size": ranks["world_size"],
-                "p50_step": p["p50"]["step"],
-                "median_p50_step": med_step,
-                "time_outside_backward": own[r],
-                "median_time_outside_backward": med_own,
-                "phase_excess": diffs[phase],
-                "over_median": over,
-            },
-            "advice": (f"Rank {r} spends {1e3 * diffs[phase]:.2f} ms more per step in {phase} than the median rank, "
-                       "and every rank waits for it at the gradient all-reduce. Backward is not compared: "
-                       "DistributedDataParallel's all-reduce makes every rank's backward end together, so the "
-                       "fast ranks' wait shows up there. For data, give that rank's "
-                       "torch.utils.data.DataLoader more num_workers (and pin_memory=True), or check that the "
-                       "DistributedSampler shards are even; for compute phases, check that rank's device and "
-                       "inputs."),
-            # The share of the median step the others spend waiting for this rank.
-            "saving": min(over, 1.0),
-        })
+        # The share of the median step the others spend waiting for this rank: min(over, 1).
+        out.append(finding(
+            "straggler", "critical" if over >= STRAGGLER_CRITICAL else "warn",
+            f"rank {r} is a straggler: {100 * over:.0f}% of a step over the median rank, "
+            f"most of it in {phase}",
+            {"rank": r, "world_size": ranks["world_size"], "p50_step": p["p50"]["step"],
+             "median_p50_step": med_step, "time_outside_backward": own[r], "median_time_outside_backward": med_own,
+             "phase_excess": diffs[phase], "over_median": over},
+            f"Rank {r} spends {1e3 * diffs[phase]:.2f} ms more per step in {phase} than the median rank, "
+            "and every rank waits for it at the gradient all-reduce. Backward is not compared: "
+            "DistributedDataParallel's all-reduce makes every rank's backward end together, so the "
+            "fast ranks' wait shows up there. For data, give that rank's "
+            "torch.utils.data.DataLoader more num_workers (and pin_memory=True), or check that the "
+            "DistributedSampler shards are even; for compute phases, check that rank's device and "
+            "inputs.",
+            min(over, 1.0)))
     return out
 
 
@@ -415,11 +404,15 @@ RULES: list = [rule_no_step, rule_input_bound, rule_optimizer_heavy, rule_jitter
                rule_dropped, rule_straggler]
 
 
-def diagnose(rep: dict, rules: Optional[list] = None) -> list:
+# Rules that read the phase table: diagnose() hands them its ``phases``.
+_READ_THE_TABLE = (rule_sync_in_phase,)
+
+
+def diagnose(rep: dict, rules: Optional[list] = None, *, phases: Table = None) -> list:
     """Every finding of ``rules`` (default :data:`RULES`) on a report, largest saving first,
-    then by severity."""
+    then by severity. ``phases``: the phase table of a saved run (default the extension's)."""
     out: list = []
     for r in rules if rules is not None else RULES:
-        fn: Callable[[dict], list] = r
-        out.extend(fn(rep))
+        fn: Callable[..., list] = r
+        out.extend(fn(rep, phases=phases) if fn in _READ_THE_TABLE else fn(rep))
     return sorted(out, key=lambda f: (-(f["saving"] or 0.0), -_RANK[f["severity"]]))

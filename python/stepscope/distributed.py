@@ -180,15 +180,10 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
     mems = [_memory(packed[r]) for r in range(packed.shape[0])]
     known = [m for m in mems if m is not None]
     merged_mem = max(known, key=lambda m: m["peak"]) if known else None
-    rep = _report.build_report(_C.report_from_packed(body), memory=merged_mem, top_modules=top_modules)
-    # What is not merged is this rank's own: names differ between ranks (user phases, modules), and
-    # warm-up, spikes, queue lag and the diagnosis context are per process.
-    for k in ("user", "modules", "warmup", "spikes", "spikes_total", "lag", "context"):
-        rep[k] = local.get(k)
-    # The packed statistics hold steady steps only; every rank warms up alike (warmup_steps).
-    rep["steps"] = rep["steady_steps"] + int((rep.get("warmup") or {}).get("steps", 0))
-
-    names = list(_report.PARTITION) + ["step"]
+    # What is not merged is this rank's own (``local``): see build_report.
+    rep = _report.build_report(_C.report_from_packed(body), memory=merged_mem, top_modules=top_modules,
+                               local=local)
+    names = list(_report.partition()) + ["step"]
     per_rank = []
     for r in range(body.shape[0]):
         raw = _C.report_from_packed(body[r])

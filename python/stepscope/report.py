@@ -1,22 +1,85 @@
-"""Reading a Monitor's numbers: the report dict and the plain-text summary table."""
+"""Reading a Monitor's numbers: the report dict, the plain-text summary table and the live line:
+text from a report dict, with neither torch nor the extension imported.
+
+The phase table (csrc/phases.h: name, NVTX colour and category, partition, the boundaries that
+open and close each partition phase) is read from the extension (``_C.PHASES``, imported on
+first use) for a live Monitor, and from the run file for a saved run (``phases=``: the run's
+saved table, :attr:`stepscope.run.SavedRun.phase_table`). ``PHASES`` and ``PARTITION`` are the
+extension's table and its partition names.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional, Sequence
 
-# The extension loads without the torch module being imported, so a saved run is still read
-# without it (export.py); what it needs is the built extension, whose table is the one home of the
-# phases (csrc/phases.h).
-from . import _C
+Table = Optional[Sequence[dict]]  # a phase table: rows of _C.PHASES, or None: the extension's
 
-#: One dict per phase (``name``, ``nvtx_name``, ``color`` ARGB, NVTX ``category``, ``partition``,
-#: ``series``): the Timeline's series in report order, then the NVTX-only phases.
-PHASES: tuple = tuple(_C.PHASES)
-PARTITION = tuple(p["name"] for p in PHASES if p["partition"])
+
+@functools.lru_cache(maxsize=None)
+def _extension_table() -> tuple:
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError("stepscope: the phase table comes from the built extension (stepscope._C, which "
+                          f"needs torch) or from a run file saved with it; neither is at hand ({e})") from e
+    return tuple(_C.PHASES)
+
+
+def phase_table(phases: Table = None) -> tuple:
+    """One dict per phase (``name``, ``nvtx_name``, ``color`` ARGB, NVTX ``category``, ``partition``,
+    ``series``, ``opens``/``closes``: its boundaries, None outside the partition): the Timeline's
+    series in report order, then the NVTX-only phases. ``phases``: a run's saved table; None: the
+    extension's (``_C.PHASES``)."""
+    return tuple(phases) if phases is not None else _extension_table()
+
+
+def partition(phases: Table = None) -> tuple:
+    """The partition phases' names in step order (``data`` .. ``optimizer``)."""
+    return tuple(p["name"] for p in phase_table(phases) if p["partition"])
+
+
+def partition_bounds(phases: Table = None) -> dict:
+    """Partition phase -> (the boundary that opens it, the one that closes it), by the names the
+    queue-lag report (``lag``) and ``Monitor.mark`` use."""
+    return {p["name"]: (p["opens"], p["closes"]) for p in phase_table(phases) if p["partition"]}
+
+
+def boundaries(phases: Table = None) -> tuple:
+    """The step's boundaries in order (``forward_begin`` .. ``optimizer_end``): where each
+    partition phase closes (as ``_C.BOUNDARIES``)."""
+    return tuple(p["closes"] for p in phase_table(phases) if p["partition"])
+
+
+def __getattr__(name: str) -> Any:
+    # PHASES and PARTITION read the extension on first use, so that importing this module needs
+    # neither it nor torch.
+    if name == "PHASES":
+        return phase_table()
+    if name == "PARTITION":
+        return partition()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _with_share(raw: dict) -> Callable[[dict], dict]:
+    """entry -> a copy with ``share_host``/``share_device``: its total over the step's."""
+    dev = bool(raw["device"])
+    step = raw["phases"]["step"]
+    step_host = step["host"]["total"]
+    step_dev = step["device"]["total"] if dev else 0.0
+
+    def with_share(entry: dict) -> dict:
+        e = dict(entry)
+        e["share_host"] = e["host"]["total"] / step_host if step_host > 0 else None
+        e["share_device"] = e["device"]["total"] / step_dev if dev and step_dev > 0 else None
+        return e
+
+    return with_share
 
 
 def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10,
-                 context: Optional[dict] = None) -> dict:
+                 context: Optional[dict] = None, *, samples_counted_by: Optional[str] = None,
+                 local: Optional[dict] = None) -> dict:
     """Shapes ``_C.Timeline.report()`` for people.
 
     Keys: ``steps`` (every completed step, warm-up included: ``Monitor.steps``, a trainer's global
@@ -45,47 +108,55 @@ def build_report(raw: dict, memory: Optional[dict] = None, top_modules: int = 10
     before auto sampling first chose, or without it),
     and ``context`` (facts the diagnosis reads: parameter dtype, CUDA capability, autocast use).
     Step statistics, samples and ``device_steps`` count steady (post-warm-up) steps only.
+    ``samples_counted_by`` (a local Monitor's report): how samples were counted.
+
+    ``local``: for a report merged over ranks (``raw`` from the gathered statistics), this rank's
+    own report, whose per-process keys (``user``, ``modules``, ``warmup``, ``spikes``,
+    ``spikes_total``, ``lag``, ``context``) the merged one keeps: names differ between ranks, and
+    warm-up, spikes, queue lag and the diagnosis context belong to one process.
     """
-    dev = bool(raw["device"])
-    step = raw["phases"]["step"]
-    step_host = step["host"]["total"]
-    step_dev = step["device"]["total"] if dev else 0.0
+    share = _with_share(raw)
 
-    def with_share(entry: dict) -> dict:
-        e = dict(entry)
-        e["share_host"] = e["host"]["total"] / step_host if step_host > 0 else None
-        e["share_device"] = e["device"]["total"] / step_dev if dev and step_dev > 0 else None
-        return e
+    def own(key: str, default: Any = None) -> Any:
+        # A merged report keeps this rank's per-process figures (``local``).
+        return local.get(key) if local is not None else raw.get(key, default)
 
-    phases = {k: with_share(v) for k, v in raw["phases"].items()}
-    user = {k: with_share(v) for k, v in raw["user"].items()}
-    key = (lambda kv: kv[1]["device"]["total"]) if dev else (lambda kv: kv[1]["host"]["total"])
-    modules = dict(sorted(raw["modules"].items(), key=key, reverse=True)[:top_modules])
-    return {
-        # One meaning per name: ``steps`` counts every completed step (Monitor.steps, a trainer's
-        # global step), ``steady_steps`` the ones behind the statistics (warm-up left out).
-        "steps": raw["steps"] + int((raw.get("warmup") or {}).get("steps", 0)),
+    if local is not None:
+        user, modules = local.get("user"), local.get("modules")
+    else:
+        key = "device" if raw["device"] else "host"
+        user = {k: share(v) for k, v in raw["user"].items()}
+        ranked = sorted(raw["modules"].items(), key=lambda kv: kv[1][key]["total"], reverse=True)
+        modules = dict(ranked[:top_modules])
+    warmup = own("warmup")
+    rep = {
+        # ``steps``: every completed step (Monitor.steps, a trainer's global step); ``steady_steps``
+        # the ones behind the statistics (a merged report's too: every rank warms up alike).
+        "steps": raw["steps"] + int((warmup or {}).get("steps", 0)),
         "steady_steps": raw["steps"],
         "samples": raw["samples"],
         "samples_per_s": raw["samples"] / raw["step_host_total"] if raw["step_host_total"] > 0 else None,
-        "device": dev,
-        "phases": phases,
+        "device": bool(raw["device"]),
+        "phases": {k: share(v) for k, v in raw["phases"].items()},
         "user": user,
         "modules": modules,
         "memory": memory,
         "dropped_device_samples": raw["dropped_device_samples"],
         "pending_device_samples": raw["pending_device_samples"],
-        "warmup": raw.get("warmup"),
-        "lag": raw.get("lag"),
-        "spikes": list(raw.get("spikes", [])),
-        "spikes_total": raw.get("spikes_total", 0),
+        "warmup": warmup,
+        "lag": own("lag"),
+        "spikes": list(own("spikes", []) or []),
+        "spikes_total": own("spikes_total", 0),
         "device_steps": raw.get("device_steps", 0),
         "device_every": raw.get("device_every"),
         "device_every_auto": raw.get("device_every_auto", False),
         "device_events": raw.get("device_events", 0),
         "event_record_cost": raw.get("event_record_cost"),
-        "context": dict(context or {}),
+        "context": dict(context or {}) if local is None else local.get("context"),
     }
+    if samples_counted_by is not None:
+        rep["samples_counted_by"] = samples_counted_by
+    return rep
 
 
 def _ms(x: Optional[float]) -> str:
@@ -108,16 +179,40 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_summary(rep: dict, findings: Optional[list] = None) -> str:
+def format_summary(rep: dict, findings: Optional[list] = None, *, phases: Table = None) -> str:
     """The table: phase, count, mean, p50, p90, p99, max (ms), total (s), share of step; host
     columns, then the same for the device when CUDA events were recorded. User phases sit under
     the partition phase they ran in (their share is part of that phase's, not added to it).
     Warm-up and spikes follow in one line each, then ``findings`` (``diagnose()``'s list) as
-    "What to fix first", when given."""
-    dev = rep["device"]
+    "What to fix first", when given. ``phases``: the phase table (a saved run's; default the
+    extension's)."""
     head = ["phase", "count", "mean", "p50", "p90", "p99", "max", "total s", "share"]
-    if dev:
+    if rep["device"]:
         head += ["dev mean", "dev p50", "dev p90", "dev p99", "dev max", "dev total s", "dev share"]
+    lines = ["times in ms unless marked s; share = phase total / step total; (share) = part of the phase above"]
+    lines += _columns(head, _summary_rows(rep, partition(phases)))
+    lines += _summary_tail(rep)
+    if rep.get("ranks"):
+        lines.append(format_ranks(rep, phases=phases))
+    if findings is not None:
+        lines.append(format_findings(findings))
+    return "\n".join(lines)
+
+
+def _columns(head: list, rows: list) -> list:
+    """A header, a rule and the rows, each column as wide as its widest cell (names left-aligned)."""
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+
+    def fmt(r: list) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+
+
+def _summary_rows(rep: dict, names: Sequence[str]) -> list:
+    """The summary's rows: the partition ``names`` with their user phases, the step, eval, the
+    other user phases and the modules."""
+    dev = rep["device"]
     rows: list = []
 
     def add(name: str, e: dict, share: bool = True, nested: bool = False) -> None:
@@ -137,7 +232,7 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         rows.append(r)
 
     users = dict(rep["user"])
-    for k in PARTITION:
+    for k in names:
         if rep["phases"][k]["host"]["count"]:
             add(k, rep["phases"][k])
         for name in [u for u, v in users.items() if v.get("parent") == k]:
@@ -152,14 +247,11 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         add(f"user:{k}", v, share=False)
     for k, v in rep["modules"].items():
         add(f"module:{k}", v, share=False)
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    return rows
 
-    def fmt(r: list) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
-    lines = ["times in ms unless marked s; share = phase total / step total; (share) = part of the phase above",
-             fmt(head), "  ".join("-" * w for w in widths)]
-    lines += [fmt(r) for r in rows]
+def _summary_tail(rep: dict) -> list:
+    """The lines under the table: steps, samples/s, memory, device sampling, warm-up, spikes."""
     steady = rep.get("steady_steps", rep["steps"])
     tail = [f"steps {rep['steps']}" + (f" ({steady} after warm-up)" if steady != rep["steps"] else "")]
     if rep["samples_per_s"] is not None and rep["samples"]:
@@ -170,12 +262,12 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         if mem.get("peak_reserved") is not None:
             m += f", peak reserved {mem['peak_reserved'] / 2**20:.1f} MiB"
         tail.append(m)
-    if dev:
+    if rep["device"]:
         tail.append(f"dropped device samples {rep['dropped_device_samples']}")
         sampling = format_device_sampling(rep)
         if sampling:
             tail.append(sampling)
-    lines.append(", ".join(tail))
+    lines = [", ".join(tail)]
     if rep.get("samples_counted_by"):
         lines.append(f"samples counted by {rep['samples_counted_by']}")
     warm = rep.get("warmup")
@@ -188,11 +280,7 @@ def format_summary(rep: dict, findings: Optional[list] = None) -> str:
         lines.append(f"spikes (steps > 3x the running median): {rep.get('spikes_total', len(spikes))}; last: "
                      f"step {last['step']} {_ms(last['duration'])} ms against {_ms(last['step_median'])}, "
                      f"{last['phase']} {_ms(last['phase_time'])} ms against {_ms(last['phase_median'])}")
-    if rep.get("ranks"):
-        lines.append(format_ranks(rep))
-    if findings is not None:
-        lines.append(format_findings(findings))
-    return "\n".join(lines)
+    return lines
 
 
 def _ordinal(k: int) -> str:
@@ -222,21 +310,38 @@ def format_findings(findings: list) -> str:
     return "\n".join(out)
 
 
-def format_ranks(rep: dict) -> str:
+def format_ranks(rep: dict, *, phases: Table = None) -> str:
     """Per-rank p50 table (ms) of a gathered report: one row per rank, then the slowest rank and
-    skew per phase."""
+    skew per phase. ``phases``: the phase table (default the extension's)."""
     ranks = rep["ranks"]
-    names = list(PARTITION) + ["step"]
-    head = ["rank"] + names
+    names = list(partition(phases)) + ["step"]
     rows = [[str(p["rank"])] + [f"{1e3 * p['p50'][k]:.3f}" for k in names] for p in ranks["per_rank"]]
     rows.append(["slowest"] + [str(ranks["phases"][k]["slowest_rank"]) for k in names])
     rows.append(["skew"] + ["-" if ranks["phases"][k]["skew"] is None else f"{100 * ranks['phases'][k]['skew']:.1f}%"
                             for k in names])
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    lines = [f"per rank p50 (ms), {ranks['world_size']} ranks; skew = (slowest - median) / median step"]
+    return "\n".join(lines + _columns(["rank"] + names, rows))
 
-    def fmt(r: list) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
-    lines = [f"per rank p50 (ms), {ranks['world_size']} ranks; skew = (slowest - median) / median step",
-             fmt(head), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + [fmt(r) for r in rows])
+def live_line(rep: dict, step_number: Optional[int] = None, *, phases: Table = None) -> str:
+    """The ``Monitor(print_every=n)`` line: step (``step_number``, warm-up steps included; default
+    the report's steps), p50 step time, the largest phase and its share, samples/s and CUDA
+    memory. During warm-up there are no statistics yet, and the line says so. ``phases``: the
+    phase table (default the extension's)."""
+    step = rep["phases"]["step"]["host"]
+    parts = [f"stepscope step {rep['steps'] if step_number is None else step_number}"]
+    if not rep.get("steady_steps", rep["steps"]) and (rep.get("warmup") or {}).get("steps"):
+        parts.append("warm-up")
+    if step.get("count") and step.get("p50") is not None:
+        parts.append(f"p50 step {step['p50'] * 1e3:.3f} ms")
+    key = "share_device" if rep.get("device") else "share_host"
+    shares = [(rep["phases"][p].get(key) or 0.0, p) for p in partition(phases)]
+    share, name = max(shares)
+    if share > 0:
+        parts.append(f"largest {name} {100 * share:.1f}%")
+    if rep.get("samples_per_s"):
+        parts.append(f"{rep['samples_per_s']:.1f} samples/s")
+    mem = rep.get("memory")
+    if mem:
+        parts.append(f"mem {mem['allocated'] / 2**20:.1f} MiB (peak {mem['peak'] / 2**20:.1f})")
+    return " | ".join(parts)

@@ -180,7 +180,7 @@ def test_trace_moves_straddling_spans_to_another_track():
 
 
 def test_trace_pid_is_the_rank(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "_rank", lambda: 3)
+    monkeypatch.setattr(stepscope.run, "_rank", lambda: 3)  # the run data (stepscope.run) holds the rank
     mon = _train(steps=2)
     xs = validate_trace(export.trace_events(mon))
     assert {e["pid"] for e in xs} == {3}
@@ -323,7 +323,7 @@ def test_png_from_a_saved_run_without_torch(tmp_path):
     mon.diagnose = lambda: [_finding(), dict(_finding(), severity="info", title="a second finding")]
     saved, png = tmp_path / "run.json.gz", tmp_path / "run.png"
     mon.save(saved)
-    # The package's __init__ imports torch; a bare package object reaches export.py without it.
+    # The package's __init__ imports torch; a bare package object reaches stepscope.export without it.
     code = textwrap.dedent(f"""
         import sys, types
         sys.modules["torch"] = None          # any "import torch" now raises ImportError

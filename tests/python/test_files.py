@@ -4,6 +4,7 @@ lines a person reads look like (CSV cells, units, hints)."""
 
 import csv
 import gzip
+import importlib
 import json
 import os
 import random
@@ -339,14 +340,15 @@ def test_dashboard_names_the_file_to_read_the_rest_in(tmp_path, monkeypatch):
     saved = tmp_path / "myrun.json"
     mon.save(saved)
     seen: list = []
-    real = export._plot_diagnosis
+    dashboard = importlib.import_module("stepscope.export.plot")  # the module: export.plot is the function
+    real = dashboard._plot_diagnosis
 
     def spy(fig, diagnosis, more):
         seen.append(more)
         real(fig, diagnosis, more)
         seen.append("\n".join(t.get_text() for t in fig.texts))
 
-    monkeypatch.setattr(export, "_plot_diagnosis", spy)
+    monkeypatch.setattr(dashboard, "_plot_diagnosis", spy)
     export.plot(stepscope.load(saved), tmp_path / "a.png")
     assert seen[0] == f"python -m stepscope report {saved}"
     assert f"more: python -m stepscope report {saved})" in seen[1] and "RUN.json" not in seen[1]

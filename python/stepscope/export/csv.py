@@ -1,0 +1,69 @@
+"""One CSV row per step in the ring of a run.
+
+    mon.to_csv("steps.csv")                  # or stepscope.export.write_csv(run, "steps.csv")
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Optional
+
+from ..report import partition
+from ..run import PathLike, Source, _atomic_write, phase_table_of, run_data
+
+
+def csv_rows(source: Source) -> list:
+    """Rows of :func:`write_csv`: a header, then one row per step in the ring."""
+    data = run_data(source)
+    names = partition(phase_table_of(data))
+    head = ["step", "start_s", "end_s", "step_s", "samples"] + [f"{p}_s" for p in names]
+    head += [f"{p}_device_s" for p in names]
+    head += ["memory_allocated", "memory_reserved", "truncated_spans"]
+    rows = [head]
+    for r in data["recent_steps"]:
+        host = [float(r["host"].get(p, 0.0)) for p in names]
+        dev = _device_by_phase(r)  # None (empty cells) until every span of the step is resolved
+        mem = r.get("memory") or {}
+        rows.append([r["step"], r["t0"], r["t1"], sum(host), r.get("samples", 0), *host,
+                     *["" if dev is None else dev.get(p, 0.0) for p in names],
+                     mem.get("allocated", ""), "" if mem.get("reserved") is None else mem["reserved"],
+                     r.get("truncated_spans", 0)])
+    return rows
+
+
+def _csv_float(v: float) -> str:
+    # Times are whole nanoseconds scaled to seconds: 9 fixed decimals hold them exactly (0.088731573,
+    # not the scaling's 0.08873157300000001, nor 9.8516e-05), trailing zeros dropped.
+    if not math.isfinite(v):
+        return ""
+    text = f"{v:.9f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def write_csv(source: Source, path: PathLike) -> None:
+    """One row per step in the ring: step, start/end (s since the Monitor started), step time
+    (the sum of its phases: eval forwards inside a step are left out), samples, host seconds per
+    phase, CUDA memory at the step's end (empty without CUDA). Seconds are written to the
+    nanosecond (at most 9 decimals). Written atomically.
+
+        stepscope.export.write_csv(mon, "steps.csv")
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for row in csv_rows(source):
+        w.writerow([_csv_float(v) if isinstance(v, float) else v for v in row])
+    _atomic_write(path, buf.getvalue().encode())
+
+
+def _device_by_phase(r: dict) -> Optional[dict]:
+    """Device seconds per phase of a ring step whose every partition span was resolved, else None."""
+    spans = r.get("device_spans") or []
+    if not spans or len(spans) != len(r.get("spans", ())):
+        return None
+    out: dict = {}
+    for name, a, b in spans:
+        out[name] = out.get(name, 0.0) + (b - a)
+    return out
+
