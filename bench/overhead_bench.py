@@ -99,7 +99,7 @@ def run_perf_counter(model, opt, xs, ys, steps):
     # times only; backward's end is where loss.backward() returns).
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
-    acc = dict.fromkeys(("data", "forward", "loss", "backward", "other", "optimizer"), 0.0)
+    acc = dict.fromkeys(stepscope.report.PARTITION, 0.0)
     ts = [0.0] * steps
     last = pc()
     for i in range(steps):

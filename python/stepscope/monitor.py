@@ -12,9 +12,9 @@ A step is partitioned with no unexplained time: ``data`` (gap before forward), `
 gradient reaches the model's output), ``backward`` (the gradient reaches the model's outputs
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks are C functions
-(``_C.StepHooks``, csrc/python/step_hooks.cpp) that only read a clock and record a CUDA event (on
-GPU; read back with ``cudaEventQuery`` once complete: no device synchronisation during the
-steps); this module registers them and reads the results, and no Python runs per step unless
+(``_C.StepHooks``, csrc/python/step_hooks.cpp, over the step rule of csrc/timing/step_machine.h)
+that only read a clock and record a CUDA event (on GPU; read back with ``cudaEventQuery`` once
+complete: no device synchronisation during the steps); this module registers them and reads the results, and no Python runs per step unless
 per-module sampling or ``print_every`` need it. Copies, checkpoints, interrupted forwards and
 dropped Monitors: the README's "Where the time goes: Monitor". The argument checks, the registry
 of attached models, user phases and snapshots live in ``_monitor_parts.py``.
