@@ -24,7 +24,13 @@ def _timeout_seconds(name: str, timeout: Any) -> float:
 
 
 def _config_property(field: str, doc: str) -> property:
-    return property(lambda self: getattr(self._config, field), doc=doc)
+    def refuse(self: Any, value: Any) -> None:
+        # The op's arguments, the state's layout and the ranks' fingerprint are all built from the
+        # configuration at construction: an assignment could only make them disagree.
+        raise AttributeError("stepscope: a ClassificationMetrics' configuration is fixed when it is made (the "
+                             "state's layout is built from it); make a new one with the configuration you want")
+
+    return property(lambda self: getattr(self._config, field), refuse, doc=doc + " Read-only.")
 
 
 class ClassificationMetrics(torch.nn.Module):

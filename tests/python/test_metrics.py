@@ -1277,3 +1277,16 @@ def test_constructor_misuse_multilabel_and_integer_likes_still_work():
                                         ignore_index=np.int32(-1), threshold=np.float32(0.25), beta=2)
     assert (m.num_classes, m.top_k, m.ignore_index, m.beta) == (4, (1, 3), -1, 2.0)
     assert type(m.num_classes) is int and all(type(k) is int for k in m.top_k)
+
+
+def test_configuration_attributes_are_read_only():
+    # Assigning one would leave the op's arguments and the state's layout on the old configuration.
+    m = stepscope.ClassificationMetrics("multiclass", num_classes=4, top_k=(1, 2))
+    for name, value in [("num_classes", 5), ("top_k", (1,)), ("threshold", 0.3), ("task", "binary"),
+                        ("ignore_index", 0), ("input", "probs"), ("keeps_confusion_matrix", False)]:
+        before = getattr(m, name)
+        with pytest.raises(AttributeError, match="configuration is fixed"):
+            setattr(m, name, value)
+        assert getattr(m, name) == before
+    m.update(torch.randn(3, 4), torch.tensor([0, 1, 3]))
+    assert int(m.compute()["samples"]) == 3
