@@ -27,43 +27,25 @@ py::dict layout_dict(int64_t params, int64_t ring) {
 }
 
 py::dict reading_dict(const at::Tensor& state, int64_t params) {
+  using namespace pybind11::literals;
   const sh::HealthReading r = sh::read_state(state, params);
-  py::dict g;
   const sh::NormStats& n = r.grad_norm;
-  g["count"] = n.count;
-  for (auto [k, v] : {std::pair{"mean", n.mean}, {"std", n.std}, {"min", n.min}, {"max", n.max}, {"p50", n.p50},
-                      {"p90", n.p90}, {"p99", n.p99}, {"last", n.last}}) {
-    g[k] = v;
-  }
-  py::list ps;
+  py::list ps, recent;
   for (const sh::ParamStats& p : r.params) {
-    py::dict e;
-    e["norm_last"] = p.norm_last;
-    e["norm_max"] = p.norm_max;
-    e["norm_mean"] = p.norm_mean;
-    e["nonfinite_elements"] = p.nonfinite_elements;
-    e["nonfinite_steps"] = p.nonfinite_steps;
-    e["no_grad_steps"] = p.no_grad_steps;
-    e["no_grad_last"] = p.no_grad_last;
-    ps.append(e);
+    ps.append(py::dict("norm_last"_a = p.norm_last, "norm_max"_a = p.norm_max, "norm_mean"_a = p.norm_mean,
+                       "nonfinite_elements"_a = p.nonfinite_elements, "nonfinite_steps"_a = p.nonfinite_steps,
+                       "no_grad_steps"_a = p.no_grad_steps, "no_grad_last"_a = p.no_grad_last));
   }
-  py::list recent;
   for (const sh::RingEntry& e : r.recent) {
-    py::dict d;
-    d["step"] = e.step;
-    d["grad_norm"] = e.grad_norm;
-    d["nonfinite"] = e.nonfinite;
-    recent.append(d);
+    recent.append(py::dict("step"_a = e.step, "grad_norm"_a = e.grad_norm, "nonfinite"_a = e.nonfinite));
   }
-  py::dict d;
-  d["steps"] = r.steps;
-  d["grad_norm"] = g;
-  d["params"] = ps;
-  d["nonfinite_steps"] = r.nonfinite_steps;
-  d["first_nonfinite_step"] = r.first_nonfinite_step;
-  d["first_nonfinite_param"] = r.first_nonfinite_param;
-  d["recent"] = recent;
-  return d;
+  return py::dict("steps"_a = r.steps,
+                  "grad_norm"_a = py::dict("count"_a = n.count, "mean"_a = n.mean, "std"_a = n.std, "min"_a = n.min,
+                                           "max"_a = n.max, "p50"_a = n.p50, "p90"_a = n.p90, "p99"_a = n.p99,
+                                           "last"_a = n.last),
+                  "params"_a = ps, "nonfinite_steps"_a = r.nonfinite_steps,
+                  "first_nonfinite_step"_a = r.first_nonfinite_step,
+                  "first_nonfinite_param"_a = r.first_nonfinite_param, "recent"_a = recent);
 }
 
 }  // namespace
