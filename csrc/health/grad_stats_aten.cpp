@@ -77,7 +77,10 @@ void update_header(const GradStatsInputs& in, const at::Tensor& state, const at:
   const at::Tensor b = at::clamp(at::floor((at::log10(gn) - static_cast<double>(kLogMin)) * kBinsPerDecade) + 1, 0,
                                  static_cast<double>(kHistOverflow));
   const at::Tensor bin = at::where(at::isfinite(gn), b, at::full_like(gn, static_cast<double>(kHistNonfinite)));
-  block(state, in.lay.hist, kHistLen).index_add_(0, bin.to(at::kLong), at::ones_like(gn));
+  // A one-hot add rather than index_add_/index_put_(accumulate): deterministic on CUDA, so it also
+  // runs under torch.use_deterministic_algorithms(True).
+  const at::Tensor bins = at::arange(kHistLen, gn.options().dtype(at::kLong));
+  block(state, in.lay.hist, kHistLen).add_((bins == bin.to(at::kLong)).to(at::kDouble));
 }
 
 }  // namespace

@@ -221,3 +221,19 @@ def test_cuda_update_does_not_sync(base_seed):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats.read()["steps"] == 3
+
+
+def test_torch_compile_fullgraph(base_seed):
+    torch.manual_seed(base_seed)
+    names = ["a", "none", "b"]
+    compiled, eager = GradStats(names, ring=4, device="cpu"), GradStats(names, ring=4, device="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, b, stats, s):
+        stats.update([a * 2, None, b], s)
+
+    for s in range(3):
+        a, b = torch.randn(5), torch.randn(2, 3)
+        step(a, b, compiled, s)
+        eager.update([a * 2, None, b], s)
+    assert torch.equal(compiled.state, eager.state)
