@@ -1,9 +1,9 @@
 // The CPU body of grad_stats_update: one read of each gradient (its squared L2 norm, accumulated in
 // float64), then the state's blocks updated in place with plain stores. Non-finite elements are
-// counted exactly; the counting pass runs only for a gradient whose sum of squares came out
-// non-finite, since for float32/16/bfloat16 values a finite sum of float64 squares cannot hide a
-// NaN or an inf (the largest square, 1.2e77, times any tensor size stays finite): a healthy step
-// reads every gradient once.
+// counted exactly, by a second pass that runs only for a gradient whose sum of squares came out
+// non-finite: a NaN or inf element always makes that sum non-finite, so a finite sum proves there
+// is none and a healthy step reads every gradient once. (The converse fails only for float64
+// gradients past 1e154, whose squares overflow: such a step counts as non-finite, with 0 elements.)
 #include <ATen/ATen.h>
 
 #include <algorithm>
