@@ -35,8 +35,8 @@ GradStatsInputs prepare_grad_stats(const GradList& grads, const at::Tensor& stat
 // The checks that need no concrete sizes (all the Meta impl can do under symbolic shapes).
 void check_grad_stats_kinds(const GradList& grads, const at::Tensor& state);
 
-// The bodies, called after prepare_grad_stats. update_aten is device-agnostic (ATen ops only):
-// registered for CUDA, and run on CPU by the GoogleTests to check it against update_cpu.
+// The bodies, called after prepare_grad_stats. grad_stats_aten is device-agnostic (ATen ops only):
+// registered for CUDA, and run on CPU by the GoogleTests to check it against grad_stats_cpu.
 void grad_stats_cpu(const GradStatsInputs& in, const at::Tensor& state);
 void grad_stats_aten(const GradStatsInputs& in, const at::Tensor& state);
 
