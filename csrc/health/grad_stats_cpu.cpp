@@ -1,0 +1,217 @@
+// The CPU body of grad_stats_update: one read of each gradient (its squared L2 norm, accumulated in
+// float64), then the state's blocks updated in place with plain stores. Non-finite elements are
+// counted exactly, by a second pass that runs only for a gradient whose sum of squares came out
+// non-finite: a NaN or inf element always makes that sum non-finite, so a finite sum proves there
+// is none and a healthy step reads every gradient once. (The converse fails only for float64
+// gradients past 1e154, whose squares overflow: such a step counts as non-finite, with 0 elements.)
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "dispatch.h"
+#include "health/grad_stats.h"
+
+namespace stepscope::health {
+namespace {
+
+// Calls row(ptr, n, stride) over the tensor's elements as rows of its last dimension; one row for
+// a tensor that is non-overlapping and dense (any dim order: the elements fill numel slots from
+// data_ptr, as strides are never negative). Stride-0 (expanded) gradients count each element.
+template <typename T, typename Row>
+void for_each_row(const at::Tensor& g, Row&& row) {
+  const T* base = g.const_data_ptr<T>();
+  if (g.is_non_overlapping_and_dense()) return row(base, g.numel(), int64_t{1});
+  const int64_t d = g.dim();
+  const auto sizes = g.sizes();
+  const auto strides = g.strides();
+  std::vector<int64_t> idx(d, 0);
+  const int64_t rows = g.numel() / sizes[d - 1];
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t off = 0;
+    for (int64_t k = 0; k < d - 1; ++k) off += idx[k] * strides[k];
+    row(base + off, sizes[d - 1], strides[d - 1]);
+    for (int64_t k = d - 2; k >= 0 && ++idx[k] == sizes[k]; --k) idx[k] = 0;
+  }
+}
+
+// Eight independent float64 lanes: the compiler packs them into vector registers without
+// reassociating any sum (no -ffast-math needed); the AVX2 clone of the dense float64 loop (picked
+// at load time by the CPU's features) does four lanes per instruction.
+template <typename T>
+inline double sum_sq_lanes(const T* p, int64_t n) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = static_cast<double>(p[i + k]);
+      a[k] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(p[i]);
+    a[i & 7] += v * v;
+  }
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+__attribute__((target_clones("avx2", "default"))) double sum_sq_dense(const double* p, int64_t n) {
+  return sum_sq_lanes(p, n);
+}
+#if defined(__x86_64__)
+// float32, float16 (through F16C) and bfloat16 (a shift) widened eight at a time with AVX2: c10's
+// portable 16-bit conversions cost several times the norm itself. The same eight lanes and order
+// of additions as sum_sq_lanes.
+template <typename T>
+__attribute__((target("avx2,f16c"))) double sum_sq_avx2(const T* p, int64_t n) {
+  __m256d lo_acc = _mm256_setzero_pd(), hi_acc = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 f;
+    if constexpr (std::is_same_v<T, float>) {
+      f = _mm256_loadu_ps(p + i);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+      f = std::is_same_v<T, c10::Half> ? _mm256_cvtph_ps(h)
+                                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+    lo_acc = _mm256_add_pd(lo_acc, _mm256_mul_pd(lo, lo));
+    hi_acc = _mm256_add_pd(hi_acc, _mm256_mul_pd(hi, hi));
+  }
+  double a[8];
+  _mm256_storeu_pd(a, lo_acc);
+  _mm256_storeu_pd(a + 4, hi_acc);
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(static_cast<float>(p[i]));
+    a[i & 7] += v * v;
+  }
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+bool has_avx2_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename T>
+double sum_sq_dense(const T* p, int64_t n) {
+#if defined(__x86_64__)
+  if (has_avx2_f16c()) return sum_sq_avx2(p, n);
+#endif
+  return sum_sq_lanes(p, n);
+}
+
+template <typename T>
+double sum_sq(const T* p, int64_t n, int64_t stride) {
+  if (stride == 1) return sum_sq_dense(p, n);
+  double a = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(p[i * stride]);
+    a += v * v;
+  }
+  return a;
+}
+
+template <typename T>
+int64_t count_nonfinite(const T* p, int64_t n, int64_t stride) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += !std::isfinite(static_cast<double>(p[i * stride]));
+  return c;
+}
+
+struct GradRead {
+  double sq = 0;          // sum of squares, float64
+  int64_t nonfinite = 0;  // non-finite elements
+};
+
+GradRead read_grad(const at::Tensor& g) {
+  GradRead r;
+  if (g.numel() == 0) return r;
+  STEPSCOPE_DISPATCH_PREDS(g.scalar_type(), "grad_stats_update", [&] {
+    for_each_row<scalar_t>(g, [&](const scalar_t* p, int64_t n, int64_t s) { r.sq += sum_sq(p, n, s); });
+    if (!std::isfinite(r.sq)) {
+      for_each_row<scalar_t>(g, [&](const scalar_t* p, int64_t n, int64_t s) { r.nonfinite += count_nonfinite(p, n, s); });
+    }
+  });
+  return r;
+}
+
+// The per-step scalars after the per-parameter pass.
+struct StepTotals {
+  double sq = 0;
+  int64_t nonfinite = 0;
+  int64_t first_bad = -1;
+};
+
+StepTotals update_params(const GradStatsInputs& in, double* s) {
+  const HealthLayout& l = in.lay;
+  StepTotals t;
+  for (int64_t i = 0; i < l.params; ++i) {
+    const at::Tensor& g = in.grads[i];
+    s[l.nonfinite_last + i] = 0;
+    if (!g.defined()) {
+      s[l.no_grad_last + i] = 1;
+      s[l.no_grad_steps + i] += 1;
+      continue;
+    }
+    const GradRead r = read_grad(g);
+    const double norm = std::sqrt(r.sq);
+    s[l.no_grad_last + i] = 0;
+    s[l.norm_last + i] = norm;
+    if (r.nonfinite > 0 || !std::isfinite(norm)) {
+      s[l.nonfinite_last + i] = static_cast<double>(r.nonfinite);
+      s[l.nonfinite_total + i] += static_cast<double>(r.nonfinite);
+      s[l.nonfinite_steps + i] += 1;
+      if (t.first_bad < 0) t.first_bad = i;
+    } else {
+      s[l.norm_max + i] = std::max(s[l.norm_max + i], norm);
+      s[l.norm_sum + i] += norm;
+    }
+    t.sq += r.sq;
+    t.nonfinite += r.nonfinite;
+  }
+  return t;
+}
+
+}  // namespace
+
+void grad_stats_cpu(const GradStatsInputs& in, const at::Tensor& state) {
+  double* s = state.data_ptr<double>();
+  const HealthLayout& l = in.lay;
+  const StepTotals t = update_params(in, s);
+  const double gn = std::sqrt(t.sq);
+  const double step = static_cast<double>(in.step);
+  const bool bad = t.first_bad >= 0 || !std::isfinite(gn);
+  s[kSteps] += 1;
+  s[kLastStep] = step;
+  s[kLastNorm] = gn;
+  s[kLastNonfinite] = static_cast<double>(t.nonfinite);
+  if (bad) {
+    s[kNonfiniteSteps] += 1;
+    if (s[kFirstNonfiniteStep] < 0) {
+      s[kFirstNonfiniteStep] = step;
+      s[kFirstNonfiniteParam] = static_cast<double>(t.first_bad);
+    }
+  } else {
+    s[kCount] += 1;
+    s[kSum] += gn;
+    s[kSumSq] += gn * gn;
+    s[kMin] = std::min(s[kMin], gn);
+    s[kMax] = std::max(s[kMax], gn);
+  }
+  s[l.hist + hist_bin(gn)] += 1;
+  s[l.ring_step + in.slot] = step;
+  s[l.ring_norm + in.slot] = gn;
+  s[l.ring_nonfinite + in.slot] = static_cast<double>(t.nonfinite);
+}
+
+}  // namespace stepscope::health
