@@ -61,9 +61,13 @@ inline double sum_sq_lanes(const T* p, int64_t n) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+#if defined(__x86_64__)
 __attribute__((target_clones("avx2", "default"))) double sum_sq_dense(const double* p, int64_t n) {
   return sum_sq_lanes(p, n);
 }
+#else
+double sum_sq_dense(const double* p, int64_t n) { return sum_sq_lanes(p, n); }
+#endif
 #if defined(__x86_64__)
 // float32, float16 (through F16C) and bfloat16 (a shift) widened eight at a time with AVX2: c10's
 // portable 16-bit conversions cost several times the norm itself. The same eight lanes and order
