@@ -78,6 +78,9 @@ void DeviceTimer::reset(uint64_t serial) {
   dropped_ = 0;
   device_steps_ = 0;
   events_ = 0;
+  // The sampler counts the events of each step as a difference of totals: restart its total with
+  // ours, or the first step after the reset would count a negative number of events.
+  sampler_.opened(0);
   reset_serial_ = serial;
 }
 

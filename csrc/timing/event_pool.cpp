@@ -40,15 +40,22 @@ int EventPool::record() {
   if (dev != device_) return -1;  // one pool times one device; events of another cannot be paired
   const int slot = take();
   if (slot < 0) return -1;
+  // A failed create or record gives the slot back before it throws: no EventRef owns it yet, so
+  // it would otherwise be lost to the pool for good (a slot whose event is still null is created
+  // at its next record()).
   if (events_[slot] == nullptr) {
     cudaEvent_t e = nullptr;
     // cudaEventDefault, not DisableTiming: timing is the point. No BlockingSync either, and no
     // one ever waits on these events anyway.
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    const cudaError_t made = cudaEventCreateWithFlags(&e, cudaEventDefault);
+    if (made != cudaSuccess) unref(slot);
+    C10_CUDA_CHECK(made);
     events_[slot] = e;
   }
-  C10_CUDA_CHECK(
-      cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream()));
+  const cudaError_t put =
+      cudaEventRecord(static_cast<cudaEvent_t>(events_[slot]), c10::cuda::getCurrentCUDAStream(dev).stream());
+  if (put != cudaSuccess) unref(slot);
+  C10_CUDA_CHECK(put);
   return slot;
 #else
   return -1;
@@ -79,6 +86,7 @@ void EventPool::unref(int slot) {
 
 int EventPool::query(int slot) const {
 #if defined(STEPSCOPE_WITH_CUDA)
+  if (events_[slot] == nullptr) return -1;  // a slot taken but never recorded: nothing to ask CUDA
   const cudaError_t r = cudaEventQuery(static_cast<cudaEvent_t>(events_[slot]));
   if (r == cudaSuccess) return 1;
   if (r == cudaErrorNotReady) {
@@ -96,6 +104,7 @@ int EventPool::query(int slot) const {
 float EventPool::elapsed_ms(int a, int b) const {
   float ms = 0.f;
 #if defined(STEPSCOPE_WITH_CUDA)
+  if (events_[a] == nullptr || events_[b] == nullptr) return -1.f;
   if (cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(events_[a]), static_cast<cudaEvent_t>(events_[b])) !=
       cudaSuccess) {
     (void)cudaGetLastError();
@@ -124,6 +133,7 @@ bool read_device_memory(int device, DeviceMemory* out) {
 
 bool EventPool::synchronize(int slot) const {
 #if defined(STEPSCOPE_WITH_CUDA)
+  if (events_[slot] == nullptr) return false;
   if (cudaEventSynchronize(static_cast<cudaEvent_t>(events_[slot])) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
