@@ -13,6 +13,8 @@ random order each round; a variant's time is the median over rounds of its mean 
 round; ratios are to (a) measured in the same run.
 
   OMP_NUM_THREADS=1 PYTHONPATH=python python bench/health_bench.py [--rounds 31] [--updates 200]
+  python bench/health_bench.py --device cuda     (each timed loop ends with torch.cuda.synchronize(), so
+                                                   a variant's time holds its launches and its GPU work)
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ def deep() -> torch.nn.Module:
     return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(100)])
 
 
-def with_grads(model: torch.nn.Module, width: int) -> list:
-    torch.manual_seed(0)
-    model(torch.randn(64, width)).square().mean().backward()
+def with_grads(model: torch.nn.Module, width: int, device: torch.device) -> list:
+    # Fresh random gradients every run (no fixed seed): nothing is tuned to one input.
+    model(torch.randn(64, width, device=device)).square().mean().backward()
     return list(model.parameters())
 
 
-def variants(model: torch.nn.Module, params: list) -> dict:
-    stats = GradStats([n for n, _ in model.named_parameters()], ring=256)
+def variants(model: torch.nn.Module, params: list, device: torch.device) -> dict:
+    stats = GradStats([n for n, _ in model.named_parameters()], ring=256, device=device)
     step = [0]
 
     def foreach():
@@ -63,7 +65,8 @@ def variants(model: torch.nn.Module, params: list) -> dict:
     return {"(a) foreach": foreach, "(b) item": item, "(c) clip": clip, "stepscope": ours}
 
 
-def measure(fns: dict, rounds: int, updates: int) -> dict:
+def measure(fns: dict, rounds: int, updates: int, device: torch.device) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     per = {k: [] for k in fns}
     for f in fns.values():  # warm-up: the state, the allocator, the dispatcher's caches
         for _ in range(20):
@@ -73,9 +76,11 @@ def measure(fns: dict, rounds: int, updates: int) -> dict:
         random.shuffle(order)
         for k in order:
             f = fns[k]
+            sync()
             t0 = time.perf_counter()
             for _ in range(updates):
                 f()
+            sync()
             per[k].append((time.perf_counter() - t0) / updates)
     return {k: statistics.median(v) * 1e6 for k, v in per.items()}
 
@@ -84,14 +89,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--updates", type=int, default=200)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rounds {args.rounds}, "
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), rounds {args.rounds}, "
           f"updates/round {args.updates}")
     print(f"{'model':<22}{'variant':<14}{'us/update':>10}{'x (a)':>8}")
     for name, make, width in (("mlp (6 tensors)", mlp, 256), ("deep (200 tensors)", deep, 64)):
-        model = make()
-        params = with_grads(model, width)
-        us = measure(variants(model, params), args.rounds, args.updates)
+        model = make().to(device)
+        params = with_grads(model, width, device)
+        us = measure(variants(model, params, device), args.rounds, args.updates, device)
         anchor = us["(a) foreach"]
         for k, v in us.items():
             print(f"{name:<22}{k:<14}{v:>10.1f}{v / anchor:>8.2f}")

@@ -104,6 +104,10 @@ for m in ${OVERHEAD_MODELS:-mlp gpu-bound}; do
   cat "$OUT/overhead.part" >>"$OUT/overhead_cuda.txt" && rm -f "$OUT/overhead.part"
 done
 
+# ---- gradient statistics: one update on CUDA (ATen ops until a fused kernel) against the hand-written ways
+timeout 90 $PY bench/health_bench.py --device cuda --rounds 11 --updates 100 >"$OUT/health_bench_cuda.txt" 2>&1
+row "health bench (cuda)" "rc $? ($(awk '$NF ~ /^[0-9.]+$/ && /stepscope/ {printf "%s%sx", sep, $NF; sep=" "}' "$OUT/health_bench_cuda.txt") of foreach)"
+
 # ---- metrics kernel: the bandwidth targets (against a copy of the same bytes, same run)
 if [ "${TARGETS:-1}" = 1 ]; then
   timeout 150 $PY bench/metrics_bench.py --device cuda --targets --target-log2 26 27 >"$OUT/metrics_bench_cuda.txt" 2>&1
