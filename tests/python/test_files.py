@@ -340,7 +340,7 @@ def test_dashboard_names_the_file_to_read_the_rest_in(tmp_path, monkeypatch):
     saved = tmp_path / "myrun.json"
     mon.save(saved)
     seen: list = []
-    dashboard = importlib.import_module("stepscope.export.plot")  # the module: export.plot is the function
+    dashboard = importlib.import_module("stepscope.export.png")  # the PNG dashboard's module
     real = dashboard._plot_diagnosis
 
     def spy(fig, diagnosis, more):

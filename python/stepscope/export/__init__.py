@@ -5,7 +5,7 @@ and TensorBoard scalars, one module each, each a function of the run data.
     mon.save("run.json")                     # report + ring of recent steps + diagnosis: stepscope.run
     run = stepscope.load("run.json")         # JSON only: safe to open a file from anyone
     print(run.summary())                     # the same table as mon.summary()
-    stepscope.plot(run, "run.png")           # 1200x800 dashboard (needs matplotlib): plot.py
+    stepscope.plot(run, "run.png")           # 1200x800 dashboard (needs matplotlib): png.py
     mon.to_csv("steps.csv")                  # one row per step in the ring: csv.py
 
 Every export reads one plain dict, the *run data* (:func:`stepscope.run.run_data`): a live
@@ -17,7 +17,7 @@ and traced without them (the run carries its phase table).
 The names of the run file (``save``, ``load``, ``SavedRun``, ``run_data``, ``FORMAT``,
 ``SCHEMA_VERSION``, ``MAX_READ_BYTES``) live in :mod:`stepscope.run` and the live line in
 :mod:`stepscope.report`; they are re-exported here, where they were first. ``stepscope.export.plot``
-is the function (as before); its module is ``importlib.import_module("stepscope.export.plot")``.
+is the function (as before); it lives in ``stepscope.export.png`` (the PNG dashboard).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..report import live_line
 from ..run import (FORMAT, MAX_READ_BYTES, SCHEMA_VERSION, PathLike, SavedRun, Source, _atomic_write,  # noqa: F401
                    load, run_data, save)
 from .csv import csv_rows, write_csv
-from .plot import plot
+from .png import plot
 from .tensorboard import log_tensorboard
 from .trace import _TID_DEVICE, merge_traces, read_trace, trace_events, write_trace  # noqa: F401
 
