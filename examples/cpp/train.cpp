@@ -1,19 +1,23 @@
-// A LibTorch training loop timed with the stepscope Timeline and scored with the metrics
-// Accumulator, the C++ counterpart of `with stepscope.Monitor(model, opt)`:
+// A LibTorch training loop timed with the stepscope Timeline, scored with the metrics
+// Accumulator and watched by the gradient statistics (GradStats), the C++ counterpart of
+// `with stepscope.Monitor(model, opt)`:
 //
 //   ./train_cpp [--steps N] [--cuda]
 //
 // A tiny MLP learns a synthetic 4-class problem (the class is the quadrant of the first two
 // features). Forward, backward and optimizer step are RAII scoped phases; the gaps between them
 // (data, loss, other) are timed by the Timeline with nothing to mark. Exits non-zero if the
-// summary misses a phase or the model did not learn.
+// summary misses a phase, the model did not learn, or the gradient statistics disagree with the
+// last step's gradients.
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
 
+#include "health/grad_stats.h"
 #include "metrics/accumulator.h"
 #include "timing/timeline.h"
 
@@ -39,6 +43,11 @@ int main(int argc, char** argv) {
   cfg.top_k = {1, 2};
   stepscope::metrics::Accumulator metrics(cfg, dev);
 
+  // The global and per-parameter gradient norms, non-finite counts and missing gradients of every
+  // step, accumulated on the device: nothing is read back until read().
+  const std::vector<torch::Tensor> params = model->parameters();
+  stepscope::health::GradStats health(static_cast<int64_t>(params.size()), 256, dev);
+
   st::TimelineOptions topts;
   topts.device = cuda;
   st::Timeline tl(topts);
@@ -63,6 +72,10 @@ int main(int argc, char** argv) {
       metrics.update(logits.detach(), y);
     }
     {
+      st::ScopedPhase p(tl, "grad_stats");  // gradients final, before the update; no host sync
+      health.update_from_params(params, s);
+    }
+    {
       st::ScopedPhase p(tl, st::Phase::kOptimizer);  // its end ends the step
       opt.step();
     }
@@ -75,8 +88,18 @@ int main(int argc, char** argv) {
   std::cout << "train accuracy " << acc << ", top2 " << m.at("top2_accuracy").item<double>() << ", loss "
             << m.at("loss").item<double>() << "\n";
 
+  const auto h = health.read();  // the only host read of the gradient statistics
+  std::cout << "grad norm mean " << h.grad_norm.mean << ", p50 " << h.grad_norm.p50 << ", max " << h.grad_norm.max
+            << ", non-finite steps " << h.nonfinite_steps << "\n";
+  // The last step's gradients are still in place: its global norm, by hand, in float64.
+  double sq = 0;
+  for (const auto& q : params) sq += q.grad().to(torch::kDouble).pow(2).sum().item<double>();
+  const double by_hand = std::sqrt(sq);
+
   bool ok = report.steps == steps;
-  for (const char* ph : {"data", "forward", "loss", "backward", "other", "optimizer", "metrics"})
+  ok = ok && h.steps == steps && h.grad_norm.count == steps && h.nonfinite_steps == 0 &&
+       h.first_nonfinite_step == -1 && std::abs(h.grad_norm.last - by_hand) <= 1e-5 * by_hand;
+  for (const char* ph : {"data", "forward", "loss", "backward", "other", "optimizer", "metrics", "grad_stats"})
     ok = ok && table.find(ph) != std::string::npos;
   double sum = 0;
   for (int i = 0; i < st::kNumPartition; ++i) sum += report.phases[i].host.total;
