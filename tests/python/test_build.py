@@ -31,3 +31,17 @@ def test_op_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, key), key
     if stepscope.build_info()["cuda"] is None:
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA")
+
+
+def test_wheel_lists_every_package():
+    # pyproject.toml names the packages one by one: a new subpackage left out of the list works in
+    # an editable install (these tests) and is missing from every wheel.
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    base = root / "python"
+    found = {".".join(p.parent.relative_to(base).parts) for p in (base / "stepscope").rglob("__init__.py")}
+    assert found == listed, f"in python/ but not in pyproject.toml: {sorted(found - listed)}; " \
+                            f"listed but absent: {sorted(listed - found)}"
