@@ -271,9 +271,10 @@ def _elementwise_check(c, m, out, msg, multilabel):
     # torchmetrics' auto rule cannot be told "logits" for a batch that happens to lie in [0, 1].
     if c["kind"] == "logits" and any(in_unit(c["preds"][a:b]) for a, b in c["batches"] if b > a):
         return
-    # Its confusion-matrix and calibration metrics apply the rule to the non-ignored values only,
-    # its stat-score metrics (and stepscope, everywhere) to the whole batch: compare those two
-    # only where both rules agree.
+    # Its confusion-matrix metrics (the confusion matrix, the Jaccard index) and calibration apply
+    # the rule to the non-ignored values only, its stat-score metrics (and stepscope, everywhere)
+    # to the whole batch: compare those only where both rules agree (seed 684378435: a logit of
+    # 2.4 on an ignored target made the batch logits for stepscope, probabilities for them).
     rules_agree = ignore is None or all(
         in_unit(c["preds"][a:b]) == in_unit(c["preds"][a:b][target[a:b] != ignore]) for a, b in c["batches"]
     )
@@ -283,6 +284,8 @@ def _elementwise_check(c, m, out, msg, multilabel):
             for name, cls in [("accuracy", tmc.MultilabelAccuracy), ("precision", tmc.MultilabelPrecision),
                               ("recall", tmc.MultilabelRecall), ("f1", tmc.MultilabelF1Score),
                               ("specificity", tmc.MultilabelSpecificity), ("iou", tmc.MultilabelJaccardIndex)]:
+                if name == "iou" and not rules_agree:  # a confusion-matrix metric in torchmetrics
+                    continue
                 tm = cls(average=avg, **common)
                 feed(tm, c, preds, target)
                 close(out[f"{name}_{key}"], zero_division(name, tm.compute()), f"{name}_{key} " + msg)
@@ -295,6 +298,8 @@ def _elementwise_check(c, m, out, msg, multilabel):
         for name, cls in [("accuracy", tmc.BinaryAccuracy), ("precision", tmc.BinaryPrecision),
                           ("recall", tmc.BinaryRecall), ("f1", tmc.BinaryF1Score),
                           ("specificity", tmc.BinarySpecificity), ("iou", tmc.BinaryJaccardIndex)]:
+            if name == "iou" and not rules_agree:  # a confusion-matrix metric in torchmetrics
+                continue
             tm = cls(**common)
             feed(tm, c, preds, target)
             close(out[name], zero_division(name, tm.compute()), f"{name} " + msg)
