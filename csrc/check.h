@@ -19,6 +19,12 @@ inline std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
+// The floating dtypes the kernels read (STEPSCOPE_DISPATCH_PREDS): float32, float16, bfloat16 and
+// float64. float8 and complex are floating to ATen but not read here.
+inline bool is_read_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
 }  // namespace stepscope
 
 // STEPSCOPE_CHECK(cond, "message parts", ...): a c10::Error (ValueError in Python) prefixed
@@ -29,12 +35,10 @@ inline std::string shape_str(at::IntArrayRef s) {
   TORCH_CHECK_VALUE((t).device() == (ref).device(), "stepscope: ", #t, " must be on the same device as ", \
                     #ref, " (", (ref).device(), "); got ", (t).device())
 
-// The prediction dtypes the kernels read (STEPSCOPE_DISPATCH_PREDS); float64 is refused on CUDA
-// later, after the shape checks. float8 and complex are floating to ATen but not read here.
+// The prediction dtypes the kernels read (is_read_float); float64 is refused on CUDA later, after
+// the shape checks.
 #define STEPSCOPE_CHECK_FLOATING(t)                                                                  \
-  TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kHalf ||             \
-                       (t).scalar_type() == at::kBFloat16 || (t).scalar_type() == at::kDouble,      \
-                   "stepscope: ", #t,                                                               \
+  TORCH_CHECK_TYPE(stepscope::is_read_float((t).scalar_type()), "stepscope: ", #t,                   \
                    " must be a floating tensor of float32, float16, bfloat16 (or float64 on CPU); got ", \
                    (t).scalar_type())
 

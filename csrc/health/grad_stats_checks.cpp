@@ -15,9 +15,8 @@ void check_grad_stats_kinds(const GradList& grads, const at::Tensor& state) {
     if (!g.has_value() || !g->defined()) continue;
     STEPSCOPE_CHECK(g->layout() == at::kStrided, "grads[", i, "] is a ", g->layout(),
                     " tensor; sparse gradients are not supported (densify them, or leave that parameter out)");
-    const at::ScalarType t = g->scalar_type();
-    TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, "stepscope: grads[",
-                     i, "] must be float32, float16, bfloat16 or float64; got ", t);
+    TORCH_CHECK_TYPE(is_read_float(g->scalar_type()), "stepscope: grads[", i,
+                     "] must be float32, float16, bfloat16 or float64; got ", g->scalar_type());
     TORCH_CHECK_VALUE(g->device() == state.device(), "stepscope: grads[", i,
                       "] must be on the same device as state (", state.device(), "); got ", g->device());
   }
