@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "health/grad_stats.h"
+#include "health/watch.h"
 #include "python/bindings.h"
 
 namespace py = pybind11;
@@ -26,9 +27,8 @@ py::dict layout_dict(int64_t params, int64_t ring) {
   return d;
 }
 
-py::dict reading_dict(const at::Tensor& state, int64_t params) {
+py::dict reading_to_dict(const sh::HealthReading& r) {
   using namespace pybind11::literals;
-  const sh::HealthReading r = sh::read_state(state, params);
   const sh::NormStats& n = r.grad_norm;
   py::list ps, recent;
   for (const sh::ParamStats& p : r.params) {
@@ -48,6 +48,45 @@ py::dict reading_dict(const at::Tensor& state, int64_t params) {
                   "first_nonfinite_param"_a = r.first_nonfinite_param, "recent"_a = recent);
 }
 
+py::dict reading_dict(const at::Tensor& state, int64_t params) { return reading_to_dict(sh::read_state(state, params)); }
+
+std::shared_ptr<sh::Watch> make_watch(std::vector<at::Tensor> params, std::vector<std::string> names, int64_t ring,
+                                      const std::string& nonfinite, int64_t ratio_every, int64_t ratio_samples,
+                                      int64_t ratio_max_bytes) {
+  sh::WatchOptions o;
+  o.ring = ring;
+  o.nonfinite = sh::parse_nonfinite(nonfinite);
+  o.ratio_every = ratio_every;
+  o.ratio_samples = ratio_samples;
+  o.ratio_max_bytes = ratio_max_bytes;
+  return std::make_shared<sh::Watch>(std::move(params), std::move(names), o);
+}
+
+// Everything a Watch holds, on the host: the gradient reading (by parameter index), the loss ring,
+// the update ratio's samples, and the state of the watch itself.
+py::dict watch_read(const sh::Watch& w) {
+  using namespace pybind11::literals;
+  sh::HealthReading r;
+  sh::LossReading loss;
+  std::vector<sh::RatioSample> ratio;
+  {
+    py::gil_scoped_release nogil;  // device-to-host copies
+    r = w.read();
+    loss = w.read_loss();
+    ratio = w.read_ratio();
+  }
+  py::list losses, samples;
+  for (const auto& e : loss.recent) losses.append(py::make_tuple(e.first, e.second));
+  for (const auto& e : ratio) samples.append(py::make_tuple(e.step, py::cast(e.dw), py::cast(e.w)));
+  const sh::GradStats* st = w.stats();
+  return py::dict("grads"_a = reading_to_dict(r), "counts"_a = (st != nullptr && !st->state().is_cpu()) ? "parameters" : "elements",
+                  "loss"_a = py::dict("count"_a = loss.count, "recent"_a = losses,
+                                      "first_nonfinite_step"_a = loss.first_nonfinite_step),
+                  "ratio"_a = samples, "mode"_a = sh::nonfinite_name(w.options().nonfinite), "skipped"_a = w.skipped(),
+                  "disabled"_a = w.disabled(), "ratio_off"_a = w.ratio_off(), "ratio_every"_a = w.options().ratio_every,
+                  "state_bytes"_a = st != nullptr ? st->layout().bytes() : 0, "param_bytes"_a = w.ratio_bytes());
+}
+
 }  // namespace
 
 void bind_health(py::module_& m) {
@@ -58,6 +97,23 @@ void bind_health(py::module_& m) {
         "Sets a gradient-statistics state to 'no update yet', in place.");
   m.def("health_read", &reading_dict, py::arg("state"), py::arg("params"),
         "Reads a gradient-statistics state (one copy to the host): the statistics by parameter index.");
+  py::class_<sh::Watch, std::shared_ptr<sh::Watch>>(m, "HealthWatch",
+                                                    "Training health at each optimizer step (csrc/health/watch.h)")
+      .def(py::init(&make_watch), py::arg("params"), py::arg("names"), py::arg("ring") = 256,
+           py::arg("nonfinite") = "warn", py::arg("ratio_every") = 100, py::arg("ratio_samples") = 64,
+           py::arg("ratio_max_bytes") = int64_t{1} << 30)
+      .def("before_update", [](sh::Watch& w, int64_t step, bool measure_only) {
+             return static_cast<int>(w.before_update(step, measure_only)); },
+           py::arg("step"), py::arg("measure_only") = false,
+           "The gradients are final: 0 go on, 1 skipped (gradients dropped), 2 raise (non-finite)")
+      .def("after_update", &sh::Watch::after_update, "The update ran (the sampled update ratio)")
+      .def("observe_loss", &sh::Watch::observe_loss, py::arg("loss"), py::arg("step"),
+           "Keeps the step's loss on its device (no host read)")
+      .def("reset", &sh::Watch::reset)
+      .def("read", &watch_read, "Everything held, on the host (a few device-to-host copies)")
+      .def("nonfinite_message", &sh::Watch::nonfinite_message, py::arg("ran") = false)
+      .def_property_readonly("names", &sh::Watch::names)
+      .def_property_readonly("disabled", &sh::Watch::disabled);
   m.attr("HEALTH_BINS_PER_DECADE") = sh::kBinsPerDecade;
   m.attr("HEALTH_LOG_RANGE") = py::make_tuple(sh::kLogMin, sh::kLogMax);
 }

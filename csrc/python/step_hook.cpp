@@ -248,4 +248,42 @@ PyTypeObject* make_type(const Fn (&fns)[kKinds]) {
   return g_hook_type;
 }
 
+int Owners::holds_ours(PyObject* opt) {
+  auto it = seen_.find(opt);
+  if (it != seen_.end()) {
+    if (PyWeakref_GetObject(it->second.ref) == opt) return it->second.ours;
+    Py_DECREF(it->second.ref);  // an optimizer that is gone, its address reused
+    seen_.erase(it);
+  }
+  if (fn == nullptr) return 1;
+  PyObject* r = PyObject_CallOneArg(fn, opt);
+  if (r == nullptr) return -1;
+  const int ours = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  if (ours < 0) return -1;
+  if (seen_.size() >= 64) {  // bounded: forget the optimizers that are gone
+    for (auto e = seen_.begin(); e != seen_.end();) {
+      if (PyWeakref_GetObject(e->second.ref) == Py_None) {
+        Py_DECREF(e->second.ref);
+        e = seen_.erase(e);
+      } else {
+        ++e;
+      }
+    }
+  }
+  PyObject* ref = PyWeakref_NewRef(opt, nullptr);
+  if (ref == nullptr) {
+    PyErr_Clear();  // not weakly referenceable: decided again at its next step
+  } else {
+    seen_.emplace(opt, Seen{ref, ours != 0});
+  }
+  return ours;
+}
+
+void Owners::clear() {
+  Py_CLEAR(fn);
+  for (auto& e : seen_) Py_DECREF(e.second.ref);
+  seen_.clear();
+}
+
 }  // namespace stepscope::python::hook

@@ -4,6 +4,8 @@
 
 #include <Python.h>
 
+#include <unordered_map>
+
 namespace stepscope::python::hook {
 
 enum Kind : int { kForwardPre, kForwardPost, kOptimizerPre, kOptimizerPost, kModulePre, kModulePost, kKinds };
@@ -26,5 +28,23 @@ PyObject* first_grad_tensor(PyObject* output, int depth = 0);
 // their own), and whether a frame is on the calling thread's stack: the call is still running.
 const void* calling_frame();
 bool on_stack(PyObject* frame);
+
+// Global optimizer hooks: whether an optimizer holds any monitored parameter, asked of `fn`
+// (owns(optimizer), Python; null: every optimizer is the model's) once per optimizer object, never
+// per step, and remembered through a weak reference (which tells a live entry from a reused
+// address); at most 64 entries before the dead ones are forgotten.
+struct Owners {
+  PyObject* fn = nullptr;  // strong reference, or null
+  // 1 yes, 0 no, -1 with a Python error set.
+  int holds_ours(PyObject* opt);
+  void clear();  // drops fn and every entry (the owner's tp_clear)
+
+ private:
+  struct Seen {
+    PyObject* ref;  // weak reference to the optimizer (strong reference to the weakref)
+    bool ours;
+  };
+  std::unordered_map<PyObject*, Seen> seen_;
+};
 
 }  // namespace stepscope::python::hook

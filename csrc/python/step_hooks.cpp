@@ -19,7 +19,10 @@
 //    wrapper), held by a strong reference; the call still runs while that frame is on the current
 //    thread's stack. Only that rare check walks the stack.
 //  - Other models' optimizers. With global optimizer hooks (optimizers=0) the machine asks whether
-//    an optimizer holds any monitored parameter: owns(optimizer), decided once per optimizer object.
+//    an optimizer holds any monitored parameter: owns(optimizer), decided once per optimizer object
+//    (hook::Owners, step_hook.h).
+//  - Training health: a health::Watch at the outermost step of the model's optimizers
+//    (hook::Health, step_health.h), set by watch().
 //  - The Monitor's callback is held through a weak reference to its object: the hooks never keep
 //    a Monitor alive (it removes them when it goes).
 #include <ATen/autocast_mode.h>
@@ -34,7 +37,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "health/watch.h"
 #include "python/bindings.h"
+#include "python/step_health.h"
 #include "python/step_hook.h"
 #include "timing/autograd_hook.h"
 #include "timing/step_machine.h"
@@ -50,8 +55,6 @@ using stepscope::timing::Timeline;
 using stepscope::timing::StepHost;
 using stepscope::timing::StepMachine;
 
-struct State;
-int holds_ours(State* s, PyObject* opt);
 
 // The machine's host: tokens are PyObject* (optimizers, frames), held by strong references.
 struct State final : StepHost {
@@ -60,22 +63,14 @@ struct State final : StepHost {
   bool live(Token call) override { return hook::on_stack(obj(call)); }
   void hold(Token t) override { Py_INCREF(obj(t)); }
   void release(Token t) override { Py_DECREF(obj(t)); }
-  int owns(Token opt) override { return holds_ours(this, obj(opt)); }
+  int owns(Token opt) override { return owners.holds_ours(obj(opt)); }
   static PyObject* obj(Token t) { return const_cast<PyObject*>(static_cast<const PyObject*>(t)); }
 
   std::shared_ptr<Timeline> tl;
   StepMachine machine;
   int64_t batch = -1;               // samples per forward; < 0: the first input's size along batch_dim
   int64_t batch_dim = 0;
-  // Global hooks: owns(optimizer) says whether it holds any monitored parameter (strong reference,
-  // or null: every optimizer is this model's), remembered per optimizer object (a weak reference
-  // tells a live entry from a reused address).
-  PyObject* owns_fn = nullptr;
-  struct Seen {
-    PyObject* ref;  // weak reference to the optimizer (strong reference to the weakref)
-    bool ours;
-  };
-  std::unordered_map<PyObject*, Seen> seen;
+  hook::Owners owners;              // global hooks: which optimizers are this model's (step_hook.h)
   // Python work at a step's end: on_step_end(sample_modules) is called only when per-module
   // sampling (one step in module_every, 0: none) switches on or off ...
   PyObject* on_step_end = nullptr;  // strong reference (a bound method's function), or null
@@ -87,6 +82,7 @@ struct State final : StepHost {
   int64_t print_every = 0;
   int64_t until_print = 0;
   std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
+  hook::Health health;            // training health at the model's optimizer steps (step_health.h)
   int64_t train_forwards = 0;     // training forwards seen ...
   int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
 };
@@ -115,41 +111,6 @@ PyObject* step_ended(State* s) {
   PyObject* r = PyObject_CallFunctionObjArgs(s->on_step_end, self, arg, nullptr);
   Py_DECREF(self);
   return r;
-}
-
-// Global hooks: whether `opt` holds any monitored parameter, decided once per optimizer object
-// (owns(opt), Python, runs once per optimizer seen, never per step). Returns -1 with a Python
-// error set.
-int holds_ours(State* s, PyObject* opt) {
-  auto it = s->seen.find(opt);
-  if (it != s->seen.end()) {
-    if (PyWeakref_GetObject(it->second.ref) == opt) return it->second.ours;
-    Py_DECREF(it->second.ref);  // an optimizer that is gone, its address reused
-    s->seen.erase(it);
-  }
-  if (s->owns_fn == nullptr) return 1;
-  PyObject* r = PyObject_CallOneArg(s->owns_fn, opt);
-  if (r == nullptr) return -1;
-  const int ours = PyObject_IsTrue(r);
-  Py_DECREF(r);
-  if (ours < 0) return -1;
-  if (s->seen.size() >= 64) {  // bounded: forget the optimizers that are gone
-    for (auto e = s->seen.begin(); e != s->seen.end();) {
-      if (PyWeakref_GetObject(e->second.ref) == Py_None) {
-        Py_DECREF(e->second.ref);
-        e = s->seen.erase(e);
-      } else {
-        ++e;
-      }
-    }
-  }
-  PyObject* ref = PyWeakref_NewRef(opt, nullptr);
-  if (ref == nullptr) {
-    PyErr_Clear();  // not weakly referenceable: decided again at its next step
-  } else {
-    s->seen.emplace(opt, State::Seen{ref, ours != 0});
-  }
-  return ours;
 }
 
 // --------------------------------------------------------------------------- the hooks
@@ -193,15 +154,21 @@ PyObject* forward_post(State* s, PyObject* const* args, Py_ssize_t nargs) {
 // optimizer step pre/post hooks (optimizer, args, kwargs). torch wraps every class's step once an
 // instance of it exists, so a subclass whose step() calls super().step() fires them twice, nested:
 // the machine takes the outermost pair.
+
 PyObject* optimizer_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
   if (!hook::check_args("optimizer_pre", nargs, 3)) return nullptr;
-  if (s->machine.optimizer_begin(args[0], hook::calling_frame()) < 0) return nullptr;
+  const int opened = s->machine.optimizer_begin(args[0], hook::calling_frame());
+  if (opened < 0) return nullptr;
+  if (opened > 0 && !s->health.pre(*s->tl, args[1], args[2])) return nullptr;
   Py_RETURN_NONE;
 }
 
 PyObject* optimizer_post(State* s, PyObject* const* args, Py_ssize_t nargs) {
   if (!hook::check_args("optimizer_post", nargs, 3)) return nullptr;
-  if (s->machine.optimizer_end(args[0])) return step_ended(s);
+  const int64_t step = s->health.on() && s->machine.closing(args[0]) ? s->tl->step_index() : -1;
+  const bool ended = s->machine.optimizer_end(args[0]);
+  if (step >= 0 && !s->health.post(step, ended)) return nullptr;  // raise mode, a closure step (the step went on)
+  if (ended) return step_ended(s);
   Py_RETURN_NONE;
 }
 
@@ -277,6 +244,16 @@ PyObject* optimizer_end(PyObject* self, PyObject* const* /*args*/, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// watch(w): training health at each optimizer step (a _C.HealthWatch), or None: off.
+PyObject* set_watch(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!hook::check_args("watch", nargs, 1)) return nullptr;
+  reinterpret_cast<Object*>(self)->s->health.set(
+      args[0] == Py_None ? nullptr : py::handle(args[0]).cast<std::shared_ptr<stepscope::health::Watch>>());
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // step(): ends the step where no optimizer hook does; returns whether one ended.
 PyObject* step(PyObject* self, PyObject* const* /*args*/, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -297,7 +274,7 @@ int traverse(PyObject* self, visitproc visit, void* arg) {
     Py_VISIT(s->on_step_end);
     Py_VISIT(s->on_step_self);
     for (const void* t : s->machine.held()) Py_VISIT(State::obj(t));
-    Py_VISIT(s->owns_fn);
+    Py_VISIT(s->owners.fn);
   }
   return 0;
 }
@@ -308,9 +285,7 @@ int clear(PyObject* self) {
     Py_CLEAR(s->on_step_end);
     Py_CLEAR(s->on_step_self);
     s->machine.release_all();
-    Py_CLEAR(s->owns_fn);
-    for (auto& e : s->seen) Py_DECREF(e.second.ref);
-    s->seen.clear();
+    s->owners.clear();
   }
   return 0;
 }
@@ -328,6 +303,8 @@ void dealloc(PyObject* self) {
 PyMethodDef g_methods[] = {
     {"add_module", STEPSCOPE_FASTCALL(add_module), METH_FASTCALL,
      "add_module(module, id): time this submodule's forward as Timeline module `id`"},
+    {"watch", STEPSCOPE_FASTCALL(set_watch), METH_FASTCALL,
+     "watch(w): training health (a HealthWatch) at each of the model's optimizer steps; None: off"},
     {"step", STEPSCOPE_FASTCALL(step), METH_FASTCALL,
      "ends the step where no optimizer hook does; returns whether a step ended"},
     {"optimizer_end", STEPSCOPE_FASTCALL(optimizer_end), METH_FASTCALL,
@@ -383,6 +360,8 @@ PyType_Slot g_slots[] = {
 PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
                       g_slots};
 
+// step_hooks(timeline, batch, batch_dim, optimizers, on_step_end, module_every, print_every, owns): the
+// fields of State say what each argument does (optimizers: the StepMachine's; owns: Owners').
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, int64_t optimizers,
                 py::object on_step_end, int64_t module_every, int64_t print_every, py::object owns) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
@@ -410,7 +389,7 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, 
   } else if (!on_step_end.is_none()) {
     s->on_step_end = on_step_end.release().ptr();
   }
-  if (!owns.is_none()) s->owns_fn = owns.release().ptr();
+  if (!owns.is_none()) s->owners.fn = owns.release().ptr();
   Object* o = PyObject_GC_New(Object, g_type);
   if (o == nullptr) throw py::error_already_set();
   o->s = s.release();
@@ -430,14 +409,9 @@ void bind_step_hooks(py::module_& m) {
   m.def("step_hooks", &make, py::arg("timeline"), py::arg("batch") = -1, py::arg("batch_dim") = 0,
         py::arg("optimizers") = 0, py::arg("on_step_end") = py::none(), py::arg("module_every") = 0,
         py::arg("print_every") = 0, py::arg("owns") = py::none(),
-        "The Monitor's hooks on `timeline`: forward_pre/forward_post for the model, optimizer_pre/optimizer_post "
-        "for the optimizers (with optimizers > 1 a step ends when that many distinct ones stepped; with 0, global "
-        "hooks, an optimizer for which owns(optimizer) is false is ignored; owns is asked once per optimizer), "
-        "module_pre/module_post for submodules given to add_module(), and step(). batch: samples per forward "
-        "(< 0: the first input's size along batch_dim). After a step ends, on_step_end(sample_modules) is called "
-        "only when per-module sampling (one step in module_every) switches on or off, and on every "
-        "print_every-th step; a bound method is held through a weak reference to its object. Hooks that CPython "
-        "calls directly, without pybind11's dispatcher; a copied hook is inert (see step_hook.cpp).");
+        "The Monitor's hooks on `timeline` (forward_pre/_post, optimizer_pre/_post, module_pre/_post, step(), "
+        "watch()): C callables over the step rule of timing/step_machine.h; the arguments and what each hook "
+        "does: csrc/python/step_hooks.cpp.");
 }
 
 }  // namespace stepscope::python

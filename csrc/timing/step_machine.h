@@ -76,6 +76,8 @@ class StepMachine {
   int optimizer_begin(Token opt, Token call);
   // An optimizer step ends; true when it ended the training step.
   bool optimizer_end(Token opt);
+  // Whether optimizer_end(opt) now would close the outermost step opened by optimizer_begin.
+  bool closing(Token opt) const { return opt_in_ == opt && opt_depth_ == 1 && on_training_thread(); }
 
   // Boundaries marked by hand. claim: ends the calls that are over and says whether the calling
   // thread is the training thread (a training boundary claims it while none has). The others end

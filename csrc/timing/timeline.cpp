@@ -395,6 +395,11 @@ void Timeline::fill_waiting_snapshots() {
   snap_waiting_.clear();
 }
 
+int64_t Timeline::step_index() const {
+  std::lock_guard<SpinLock> g(mu_);
+  return step_index_;
+}
+
 int64_t Timeline::steps() const {
   std::lock_guard<SpinLock> g(mu_);
   return stats_.steps();

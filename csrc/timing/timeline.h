@@ -214,6 +214,8 @@ class Timeline : private DeviceSink {
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
+  // The index of the step under way (NVTX payloads, recent_steps' "step"; not reset by reset()).
+  int64_t step_index() const;
   bool device() const { return timer_.enabled(); }
   uint64_t id() const { return id_; }  // unique per Timeline in the process (never reused)
 

@@ -1,6 +1,6 @@
 """The Monitor's parts that are not the Monitor itself: its argument checks, the registry of the
 models it is attached to (and the finaliser that takes its hooks with it), the selection of the
-submodules timed per module, user phases and snapshots. Used by monitor.py alone.
+submodules timed per module, user phases, marks by hand and snapshots. Used by monitor.py alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import torch
 from . import _C
 
 _ModuleSel = Union[bool, Sequence[Union[str, type]]]
+
+# Monitor.mark()'s boundary names, in the order a step passes them: the step's six boundaries
+# (the phase table's, _C.BOUNDARIES), then the step's end and an evaluation stretch's.
+MARKS = (*_C.BOUNDARIES, "step", "eval_begin", "eval_end")
 
 # Models with an attached Monitor: two Monitors on one model would double-count every phase. Both
 # sides are weak: a Monitor holds its models, so a strong value would keep the key alive forever.
@@ -296,3 +300,39 @@ def _snapshot_base(mon: Any, since: Optional[Snapshot]) -> Any:
         raise ValueError("stepscope: since is a snapshot of another Monitor; take it with this "
                          "Monitor's snapshot()")
     return since._c
+
+
+def _mark(mon: Any, boundary: str, batch: Optional[int]) -> None:
+    """Monitor.mark's body (its docstring says what each boundary does)."""
+    if not mon._attached:
+        raise RuntimeError("stepscope: Monitor.mark() needs an attached Monitor")
+    if boundary not in MARKS:
+        raise ValueError(f"stepscope: unknown boundary {boundary!r}; mark() takes one of "
+                         f"{', '.join(MARKS)}")
+    if batch is not None and boundary != "forward_begin":
+        raise ValueError(f"stepscope: mark({boundary!r}) takes no batch (only 'forward_begin' does)")
+    tl = mon._tl
+    if boundary not in ("backward_begin", "backward_end") and not mon._hooks.claim(
+            boundary not in ("eval_begin", "eval_end")):
+        return  # another thread than the training thread
+    if boundary == "forward_begin":
+        n = mon._batch if batch is None else int(batch)
+        mon._marked_batch = mon._marked_batch or batch is not None
+        tl.forward_begin(False, n)
+    elif boundary in ("optimizer_end", "step"):
+        getattr(mon._hooks, boundary)()  # the hooks count optimizers and end the step
+    elif boundary == "eval_begin":
+        tl.forward_begin(True, -1)
+    elif boundary == "eval_end":
+        tl.forward_end()
+    else:
+        getattr(tl, boundary)()  # forward_end .. optimizer_begin: the Timeline's own, by name
+
+
+def _samples_counted_by(mon: Any) -> str:
+    """report()["samples_counted_by"]: the rule that counted the samples."""
+    if mon._marked_batch:
+        return "mark(batch=)"
+    if mon._batch > 0:
+        return f"batch_size={mon._batch}"
+    return f"the first input's dimension {mon._batch_dim}"

@@ -33,17 +33,15 @@ import torch
 import torch.optim.optimizer as _optim_mod
 
 from . import _C
+from . import _monitor_health as _health
 from . import diagnose as _diagnose
 from . import export as _export
 from . import report as _report
 from . import run as _run
-from ._monitor_parts import (Snapshot, _check_arguments, _check_device_every, _check_options,  # noqa: F401
-                             _check_ring, _claim, _context, _memory, _ModuleSel, _owner_of, _Phase, _release,
-                             _selected_modules, _snapshot_base, _unclaim)
-
-# Monitor.mark()'s boundary names, in the order a step passes them: the step's six boundaries
-# (the phase table's, _C.BOUNDARIES), then the step's end and an evaluation stretch's.
-MARKS = (*_C.BOUNDARIES, "step", "eval_begin", "eval_end")
+from ._monitor_parts import (MARKS, Snapshot, _check_arguments, _check_device_every,  # noqa: F401
+                             _check_options, _check_ring, _claim, _context, _mark, _memory, _ModuleSel, _owner_of,
+                             _Phase, _release, _samples_counted_by, _selected_modules, _snapshot_base,
+                             _unclaim)
 
 
 class Monitor:
@@ -81,6 +79,11 @@ class Monitor:
             on every step; warm-up steps always device-timed). ``"auto"`` (default) chooses it so
             that the event records cost about 1% of the step; ``1``: every step. See
             ``report()["device_steps"]`` and ``["device_every"]``. No effect without CUDA.
+        health, nonfinite, update_ratio_every: gradient statistics at each optimizer step, on the
+            device, no host read (on by default; ``report()["health"]``); on a non-finite gradient
+            ``"warn"`` (default), ``"skip"`` the update or ``"raise"`` (both read the device once per
+            step); ||dw|| / ||w|| on one step in ``update_ratio_every`` (0: off). What each costs:
+            the README's "Training health".
 
     Eval forwards (``no_grad``, ``inference_mode``, ``model.training`` False) are reported apart
     (``eval_forward``, ``eval``) and left out of the training step. Gradient accumulation and
@@ -106,12 +109,18 @@ class Monitor:
         trace: Optional[Union[str, "os.PathLike[str]"]] = None,
         print_every: int = 0,
         device_every: Union[int, str] = "auto",
+        health: bool = True,
+        nonfinite: str = "warn",
+        update_ratio_every: int = 100,
     ) -> None:
         models, opts = _check_arguments(model, optimizers)
         per_module = _check_options(models, opts, per_module=per_module, per_module_every=per_module_every,
                                     profile_steps=profile_steps, batch_size=batch_size, batch_dim=batch_dim,
                                     warmup_steps=warmup_steps, trace=trace, print_every=print_every)
         self._device_every = _check_device_every(device_every)
+        _health.check_options(health, nonfinite, update_ratio_every)
+        self._health = (nonfinite, update_ratio_every) if health else None
+        self._watch: Any = None  # _C.HealthWatch, made at the first attach
         self._models = models
         self._opts = opts
         self._per_module = per_module
@@ -214,6 +223,10 @@ class Monitor:
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
+        if self._health is not None:
+            if self._watch is None:
+                self._watch, self._groups = _health.make_watch(self._models, self._opts, self._ring, *self._health)
+            hk.watch(self._watch)
         if self._opts:
             for o in self._opts:
                 self._handles.append(o.register_step_pre_hook(hk.optimizer_pre))
@@ -285,29 +298,7 @@ class Monitor:
 
         Raises ValueError for an unknown name and RuntimeError when not attached.
         """
-        if not self._attached:
-            raise RuntimeError("stepscope: Monitor.mark() needs an attached Monitor")
-        if boundary not in MARKS:
-            raise ValueError(f"stepscope: unknown boundary {boundary!r}; mark() takes one of "
-                             f"{', '.join(MARKS)}")
-        if batch is not None and boundary != "forward_begin":
-            raise ValueError(f"stepscope: mark({boundary!r}) takes no batch (only 'forward_begin' does)")
-        tl = self._tl
-        if boundary not in ("backward_begin", "backward_end") and not self._hooks.claim(
-                boundary not in ("eval_begin", "eval_end")):
-            return  # another thread than the training thread
-        if boundary == "forward_begin":
-            n = self._batch if batch is None else int(batch)
-            self._marked_batch = self._marked_batch or batch is not None
-            tl.forward_begin(False, n)
-        elif boundary in ("optimizer_end", "step"):
-            getattr(self._hooks, boundary)()  # the hooks count optimizers and end the step
-        elif boundary == "eval_begin":
-            tl.forward_begin(True, -1)
-        elif boundary == "eval_end":
-            tl.forward_end()
-        else:
-            getattr(tl, boundary)()  # forward_end .. optimizer_begin: the Timeline's own, by name
+        _mark(self, boundary, batch)
 
     def phase(self, name: str) -> _Phase:
         """``with mon.phase("clip"):`` times a user phase (reported in ``user``, NVTX push/pop)."""
@@ -356,6 +347,8 @@ class Monitor:
         """
         if self._tl is not None:
             self._tl.reset()
+        if self._watch is not None:
+            self._watch.reset()
 
     def report(self, top_modules: int = 10, *, since: Optional[Snapshot] = None, gather: bool = False,
                group: Any = None, timeout: Optional[float] = None) -> dict:
@@ -380,16 +373,24 @@ class Monitor:
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
         raw = self._tl.report(since=base)
-        return _report.build_report(raw, memory=_memory(self._models, raw), top_modules=top_modules,
-                                    context=_context(self._models, self._cuda, self._autocast_counts()),
-                                    samples_counted_by=self._samples_counted_by())
+        rep = _report.build_report(raw, memory=_memory(self._models, raw), top_modules=top_modules,
+                                   context=_context(self._models, self._cuda, self._autocast_counts()),
+                                   samples_counted_by=_samples_counted_by(self))
+        rep["health"] = self._health_report()
+        return rep
 
-    def _samples_counted_by(self) -> str:
-        if self._marked_batch:
-            return "mark(batch=)"
-        if self._batch > 0:
-            return f"batch_size={self._batch}"
-        return f"the first input's dimension {self._batch_dim}"
+    def _health_report(self) -> Optional[dict]:
+        return _health.health_report(self._watch, self._groups) if self._watch is not None else None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Hands over the step's loss (a one-element tensor, on any device): kept on its device
+        with the step number, no host read; ``report()["health"]["loss"]`` and the loss rules read
+        it. Call it once per step, before or after backward::
+
+            loss = criterion(model(x), y); mon.observe(loss); loss.backward()
+        """
+        _health.check_observe(self, loss)
+        self._watch.observe_loss(loss, self._tl.step_index)
 
     def diagnose(self, *, since: Optional[Snapshot] = None, gather: bool = False, group: Any = None) -> list:
         """What to fix first: findings (dicts with rule, severity, title, evidence, advice,
@@ -419,8 +420,11 @@ class Monitor:
         return _report.format_summary(rep, findings=self._findings(rep))
 
     def recent_steps(self) -> list:
-        """The last ``ring`` steps, oldest first: host seconds per phase and raw spans."""
-        return self._tl.recent_steps() if self._tl is not None else []
+        """The last ``ring`` steps, oldest first: host seconds per phase and raw spans, and the
+        step's global gradient norm and loss (``grad_norm``, ``loss``: None where unknown)."""
+        if self._tl is None:
+            return []
+        return _health.join_recent(self._tl.recent_steps(), self._health_report())
 
     def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or

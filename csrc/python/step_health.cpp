@@ -1,0 +1,38 @@
+// Training health in the Monitor's optimizer hooks (step_health.h).
+#include "python/step_health.h"
+
+namespace stepscope::python::hook {
+namespace {
+
+// torch's step wrapper hands its hooks the step's own args: (optimizer, closure?) and kwargs.
+bool has_closure(PyObject* args, PyObject* kwargs) {
+  if (PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 1 && PyTuple_GET_ITEM(args, 1) != Py_None) return true;
+  if (!PyDict_Check(kwargs)) return false;
+  PyObject* c = PyDict_GetItemString(kwargs, "closure");  // borrowed
+  return c != nullptr && c != Py_None;
+}
+
+}  // namespace
+
+bool Health::raised(stepscope::health::Watch::Outcome out, bool ran) {
+  if (out != stepscope::health::Watch::kRaise) return false;
+  PyErr_SetString(PyExc_FloatingPointError, watch_->nonfinite_message(ran).c_str());
+  return true;
+}
+
+bool Health::pre(const stepscope::timing::Timeline& tl, PyObject* args, PyObject* kwargs) {
+  if (!watch_) return true;
+  pending_ = has_closure(args, kwargs);
+  return pending_ || !raised(watch_->before_update(tl.step_index()), false);
+}
+
+bool Health::post(int64_t step, bool ended) {
+  if (!watch_) return true;
+  auto out = stepscope::health::Watch::kProceed;
+  if (pending_) out = watch_->before_update(step, /*measure_only=*/true);
+  pending_ = false;
+  if (ended) watch_->after_update();
+  return !raised(out, true);
+}
+
+}  // namespace stepscope::python::hook
