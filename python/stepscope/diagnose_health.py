@@ -172,10 +172,12 @@ def rule_update_ratio(rep: dict) -> list:
     if not _finite(mean) or UPDATE_RATIO_LOW <= mean <= UPDATE_RATIO_HIGH:
         return []
     high = mean > UPDATE_RATIO_HIGH
-    groups = [{k: g.get(k) for k in ("group", "params", "mean", "min", "max", "last")} for g in ur.get("groups") or []]
+    groups = [{k: g.get(k) for k in ("group", "params", "mean", "min", "max", "last")}
+              for g in ur.get("groups") or []]
     if high:
         title = f"updates are large for the weights: mean ||dw||/||w|| is {mean:.1e} (about 1e-3 is usual)"
-        advice = (f"The learning rate is probably too high: about {mean / 1e-3:.0f}x, if the ratio scales with it. "
+        advice = (f"The learning rate is probably too high: about {mean / 1e-3:.0f}x, if the ratio scales "
+                  "with it. "
                   "Lower it (or the groups with the largest ratio), lengthen the warm-up, clip gradients "
                   "(clip_grad_norm_); check weights initialised near 0, which make any update large.")
     else:
@@ -265,7 +267,8 @@ def format_health(rep: dict) -> list:
                  else "  never a gradient: none")
     ur = h.get("update_ratio")
     if ur and ur.get("samples"):
-        lines.append(f"  update ratio ||dw||/||w||: mean {(ur.get('overall') or {}).get('mean', float('nan')):.2e} "
+        mean = (ur.get("overall") or {}).get("mean")
+        lines.append(f"  update ratio ||dw||/||w||: mean {f'{mean:.2e}' if _finite(mean) else '-'} "
                      f"over {ur['samples']} sampled steps (one in {ur.get('every')})")
     loss = h.get("loss")
     if loss and loss.get("count"):

@@ -38,7 +38,8 @@ def healthy_health(steps: int = 200, seed: int = 0) -> dict:
         "no_grad": {"names": [], "steps": steps},
         "update_ratio": {"every": 10, "samples": steps // 10,
                          "overall": {"last": 1.1e-3, "mean": 1.2e-3, "min": 8e-4, "max": 2e-3},
-                         "groups": [{"group": 0, "params": 4, "last": 1.1e-3, "mean": 1.2e-3, "min": 8e-4, "max": 2e-3}]},
+                         "groups": [{"group": 0, "params": 4, "last": 1.1e-3, "mean": 1.2e-3, "min": 8e-4,
+                                     "max": 2e-3}]},
         "loss": {"count": steps, "mean": 1.0, "min": min(losses), "max": max(losses), "last": losses[-1],
                  "nonfinite_steps": 0, "first_nonfinite_step": None},
         "recent": [[i, v] for i, v in enumerate(norms)],
@@ -138,7 +139,8 @@ def test_no_grad_names_parameters_and_ddp():
 def test_update_ratio_out_of_range(mean, word):
     h = healthy_health()
     h["update_ratio"]["overall"]["mean"] = mean
-    h["update_ratio"]["groups"].append({"group": 1, "params": 2, "last": mean, "mean": mean, "min": mean, "max": mean})
+    h["update_ratio"]["groups"].append({"group": 1, "params": 2, "last": mean, "mean": mean, "min": mean,
+                                        "max": mean})
     f = health_findings(with_health(h))["update_ratio"]
     assert f["severity"] == "warn" and word in f["advice"]
     assert [g["group"] for g in f["evidence"]["groups"]] == [0, 1]
@@ -194,6 +196,8 @@ def test_summary_health_section():
     text2 = format_summary(with_health(h2))
     assert "first at step 7 in fc2.bias" in text2 and "2 parameter(s): head.weight, head.bias" in text2
     assert "update ratio" not in text2 and "loss last" not in text2
+    h2["update_ratio"] = {"every": 100, "samples": 1, "overall": {"mean": None}, "groups": []}
+    assert "update ratio ||dw||/||w||: mean - over 1 sampled steps" in format_summary(with_health(h2))
     for rep in (crafted(), with_health(None)):
         assert "health" not in format_summary(rep)
 
