@@ -83,7 +83,7 @@ def rule_nonfinite_grads(rep: dict) -> list:
                  "torch.autograd.detect_anomaly() to name the op.")
     else:
         cause = ("The loss was not seen, so stepscope cannot tell whether the forward or the backward made "
-                 "it: hand the loss to the Monitor, or check the loss at that step.")
+                 "it: hand the loss over with mon.observe(loss), or check the loss at that step.")
     if mode == "skip":
         what = f"The Monitor skipped {skipped} update(s) with non-finite gradients."
     elif mode == "raise":

@@ -353,3 +353,40 @@ def test_cuda_default_path_does_not_sync(base_seed):
     h = mon.report()["health"]
     assert h["steps"] == 7 and h["no_grad"]["names"] == ["head.weight", "head.bias"]
     assert h["nonfinite"]["counts"] == "parameters"
+
+
+HEALTH_RULE_NAMES = {"nonfinite_grads", "grad_norm_spikes", "no_grad", "update_ratio", "loss_spikes",
+                     "health_disabled"}
+
+
+def _health_findings(mon) -> dict:
+    return {f["rule"]: f for f in mon.diagnose() if f["rule"] in HEALTH_RULE_NAMES}
+
+
+def test_healthy_loop_gets_no_health_finding_above_info(base_seed):
+    m = net(base_seed, "cpu")
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    with stepscope.Monitor(m, opt, update_ratio_every=4) as mon:
+        train(m, opt, 60, base_seed, "cpu", mon)
+    assert all(f["severity"] == "info" for f in _health_findings(mon).values()), _health_findings(mon)
+
+
+def _planted_run(seed: int, hooks) -> object:
+    m = net(seed, "cpu", unused=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    step = {"n": 0}
+    for name, at, f in hooks:
+        m.get_parameter(name).register_hook(lambda g, at=at, f=f: f(g) if step["n"] == at else g)
+    with stepscope.Monitor(m, opt) as mon:
+        train(m, opt, 45, seed, "cpu", mon, each=lambda s: step.update(n=s + 1))
+    return mon
+
+
+def test_rules_fire_on_a_real_monitors_planted_cases(base_seed):
+    spiked = _health_findings(_planted_run(base_seed, [("body.weight", 40, lambda g: g * 1e3)]))
+    assert 40 in spiked["grad_norm_spikes"]["evidence"]["steps"], spiked
+    assert "nonfinite_grads" not in spiked
+    assert "head.weight" in str(spiked["no_grad"]["evidence"])
+    bad = _health_findings(_planted_run(base_seed, [("out.bias", 30, lambda g: g * float("nan"))]))
+    assert bad["nonfinite_grads"]["severity"] == "critical"
+    assert "out.bias" in bad["nonfinite_grads"]["title"] and "30" in bad["nonfinite_grads"]["title"]
