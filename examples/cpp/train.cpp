@@ -1,5 +1,5 @@
 // A LibTorch training loop timed with the stepscope Timeline, scored with the metrics
-// Accumulator and watched by the gradient statistics (GradStats), the C++ counterpart of
+// Accumulator and watched by the training health (health::Watch), the C++ counterpart of
 // `with stepscope.Monitor(model, opt)`:
 //
 //   ./train_cpp [--steps N] [--cuda]
@@ -7,8 +7,8 @@
 // A tiny MLP learns a synthetic 4-class problem (the class is the quadrant of the first two
 // features). Forward, backward and optimizer step are RAII scoped phases; the gaps between them
 // (data, loss, other) are timed by the Timeline with nothing to mark. Exits non-zero if the
-// summary misses a phase, the model did not learn, or the gradient statistics disagree with the
-// last step's gradients.
+// summary misses a phase, the model did not learn, or the health readings disagree with the last
+// step's gradients, the steps or the losses.
 #include <torch/torch.h>
 
 #include <cmath>
@@ -17,7 +17,7 @@
 #include <iostream>
 #include <string>
 
-#include "health/grad_stats.h"
+#include "health/watch.h"
 #include "metrics/accumulator.h"
 #include "timing/timeline.h"
 
@@ -44,9 +44,17 @@ int main(int argc, char** argv) {
   stepscope::metrics::Accumulator metrics(cfg, dev);
 
   // The global and per-parameter gradient norms, non-finite counts and missing gradients of every
-  // step, accumulated on the device: nothing is read back until read().
-  const std::vector<torch::Tensor> params = model->parameters();
-  stepscope::health::GradStats health(static_cast<int64_t>(params.size()), 256, dev);
+  // step, the loss, and the update ratio on one step in 50, kept on the device: nothing is read
+  // back until read().
+  std::vector<torch::Tensor> params;
+  std::vector<std::string> names;
+  for (const auto& kv : model->named_parameters()) {
+    names.push_back(kv.key());
+    params.push_back(kv.value());
+  }
+  stepscope::health::WatchOptions hopts;
+  hopts.ratio_every = 50;
+  stepscope::health::Watch health(params, names, hopts);
 
   st::TimelineOptions topts;
   topts.device = cuda;
@@ -62,6 +70,7 @@ int main(int argc, char** argv) {
     }
     // loss: from the forward's end to the backward's begin
     const auto loss = torch::nn::functional::cross_entropy(logits, y);
+    health.observe_loss(loss, s);
     {
       st::ScopedPhase p(tl, st::Phase::kBackward);
       opt.zero_grad();
@@ -73,12 +82,13 @@ int main(int argc, char** argv) {
     }
     {
       st::ScopedPhase p(tl, "grad_stats");  // gradients final, before the update; no host sync
-      health.update_from_params(params, s);
+      health.before_update(s);              // kWarn (the default): always kProceed
     }
     {
       st::ScopedPhase p(tl, st::Phase::kOptimizer);  // its end ends the step
       opt.step();
     }
+    health.after_update();  // the sampled update ratio
   }
   const auto report = tl.report();
   const std::string table = st::format_summary(report);
@@ -88,9 +98,11 @@ int main(int argc, char** argv) {
   std::cout << "train accuracy " << acc << ", top2 " << m.at("top2_accuracy").item<double>() << ", loss "
             << m.at("loss").item<double>() << "\n";
 
-  const auto h = health.read();  // the only host read of the gradient statistics
+  const auto h = health.read();  // the only host reads of the training health
+  const auto losses = health.read_loss();
+  const auto ratio = health.read_ratio();
   std::cout << "grad norm mean " << h.grad_norm.mean << ", p50 " << h.grad_norm.p50 << ", max " << h.grad_norm.max
-            << ", non-finite steps " << h.nonfinite_steps << "\n";
+            << ", non-finite steps " << h.nonfinite_steps << ", update ratio samples " << ratio.size() << "\n";
   // The last step's gradients are still in place: its global norm, by hand, in float64.
   double sq = 0;
   for (const auto& q : params) sq += q.grad().to(torch::kDouble).pow(2).sum().item<double>();
@@ -99,6 +111,8 @@ int main(int argc, char** argv) {
   bool ok = report.steps == steps;
   ok = ok && h.steps == steps && h.grad_norm.count == steps && h.nonfinite_steps == 0 &&
        h.first_nonfinite_step == -1 && std::abs(h.grad_norm.last - by_hand) <= 1e-5 * by_hand;
+  ok = ok && losses.count == steps && losses.first_nonfinite_step == -1 &&
+       ratio.size() == static_cast<size_t>((steps + 49) / 50) && health.disabled().empty();
   for (const char* ph : {"data", "forward", "loss", "backward", "other", "optimizer", "metrics", "grad_stats"})
     ok = ok && table.find(ph) != std::string::npos;
   double sum = 0;
