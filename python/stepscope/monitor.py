@@ -255,7 +255,7 @@ class Monitor:
         if self._modules:
             self._sample_modules(sample_modules)
         if self._print_every and self._tl.steps % self._print_every == 0:
-            logging.getLogger("stepscope").info(_report.live_line(self.report(), self._tl.steps))
+            logging.getLogger("stepscope").info(_report.live_line(self._local_report(health=False), self._tl.steps))
 
     def _sample_modules(self, want: bool) -> None:
         if want and not self._module_handles:
@@ -372,23 +372,20 @@ class Monitor:
             return distributed.gather_report(self, group, top_modules=top_modules, timeout=timeout)
         if self._tl is None:
             raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
+        return self._local_report(top_modules, base)
+
+    def _local_report(self, top_modules: int = 10, base: Any = None, health: bool = True) -> dict:
+        # health=False: nothing read from the device (the print_every line, written mid-training).
         raw = self._tl.report(since=base)
         rep = _report.build_report(raw, memory=_memory(self._models, raw), top_modules=top_modules,
                                    context=_context(self._models, self._cuda, self._autocast_counts()),
                                    samples_counted_by=_samples_counted_by(self))
-        rep["health"] = self._health_report()
+        rep["health"] = _health.health_report(self._watch, self._groups) if health and self._watch else None
         return rep
 
-    def _health_report(self) -> Optional[dict]:
-        return _health.health_report(self._watch, self._groups) if self._watch is not None else None
-
     def observe(self, loss: torch.Tensor) -> None:
-        """Hands over the step's loss (a one-element tensor, on any device): kept on its device
-        with the step number, no host read; ``report()["health"]["loss"]`` and the loss rules read
-        it. Call it once per step, before or after backward::
-
-            loss = criterion(model(x), y); mon.observe(loss); loss.backward()
-        """
+        """Hands over the step's loss (a one-element tensor, any device), kept there with the step
+        number, no host read (``report()["health"]["loss"]``): ``mon.observe(loss)`` once a step."""
         _health.check_observe(self, loss)
         self._watch.observe_loss(loss, self._tl.step_index)
 
@@ -424,7 +421,9 @@ class Monitor:
         step's global gradient norm and loss (``grad_norm``, ``loss``: None where unknown)."""
         if self._tl is None:
             return []
-        return _health.join_recent(self._tl.recent_steps(), self._health_report())
+        watch = self._watch
+        return _health.join_recent(self._tl.recent_steps(),
+                                   _health.health_report(watch, self._groups) if watch is not None else None)
 
     def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or
