@@ -57,7 +57,7 @@ Watch::Watch(std::vector<at::Tensor> params, std::vector<std::string> names, Wat
   loss_steps_.assign(static_cast<size_t>(opt_.ring), -1);
 }
 
-void Watch::disable(const std::string& why) {
+void Watch::switch_off(const std::string& why) {
   disabled_ = why;
   before_.clear();
 }
@@ -67,9 +67,14 @@ Watch::Outcome Watch::before_update(int64_t step, bool measure_only) {
   last_step_ = step;
   if (before_step_ != step) before_.clear();  // a sampled step whose end never came
   try {
+    // The model moved (model.to(device) keeps its parameter objects) before the first step.
+    if (measured_ == 0 && !params_.empty() && params_.front().device() != stats_->state().device()) {
+      stats_.emplace(static_cast<int64_t>(params_.size()), opt_.ring, params_.front().device());
+    }
     stats_->update_from_params(params_, step);
+    ++measured_;
   } catch (const c10::Error& e) {
-    disable(std::string("a gradient the statistics cannot read: ") + e.what_without_backtrace());
+    switch_off(std::string("a gradient the statistics cannot read: ") + e.what_without_backtrace());
     return kProceed;
   }
   if (opt_.nonfinite != OnNonfinite::kWarn && last_nonfinite()) {
@@ -143,6 +148,7 @@ void Watch::observe_loss(const at::Tensor& loss, int64_t step) {
 
 void Watch::reset() {
   if (stats_) stats_->reset();
+  measured_ = 0;
   last_step_ = -1;
   skipped_ = 0;
   before_.clear();

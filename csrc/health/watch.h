@@ -21,8 +21,10 @@
 //    (set undefined, which torch's optimizers skip), so the update does not happen.
 //  - kRaise: the same read; when non-zero before_update returns kRaise and the caller raises
 //    before the optimizer runs.
-// Errors: a gradient the op refuses (sparse, another device) switches the watch off for the rest of
-// the run and keeps the reason (disabled()); the training goes on.
+// Errors: a gradient the op refuses (sparse, another device, a tensor subclass) switches the watch
+// off for the rest of the run and keeps the reason (disabled()); the training goes on. Parameters
+// moved to another device before the first measured step (model.to(device) after attach) move the
+// state with them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -86,6 +88,9 @@ class Watch {
   const std::vector<std::string>& names() const { return names_; }
   const WatchOptions& options() const { return opt_; }
   const std::string& disabled() const { return disabled_; }
+  // Stops watching for the rest of the run (why: kept in disabled()). The watch does it itself when
+  // the op refuses a gradient; a caller does it for errors only it can see (a Python one).
+  void switch_off(const std::string& why);
   // Why the update ratio is off ("" while it is on or was never asked for).
   const std::string& ratio_off() const { return ratio_off_; }
   int64_t skipped() const { return skipped_; }
@@ -95,13 +100,13 @@ class Watch {
  private:
   bool last_nonfinite() const;  // the host read of kSkip/kRaise
   void drop_grads();
-  void disable(const std::string& why);
 
   std::vector<at::Tensor> params_;
   std::vector<std::string> names_;
   WatchOptions opt_;
   std::optional<GradStats> stats_;
   int64_t last_step_ = -1;     // the step measured last (once per step)
+  int64_t measured_ = 0;       // steps measured since the last reset
   int64_t skipped_ = 0;
   std::string disabled_;
   // Update ratio.

@@ -390,3 +390,60 @@ def test_rules_fire_on_a_real_monitors_planted_cases(base_seed):
     bad = _health_findings(_planted_run(base_seed, [("out.bias", 30, lambda g: g * float("nan"))]))
     assert bad["nonfinite_grads"]["severity"] == "critical"
     assert "out.bias" in bad["nonfinite_grads"]["title"] and "30" in bad["nonfinite_grads"]["title"]
+
+
+class _RefusingGrad(torch.Tensor):
+    """A tensor subclass whose own dispatch refuses the statistics op (as a DTensor might)."""
+
+    @staticmethod
+    def __new__(cls, t):
+        return torch.Tensor._make_wrapper_subclass(cls, t.shape, dtype=t.dtype, device=t.device)
+
+    def __init__(self, t):
+        self.t = t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if "grad_stats" in str(func):
+            raise NotImplementedError("no grad_stats here")
+
+        def unwrap(x):
+            return x.t if isinstance(x, _RefusingGrad) else x
+
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+def test_python_error_in_the_op_switches_health_off(base_seed):
+    m = net(base_seed, "cpu")
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with stepscope.Monitor(m, opt) as mon:
+        for _ in range(3):
+            m(torch.randn(8, 16)).pow(2).mean().backward()
+            m.out.bias.grad = _RefusingGrad(m.out.bias.grad.clone())
+            opt.step()
+            opt.zero_grad()
+    assert mon.steps == 3
+    assert "no grad_stats here" in mon.report()["health"]["disabled"]
+
+
+def test_model_moved_after_attach_moves_the_state(base_seed):
+    m = net(base_seed, "cpu").to(torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    mon = stepscope.Monitor(m, opt).attach()
+    m.to(torch.float32)  # keeps the parameter objects, as model.to(device) does
+    m(torch.randn(8, 16)).pow(2).mean().backward()
+    opt.step()
+    mon.detach()
+    h = mon.report()["health"]
+    assert h["disabled"] is None and h["steps"] == 1
+
+
+@pytest.mark.cuda
+def test_cuda_model_moved_after_attach(base_seed):
+    m = net(base_seed, "cpu")
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with stepscope.Monitor(m, opt) as mon:
+        m.cuda()
+        train(m, opt, 3, base_seed, "cuda", mon)
+    h = mon.report()["health"]
+    assert h["disabled"] is None and h["steps"] == 3 and h["nonfinite"]["counts"] == "parameters"
