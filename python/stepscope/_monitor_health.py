@@ -26,8 +26,9 @@ def check_options(health: Any, nonfinite: Any, update_ratio_every: Any) -> None:
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"stepscope: nonfinite must be one of {', '.join(map(repr, NONFINITE_MODES))}; "
                          f"got {nonfinite!r}")
-    if isinstance(update_ratio_every, bool) or not isinstance(update_ratio_every, int) or update_ratio_every < 0:
-        raise ValueError(f"stepscope: update_ratio_every must be an int >= 0 (0: off); got {update_ratio_every!r}")
+    every = update_ratio_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"stepscope: update_ratio_every must be an int >= 0 (0: off); got {every!r}")
 
 
 def watched(models: Sequence[torch.nn.Module]) -> Tuple[List[torch.Tensor], List[str]]:
@@ -130,7 +131,8 @@ def health_report(watch: Any, group_of: List[int]) -> dict:
     loss = _loss(raw)
     loss_nonfinite = None
     if loss is not None and first_step is not None:
-        loss_nonfinite = loss["first_nonfinite_step"] is not None and loss["first_nonfinite_step"] <= first_step
+        loss_first = loss["first_nonfinite_step"]
+        loss_nonfinite = loss_first is not None and loss_first <= first_step
     steps = g["steps"]
     return {
         "steps": steps,
@@ -139,7 +141,7 @@ def health_report(watch: Any, group_of: List[int]) -> dict:
         "nonfinite": {"steps": g["nonfinite_steps"], "first_step": first_step,
                       "first_param": names[first] if first >= 0 else None, "loss_nonfinite": loss_nonfinite,
                       "counts": raw["counts"], "mode": raw["mode"], "skipped": raw["skipped"]},
-        "no_grad": {"names": [n for n, p in zip(names, g["params"]) if steps > 0 and p["no_grad_steps"] == steps],
+        "no_grad": {"names": [n for n, p in zip(names, g["params"]) if 0 < steps == p["no_grad_steps"]],
                     "steps": steps},
         "update_ratio": _update_ratio(raw, group_of),
         "update_ratio_off": raw["ratio_off"] or None,
@@ -149,6 +151,11 @@ def health_report(watch: Any, group_of: List[int]) -> dict:
         "disabled": raw["disabled"] or None,
         "bytes": raw["state_bytes"],
     }
+
+
+def report_of(mon: Any) -> Optional[dict]:
+    """A Monitor's ``report()["health"]``: None while health is off or before the first attach."""
+    return health_report(mon._watch, mon._groups) if mon._watch is not None else None
 
 
 def join_recent(steps: list, health: Optional[dict]) -> list:

@@ -127,9 +127,9 @@ def rule_grad_norm_spikes(rep: dict) -> list:
          "factors": [s["factor"] for s in spikes[:SPIKES_SHOWN]], "max_factor": worst["factor"],
          "threshold": GRAD_SPIKE_FACTOR, "window": SPIKE_WINDOW, "first": spikes[:SPIKES_SHOWN]},
         "Clip the global norm before the optimizer step: torch.nn.utils.clip_grad_norm_(model.parameters(), "
-        "max_norm) with max_norm near the usual norm (the summary's p90); lower the learning rate or lengthen "
-        "the warm-up (torch.optim.lr_scheduler.LinearLR); look at the batches of those steps (outliers, "
-        "corrupt or very long samples).")]
+        "max_norm) with max_norm near the usual norm (the summary's p90); lower the learning rate or "
+        "lengthen the warm-up (torch.optim.lr_scheduler.LinearLR); look at the batches of those steps "
+        "(outliers, corrupt or very long samples).")]
 
 
 # A parameter with no gradient over at least 5 steps is not chance (a step skipped by a router or a
@@ -183,8 +183,8 @@ def rule_update_ratio(rep: dict) -> list:
     else:
         title = f"updates are tiny for the weights: mean ||dw||/||w|| is {mean:.1e} (about 1e-3 is usual)"
         advice = ("The learning rate is probably too low, or the weights barely move: check the scheduler "
-                  "(optimizer.param_groups[i][\"lr\"] decayed to ~0), that the parameters are in the optimizer "
-                  "and not frozen, and weight decay or gradient scaling that cancels the update.")
+                  "(optimizer.param_groups[i][\"lr\"] decayed to ~0), that the parameters are in the "
+                  "optimizer and not frozen, and weight decay or gradient scaling that cancels the update.")
     return [_finding(
         "update_ratio", "warn", title,
         {"mean": mean, "overall": ur.get("overall"), "samples": ur["samples"], "every": ur.get("every"),
@@ -221,10 +221,10 @@ def rule_loss_spikes(rep: dict) -> list:
         {"spikes": len(spikes), "steps": [s["step"] for s in shown], "losses": [s["loss"] for s in shown],
          "medians": [s["median"] for s in shown], "mads": LOSS_SPIKE_MADS, "rel": LOSS_SPIKE_REL,
          "window": SPIKE_WINDOW},
-        "Look at the batches of those steps first (corrupt, mislabeled or duplicated samples, an unusually long "
-        "sequence). A spike the loss recovers from slowly points at the optimisation: lower the learning rate "
-        "or lengthen the warm-up, clip gradients (clip_grad_norm_); large runs restart from a checkpoint "
-        "before the spike and skip those batches (PaLM, Chowdhery et al. 2022, section 5.1).")]
+        "Look at the batches of those steps first (corrupt, mislabeled or duplicated samples, an unusually "
+        "long sequence). A spike the loss recovers from slowly points at the optimisation: lower the "
+        "learning rate or lengthen the warm-up, clip gradients (clip_grad_norm_); large runs restart from a "
+        "checkpoint before the spike and skip those batches (PaLM, Chowdhery et al. 2022, section 5.1).")]
 
 
 def rule_health_disabled(rep: dict) -> list:
@@ -255,8 +255,8 @@ def format_health(rep: dict) -> list:
     lines = [f"health (gradient statistics over {h.get('steps', 0)} steps):"]
     gn = h.get("grad_norm") or {}
     if gn.get("count"):
-        lines.append(f"  grad norm p50 {_g(gn.get('p50'))}, p90 {_g(gn.get('p90'))}, max {_g(gn.get('max'))}, "
-                     f"last {_g(gn.get('last'))} over {gn['count']} steps")
+        lines.append(f"  grad norm p50 {_g(gn.get('p50'))}, p90 {_g(gn.get('p90'))}, max {_g(gn.get('max'))}"
+                     f", last {_g(gn.get('last'))} over {gn['count']} steps")
     else:
         lines.append("  grad norm: no finite norm yet")
     nf = h.get("nonfinite") or {}
@@ -272,7 +272,8 @@ def format_health(rep: dict) -> list:
                      f"over {ur['samples']} sampled steps (one in {ur.get('every')})")
     loss = h.get("loss")
     if loss and loss.get("count"):
-        lines.append(f"  loss last {_g(loss.get('last'))}, min {_g(loss.get('min'))} over {loss['count']} steps"
+        lines.append(f"  loss last {_g(loss.get('last'))}, min {_g(loss.get('min'))}"
+                     f" over {loss['count']} steps"
                      + (f", {loss['nonfinite_steps']} non-finite" if loss.get("nonfinite_steps") else ""))
     if h.get("disabled"):
         lines.append(f"  switched off mid-run: {h['disabled']}")

@@ -165,8 +165,8 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
 
     ``phases``, ``steps``, ``samples``, ``samples_per_s`` are merged over the ranks (a phase's
     statistics are those of every rank's samples together; ``steps`` the most any rank made,
-    samples summed, samples/s = all samples over the slowest rank's summed step time); ``user`` and
-    ``modules`` are this rank's own (``local``); ``memory`` the rank with the highest peak.
+    samples summed, samples/s = all samples over the slowest rank's summed step time); ``user``,
+    ``modules`` and ``health`` are this rank's own (``local``); ``memory`` the rank with the highest peak.
     ``ranks`` holds ``world_size``; ``per_rank`` (per rank: ``steps``, ``samples``, ``p50`` of each
     phase and of the step in seconds, ``count`` of each, ``device_p50`` likewise or None,
     ``memory``); ``phases`` (per phase and the step: ``slowest_rank``, ``slowest_p50``,
@@ -208,6 +208,7 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
         phases[k] = {"slowest_rank": slow, "slowest_p50": vals[slow], "median_p50": med,
                      "skew": (vals[slow] - med) / med_step if med_step > 0 else None}
     rep["ranks"] = {"world_size": len(per_rank), "per_rank": per_rank, "phases": phases}
+    rep["health"] = local.get("health") if local else None  # gradients are per rank: not merged
     return rep
 
 

@@ -39,9 +39,9 @@ from . import export as _export
 from . import report as _report
 from . import run as _run
 from ._monitor_parts import (MARKS, Snapshot, _check_arguments, _check_device_every,  # noqa: F401
-                             _check_options, _check_ring, _claim, _context, _mark, _memory, _ModuleSel, _owner_of,
-                             _Phase, _release, _samples_counted_by, _selected_modules, _snapshot_base,
-                             _unclaim)
+                             _check_options, _check_ring, _claim, _context, _mark, _memory, _ModuleSel,
+                             _owner_of, _Phase, _release, _samples_counted_by, _selected_modules,
+                             _snapshot_base, _unclaim)
 
 
 class Monitor:
@@ -225,7 +225,8 @@ class Monitor:
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
         if self._health is not None:
             if self._watch is None:
-                self._watch, self._groups = _health.make_watch(self._models, self._opts, self._ring, *self._health)
+                made = _health.make_watch(self._models, self._opts, self._ring, *self._health)
+                self._watch, self._groups = made
             hk.watch(self._watch)
         if self._opts:
             for o in self._opts:
@@ -380,7 +381,7 @@ class Monitor:
         rep = _report.build_report(raw, memory=_memory(self._models, raw), top_modules=top_modules,
                                    context=_context(self._models, self._cuda, self._autocast_counts()),
                                    samples_counted_by=_samples_counted_by(self))
-        rep["health"] = _health.health_report(self._watch, self._groups) if health and self._watch else None
+        rep["health"] = _health.report_of(self) if health else None
         return rep
 
     def observe(self, loss: torch.Tensor) -> None:
@@ -421,9 +422,7 @@ class Monitor:
         step's global gradient norm and loss (``grad_norm``, ``loss``: None where unknown)."""
         if self._tl is None:
             return []
-        watch = self._watch
-        return _health.join_recent(self._tl.recent_steps(),
-                                   _health.health_report(watch, self._groups) if watch is not None else None)
+        return _health.join_recent(self._tl.recent_steps(), _health.report_of(self))
 
     def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or
