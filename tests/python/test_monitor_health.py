@@ -447,3 +447,21 @@ def test_cuda_model_moved_after_attach(base_seed):
         train(m, opt, 3, base_seed, "cuda", mon)
     h = mon.report()["health"]
     assert h["disabled"] is None and h["steps"] == 3 and h["nonfinite"]["counts"] == "parameters"
+
+
+def test_grad_scaler_skipped_steps_are_not_measured(base_seed):
+    m = net(base_seed, "cpu")
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    with stepscope.Monitor(m, opt) as mon:
+        for i in range(4):
+            scaler.scale(m(torch.randn(8, 16)).pow(2).mean()).backward()
+            if i == 1:
+                m.out.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            mon.step()  # the skipped step has no optimizer hook to end it
+    h = mon.report()["health"]
+    assert mon.steps == 4 and h["steps"] == 3 and h["nonfinite"]["steps"] == 0
+    assert h["grad_norm"]["max"] < 1e3  # unscaled: the scale (256) is not in the norms
