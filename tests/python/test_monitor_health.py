@@ -464,4 +464,4 @@ def test_grad_scaler_skipped_steps_are_not_measured(base_seed):
             mon.step()  # the skipped step has no optimizer hook to end it
     h = mon.report()["health"]
     assert mon.steps == 4 and h["steps"] == 3 and h["nonfinite"]["steps"] == 0
-    assert h["grad_norm"]["max"] < 1e3  # unscaled: the scale (256) is not in the norms
+    assert h["grad_norm"]["max"] < 20  # unscaled norms are below 1 here; scaled by 256 they would be over 50
