@@ -7,6 +7,13 @@
   perf_counter    hand-placed time.perf_counter() around the same six boundaries
   torch.profiler  torch.profiler.profile(activities=[CPU]) around the loop
 
+and training health (Monitor(health=True) is the default, so `monitor` above includes it):
+
+  health off      stepscope.Monitor(model, opt, health=False)
+  +observe        the default Monitor and mon.observe(loss) every step
+  foreach_norm, item per param, clip_grad_norm_: the hand-written gradient checks of
+                  bench/health_variants.py on the bare loop
+
 Variants run interleaved in rounds, in a fresh random order each round, so that drift on a shared
 machine hits all of them alike; a run's time is its median step. The table gives each variant's
 best run over rounds and two ratios to bare: of the best runs, and the median over rounds of the
@@ -16,7 +23,8 @@ begin/end, backward begin/end, optimizer begin/end), both from the paired median
 gives the raw cost of one _C.Timeline boundary call from Python.
 
   python bench/overhead_bench.py [--rounds 41] [--steps 100] [--threads 1]
-  python bench/overhead_bench.py --device cuda [--model mlp|gpu-bound]
+  python bench/overhead_bench.py --model many     (200 parameter tensors: 100 x Linear(64, 64))
+  python bench/overhead_bench.py --device cuda [--model mlp|gpu-bound|many]
 
 On CUDA the variants are bare, monitor (device_every="auto", the default: CUDA events on one step
 in k, k chosen so that the records cost ~1% of the host's step), monitor every=1 (events on every
@@ -40,10 +48,14 @@ import torch
 import stepscope
 from stepscope import _C
 
+from health_variants import BASELINES, many
+
 BOUNDARIES = 6
 
 
 def make(width: int, batch: int, seed: int = 0, device: str = "cpu", kind: str = "mlp"):
+    if kind == "many":
+        return many(device, batch)
     torch.manual_seed(seed)
     if kind == "gpu-bound":
         width, batch = 2048, 2048
@@ -61,9 +73,9 @@ def make(width: int, batch: int, seed: int = 0, device: str = "cpu", kind: str =
 
 # Each run returns its median step time: one clock read per step (in every variant alike), and a
 # step that the machine's other tenants preempted does not move a median the way it moves a mean.
-def run_bare(model, opt, xs, ys, steps):
+def run_bare(model, opt, xs, ys, steps, observe=None):
     if xs[0].is_cuda:
-        return run_bare_cuda(model, opt, xs, ys, steps)
+        return run_bare_cuda(model, opt, xs, ys, steps, observe)
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
     ts = [0.0] * steps
@@ -71,6 +83,8 @@ def run_bare(model, opt, xs, ys, steps):
     for i in range(steps):
         x, y = xs[i & 7], ys[i & 7]
         loss = f(model(x), y)
+        if observe is not None:
+            observe(loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,13 +94,15 @@ def run_bare(model, opt, xs, ys, steps):
     return statistics.median(ts)
 
 
-def run_bare_cuda(model, opt, xs, ys, steps):
+def run_bare_cuda(model, opt, xs, ys, steps, observe=None):
     # The GPU runs behind the host: a run is timed from a drained queue to a drained queue.
     f = torch.nn.functional.cross_entropy
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(steps):
         loss = f(model(xs[i & 7]), ys[i & 7])
+        if observe is not None:
+            observe(loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,7 +142,7 @@ def run_perf_counter(model, opt, xs, ys, steps):
     return statistics.median(ts)
 
 
-def run_monitor(kw, host_only: bool = False):
+def run_monitor(kw, host_only: bool = False, observe: bool = False):
     # One Monitor per variant, attached for each run: a training loop attaches once, so its
     # Timeline's allocation is not charged to every round.
     mon: list = []
@@ -137,7 +153,7 @@ def run_monitor(kw, host_only: bool = False):
             if host_only:  # the same hooks over a Timeline that records no CUDA event
                 mon[0]._tl = _C.Timeline(device=False, nvtx=kw.get("nvtx", True))
         with mon[0]:
-            return run_bare(model, opt, xs, ys, steps)
+            return run_bare(model, opt, xs, ys, steps, mon[0].observe if observe else None)
     run.monitor = mon  # type: ignore[attr-defined]
     return run
 
@@ -168,7 +184,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--model", default="mlp", choices=["mlp", "gpu-bound"])
+    ap.add_argument("--model", default="mlp", choices=["mlp", "gpu-bound", "many"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,6 +199,8 @@ def main() -> int:
             "monitor host-only": run_monitor({}, host_only=True),
             "torch.profiler": run_profiler,
         }
+        variants.update({"health off": run_monitor({"health": False}),
+                         "+observe": run_monitor({}, observe=True), **BASELINES})
     else:
         variants = {
             "bare": run_bare,
@@ -191,6 +209,9 @@ def main() -> int:
             "module every 1": run_monitor({"per_module": True, "per_module_every": 1}),
             "perf_counter": run_perf_counter,
             "torch.profiler": run_profiler,
+            "health off": run_monitor({"health": False}),
+            "+observe": run_monitor({}, observe=True),
+            **BASELINES,
         }
     model, opt, xs, ys = make(args.width, args.batch, device=args.device, kind=args.model)
     for fn in variants.values():  # warm every path (allocator, profiler init, hooks)
@@ -208,15 +229,16 @@ def main() -> int:
     ratio = {k: statistics.median(t / b for t, b in zip(v, times["bare"])) for k, v in times.items()}
     extra = {k: statistics.median(t - b for t, b in zip(v, times["bare"])) * 1e6 for k, v in times.items()}
 
-    what = "8 x Linear(2048) batch 2048 AdamW" if args.model == "gpu-bound" else \
-        f"MLP {args.width}x3 batch {args.batch}"
+    what = {"gpu-bound": "8 x Linear(2048) batch 2048 AdamW",
+            "many": f"100 x Linear(64, 64) (200 parameter tensors) batch {args.batch}"}.get(
+        args.model, f"MLP {args.width}x3 batch {args.batch}")
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {dev}, {args.threads} thread(s), {what}, "
           f"{args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':18s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
           f"{'us/boundary':>12s}")
     for k in variants:
-        per_b = "-" if k in ("bare", "torch.profiler") else f"{extra[k] / BOUNDARIES:.2f}"
+        per_b = "-" if k in ("bare", "torch.profiler", *BASELINES) else f"{extra[k] / BOUNDARIES:.2f}"
         print(f"{k:18s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {ratio[k]:13.4f} {extra[k]:8.1f} "
               f"{per_b:>12s}")
     for k, fn in variants.items():

@@ -125,19 +125,20 @@ void Watch::observe_loss(const at::Tensor& loss, int64_t step) {
                     loss.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(loss.scalar_type()), "stepscope: the loss must be floating point; got ",
                    loss.scalar_type());
-  const at::Tensor v = loss.detach().reshape({}).to(at::kDouble);
-  if (!loss_.defined() || loss_.device() != v.device()) {
-    loss_ = at::full({opt_.ring + 1}, std::numeric_limits<double>::quiet_NaN(), v.options());
+  if (!loss_.defined() || loss_.device() != loss.device()) {
+    loss_ = at::full({opt_.ring + 1}, std::numeric_limits<double>::quiet_NaN(),
+                     at::TensorOptions().device(loss.device()).dtype(at::kDouble));
     loss_.select(0, opt_.ring).fill_(-1.0);
     loss_steps_.assign(static_cast<size_t>(opt_.ring), -1);
     loss_count_ = 0;
   }
   const int64_t slot = loss_count_ % opt_.ring;
-  if (v.is_cpu()) {  // a CPU value is read without any sync
+  if (loss.is_cpu()) {  // a CPU value is read without any sync, and without a new tensor
     double* d = loss_.data_ptr<double>();
-    d[slot] = v.item<double>();
+    d[slot] = loss.item<double>();
     if (!std::isfinite(d[slot]) && d[opt_.ring] < 0) d[opt_.ring] = static_cast<double>(step);
   } else {
+    const at::Tensor v = loss.detach().reshape({}).to(at::kDouble);
     loss_.select(0, slot).copy_(v);
     at::Tensor first = loss_.select(0, opt_.ring);
     first.copy_(at::where(at::isfinite(v).logical_or(first.ge(0)), first, static_cast<double>(step)));

@@ -554,3 +554,11 @@ def test_example_lightning():
     out = run_example("lightning_train.py")  # manual optimization: the callback tests above
     assert "steps 69 (optimizer steps 69)" in out
     assert "'val/accuracy'" in out and "'stepscope/f1_macro'" in out
+
+
+def test_lightning_observes_the_loss_and_logs_the_gradient_norm():
+    trainer, cb = fit(batches=4, log_every_n_steps=2, summary=False)
+    assert "stepscope/grad_norm" in trainer.callback_metrics, sorted(trainer.callback_metrics)
+    h = cb.monitor.report()["health"]
+    assert h["steps"] == 4 and h["loss"]["count"] == 4 and h["no_grad"]["names"] == []
+    assert float(trainer.callback_metrics["stepscope/grad_norm"]) > 0

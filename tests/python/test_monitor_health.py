@@ -465,3 +465,41 @@ def test_grad_scaler_skipped_steps_are_not_measured(base_seed):
     h = mon.report()["health"]
     assert mon.steps == 4 and h["steps"] == 3 and h["nonfinite"]["steps"] == 0
     assert h["grad_norm"]["max"] < 20  # unscaled norms are below 1 here; scaled by 256 they would be over 50
+
+
+def test_exports_carry_the_gradient_norm_and_the_loss(tmp_path, base_seed):
+    from stepscope import export
+
+    m = net(base_seed, "cpu")
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    norms = []
+    with stepscope.Monitor(m, opt) as mon:
+        train(m, opt, 4, base_seed, "cpu", mon,
+              each=lambda s: norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), 1e30))))
+    rows = export.csv_rows(mon)
+    head = rows[0]
+    assert head[-2:] == ["grad_norm", "loss"]
+    assert [float(r[head.index("grad_norm")]) for r in rows[1:]] == pytest.approx(norms, rel=1e-6)
+    counters = [e for e in export.trace_events(mon)["traceEvents"] if e.get("ph") == "C"]
+    assert len([e for e in counters if e["name"] == "grad_norm"]) == 4
+    assert len([e for e in counters if e["name"] == "loss"]) == 4
+
+    tags = {}
+
+    class Writer:
+        def add_scalar(self, tag, v, step):
+            tags[tag] = v
+
+    stepscope.log_tensorboard(Writer(), mon, 0)
+    assert tags["stepscope/grad_norm"] == pytest.approx(norms[-1], rel=1e-6)
+    assert tags["stepscope/nonfinite_steps"] == 0 and "stepscope/loss" in tags
+
+    mon2 = stepscope.Monitor(m, opt, health=False)
+    with mon2:
+        train(m, opt, 2, base_seed, "cpu")
+    rows = export.csv_rows(mon2)
+    assert "loss" not in rows[0] and all(r[rows[0].index("grad_norm")] == "" for r in rows[1:])
+    mon2.save(tmp_path / "run.json")
+    run = stepscope.load(tmp_path / "run.json")
+    assert export.csv_rows(run)[0] == rows[0]
+    assert not [e for e in export.trace_events(run)["traceEvents"] if e.get("name") == "grad_norm"]

@@ -20,17 +20,27 @@ def csv_rows(source: Source) -> list:
     names = partition(phase_table_of(data))
     head = ["step", "start_s", "end_s", "step_s", "samples"] + [f"{p}_s" for p in names]
     head += [f"{p}_device_s" for p in names]
-    head += ["memory_allocated", "memory_reserved", "truncated_spans"]
+    head += ["memory_allocated", "memory_reserved", "truncated_spans", "grad_norm"]
+    loss = any(r.get("loss") is not None for r in data["recent_steps"])
+    if loss:
+        head.append("loss")
     rows = [head]
     for r in data["recent_steps"]:
+        health = [_health_cell(r.get("grad_norm"))] + ([_health_cell(r.get("loss"))] if loss else [])
         host = [float(r["host"].get(p, 0.0)) for p in names]
         dev = _device_by_phase(r)  # None (empty cells) until every span of the step is resolved
         mem = r.get("memory") or {}
         rows.append([r["step"], r["t0"], r["t1"], sum(host), r.get("samples", 0), *host,
                      *["" if dev is None else dev.get(p, 0.0) for p in names],
                      mem.get("allocated", ""), "" if mem.get("reserved") is None else mem["reserved"],
-                     r.get("truncated_spans", 0)])
+                     r.get("truncated_spans", 0), *health])
     return rows
+
+
+def _health_cell(v: Optional[float]) -> str:
+    # The gradient norm and the loss: 9 significant digits, whatever their scale; empty when
+    # unknown or non-finite (run data is JSON-safe: report()["health"]["nonfinite"] names that step).
+    return "" if v is None else f"{v:.9g}"
 
 
 def _csv_float(v: float) -> str:
@@ -45,7 +55,9 @@ def _csv_float(v: float) -> str:
 def write_csv(source: Source, path: PathLike) -> None:
     """One row per step in the ring: step, start/end (s since the Monitor started), step time
     (the sum of its phases: eval forwards inside a step are left out), samples, host seconds per
-    phase, CUDA memory at the step's end (empty without CUDA). Seconds are written to the
+    phase, CUDA memory at the step's end (empty without CUDA), the step's global gradient norm
+    (``grad_norm``; empty without health) and, when the loop handed it over (``Monitor.observe``),
+    ``loss``. Seconds are written to the
     nanosecond (at most 9 decimals). Written atomically.
 
         stepscope.export.write_csv(mon, "steps.csv")

@@ -17,7 +17,10 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
     """Adds scalars to a TensorBoard writer (``torch.utils.tensorboard.SummaryWriter`` or any
     object with ``add_scalar(tag, value, step)``):
     ``stepscope/<phase>/p50_ms`` and ``share`` (host; ``device_p50_ms``/``device_share`` on CUDA),
-    ``stepscope/samples_per_s``, ``stepscope/memory/allocated_mib`` and ``peak_mib`` on CUDA, and
+    ``stepscope/samples_per_s``, ``stepscope/memory/allocated_mib`` and ``peak_mib`` on CUDA,
+    with training health ``stepscope/grad_norm`` (the last step's; ``/p50``, ``/max``),
+    ``stepscope/nonfinite_steps``, ``stepscope/loss`` (when observed) and ``stepscope/update_ratio``
+    (the last sample's), and
     each one-element value of ``metrics`` (a ``ClassificationMetrics.compute()`` dict) as
     ``metrics/<name>`` (reading them is the host sync compute() leaves to the caller).
 
@@ -62,6 +65,19 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
     if mem:
         add("stepscope/memory/allocated_mib", mem["allocated"] / 2**20)
         add("stepscope/memory/peak_mib", mem["peak"] / 2**20)
+    health = rep.get("health")
+    if health:  # the whole run's (since= does not apply to health)
+        g = health["grad_norm"]
+        if g["count"]:
+            add("stepscope/grad_norm", g["last"])
+            add("stepscope/grad_norm/p50", g["p50"])
+            add("stepscope/grad_norm/max", g["max"])
+        add("stepscope/nonfinite_steps", health["nonfinite"]["steps"])
+        if health.get("loss"):
+            add("stepscope/loss", health["loss"]["last"])
+        ratio = (health.get("update_ratio") or {}).get("overall")
+        if ratio:
+            add("stepscope/update_ratio", ratio["last"])
     for k, v in (metrics or {}).items():
         numel = getattr(v, "numel", None)
         if numel is not None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -89,6 +90,10 @@ def trace_events(source: Source) -> dict:
         if r.get("samples") and host_s > 0:
             ev.append({"name": "samples/s", "ph": "C", "ts": t1 / 1e3, "pid": pid,
                        "args": {"samples/s": r["samples"] / host_s}})
+        for key in ("grad_norm", "loss"):  # training health; a non-finite value has no counter point
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                ev.append({"name": key, "ph": "C", "ts": t1 / 1e3, "pid": pid, "args": {key: v}})
         mem = r.get("memory")
         if mem:
             args = {"allocated MiB": mem["allocated"] / 2**20}

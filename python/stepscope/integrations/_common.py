@@ -15,7 +15,7 @@ from ..report import PARTITION
 #: multiclass and multilabel). ``log_keys="all"`` logs every phase's p50 and share and every
 #: scalar metric (about 40 names, each a ``log`` call in Lightning).
 LOG_KEYS = ("step_p50_ms", "data_share", "forward_share", "backward_share", "optimizer_share",
-            "accuracy", "f1_macro", "f1", "loss")
+            "accuracy", "f1_macro", "f1", "loss", "grad_norm")
 
 #: The user phase that times the callbacks' own work (reports, metric reads, the framework's log).
 OWN_PHASE = "stepscope_log"
@@ -37,8 +37,9 @@ def batch_size(batch: Any) -> Optional[int]:
 
 
 def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None) -> dict:
-    """p50 (ms) and share of the step of each partition phase in ``rep``, as plain floats; only
-    the names in ``keys`` (all when None)."""
+    """p50 (ms) and share of the step of each partition phase in ``rep``, and with health the
+    gradient norm (``grad_norm``: the last step's, ``grad_norm_p50``, ``nonfinite_steps``), as
+    plain floats; only the names in ``keys`` (all when None)."""
     out = {}
     for ph in PARTITION + ("step",):
         e = rep["phases"][ph]
@@ -47,7 +48,21 @@ def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None)
         out[f"{ph}_p50_ms"] = e["host"]["p50"] * 1e3
         if ph != "step" and e["share_host"] is not None:
             out[f"{ph}_share"] = e["share_host"]
+    health = rep.get("health")
+    if health and health["grad_norm"]["count"]:  # training health: the last step's, and the p50
+        out["grad_norm"] = health["grad_norm"]["last"]
+        out["grad_norm_p50"] = health["grad_norm"]["p50"]
+        out["nonfinite_steps"] = float(health["nonfinite"]["steps"])
     return pick(out, keys, prefix)
+
+
+def observe(mon: Any, loss: Any) -> None:
+    """Hands a framework's loss tensor to the Monitor (no host read) when health is on."""
+    import torch
+
+    if mon is not None and mon.attached and mon._watch is not None and isinstance(loss, torch.Tensor) \
+            and loss.numel() == 1 and loss.is_floating_point():
+        mon.observe(loss)
 
 
 def closing_text(mon: Any, note: str = "") -> str:

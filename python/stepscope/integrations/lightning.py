@@ -123,6 +123,8 @@ class StepscopeCallback(pl.Callback):
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
         self._mark("forward_end")
+        # The loss Lightning backpropagates (divided by accumulate_grad_batches), kept on the device.
+        _common.observe(self.monitor, loss)
         self._mark("backward_begin")
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
