@@ -100,7 +100,7 @@ for m in ${OVERHEAD_MODELS:-mlp gpu-bound}; do
   if [ $m = mlp ]; then steps=200; rounds=11; else steps=50; rounds=5; fi
   timeout 120 $PY bench/overhead_bench.py --device cuda --model $m --rounds $rounds --steps $steps \
     >"$OUT/overhead.part" 2>&1
-  row "overhead bench (cuda, $m)" "rc $? ($(awk '$1 == "monitor" && $2 ~ /^[0-9.]+$/ {print $4 "x paired"}' "$OUT/overhead.part"))"
+  row "overhead bench (cuda, $m)" "rc $? ($(awk '$1 == "monitor" && $2 ~ /^[0-9.]+$/ {m = $4} $1 == "health" && $2 == "off" {h = $5} END {print m "x paired, health off " h "x"}' "$OUT/overhead.part"))"
   cat "$OUT/overhead.part" >>"$OUT/overhead_cuda.txt" && rm -f "$OUT/overhead.part"
 done
 
