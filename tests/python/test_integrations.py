@@ -562,3 +562,30 @@ def test_lightning_observes_the_loss_and_logs_the_gradient_norm():
     h = cb.monitor.report()["health"]
     assert h["steps"] == 4 and h["loss"]["count"] == 4 and h["no_grad"]["names"] == []
     assert float(trainer.callback_metrics["stepscope/grad_norm"]) > 0
+
+
+def test_hf_logs_the_gradient_norm_and_observes_no_loss(tmp_path):
+    transformers, model = tiny_lm()
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    seen = []
+
+    class Logger(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    cb = StepscopeCallback(summary=False, warmup_steps=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64), callbacks=[cb, Logger()])
+    trainer.train()
+    logged = [h for h in seen if "loss" in h]  # the two logging steps (the last log is train_end's)
+    assert len(logged) == 2 and all("stepscope/grad_norm" in h for h in logged), seen
+    h = cb.monitor.report()["health"]
+    assert h["steps"] == 4 and h["loss"] is None
+    # The Trainer clips (max_grad_norm=1.0) before optimizer.step() and logs the norm before clipping;
+    # the Monitor reads the gradients the optimizer gets: the clipped ones.
+    for x in logged:
+        ours, theirs = float(x["stepscope/grad_norm"]), float(x["grad_norm"])
+        assert ours <= args.max_grad_norm * (1 + 1e-5) and (theirs <= args.max_grad_norm or ours < theirs)
