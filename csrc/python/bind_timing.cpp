@@ -232,6 +232,8 @@ void bind_timing(py::module_& m) {
       .def("open", &Timeline::open)
       .def("close", &Timeline::close)
       .def_property_readonly("steps", &Timeline::steps)
+      .def("keep_out_step", &Timeline::keep_out_step,
+           "The step under way counts as a warm-up step: kept out of every statistic (call it before its first boundary)")
       .def_property_readonly("step_index", &Timeline::step_index,
                              "The index of the step under way (recent_steps' 'step'; reset() keeps it)")
       .def_property_readonly("device", &Timeline::device)

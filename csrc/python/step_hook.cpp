@@ -286,4 +286,95 @@ void Owners::clear() {
   seen_.clear();
 }
 
+// ------------------------------------------------------------------------------------ Shapes
+namespace {
+int64_t shape_key(PyObject* args) {
+  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) == 0) return 0;
+  PyObject* a0 = PyTuple_GET_ITEM(args, 0);
+  if (!THPVariable_Check(a0)) return 0;
+  const at::Tensor& t = THPVariable_Unpack(a0);
+  uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(t.scalar_type());  // FNV-1a over the sizes
+  for (int64_t d : t.sizes()) h = (h ^ static_cast<uint64_t>(d)) * 1099511628211ull;
+  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
+  return static_cast<int64_t>(h >> 1) + 1;  // positive: 0 is "no tensor input"
+}
+}  // namespace
+
+bool Shapes::call(PyObject* key, PyObject* arg, bool* result) {
+  PyObject* r = PyObject_CallFunctionObjArgs(fn, key, arg, nullptr);
+  if (r == nullptr) return false;
+  const int yes = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  if (yes < 0) return false;
+  if (result != nullptr) *result = yes > 0;
+  return true;
+}
+
+int Shapes::forward(PyObject* args) {
+  if (fn == nullptr || active_) return 0;  // active_: a forward inside a counted one
+  const bool first = !in_step_;
+  if (first) {
+    in_step_ = true;
+    key_ = shape_key(args);
+    for (auto& e : seen) {
+      if (e.first == key_) {
+        ++e.second;
+        return 0;
+      }
+    }
+    if (seen.size() >= kMaxShapes) {
+      ++unseen_steps;
+      return 0;
+    }
+    seen.emplace_back(key_, 1);
+  } else if (!counting_) {
+    return 0;
+  }
+  PyObject* input = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
+  PyObject* k = PyLong_FromLongLong(key_);
+  if (k == nullptr) return -1;
+  bool began = false;
+  const bool ok = call(k, input, &began);
+  Py_DECREF(k);
+  if (!ok) return -1;
+  active_ = began;
+  if (first) counting_ = began;
+  return first && began ? 1 : 0;
+}
+
+bool Shapes::forward_end() {
+  if (!active_ || fn == nullptr) return true;
+  active_ = false;
+  return call(Py_None, Py_False, nullptr);
+}
+
+bool Shapes::step_end() {
+  in_step_ = false;
+  if (!counting_ || fn == nullptr) return true;
+  counting_ = false;
+  active_ = false;
+  return call(Py_None, Py_True, nullptr);
+}
+
+void Shapes::set(PyObject* f) {
+  Py_CLEAR(fn);
+  if (f != Py_None) {
+    Py_INCREF(f);
+    fn = f;
+  }
+  seen.clear();
+  unseen_steps = 0;
+  counting_ = active_ = in_step_ = false;
+}
+
+PyObject* Shapes::read() const {
+  PyObject* list = PyList_New(0);
+  for (size_t i = 0; list != nullptr && i < seen.size(); ++i) {
+    PyObject* e = Py_BuildValue("(LL)", static_cast<long long>(seen[i].first), static_cast<long long>(seen[i].second));
+    if (e == nullptr || PyList_Append(list, e) < 0) Py_CLEAR(list);
+    Py_XDECREF(e);
+  }
+  return list == nullptr ? nullptr : Py_BuildValue("(NL)", list, static_cast<long long>(unseen_steps));
+}
+
 }  // namespace stepscope::python::hook

@@ -4,7 +4,10 @@
 
 #include <Python.h>
 
+#include <cstdint>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace stepscope::python::hook {
 
@@ -45,6 +48,38 @@ struct Owners {
     bool ours;
   };
   std::unordered_map<PyObject*, Seen> seen_;
+};
+
+// FLOPs counting's shape watch (Monitor(flops="auto"), python/stepscope/_monitor_throughput.py). At
+// the first training forward of each step: a key of the first positional input's dtype and sizes
+// (0 without one). For a key not seen before (at most kMaxShapes), fn(key, input) is called at
+// that forward's pre hook and returns whether it began counting; while it counts, fn(key, input)
+// again at each later training forward of the step, fn(None, False) at the end of each counted
+// forward, and fn(None, True) at the step's end. Counting is bounded by forwards (their post hooks
+// run on exceptions too), never left on across steps. Each step costs a hash of the sizes and a
+// search of `seen`; Python runs only on a new shape's step.
+struct Shapes {
+  static constexpr size_t kMaxShapes = 64;
+  PyObject* fn = nullptr;  // strong reference, or null: off
+  std::vector<std::pair<int64_t, int64_t>> seen;  // (key, steps that began with it)
+  int64_t unseen_steps = 0;  // steps whose shape came after kMaxShapes others
+  // At a training forward's pre hook (args: its positional arguments): 1 when fn began counting a
+  // step (the step is to be kept out of the statistics), 0 otherwise, -1 with a Python error set.
+  int forward(PyObject* args);
+  // At the end of a forward the step machine tracked; false with a Python error set.
+  bool forward_end();
+  // At the step's end: false with a Python error set.
+  bool step_end();
+  void set(PyObject* f);  // a new reference to f (None: off), forgetting every key
+  void clear() { Py_CLEAR(fn); }
+  PyObject* read() const;  // ([(key, steps)], unseen_steps), a new reference (null on error)
+
+ private:
+  bool call(PyObject* key, PyObject* arg, bool* result);
+  int64_t key_ = 0;
+  bool counting_ = false;  // the step under way is counted
+  bool active_ = false;    // inside a counted forward
+  bool in_step_ = false;   // a training forward began in the step under way
 };
 
 }  // namespace stepscope::python::hook

@@ -83,6 +83,7 @@ struct State final : StepHost {
   int64_t until_print = 0;
   std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
   hook::Health health;            // training health at the model's optimizer steps (step_health.h)
+  hook::Shapes shapes;            // FLOPs counting: a new input shape's step (step_hook.h)
   int64_t train_forwards = 0;     // training forwards seen ...
   int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
 };
@@ -97,6 +98,7 @@ PyObject* g_training = nullptr;  // interned "training"
 bool sample_now(const State* s) { return s->module_every > 0 && s->tl->steps() % s->module_every == 0; }
 
 PyObject* step_ended(State* s) {
+  if (!s->shapes.step_end()) return nullptr;
   const bool want = sample_now(s);
   const bool print = s->print_every > 0 && --s->until_print == 0;
   if (print) s->until_print = s->print_every;
@@ -132,6 +134,11 @@ PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
       if (t.dim() > s->batch_dim) batch = t.size(s->batch_dim);
     }
   }
+  if (!eval && s->machine.would_train()) {  // before forward_begin closes the step's first phase
+    const int counting = s->shapes.forward(args[1]);
+    if (counting < 0) return nullptr;
+    if (counting > 0) s->tl->keep_out_step();
+  }
   if (!s->machine.forward_begin(eval, batch, hook::calling_frame())) Py_RETURN_NONE;
   if (!eval) {
     ++s->train_forwards;
@@ -144,6 +151,7 @@ PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* forward_post(State* s, PyObject* const* args, Py_ssize_t nargs) {
   if (!hook::check_args("forward_post", nargs, 3)) return nullptr;
   if (!s->machine.forward_end()) Py_RETURN_NONE;
+  if (!s->shapes.forward_end()) return nullptr;
   if (args[2] != Py_None && c10::GradMode::is_enabled()) {
     PyObject* t = hook::first_grad_tensor(args[2]);
     if (t != nullptr) stepscope::timing::hook_backward(THPVariable_Unpack(t), s->tl);
@@ -254,6 +262,17 @@ PyObject* set_watch(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// count_shapes(fn): FLOPs counting at each new input shape (hook::Shapes), or None: off.
+PyObject* count_shapes(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!hook::check_args("count_shapes", nargs, 1)) return nullptr;
+  if (args[0] != Py_None && !PyCallable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "stepscope: count_shapes needs a callable or None");
+    return nullptr;
+  }
+  reinterpret_cast<Object*>(self)->s->shapes.set(args[0]);
+  Py_RETURN_NONE;
+}
+
 // step(): ends the step where no optimizer hook does; returns whether one ended.
 PyObject* step(PyObject* self, PyObject* const* /*args*/, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -275,6 +294,7 @@ int traverse(PyObject* self, visitproc visit, void* arg) {
     Py_VISIT(s->on_step_self);
     for (const void* t : s->machine.held()) Py_VISIT(State::obj(t));
     Py_VISIT(s->owners.fn);
+    Py_VISIT(s->shapes.fn);
   }
   return 0;
 }
@@ -286,6 +306,7 @@ int clear(PyObject* self) {
     Py_CLEAR(s->on_step_self);
     s->machine.release_all();
     s->owners.clear();
+    s->shapes.clear();
   }
   return 0;
 }
@@ -305,6 +326,9 @@ PyMethodDef g_methods[] = {
      "add_module(module, id): time this submodule's forward as Timeline module `id`"},
     {"watch", STEPSCOPE_FASTCALL(set_watch), METH_FASTCALL,
      "watch(w): training health (a HealthWatch) at each of the model's optimizer steps; None: off"},
+    {"count_shapes", STEPSCOPE_FASTCALL(count_shapes), METH_FASTCALL,
+     "count_shapes(fn): FLOPs counting at each new input shape; the calls fn gets: hook::Shapes (step_hook.h); "
+     "None: off"},
     {"step", STEPSCOPE_FASTCALL(step), METH_FASTCALL,
      "ends the step where no optimizer hook does; returns whether a step ended"},
     {"optimizer_end", STEPSCOPE_FASTCALL(optimizer_end), METH_FASTCALL,
@@ -331,6 +355,8 @@ PyObject* get_autocast(PyObject* self, void* /*closure*/) {
   return Py_BuildValue("(LL)", static_cast<long long>(s->train_forwards), static_cast<long long>(s->autocast_forwards));
 }
 
+PyObject* get_shapes(PyObject* self, void* /*closure*/) { return reinterpret_cast<Object*>(self)->s->shapes.read(); }
+
 #define STEPSCOPE_HOOK(kind, doc) \
   {hook::kKindNames[kind], get_hook, nullptr, doc, reinterpret_cast<void*>(static_cast<intptr_t>(kind))}
 PyGetSetDef g_getset[] = {
@@ -345,6 +371,8 @@ PyGetSetDef g_getset[] = {
                    "per-module forward hook (module, args, output); register with always_call=True"),
     {"sampling", get_sampling, nullptr, "per-module hooks belong on the step now running", nullptr},
     {"autocast_forwards", get_autocast, nullptr, "(training forwards, those under CUDA autocast)", nullptr},
+    {"shape_steps", get_shapes, nullptr, "[(shape key, steps begun with it)] and steps with shapes beyond those",
+     nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 #undef STEPSCOPE_HOOK
 

@@ -65,6 +65,8 @@ class StepMachine {
   const std::shared_ptr<Timeline>& timeline_ptr() const { return tl_; }
   // Whether the calling thread is the training thread (checks only; claims nothing).
   bool on_training_thread() const { return std::this_thread::get_id() == thread_; }
+  // Whether a training boundary on the calling thread would be the training thread's (it is, or none is claimed).
+  bool would_train() const { return on_training_thread() || !thread_claimed_; }
 
   // A forward begins (eval: no grad, inference mode or eval(); batch: samples, < 0 unknown);
   // call: the token of the call it runs in. false: ignored (another thread's).

@@ -400,6 +400,11 @@ int64_t Timeline::step_index() const {
   return step_index_;
 }
 
+void Timeline::keep_out_step() {
+  std::lock_guard<SpinLock> g(mu_);
+  warm_ = true;
+}
+
 int64_t Timeline::steps() const {
   std::lock_guard<SpinLock> g(mu_);
   return stats_.steps();

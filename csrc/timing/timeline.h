@@ -214,6 +214,10 @@ class Timeline : private DeviceSink {
   // The name of a user (SpanRecord::kUser) or module (kModule) span's id.
   std::string span_name(int kind, int id) const;
   int64_t steps() const;  // every completed step, warm-up included
+  // The step under way is kept out of every statistic as a warm-up step is (totalled apart in
+  // Report::warmup): a step slowed on purpose, the Monitor counting its FLOPs. Boundaries it
+  // already recorded stay counted: call it before the step's first boundary.
+  void keep_out_step();
   // The index of the step under way (NVTX payloads, recent_steps' "step"; not reset by reset()).
   int64_t step_index() const;
   bool device() const { return timer_.enabled(); }

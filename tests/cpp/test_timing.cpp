@@ -998,3 +998,34 @@ TEST(TimingTimeline, RingIsCheckedAgainstItsCeiling) {
     EXPECT_NE(std::string(e.what()).find("ring must be an int from 1 to 65536"), std::string::npos) << e.what();
   }
 }
+
+// A step kept out (the Monitor counting its FLOPs) is totalled with the warm-up, like a warm-up step:
+// no statistic, no samples/s, no spike sees it, and the ring marks it.
+TEST(TimingTimeline, KeptOutStepCountsAsWarmup) {
+  Timeline tl({.device = false, .nvtx = false, .warmup_steps = 1});
+  auto step = [&](bool keep_out, int us) {
+    if (keep_out) tl.keep_out_step();
+    tl.forward_begin(false, 4);
+    spin_us(us);
+    tl.forward_end();
+    ASSERT_TRUE(tl.backward_begin());
+    tl.backward_end();
+    tl.optimizer_begin();
+    tl.optimizer_end();
+  };
+  step(false, 10);                              // step 0: warm-up
+  for (int i = 0; i < 8; ++i) step(false, 50);  // steady
+  step(true, 20000);                            // slow on purpose, kept out
+  for (int i = 0; i < 4; ++i) step(false, 50);
+  const Report r = tl.report();
+  EXPECT_EQ(r.steps, 12);
+  EXPECT_EQ(r.samples, 12 * 4);
+  EXPECT_EQ(r.warmup.steps, 2);
+  EXPECT_EQ(r.warmup.samples, 8);
+  EXPECT_LT(phase(r, Phase::kForward).host.max, 0.015);  // the 20 ms forward is in no statistic
+  EXPECT_EQ(r.spikes_total, 0);
+  const auto ring = tl.recent_steps();
+  ASSERT_EQ(ring.size(), 14u);
+  EXPECT_TRUE(ring[9].warmup);
+  EXPECT_FALSE(ring[10].warmup);  // the next step is steady again
+}
