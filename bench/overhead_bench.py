@@ -9,6 +9,8 @@
 
 and training health (Monitor(health=True) is the default, so `monitor` above includes it):
 
+  flops off       stepscope.Monitor(model, opt, flops=None): no FLOPs counting (the default,
+                  flops="auto", counts one warm-up step and then hashes the input's shape per step)
   health off      stepscope.Monitor(model, opt, health=False)
   +observe        the default Monitor and mon.observe(loss) every step
   foreach_norm, item per param, clip_grad_norm_: the hand-written gradient checks of
@@ -211,6 +213,7 @@ def main() -> int:
             "torch.profiler": run_profiler,
             "health off": run_monitor({"health": False}),
             "+observe": run_monitor({}, observe=True),
+            "flops off": run_monitor({"flops": None}),
             **BASELINES,
         }
     model, opt, xs, ys = make(args.width, args.batch, device=args.device, kind=args.model)

@@ -21,6 +21,7 @@ import statistics
 from typing import Any, Callable, Optional
 
 from .diagnose_health import HEALTH_RULES
+from .diagnose_throughput import THROUGHPUT_RULES
 from .report import Table, format_seconds, partition_bounds
 
 SEVERITIES = ("info", "warn", "critical")
@@ -402,7 +403,7 @@ def rule_straggler(rep: dict) -> list:
 
 RULES: list = [rule_no_step, rule_input_bound, rule_optimizer_heavy, rule_jitter, rule_launch_bound,
                rule_sync_in_phase, rule_memory, rule_precision, rule_eval_share, rule_module_dominates, rule_warmup,
-               rule_dropped, rule_straggler, *HEALTH_RULES]
+               rule_dropped, rule_straggler, *HEALTH_RULES, *THROUGHPUT_RULES]
 
 
 # Rules that read the phase table: diagnose() hands them its ``phases``.

@@ -39,7 +39,9 @@ from . import report as _report
 from .diagnose import STRAGGLER_CRITICAL, STRAGGLER_PHASES, STRAGGLER_WARN  # noqa: F401  (re-exported)
 from .diagnose import rule_straggler as straggler_findings  # noqa: F401  (the public name)
 
-_TAIL = 2  # CUDA memory allocated and peak, after the packed Timeline
+# After the packed Timeline: CUDA memory allocated and peak, then throughput's FLOPs per step,
+# achieved FLOP/s, peak FLOP/s and tokens/s (-1: unknown).
+_TAIL = 6
 
 
 def _dist() -> Any:
@@ -132,7 +134,8 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None, timeout: Timeout = None) -> torch.Tensor:
+def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None, timeout: Timeout = None,
+                  throughput: Optional[dict] = None) -> torch.Tensor:
     """Every rank's packed statistics, ``[world_size, PACKED_WORDS + 2]`` float64 on the CPU.
 
     One ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.14) over ``group``
@@ -143,7 +146,11 @@ def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None, ti
     if mon._tl is None:
         raise RuntimeError("stepscope: nothing recorded yet: attach the Monitor first")
     mem = (float(memory["allocated"]), float(memory["peak"])) if memory else (-1.0, -1.0)
-    local = torch.cat([mon._tl.pack(), torch.tensor(mem, dtype=torch.float64)])
+    tp = throughput or {}
+    got = tp.get("achieved_flops_device") if tp.get("achieved_flops_device") is not None else tp.get("achieved_flops")
+    tput = tuple(float(v) if v is not None else -1.0
+                 for v in (tp.get("flops_per_step"), got, tp.get("peak_flops"), tp.get("tokens_per_s")))
+    local = torch.cat([mon._tl.pack(), torch.tensor(mem + tput, dtype=torch.float64)])
     dev = _comm_device(dist, group)
     local = local.to(dev)
     world = dist.get_world_size(group)
@@ -156,7 +163,7 @@ def gather_packed(mon: Any, group: Any = None, memory: Optional[dict] = None, ti
 
 
 def _memory(row: torch.Tensor) -> dict | None:
-    alloc, peak = float(row[-2]), float(row[-1])
+    alloc, peak = float(row[-6]), float(row[-5])
     return None if alloc < 0 else {"allocated": int(alloc), "peak": int(peak)}
 
 
@@ -166,7 +173,9 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
     ``phases``, ``steps``, ``samples``, ``samples_per_s`` are merged over the ranks (a phase's
     statistics are those of every rank's samples together; ``steps`` the most any rank made,
     samples summed, samples/s = all samples over the slowest rank's summed step time); ``user``,
-    ``modules`` and ``health`` are this rank's own (``local``); ``memory`` the rank with the highest peak.
+    ``modules`` and ``health`` are this rank's own (``local``); ``memory`` the rank with the highest peak;
+    ``throughput``: FLOPs per step, achieved and peak FLOP/s and tokens/s summed over the ranks (None
+    where a rank does not know one), ``mfu`` their ratio, the rest this rank's.
     ``ranks`` holds ``world_size``; ``per_rank`` (per rank: ``steps``, ``samples``, ``p50`` of each
     phase and of the step in seconds, ``count`` of each, ``device_p50`` likewise or None,
     ``memory``); ``phases`` (per phase and the step: ``slowest_rank``, ``slowest_p50``,
@@ -209,7 +218,27 @@ def report_from_gathered(packed: torch.Tensor, local: dict, top_modules: int = 1
                      "skew": (vals[slow] - med) / med_step if med_step > 0 else None}
     rep["ranks"] = {"world_size": len(per_rank), "per_rank": per_rank, "phases": phases}
     rep["health"] = local.get("health") if local else None  # gradients are per rank: not merged
+    rep["throughput"] = _throughput_totals(packed[:, -4:], local)
     return rep
+
+
+def _throughput_totals(rows: torch.Tensor, local: Optional[dict]) -> Optional[dict]:
+    # Sums over the ranks that know each figure; MFU = every rank's achieved FLOP/s over every rank's
+    # peak, only when all ranks know both.
+    own = (local or {}).get("throughput")
+    if own is None:
+        return None
+    vals = rows.tolist()
+
+    def total(i: int) -> Optional[float]:
+        known = [r[i] for r in vals if r[i] >= 0]
+        return sum(known) if len(known) == len(vals) else None
+
+    flops, got, peak, tokens = total(0), total(1), total(2), total(3)
+    out = dict(own, ranks=len(vals), flops_per_step=flops, achieved_flops=got, peak_flops=peak, tokens_per_s=tokens,
+               achieved_flops_device=None, mfu_device=None)
+    out["mfu"] = got / peak if got is not None and peak else None
+    return out
 
 
 def gather_report(mon: Any, group: Any = None, top_modules: int = 10, timeout: Timeout = None) -> dict:
@@ -230,5 +259,5 @@ def gather_report(mon: Any, group: Any = None, top_modules: int = 10, timeout: T
     local = mon.report(top_modules=top_modules)
     if timeout is not None:
         timeout_seconds("timeout", timeout)
-    packed = gather_packed(mon, group, local["memory"], timeout=timeout)
+    packed = gather_packed(mon, group, local["memory"], timeout=timeout, throughput=local.get("throughput"))
     return report_from_gathered(packed, local, top_modules=top_modules)

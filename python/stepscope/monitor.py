@@ -12,12 +12,11 @@ A step is partitioned with no unexplained time: ``data`` (gap before forward), `
 gradient reaches the model's output), ``backward`` (the gradient reaches the model's outputs
 to autograd's final callback), ``other`` (backward end to the optimizer) and ``optimizer``. The
 step ends at the optimizer's post hook, or at :meth:`Monitor.step`. The hooks are C functions
-(``_C.StepHooks``, csrc/python/step_hooks.cpp, over the step rule of csrc/timing/step_machine.h)
-that only read a clock and record a CUDA event (on GPU; read back with ``cudaEventQuery`` once
-complete: no device synchronisation during the steps); this module registers them and reads the results, and no Python runs per step unless
-per-module sampling or ``print_every`` need it. Copies, checkpoints, interrupted forwards and
-dropped Monitors: the README's "Where the time goes: Monitor". The argument checks, the registry
-of attached models, user phases and snapshots live in ``_monitor_parts.py``.
+(``_C.StepHooks``, csrc/python/step_hooks.cpp, over csrc/timing/step_machine.h's step rule) that
+read a clock and record a CUDA event (read back with ``cudaEventQuery``: no device sync); no Python
+runs per step unless per-module sampling or ``print_every`` need it. Copies, checkpoints and
+interrupted forwards: the README's "Where the time goes: Monitor". Argument checks, the registry of
+attached models, user phases and snapshots: ``_monitor_parts.py``; health and throughput: theirs.
 """
 
 from __future__ import annotations
@@ -34,14 +33,15 @@ import torch.optim.optimizer as _optim_mod
 
 from . import _C
 from . import _monitor_health as _health
+from . import _monitor_throughput as _tp
 from . import diagnose as _diagnose
 from . import export as _export
 from . import report as _report
 from . import run as _run
 from ._monitor_parts import (MARKS, Snapshot, _check_arguments, _check_device_every,  # noqa: F401
-                             _check_options, _check_ring, _claim, _context, _mark, _memory, _ModuleSel,
-                             _owner_of, _Phase, _release, _samples_counted_by, _selected_modules,
-                             _snapshot_base, _unclaim)
+                             _check_options, _check_ring, _claim, _context, _is_compiled, _mark, _memory,
+                             _ModuleSel, _owner_of, _Phase, _release, _sample_modules, _samples_counted_by,
+                             _selected_modules, _snapshot_base, _unclaim)
 
 
 class Monitor:
@@ -84,6 +84,14 @@ class Monitor:
             ``"warn"`` (default), ``"skip"`` the update or ``"raise"`` (both read the device once per
             step); ||dw|| / ||w|| on one step in ``update_ratio_every`` (0: off). What each costs:
             the README's "Training health".
+        flops, peak_flops, tokens_per_sample: throughput (``report()["throughput"]``: FLOP/s, MFU,
+            tokens/s). ``flops``: ``"auto"`` (default) counts one step's FLOPs (forward and backward,
+            every micro-batch of the optimizer step) with a dispatch mode at each new input shape, that
+            step kept out of the statistics; an int (FLOPs per optimizer step), ``f(batch_size)``, or
+            None. ``peak_flops`` (FLOP/s) overrides the peak: by default the datasheet table of
+            :mod:`stepscope.hardware` on CUDA (None for a part it lacks), a measured matmul on CPU.
+            ``tokens_per_sample``: default, T of an integer first input ``[B, T]``. The README's
+            "Throughput and MFU".
 
     Eval forwards (``no_grad``, ``inference_mode``, ``model.training`` False) are reported apart
     (``eval_forward``, ``eval``) and left out of the training step. Gradient accumulation and
@@ -112,6 +120,9 @@ class Monitor:
         health: bool = True,
         nonfinite: str = "warn",
         update_ratio_every: int = 100,
+        flops: Any = "auto",
+        peak_flops: Optional[float] = None,
+        tokens_per_sample: Optional[int] = None,
     ) -> None:
         models, opts = _check_arguments(model, optimizers)
         per_module = _check_options(models, opts, per_module=per_module, per_module_every=per_module_every,
@@ -120,6 +131,8 @@ class Monitor:
         self._device_every = _check_device_every(device_every)
         _health.check_options(health, nonfinite, update_ratio_every)
         self._health = (nonfinite, update_ratio_every) if health else None
+        _tp.check_options(flops, peak_flops, tokens_per_sample)
+        self._flops = _tp.Flops(flops, peak_flops, tokens_per_sample, batch_dim or 0)
         self._watch: Any = None  # _C.HealthWatch, made at the first attach
         self._models = models
         self._opts = opts
@@ -228,6 +241,7 @@ class Monitor:
                 made = _health.make_watch(self._models, self._opts, self._ring, *self._health)
                 self._watch, self._groups = made
             hk.watch(self._watch)
+        self._flops.attach(hk, any(_is_compiled(m) for m in self._models))
         if self._opts:
             for o in self._opts:
                 self._handles.append(o.register_step_pre_hook(hk.optimizer_pre))
@@ -241,9 +255,10 @@ class Monitor:
                 i = tl.register_module(label)
                 hk.add_module(sub, i)
                 self._modules.append((sub, i))
-            self._sample_modules(hk.sampling)
+            _sample_modules(self, hk.sampling)
 
     def _remove_all(self) -> None:
+        self._flops.detach(self._hooks)
         for h in self._handles + self._module_handles:
             h.remove()
         self._handles.clear()
@@ -251,23 +266,11 @@ class Monitor:
 
     # ------------------------------------------------------------------ per step
     def _step_ended(self, sample_modules: bool) -> None:
-        # Called by the hooks after a step ended, only when per-module sampling switches on or
-        # off, and on every print_every-th step.
+        # Called by the hooks at a step's end when per-module sampling switches, and every print_every-th.
         if self._modules:
-            self._sample_modules(sample_modules)
+            _sample_modules(self, sample_modules)
         if self._print_every and self._tl.steps % self._print_every == 0:
             logging.getLogger("stepscope").info(_report.live_line(self._local_report(health=False), self._tl.steps))
-
-    def _sample_modules(self, want: bool) -> None:
-        if want and not self._module_handles:
-            hk = self._hooks
-            for sub, _ in self._modules:
-                self._module_handles.append(sub.register_forward_pre_hook(hk.module_pre))
-                self._module_handles.append(sub.register_forward_hook(hk.module_post, always_call=True))
-        elif not want and self._module_handles:
-            for h in self._module_handles:
-                h.remove()
-            self._module_handles.clear()
 
     # ------------------------------------------------------------------ user API
     def step(self) -> bool:
@@ -331,9 +334,8 @@ class Monitor:
             for x, y in loader: ...                       # one epoch
             print(mon.summary(since=snap)); snap = mon.snapshot()
 
-        Cheap: one copy of the raw statistics, no device synchronisation, nothing per step. What
-        is exact and what is approximate (min/max, ``modules``, late device samples, resets): the
-        README's "Intervals".
+        Cheap: one copy of the raw statistics, no device sync, nothing per step. What is exact and
+        what approximate: the README's "Intervals".
         """
         return Snapshot(self, self._tl.snapshot() if self._tl is not None else None)
 
@@ -360,8 +362,7 @@ class Monitor:
         ``group`` by one all_gather, plus a per-rank view in ``ranks`` (a collective: every rank
         calls it; see :func:`stepscope.distributed.gather_report`); ``timeout`` (seconds): raise
         ``distributed.CollectiveTimeoutError`` naming the ranks that did not call it instead of
-        waiting for the process group's own timeout. ``samples_counted_by`` (a local report):
-        ``"batch_size=N"``, ``"the first input's dimension D"`` or ``"mark(batch=)"``.
+        waiting for the process group's own timeout.
         """
         base = _snapshot_base(self, since)
         if gather:
@@ -382,6 +383,7 @@ class Monitor:
                                    context=_context(self._models, self._cuda, self._autocast_counts()),
                                    samples_counted_by=_samples_counted_by(self))
         rep["health"] = _health.report_of(self) if health else None
+        rep["throughput"] = _tp.report_of(self, rep, measure=health)
         return rep
 
     def observe(self, loss: torch.Tensor) -> None:
@@ -399,8 +401,7 @@ class Monitor:
         return _diagnose.diagnose(self.report(since=since, gather=gather, group=group))
 
     def _findings(self, rep: dict) -> list:
-        # The diagnosis of the very report being printed or saved (built once per call). A
-        # diagnose() set on the instance in place of this class's (a test, a tool) is asked instead.
+        # The diagnosis of the report being printed or saved; a diagnose() set on the instance is asked instead.
         own = vars(self).get("diagnose")
         return own() if own is not None else _diagnose.diagnose(rep)
 

@@ -251,7 +251,8 @@ def _summary_rows(rep: dict, names: Sequence[str]) -> list:
 
 
 def _summary_tail(rep: dict) -> list:
-    """The lines under the table: steps, samples/s, memory, device sampling, warm-up, spikes, health."""
+    """The lines under the table: steps, samples/s, memory, device sampling, warm-up, spikes, throughput,
+    health."""
     steady = rep.get("steady_steps", rep["steps"])
     tail = [f"steps {rep['steps']}" + (f" ({steady} after warm-up)" if steady != rep["steps"] else "")]
     if rep["samples_per_s"] is not None and rep["samples"]:
@@ -280,9 +281,10 @@ def _summary_tail(rep: dict) -> list:
         lines.append(f"spikes (steps > 3x the running median): {rep.get('spikes_total', len(spikes))}; last: "
                      f"step {last['step']} {_ms(last['duration'])} ms against {_ms(last['step_median'])}, "
                      f"{last['phase']} {_ms(last['phase_time'])} ms against {_ms(last['phase_median'])}")
-    from .diagnose_health import format_health  # the health section lives beside its rules
+    from .diagnose_health import format_health  # the health and throughput lines live beside their rules
+    from .diagnose_throughput import format_throughput
 
-    return lines + format_health(rep)
+    return lines + format_throughput(rep) + format_health(rep)
 
 
 def _ordinal(k: int) -> str:

@@ -48,7 +48,7 @@ def test_device_every_has_no_effect_on_cpu(every):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=every) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, device_every=every) as mon:
         _train(model, opt, torch.randn(16, 8), 20)
     rep = mon.report()
     assert rep["steps"] == 20
@@ -151,7 +151,7 @@ def test_cuda_device_every_one_times_every_step_with_one_event_per_boundary():
     dev = torch.device("cuda")
     model, opt, x = _mlp(dev)
     steps = 60
-    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=1) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, device_every=1) as mon:
         _train(model, opt, x, steps)
     torch.cuda.synchronize()
     rep = mon.report()
@@ -170,7 +170,7 @@ def test_cuda_fixed_device_every_schedule_and_event_count():
     dev = torch.device("cuda")
     model, opt, x = _mlp(dev)
     steps, k = 50, 4  # timed: 0, 4, .., 48; step 49's successor (50) is not due, so no extra event
-    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=k) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, device_every=k) as mon:
         _train(model, opt, x, steps)
     torch.cuda.synchronize()
     rep = mon.report()
@@ -199,7 +199,7 @@ def test_cuda_sampled_device_times_match_hand_placed_events_on_the_same_steps():
         e.record()
         return e
 
-    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=k) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, device_every=k) as mon:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(steps):

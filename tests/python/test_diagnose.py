@@ -280,7 +280,7 @@ def test_e2e_warmup_kept_apart():
         model.extra_ms = 50 * 5.0 if i == 0 else 0.0
 
     warm = run(23, fwd_ms=5.0, opt_ms=0.5, per_step=slow_first)  # default warmup_steps=3
-    cold = run(20, fwd_ms=5.0, opt_ms=0.5, per_step=slow_first, warmup_steps=0)
+    cold = run(20, fwd_ms=5.0, opt_ms=0.5, per_step=slow_first, warmup_steps=0, flops=None)
     w, c = (m.report()["phases"]["step"]["host"] for m in (warm, cold))
     assert w["count"] == 20 and warm.steps == 23
     ring = warm.recent_steps()
@@ -315,7 +315,7 @@ def test_summary_max_column_and_user_phase_under_its_phase():
     model = Sleepy(2.0)
     opt = SleepySGD(model.parameters(), 0.5)
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for _ in range(5):
             with mon.phase("fetch"):
                 time.sleep(1e-3)

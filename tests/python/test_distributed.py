@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, seed: int, plant: int, q) -> None:
 
         for n in originals:
             setattr(dist, n, counting(n))
-        with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
             for s in range(STEPS):
                 time.sleep(PLANT_SLEEP if rank == plant else DATA_SLEEP)  # the loader
                 lo = (s * world + rank) * 8
@@ -248,7 +248,7 @@ def test_compute_is_global_and_equals_one_process_over_all_data(runs, case):
 
 def test_gathered_report_needs_an_initialised_process_group():
     model = torch.nn.Linear(4, 2)
-    with stepscope.Monitor(model, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
         model(torch.randn(3, 4)).sum().backward()
         mon.step()
     with pytest.raises(RuntimeError, match="stepscope: gather=True needs torch.distributed initialised"):
@@ -265,13 +265,13 @@ def test_gathered_report_needs_an_initialised_process_group():
 
 def test_report_from_gathered_refuses_bad_shapes_and_foreign_buffers():
     model = torch.nn.Linear(4, 2)
-    with stepscope.Monitor(model, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
         for _ in range(3):
             model(torch.randn(3, 4)).sum().backward()
             mon.step()
     with pytest.raises(ValueError, match="gathered statistics must be"):
         distributed.report_from_gathered(torch.zeros(2, 5, dtype=torch.float64), mon.report())
-    bad = torch.zeros(1, _C.PACKED_WORDS + 2, dtype=torch.float64)
+    bad = torch.zeros(1, _C.PACKED_WORDS + distributed._TAIL, dtype=torch.float64)
     with pytest.raises(ValueError, match="not a packed Timeline"):
         distributed.report_from_gathered(bad, mon.report())
     with pytest.raises(ValueError, match="whole number of buffers"):
@@ -284,7 +284,7 @@ def test_packed_round_trip_equals_the_local_report_and_merges():
     models = [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)]
     mons = []
     for k, model in enumerate(models):
-        with stepscope.Monitor(model, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
             for _ in range(5 + 3 * k):
                 # Rank 1's data holds a planted 20 ms; rank 0's none, so that a loaded machine's noise
                 # (milliseconds at worst in a median) cannot make rank 0 the slower one.
@@ -300,7 +300,7 @@ def test_packed_round_trip_equals_the_local_report_and_merges():
         assert back["steps"] == raw["steps"] and back["samples"] == raw["samples"]
         assert back["step_host_total"] == raw["step_host_total"]
     # Single process: the gathered report from stacked buffers, as the all_gather would give them.
-    tail = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    tail = torch.full((6,), -1.0, dtype=torch.float64)
     stacked = torch.stack([torch.cat([p, tail]) for p in packs])
     rep = distributed.report_from_gathered(stacked, mons[0].report())
     assert rep["steps"] == 8 and rep["samples"] == 3 * 13
@@ -380,7 +380,7 @@ def _fsdp_worker(rank: int, world: int, port: int, q) -> None:
         fully_shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         x, y = _data(rank, 64)
-        with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
             for s in range(8):
                 torch.nn.functional.cross_entropy(model(x[8 * s:8 * s + 8]), y[8 * s:8 * s + 8]).backward()
                 opt.step()
@@ -564,7 +564,7 @@ def _timeout_worker(rank: int, world: int, port: int, q, done, ready, what: str,
         m.update(torch.randn(4, 5), torch.randint(0, 5, (4,)))
         model = torch.nn.Linear(3, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
             for _ in range(3):
                 model(torch.randn(2, 3)).sum().backward()
                 opt.step()

@@ -114,7 +114,7 @@ def fit(manual=False, accumulate=1, batches=7, **cb_kwargs):
     pl, lit = lightning_module(manual)
     from stepscope.integrations.lightning import StepscopeCallback
 
-    cb = StepscopeCallback(warmup_steps=0, **cb_kwargs)
+    cb = StepscopeCallback(warmup_steps=0, flops=None, **cb_kwargs)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          accumulate_grad_batches=accumulate, callbacks=[cb])
@@ -182,7 +182,7 @@ def test_lightning_own_logging_is_its_own_span_outside_the_step():
 
     lit.log_dict = slow_log_dict
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
-    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=1, summary=False, warmup_steps=0)
+    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=1, summary=False, warmup_steps=0, flops=None)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(7), batch_size=None))
@@ -230,7 +230,7 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
     batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
     cb = StepscopeCallback(metrics=metrics, log_every_n_steps=2, log_keys="all", summary=False,
-                           warmup_steps=0)
+                           warmup_steps=0, flops=None)
     lit, logged = Lit(), []  # what the callback sent to log_dict, call by call
     log_dict = lit.log_dict
     lit.log_dict = lambda d, **kw: (logged.append({k: float(v) for k, v in d.items()}), log_dict(d, **kw))
@@ -277,7 +277,7 @@ def test_plant_bounds_fail_when_a_sleep_is_reported_in_another_phase():
     # really run after the forward (in "loss") fail both that phase's lower and loss's upper bound.
     model = torch.nn.Linear(6, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for _ in range(5):
             out = model(torch.randn(8, 6))
             sleep(0.030, "forward")  # mislabelled: this is the loss phase
@@ -335,7 +335,7 @@ def test_hf_trainer_steps_are_optimizer_steps(tmp_path, capsys, accumulate):
     transformers, model = tiny_lm()
     from stepscope.integrations.transformers import StepscopeCallback
 
-    cb = StepscopeCallback(warmup_steps=0)
+    cb = StepscopeCallback(warmup_steps=0, flops=None)
     seen = []
 
     class Logger(transformers.TrainerCallback):  # a logger placed after ours
@@ -374,7 +374,7 @@ def test_hf_metrics_from_the_models_logits_and_labels_per_log_and_on_eval(tmp_pa
     def lm_metrics():
         return stepscope.ClassificationMetrics("multiclass", num_classes=64, class_dim=-1, ignore_index=-100)
 
-    cb = StepscopeCallback(metrics=lm_metrics(), eval_metrics=lm_metrics(), summary=False, warmup_steps=0)
+    cb = StepscopeCallback(metrics=lm_metrics(), eval_metrics=lm_metrics(), summary=False, warmup_steps=0, flops=None)
     # The oracle, by hand from each training forward: token t predicts label t + 1. (The Trainer's
     # logged loss divides by every label of the batch, 12 a row, through num_items_in_batch.)
     losses, hits, seen = [], [], []
@@ -437,7 +437,7 @@ def test_hf_logs_the_timing_of_the_steps_since_the_previous_log(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    cb = StepscopeCallback(summary=False, warmup_steps=0, log_keys="all")
+    cb = StepscopeCallback(summary=False, warmup_steps=0, flops=None, log_keys="all")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
@@ -465,7 +465,7 @@ def test_log_tensorboard_since_a_snapshot_logs_that_interval():
     model.register_forward_hook(lambda m, a, out: sleep(0.005 if len(SLEPT["f0"]) < 3 else 0.030,
                                                         "f0" if len(SLEPT["f0"]) < 3 else "f1"))
     w = Writer()
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         snap = None
         for epoch in range(2):
             for _ in range(3):
@@ -574,7 +574,7 @@ def test_hf_logs_the_gradient_norm_and_observes_no_loss(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    cb = StepscopeCallback(summary=False, warmup_steps=0)
+    cb = StepscopeCallback(summary=False, warmup_steps=0, flops=None)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)

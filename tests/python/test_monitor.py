@@ -120,7 +120,7 @@ def test_planted_phases_each_within_5_percent_and_sum_to_step():
     torch.optim.SGD(model.parameters())  # wraps SGD.step too: SlowSGD's super().step() nests the hooks
     opt = SlowSGD(model.parameters())
     steps = 6
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for x in loader(steps):
             train_step(model, opt, x)
     rep = mon.report()
@@ -146,7 +146,7 @@ def test_planted_phases_each_within_5_percent_and_sum_to_step():
 def test_global_optimizer_hooks_when_no_optimizer_given():
     model = Planted(fwd=0.002, bwd=0.002)
     opt = SlowSGD(model.parameters(), secs=0.020)
-    with stepscope.Monitor(model, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
         for x in loader(4, secs=0.002):
             train_step(model, opt, x, plant=dict(PLANT, loss=0.001, other=0.001))
         assert optim_mod._global_optimizer_pre_hooks
@@ -160,7 +160,7 @@ def test_gradient_accumulation():
     model, micro, steps = Planted(fwd=0.015, bwd=0.015), 3, 3
     opt = SlowSGD(model.parameters(), secs=0.020)
     plant = dict(PLANT, loss=0.020, other=0.015)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         batches = loader(micro * steps, secs=0.009)
         for _ in range(steps):
             for _ in range(micro):
@@ -191,7 +191,7 @@ def test_eval_is_reported_apart(mode):
     opt = SlowSGD(model.parameters(), secs=0.004)
     plant = dict(PLANT, loss=0.002, other=0.002)
     n_eval = 3
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for i, x in enumerate(loader(4, secs=0.010)):
             train_step(model, opt, x, plant=plant)
             if i % 2 == 0:
@@ -224,7 +224,7 @@ def test_eval_is_reported_apart(mode):
 
 def test_phase_and_manual_step_and_user_phases():
     model = Planted(fwd=0.003, bwd=0.003)
-    with stepscope.Monitor(model, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
         for x in loader(3, secs=0.002):
             out = model(x)
             out.sum().backward()
@@ -254,7 +254,7 @@ def test_per_module_sampled_and_ranked():
 
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    with stepscope.Monitor(net, opt, per_module=True, per_module_every=3, warmup_steps=0) as mon:
+    with stepscope.Monitor(net, opt, per_module=True, per_module_every=3, warmup_steps=0, flops=None) as mon:
         for x in loader(7, secs=0.0):
             net(x).sum().backward()
             opt.step()
@@ -266,12 +266,12 @@ def test_per_module_sampled_and_ranked():
     assert mods["slow"]["host"]["mean"] >= 0.006
     assert no_hooks(net, opt)
 
-    with stepscope.Monitor(net, opt, per_module=[torch.nn.Linear], warmup_steps=0) as mon:
+    with stepscope.Monitor(net, opt, per_module=[torch.nn.Linear], warmup_steps=0, flops=None) as mon:
         net(next(loader(1, secs=0))).sum().backward()
         opt.step()
     assert set(mon.report()["modules"]) == {"slow.lin", "fast"}
     with pytest.raises(ValueError, match="not found"):
-        stepscope.Monitor(net, opt, per_module=["nope"], warmup_steps=0).attach()
+        stepscope.Monitor(net, opt, per_module=["nope"], warmup_steps=0, flops=None).attach()
     assert no_hooks(net, opt)
 
 
@@ -280,7 +280,7 @@ def test_compiled_model_refuses_per_module_but_times_phases():
     compiled = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="torch.compile"):
-        mon = stepscope.Monitor(compiled, opt, per_module=True, warmup_steps=0)
+        mon = stepscope.Monitor(compiled, opt, per_module=True, warmup_steps=0, flops=None)
     with mon:
         for x in loader(3, secs=0.001):
             compiled(x).sum().backward()
@@ -294,7 +294,7 @@ def test_compiled_model_refuses_per_module_but_times_phases():
 def test_bad_use_is_refused_clearly():
     model = Planted(fwd=0.0, bwd=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    mon = stepscope.Monitor(model, opt, warmup_steps=0)
+    mon = stepscope.Monitor(model, opt, warmup_steps=0, flops=None)
     with pytest.raises(RuntimeError, match="not attached"):
         mon.detach()
     with pytest.raises(RuntimeError, match="not attached"):
@@ -303,20 +303,20 @@ def test_bad_use_is_refused_clearly():
     with pytest.raises(RuntimeError, match="already attached"):
         mon.attach()
     with pytest.raises(RuntimeError, match="another Monitor"):
-        stepscope.Monitor(model, warmup_steps=0).attach()
+        stepscope.Monitor(model, warmup_steps=0, flops=None).attach()
     assert len(model._forward_pre_hooks) == 1  # the refused Monitor left nothing
     mon.detach()
     with pytest.raises(RuntimeError, match="not attached"):
         mon.detach()
     assert no_hooks(model, opt)
     with pytest.raises(TypeError):
-        stepscope.Monitor("model", warmup_steps=0)
+        stepscope.Monitor("model", warmup_steps=0, flops=None)
     with pytest.raises(TypeError):
-        stepscope.Monitor(model, [opt, "sgd"], warmup_steps=0)
+        stepscope.Monitor(model, [opt, "sgd"], warmup_steps=0, flops=None)
     with pytest.raises(ValueError, match="profile_steps"):
-        stepscope.Monitor(model, profile_steps=range(5, 2), warmup_steps=0)
+        stepscope.Monitor(model, profile_steps=range(5, 2), warmup_steps=0, flops=None)
     # detach inside the with block is allowed; attach again later keeps accumulating
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon2:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon2:
         model(torch.randn(2, 8)).sum().backward()
         opt.step()
         mon2.detach()
@@ -336,7 +336,7 @@ def test_step_inside_forward_is_an_error():
             return x
 
     m = CallsStep()
-    with stepscope.Monitor(m, warmup_steps=0) as mon:
+    with stepscope.Monitor(m, warmup_steps=0, flops=None) as mon:
         m.mon = mon
         with pytest.raises(RuntimeError, match="inside the model's forward"):
             m(torch.randn(2, 2))
@@ -355,7 +355,7 @@ def test_exceptions_leave_no_hook_and_training_goes_on(where):
         opt.fail = on and where == "optimizer"
 
     # Caught inside the loop: the Monitor keeps timing the next steps.
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for i, x in enumerate(loader(4, secs=0.002)):
             arm(i == 1)
             try:
@@ -369,7 +369,7 @@ def test_exceptions_leave_no_hook_and_training_goes_on(where):
     assert no_hooks(model, opt)
     # Escaping the with block: every hook is gone, and the statistics stay readable.
     with pytest.raises(Boom):
-        with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
             arm(True)
             train_step(model, opt, torch.randn(4, 8), plant=plant)
     arm(False)
@@ -381,7 +381,7 @@ def test_exceptions_leave_no_hook_and_training_goes_on(where):
 def test_model_called_outside_a_step_and_several_models_and_optimizers():
     gen, disc = Planted(fwd=0.004, bwd=0.001), Planted(fwd=0.003, bwd=0.001)
     og, od = SlowSGD(gen.parameters(), secs=0.002), SlowSGD(disc.parameters(), secs=0.003)
-    with stepscope.Monitor([gen, disc], [og, od], per_module=True, warmup_steps=0) as mon:
+    with stepscope.Monitor([gen, disc], [og, od], per_module=True, warmup_steps=0, flops=None) as mon:
         gen(torch.randn(2, 8))  # a stray forward before any step: timed, no crash
         for x in loader(3, secs=0.001):
             disc(x).sum().backward()
@@ -402,7 +402,7 @@ def test_nvtx_off_and_profile_steps_run():
     model = Planted(fwd=0.0, bwd=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for kw in ({"nvtx": False}, {"profile_steps": range(1, 3)}):
-        with stepscope.Monitor(model, opt, **kw, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, opt, **kw, warmup_steps=0, flops=None) as mon:
             for x in loader(4, secs=0):
                 model(x).sum().backward()
                 opt.step()
@@ -467,7 +467,7 @@ def test_cuda_device_times_match_hand_placed_events_without_syncs():
         opt.zero_grad()
     torch.cuda.synchronize()
     # Every step device-timed, so that the totals compare with the hand events of every step.
-    with stepscope.Monitor(model, opt, warmup_steps=0, device_every=1) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, device_every=1) as mon:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(steps):
@@ -515,7 +515,7 @@ def test_cuda_pool_exhaustion_drops_instead_of_stalling():
         model(x).sum().backward()
         opt.step()
     torch.cuda.synchronize()
-    mon = stepscope.Monitor(model, opt, warmup_steps=0)
+    mon = stepscope.Monitor(model, opt, warmup_steps=0, flops=None)
     mon._tl = _C.Timeline(device=True, nvtx=False, event_pool=4)  # a tiny pool, to run out
     mon.attach()
     torch.cuda._sleep(200_000_000)  # keep the GPU busy so events stay in flight
@@ -551,7 +551,7 @@ def test_backward_timed_for_a_leaf_output_too():
 
     m = Leaf()
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-    with stepscope.Monitor(m, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(m, opt, warmup_steps=0, flops=None) as mon:
         for _ in range(3):
             out = m(torch.randn(2, 4))
             assert out.grad_fn is None
@@ -624,7 +624,7 @@ def test_step_hooks_find_the_output_tensor_in_nested_outputs():
     for kind in ("dict", "list", "namedtuple"):
         m = Nested(kind)
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-        with stepscope.Monitor(m, opt, warmup_steps=0) as mon:
+        with stepscope.Monitor(m, opt, warmup_steps=0, flops=None) as mon:
             for x in loader(2, secs=0):
                 out = m(x)
                 y = out["logits"] if kind == "dict" else (out[1][1][0] if kind == "list" else out.logits)
@@ -642,7 +642,7 @@ def test_monitor_dropped_while_attached_is_collected():
 
     model = Planted(fwd=0.0, bwd=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    mon = stepscope.Monitor(model, opt, per_module=True, per_module_every=2, warmup_steps=0).attach()
+    mon = stepscope.Monitor(model, opt, per_module=True, per_module_every=2, warmup_steps=0, flops=None).attach()
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
     refs = [weakref.ref(o) for o in (mon, model, opt)]
@@ -684,7 +684,7 @@ def test_monitor_dropped_during_backward_is_safe():
             return DropsMonitor.apply(self.lin(x))
 
     m = M()
-    box["mon"] = stepscope.Monitor(m, warmup_steps=0).attach()
+    box["mon"] = stepscope.Monitor(m, warmup_steps=0, flops=None).attach()
     m(torch.randn(3, 4)).sum().backward()
     assert box["gone"]
     # and the model trains on without hooks
@@ -695,7 +695,7 @@ def test_monitor_dropped_during_backward_is_safe():
 def test_cpu_has_no_memory_counters():
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for _ in range(2):
             model(torch.randn(3, 4)).sum().backward()
             opt.step()
@@ -709,7 +709,7 @@ def test_cuda_memory_counters_read_in_cpp_at_step_end():
     model = torch.nn.Linear(512, 512).to(dev)
     opt = torch.optim.Adam(model.parameters())
     seen = []
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         # Registered after the Monitor's: runs right after the step ended, before anything frees.
         h = opt.register_step_post_hook(lambda *a: seen.append(
             (torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev), torch.cuda.max_memory_allocated(dev))))
@@ -747,7 +747,7 @@ def test_lbfgs_closure_is_one_step_and_phases_sum_to_it(global_hooks):
     model = Planted(fwd=0.004, bwd=0.004)
     opt = SlowLBFGS(model.parameters(), secs=0.015)
     calls, steps = [], 4
-    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0, flops=None) as mon:
         for x in loader(steps, secs=0.030):
             n = 0
 
@@ -793,7 +793,7 @@ def test_closure_in_a_plain_optimizer_times_the_optimizer_after_the_closure():
 
     opt = AfterClosure(model.parameters(), lr=1e-3)
     steps = 5
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for x in loader(steps):
             def closure():
                 out = model(x)
@@ -817,7 +817,7 @@ def test_optimizer_of_another_model_counts_no_step_on_global_hooks():
     mine, other = Planted(fwd=0.0, bwd=0.0), torch.nn.Linear(8, 4)
     opt_other = torch.optim.SGD(other.parameters(), lr=1e-3)
     opt_mine = torch.optim.SGD(mine.parameters(), lr=1e-3)
-    with stepscope.Monitor(mine, warmup_steps=0) as mon:  # global optimizer hooks
+    with stepscope.Monitor(mine, warmup_steps=0, flops=None) as mon:  # global optimizer hooks
         for _ in range(3):
             other(torch.randn(2, 8)).sum().backward()
             opt_other.step()  # this Monitor's model did not run: no step
@@ -847,7 +847,7 @@ def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
     w = Wrapper()
     opt = AfterClosure(w.parameters(), lr=1e-3)
     steps = 5
-    with stepscope.Monitor(w, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(w, opt, warmup_steps=0, flops=None) as mon:
         for x in loader(steps):
             mon.mark("forward_begin", batch=len(x))
 
@@ -877,7 +877,7 @@ def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
 
 def test_marks_by_hand_and_their_errors():
     model = Planted(fwd=0.0, bwd=0.0)
-    mon = stepscope.Monitor(model, warmup_steps=0)
+    mon = stepscope.Monitor(model, warmup_steps=0, flops=None)
     with pytest.raises(RuntimeError, match="needs an attached Monitor"):
         mon.mark("forward_begin")
     with mon:

@@ -76,7 +76,7 @@ def test_each_interval_reports_its_own_plant_and_cumulative_stays():
 def test_interval_of_two_snapshots_both_alive():
     model = Sleepy(SHORT)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         train_steps(model, opt, 4)
         a = mon.snapshot()
         model.fwd = LONG
@@ -97,7 +97,7 @@ def test_interval_of_two_snapshots_both_alive():
 def test_summary_and_diagnose_since():
     model = Sleepy(0.001)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         train_steps(model, opt, 3)
         snap = mon.snapshot()
         train_steps(model, opt, 2)
@@ -125,7 +125,7 @@ def test_since_is_checked():
 def test_snapshot_before_attach_is_the_start():
     model = Sleepy(0.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    mon = stepscope.Monitor(model, opt, warmup_steps=0)
+    mon = stepscope.Monitor(model, opt, warmup_steps=0, flops=None)
     snap = mon.snapshot()
     with mon:
         train_steps(model, opt, 3)
@@ -177,7 +177,7 @@ class TwoSpeed(torch.nn.Module):
 def test_per_module_timing_leaves_eval_forwards_out():
     model = torch.nn.Sequential(TwoSpeed())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, per_module=True, per_module_every=1, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, per_module=True, per_module_every=1, warmup_steps=0, flops=None) as mon:
         for _ in range(5):
             train_steps(model, opt, 1)
             model.eval()
@@ -195,7 +195,7 @@ def test_per_module_timing_leaves_eval_forwards_out():
 def test_eval_stretch_covers_the_time_between_eval_forwards():
     model = Sleepy(0.001)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         train_steps(model, opt, 2)
         for _ in range(2):  # two validation passes, each between training steps
             model.eval()
@@ -219,7 +219,7 @@ def test_eval_stretch_covers_the_time_between_eval_forwards():
 def test_eval_stretch_at_detach_ends_at_the_last_eval_forward():
     model = Sleepy(0.001)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         train_steps(model, opt, 2)
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def test_ring_ceiling_is_accepted_and_the_timeline_checks_too():
     assert _C.MAX_RING * _C.RING_SLOT_BYTES <= 256 * 2**20  # the documented ceiling stays affordable
     model = Sleepy(0.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with stepscope.Monitor(model, opt, ring=_C.MAX_RING, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, ring=_C.MAX_RING, warmup_steps=0, flops=None) as mon:
         train_steps(model, opt, 2)
     assert len(mon.recent_steps()) == 2
     with pytest.raises(ValueError, match="ring must be an int from 1 to"):

@@ -78,7 +78,7 @@ def train(model, opt, x):
 def test_torch_save_and_pickle_of_a_monitored_model_work_and_load_untimed(per_module):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0, per_module=per_module, per_module_every=1) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, per_module=per_module, per_module_every=1) as mon:
         train(model, opt, torch.randn(4, 8))
         buf = io.BytesIO()
         torch.save(model, buf)  # used to raise: cannot pickle 'stepscope._C.StepHooks' object
@@ -104,7 +104,7 @@ def test_torch_save_and_pickle_of_a_monitored_model_work_and_load_untimed(per_mo
 def test_a_deep_copy_is_never_timed_and_drops_its_hooks(per_module):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0, per_module=per_module, per_module_every=1) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, per_module=per_module, per_module_every=1) as mon:
         ema = copy.deepcopy(model)  # an EMA / teacher copy taken while attached
         opt2 = copy.deepcopy(opt)
         for _ in range(5):
@@ -131,7 +131,7 @@ def test_a_deep_copy_is_never_timed_and_drops_its_hooks(per_module):
 def test_averaged_model_and_ema_copies_leave_the_step_count_right():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         swa = torch.optim.swa_utils.AveragedModel(model)
         for _ in range(5):
             x = torch.randn(4, 8)
@@ -164,7 +164,7 @@ def test_manual_sgd_without_optimizer_or_step_says_so_loudly():
     # mon.step() after each update: no finding, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with stepscope.Monitor(model, warmup_steps=0) as mon:
+        with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
             for _ in range(5):
                 model(torch.randn(4, 8)).sum().backward()
                 mon.step()
@@ -188,7 +188,7 @@ def test_a_closure_step_counts_its_batch_once(global_hooks):
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
     x, y = torch.randn(12, 8), torch.randn(12, 1)
     calls = []
-    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0, flops=None) as mon:
         for _ in range(3):
             def closure():
                 calls.append(1)
@@ -208,7 +208,7 @@ def test_a_closure_step_counts_its_batch_once(global_hooks):
 def test_batch_dim_counts_sequence_first_inputs():
     model = torch.nn.LSTM(8, 16)  # [T, B, features]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0, batch_dim=1) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, batch_dim=1) as mon:
         for _ in range(4):
             out, _ = model(torch.randn(35, 20, 8))
             out.sum().backward()
@@ -217,13 +217,13 @@ def test_batch_dim_counts_sequence_first_inputs():
     assert rep["samples"] == 4 * 20  # not 35 per step
     assert rep["samples_counted_by"] == "the first input's dimension 1"
     assert "samples counted by the first input's dimension 1" in mon.summary()
-    with stepscope.Monitor(model, opt, warmup_steps=0, batch_size=64) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, batch_size=64) as mon:
         out, _ = model(torch.randn(35, 20, 8))
         out.sum().backward()
         opt.step()
     assert mon.report()["samples"] == 64
     assert mon.report()["samples_counted_by"] == "batch_size=64"
-    mon = stepscope.Monitor(model, opt, warmup_steps=0).attach()
+    mon = stepscope.Monitor(model, opt, warmup_steps=0, flops=None).attach()
     mon.mark("forward_begin", batch=7)
     out, _ = model(torch.randn(3, 2, 8))
     mon.mark("forward_end")
@@ -233,10 +233,10 @@ def test_batch_dim_counts_sequence_first_inputs():
     assert mon.report()["samples"] == 7
     assert mon.report()["samples_counted_by"] == "mark(batch=)"
     # a first input with fewer dimensions than batch_dim counts nothing (and does not fail)
-    with stepscope.Monitor(model, opt, warmup_steps=0, batch_dim=2) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, batch_dim=2) as mon:
         pass
     lin = torch.nn.Linear(8, 2)
-    with stepscope.Monitor(lin, warmup_steps=0, batch_dim=3) as mon:
+    with stepscope.Monitor(lin, warmup_steps=0, flops=None, batch_dim=3) as mon:
         lin(torch.randn(4, 8)).sum().backward()
         mon.step()
     assert mon.report()["samples"] == 0
@@ -251,7 +251,7 @@ def test_batch_dim_counts_sequence_first_inputs():
 def test_keyboard_interrupt_inside_forward_does_not_stop_step_counting():
     model = Net(fwd=0.002)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for i in range(9):
             model.interrupt = i == 3
             try:
@@ -266,7 +266,7 @@ def test_keyboard_interrupt_inside_forward_does_not_stop_step_counting():
     assert rep["phases"]["forward"]["host"]["min"] >= 0.002
     partition_sums(mon)
     # and under marks: a marked step after an interrupted hooked forward
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         model.interrupt = True
         with pytest.raises(KeyboardInterrupt):
             model(torch.randn(2, 8))
@@ -290,7 +290,7 @@ def test_interrupt_in_a_nested_forward_and_mon_step_after_it():
             return self.inner(x)
 
     outer = Outer()
-    with stepscope.Monitor([outer, outer.inner], warmup_steps=0) as mon:
+    with stepscope.Monitor([outer, outer.inner], warmup_steps=0, flops=None) as mon:
         outer.inner.interrupt = True
         with pytest.raises(KeyboardInterrupt):
             outer(torch.randn(2, 8))
@@ -315,7 +315,7 @@ def test_failed_optimizer_step_with_its_traceback_kept_does_not_stop_step_counti
     model = Net()
     opt = Flaky(model.parameters(), lr=0.1)
     kept = []
-    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, None if global_hooks else opt, warmup_steps=0, flops=None) as mon:
         for i in range(9):
             opt.fail = i == 2
             try:
@@ -347,7 +347,7 @@ def test_another_models_optimizer_between_forward_and_backward_counts_nothing(cl
     og = torch.optim.SGD(G.parameters(), lr=0.01)
     od = torch.optim.Adam(D.parameters(), lr=0.01)
     steps = 4
-    with stepscope.Monitor(G, warmup_steps=0) as mon:  # optimizers=None: global hooks
+    with stepscope.Monitor(G, warmup_steps=0, flops=None) as mon:  # optimizers=None: global hooks
         for _ in range(steps):
             fake = G(torch.randn(6, 8))
             # D's step between G's forward and G's backward
@@ -381,7 +381,7 @@ def test_lbfgs_on_the_model_still_ends_steps_on_global_hooks():
     opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
     opt_other = torch.optim.SGD(other.parameters(), lr=0.1)
     x, y = torch.randn(10, 8), torch.randn(10, 1)
-    with stepscope.Monitor(model, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, warmup_steps=0, flops=None) as mon:
         for _ in range(3):
             def closure():
                 opt.zero_grad()
@@ -410,7 +410,7 @@ def test_a_monitor_dropped_without_detach_takes_its_hooks_with_it(kw):
     assert ref() is None  # the hooks no longer keep it alive
     assert not hooks_on(model) and not global_hooks_on()
     train(model, opt, torch.randn(2, 8))
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon2:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon2:
         train(model, opt, torch.randn(2, 8))
     assert mon2.steps == 1
 
@@ -424,7 +424,7 @@ def test_a_new_monitor_takes_over_from_an_unreachable_one():
         mon.me = mon  # a cycle: only the collector can free it
         train(model, opt, torch.randn(2, 8))
         del mon
-        with stepscope.Monitor(model, opt, warmup_steps=0) as mon2:  # collects, then attaches
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon2:  # collects, then attaches
             train(model, opt, torch.randn(2, 8))
         assert mon2.steps == 1
         live = stepscope.Monitor(model, opt).attach()
@@ -479,7 +479,7 @@ def test_a_second_thread_calling_the_model_does_not_move_the_training_step(grad)
     th.start()
     steps = 6
     try:
-        with stepscope.Monitor(model, opt, warmup_steps=0, per_module=True, per_module_every=1) as mon:
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, per_module=True, per_module_every=1) as mon:
             for _ in range(steps):
                 train(model, opt, torch.randn(5, 8))
                 opt.zero_grad()
@@ -502,7 +502,7 @@ def test_the_training_thread_is_the_first_to_train():
     # training forward is the training thread.
     model = Net(fwd=0.001)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = stepscope.Monitor(model, opt, warmup_steps=0).attach()
+    mon = stepscope.Monitor(model, opt, warmup_steps=0, flops=None).attach()
 
     def loop():
         for _ in range(3):
@@ -522,7 +522,7 @@ def test_the_training_thread_is_the_first_to_train():
 def test_marks_from_another_thread_are_ignored():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         train(model, opt, torch.randn(2, 8))  # the training thread is this one
 
         def stray():

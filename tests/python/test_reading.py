@@ -212,7 +212,7 @@ def test_every_mark_reaches_its_boundary():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepscope.Monitor(model, opt, warmup_steps=0) as mon:
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
         for _ in range(3):
             for name in monitor.MARKS[:len(_C.BOUNDARIES)]:
                 mon.mark(name, batch=4 if name == "forward_begin" else None)

@@ -10,6 +10,7 @@ import io
 import math
 from typing import Optional
 
+from ..diagnose_throughput import step_rates
 from ..report import partition
 from ..run import PathLike, Source, _atomic_write, phase_table_of, run_data
 
@@ -24,9 +25,14 @@ def csv_rows(source: Source) -> list:
     loss = any(r.get("loss") is not None for r in data["recent_steps"])
     if loss:
         head.append("loss")
+    rep = data.get("report") or {}
+    rates = [step_rates(rep, r) for r in data["recent_steps"]]
+    mfu, tokens = any(m is not None for m, _ in rates), any(t is not None for _, t in rates)
+    head += (["mfu"] if mfu else []) + (["tokens_per_s"] if tokens else [])
     rows = [head]
-    for r in data["recent_steps"]:
+    for r, (m, t) in zip(data["recent_steps"], rates):
         health = [_health_cell(r.get("grad_norm"))] + ([_health_cell(r.get("loss"))] if loss else [])
+        health += ([_health_cell(m)] if mfu else []) + ([_health_cell(t)] if tokens else [])
         host = [float(r["host"].get(p, 0.0)) for p in names]
         dev = _device_by_phase(r)  # None (empty cells) until every span of the step is resolved
         mem = r.get("memory") or {}
@@ -57,7 +63,8 @@ def write_csv(source: Source, path: PathLike) -> None:
     (the sum of its phases: eval forwards inside a step are left out), samples, host seconds per
     phase, CUDA memory at the step's end (empty without CUDA), the step's global gradient norm
     (``grad_norm``; empty without health) and, when the loop handed it over (``Monitor.observe``),
-    ``loss``. Seconds are written to the
+    ``loss``; ``mfu`` and ``tokens_per_s`` of the step's host time when the report knows FLOPs and a
+    peak, or tokens per sample (``report()["throughput"]``). Seconds are written to the
     nanosecond (at most 9 decimals). Written atomically.
 
         stepscope.export.write_csv(mon, "steps.csv")

@@ -20,8 +20,8 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
     ``stepscope/samples_per_s``, ``stepscope/memory/allocated_mib`` and ``peak_mib`` on CUDA,
     with training health ``stepscope/grad_norm`` (the last step's; ``/p50``, ``/max``),
     ``stepscope/nonfinite_steps``, ``stepscope/loss`` (when observed) and ``stepscope/update_ratio``
-    (the last sample's), and
-    each one-element value of ``metrics`` (a ``ClassificationMetrics.compute()`` dict) as
+    (the last sample's), with throughput ``stepscope/mfu``, ``stepscope/tokens_per_s`` and
+    ``stepscope/achieved_tflops`` where known, and each one-element value of ``metrics`` (a ``ClassificationMetrics.compute()`` dict) as
     ``metrics/<name>`` (reading them is the host sync compute() leaves to the caller).
 
     ``since``: a :meth:`stepscope.Monitor.snapshot`: the figures of the steps after it, not of
@@ -78,6 +78,11 @@ def log_tensorboard(writer: Any, source: Source, step: int, metrics: Optional[di
         ratio = (health.get("update_ratio") or {}).get("overall")
         if ratio:
             add("stepscope/update_ratio", ratio["last"])
+    tp = rep.get("throughput")
+    if tp:
+        add("stepscope/mfu", tp["mfu_device"] if tp.get("mfu_device") is not None else tp.get("mfu"))
+        add("stepscope/tokens_per_s", tp.get("tokens_per_s"))
+        add("stepscope/achieved_tflops", tp["achieved_flops"] / 1e12 if tp.get("achieved_flops") else None)
     for k, v in (metrics or {}).items():
         numel = getattr(v, "numel", None)
         if numel is not None:

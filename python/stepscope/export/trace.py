@@ -10,6 +10,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from ..diagnose_throughput import step_rates
 from ..run import PathLike, Source, _atomic_write, _encode, _is_num, _read_json, run_data
 
 # Trace tracks (Chrome trace "tid"s) within the rank's process.
@@ -54,8 +55,9 @@ def trace_events(source: Source) -> dict:
     One process per rank (pid = rank). Track 1 holds one ``step N`` span per step in the ring
     (``args.step``); track 2 the partition phases, with user phases and per-module forward spans
     nested under the phase they ran in (spans that straddle a phase boundary go to the next track).
-    Each span's ``args.color`` is its NVTX colour. Counters: ``samples/s`` per step and, on CUDA,
-    ``CUDA memory`` (allocated/reserved MiB). Times in µs since the Monitor started. On CUDA a
+    Each span's ``args.color`` is its NVTX colour. Counters: ``samples/s`` per step, ``grad_norm``
+    and ``loss`` (training health), ``mfu`` and ``tokens/s`` (throughput, where the report knows
+    them) and, on CUDA, ``CUDA memory`` (allocated/reserved MiB). Times in µs since the Monitor started. On CUDA a
     ``device phases`` track holds the partition as the GPU ran it, its CUDA events placed on the
     host clock (the queue lag at each boundary, see ``csrc/timing/device_clock.h``); spans whose
     events were not resolved yet are left out.
@@ -63,6 +65,7 @@ def trace_events(source: Source) -> dict:
     data = run_data(source)
     pid = int(data.get("rank") or 0)
     colors = data.get("nvtx_colors") or {}
+    rep = data.get("report") or {}
     ev: list = []
     spans: list = []  # (t0 ns, t1 ns, prio, event) for the host track(s)
     device: list = []  # (t0 ns, t1 ns, event) for the device track
@@ -90,8 +93,9 @@ def trace_events(source: Source) -> dict:
         if r.get("samples") and host_s > 0:
             ev.append({"name": "samples/s", "ph": "C", "ts": t1 / 1e3, "pid": pid,
                        "args": {"samples/s": r["samples"] / host_s}})
-        for key in ("grad_norm", "loss"):  # training health; a non-finite value has no counter point
-            v = r.get(key)
+        mfu, tokens = step_rates(rep, r)  # throughput: the report's FLOPs per step and peak
+        for key, v in (("grad_norm", r.get("grad_norm")), ("loss", r.get("loss")), ("mfu", mfu),
+                       ("tokens/s", tokens)):  # a non-finite value has no counter point
             if isinstance(v, (int, float)) and math.isfinite(v):
                 ev.append({"name": key, "ph": "C", "ts": t1 / 1e3, "pid": pid, "args": {key: v}})
         mem = r.get("memory")

@@ -15,7 +15,7 @@ from ..report import PARTITION
 #: multiclass and multilabel). ``log_keys="all"`` logs every phase's p50 and share and every
 #: scalar metric (about 40 names, each a ``log`` call in Lightning).
 LOG_KEYS = ("step_p50_ms", "data_share", "forward_share", "backward_share", "optimizer_share",
-            "accuracy", "f1_macro", "f1", "loss", "grad_norm")
+            "accuracy", "f1_macro", "f1", "loss", "grad_norm", "mfu", "tokens_per_s")
 
 #: The user phase that times the callbacks' own work (reports, metric reads, the framework's log).
 OWN_PHASE = "stepscope_log"
@@ -38,8 +38,9 @@ def batch_size(batch: Any) -> Optional[int]:
 
 def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None) -> dict:
     """p50 (ms) and share of the step of each partition phase in ``rep``, and with health the
-    gradient norm (``grad_norm``: the last step's, ``grad_norm_p50``, ``nonfinite_steps``), as
-    plain floats; only the names in ``keys`` (all when None)."""
+    gradient norm (``grad_norm``: the last step's, ``grad_norm_p50``, ``nonfinite_steps``), with
+    throughput ``mfu`` and ``tokens_per_s`` where known, as plain floats; only the names in ``keys``
+    (all when None)."""
     out = {}
     for ph in PARTITION + ("step",):
         e = rep["phases"][ph]
@@ -53,6 +54,12 @@ def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None)
         out["grad_norm"] = health["grad_norm"]["last"]
         out["grad_norm_p50"] = health["grad_norm"]["p50"]
         out["nonfinite_steps"] = float(health["nonfinite"]["steps"])
+    tp = rep.get("throughput") or {}
+    mfu = tp["mfu_device"] if tp.get("mfu_device") is not None else tp.get("mfu")
+    if mfu is not None:
+        out["mfu"] = mfu
+    if tp.get("tokens_per_s") is not None:
+        out["tokens_per_s"] = tp["tokens_per_s"]
     return pick(out, keys, prefix)
 
 
