@@ -193,6 +193,17 @@ PyObject* first_grad_tensor(PyObject* o, int depth) {
   return nullptr;
 }
 
+PyObject* first_input(PyObject* args, PyObject* kwargs) {
+  if (PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0) return PyTuple_GET_ITEM(args, 0);
+  if (kwargs == nullptr || !PyDict_Check(kwargs)) return nullptr;
+  Py_ssize_t pos = 0;
+  PyObject *k, *v;
+  while (PyDict_Next(kwargs, &pos, &k, &v)) {
+    if (THPVariable_Check(v)) return v;
+  }
+  return nullptr;
+}
+
 bool check_args(const char* name, Py_ssize_t nargs, Py_ssize_t want) {
   if (nargs == want) return true;
   PyErr_Format(PyExc_TypeError, "stepscope: %s takes %zd arguments (%zd given)", name, want, nargs);
@@ -288,11 +299,9 @@ void Owners::clear() {
 
 // ------------------------------------------------------------------------------------ Shapes
 namespace {
-int64_t shape_key(PyObject* args) {
-  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) == 0) return 0;
-  PyObject* a0 = PyTuple_GET_ITEM(args, 0);
-  if (!THPVariable_Check(a0)) return 0;
-  const at::Tensor& t = THPVariable_Unpack(a0);
+int64_t shape_key(PyObject* input) {
+  if (input == nullptr || !THPVariable_Check(input)) return 0;
+  const at::Tensor& t = THPVariable_Unpack(input);
   uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(t.scalar_type());  // FNV-1a over the sizes
   for (int64_t d : t.sizes()) h = (h ^ static_cast<uint64_t>(d)) * 1099511628211ull;
   h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
@@ -310,12 +319,12 @@ bool Shapes::call(PyObject* key, PyObject* arg, bool* result) {
   return true;
 }
 
-int Shapes::forward(PyObject* args) {
+int Shapes::forward(PyObject* input) {
   if (fn == nullptr || active_) return 0;  // active_: a forward inside a counted one
   const bool first = !in_step_;
   if (first) {
     in_step_ = true;
-    key_ = shape_key(args);
+    key_ = shape_key(input);
     for (auto& e : seen) {
       if (e.first == key_) {
         ++e.second;
@@ -330,11 +339,10 @@ int Shapes::forward(PyObject* args) {
   } else if (!counting_) {
     return 0;
   }
-  PyObject* input = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
   PyObject* k = PyLong_FromLongLong(key_);
   if (k == nullptr) return -1;
   bool began = false;
-  const bool ok = call(k, input, &began);
+  const bool ok = call(k, input != nullptr ? input : Py_None, &began);
   Py_DECREF(k);
   if (!ok) return -1;
   active_ = began;

@@ -27,6 +27,9 @@ bool check_args(const char* name, Py_ssize_t nargs, Py_ssize_t want);
 // The first tensor that requires grad in a forward's output (borrowed), or null: a tensor, or
 // nested in tuples, lists and dicts (namedtuples and model-output dict classes included).
 PyObject* first_grad_tensor(PyObject* output, int depth = 0);
+// A forward's first input (borrowed, or null): its first positional argument, or for a call with
+// keywords only (model(**batch)) the first tensor among the keyword arguments' values.
+PyObject* first_input(PyObject* args, PyObject* kwargs);
 // The frame that called the running hook (borrowed; hooks are C functions and have no frame of
 // their own), and whether a frame is on the calling thread's stack: the call is still running.
 const void* calling_frame();
@@ -51,8 +54,8 @@ struct Owners {
 };
 
 // FLOPs counting's shape watch (Monitor(flops="auto"), python/stepscope/_monitor_throughput.py). At
-// the first training forward of each step: a key of the first positional input's dtype and sizes
-// (0 without one). For a key not seen before (at most kMaxShapes), fn(key, input) is called at
+// the first training forward of each step: a key of the first input's dtype and sizes (first_input;
+// 0 without a tensor there). For a key not seen before (at most kMaxShapes), fn(key, input) is called at
 // that forward's pre hook and returns whether it began counting; while it counts, fn(key, input)
 // again at each later training forward of the step, fn(None, False) at the end of each counted
 // forward, and fn(None, True) at the step's end. Counting is bounded by forwards (their post hooks
@@ -63,9 +66,9 @@ struct Shapes {
   PyObject* fn = nullptr;  // strong reference, or null: off
   std::vector<std::pair<int64_t, int64_t>> seen;  // (key, steps that began with it)
   int64_t unseen_steps = 0;  // steps whose shape came after kMaxShapes others
-  // At a training forward's pre hook (args: its positional arguments): 1 when fn began counting a
-  // step (the step is to be kept out of the statistics), 0 otherwise, -1 with a Python error set.
-  int forward(PyObject* args);
+  // At a training forward's pre hook (input: first_input's): 1 when fn began counting a step (the
+  // step is to be kept out of the statistics), 0 otherwise, -1 with a Python error set.
+  int forward(PyObject* input);
   // At the end of a forward the step machine tracked; false with a Python error set.
   bool forward_end();
   // At the step's end: false with a Python error set.

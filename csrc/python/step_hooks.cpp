@@ -116,26 +116,25 @@ PyObject* step_ended(State* s) {
 }
 
 // --------------------------------------------------------------------------- the hooks
-// forward pre-hook (module, args): eval when the module is in eval() or grad is off (inference
+// forward pre-hook (module, args[, kwargs]: registered with_kwargs, so that a model called with
+// keywords only counts its batch too): eval when the module is in eval() or grad is off (inference
 // mode turns grad off too).
 PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
-  if (!hook::check_args("forward_pre", nargs, 2)) return nullptr;
+  if (nargs != 3 && !hook::check_args("forward_pre", nargs, 2)) return nullptr;
   PyObject* training = PyObject_GetAttr(args[0], g_training);
   if (training == nullptr) return nullptr;
   const int is_training = PyObject_IsTrue(training);
   Py_DECREF(training);
   if (is_training < 0) return nullptr;
   const bool eval = !is_training || !c10::GradMode::is_enabled();
+  PyObject* input = hook::first_input(args[1], nargs == 3 ? args[2] : nullptr);
   int64_t batch = s->batch;
-  if (batch < 0 && PyTuple_Check(args[1]) && PyTuple_GET_SIZE(args[1]) > 0) {
-    PyObject* a0 = PyTuple_GET_ITEM(args[1], 0);
-    if (THPVariable_Check(a0)) {
-      const at::Tensor& t = THPVariable_Unpack(a0);
-      if (t.dim() > s->batch_dim) batch = t.size(s->batch_dim);
-    }
+  if (batch < 0 && input != nullptr && THPVariable_Check(input)) {
+    const at::Tensor& t = THPVariable_Unpack(input);
+    if (t.dim() > s->batch_dim) batch = t.size(s->batch_dim);
   }
   if (!eval && s->machine.would_train()) {  // before forward_begin closes the step's first phase
-    const int counting = s->shapes.forward(args[1]);
+    const int counting = s->shapes.forward(input);
     if (counting < 0) return nullptr;
     if (counting > 0) s->tl->keep_out_step();
   }

@@ -60,18 +60,18 @@ class Monitor:
         nvtx: emit NVTX ranges (domain "stepscope") for Nsight Systems.
         profile_steps: ``range(a, b)``: open the profiler capture window (cudaProfilerStart and
             an NVTX "capture" range) for steps a .. b-1, for ``nsys --capture-range``.
-        batch_size: samples per forward; default: the first input's size along ``batch_dim``.
+        batch_size: samples per forward; default: the first input's size along ``batch_dim`` (the
+            first positional argument, or the first tensor keyword of ``model(**batch)``).
         batch_dim: the dimension of the first input that counts samples (default 0; 1 for
             sequence-first ``[T, B, ...]`` inputs). Give ``batch_size`` or ``batch_dim``, not both.
             A closure step (LBFGS) counts its batch once however often it runs the closure;
             ``mark("forward_begin", batch=n)`` counts ``n``. ``report()["samples_counted_by"]``
             says which rule counted.
-        ring: how many recent steps are kept raw (:meth:`recent_steps`): an int from 1 to
-            ``_C.MAX_RING`` (each slot ``_C.RING_SLOT_BYTES``, about 2 KB, allocated at attach).
+        ring: recent steps kept raw (:meth:`recent_steps`), 1 .. ``_C.MAX_RING`` (each slot
+            ``_C.RING_SLOT_BYTES``, about 2 KB, allocated at attach).
         warmup_steps: the first steps kept out of every statistic and reported apart in
             ``report()["warmup"]``; 3 by default (compilation, CUDA-graph recording, autotuning).
-        trace: a path: :meth:`export_trace` writes the trace there at detach (Perfetto / Chrome JSON,
-            gzip'd when it ends in ``.gz``).
+        trace: a path: :meth:`export_trace` writes the trace there at detach (gzip'd for ``.gz``).
         print_every: every n steps, log one line (step, p50 step time, largest phase and its share,
             samples/s, memory) at INFO on the ``"stepscope"`` logger; 0 (default): off. Python runs
             only on those steps (the step hooks count in C).
@@ -234,7 +234,7 @@ class Monitor:
                                          print_every=self._print_every,
                                          owns=None if self._opts else _owner_of(self._models))
         for m in self._models:
-            self._handles.append(m.register_forward_pre_hook(hk.forward_pre))
+            self._handles.append(m.register_forward_pre_hook(hk.forward_pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))
         if self._health is not None:
             if self._watch is None:
