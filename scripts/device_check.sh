@@ -108,6 +108,10 @@ done
 timeout 90 $PY bench/health_bench.py --device cuda --rounds 11 --updates 100 >"$OUT/health_bench_cuda.txt" 2>&1
 row "health bench (cuda)" "rc $? ($(awk '$NF ~ /^[0-9.]+$/ && /stepscope/ {printf "%s%sx", sep, $NF; sep=" "}' "$OUT/health_bench_cuda.txt") of foreach)"
 
+# ---- throughput: FLOPs counted against the analytic count, MFU against the datasheet peak
+timeout 90 $PY bench/mfu_bench.py --device cuda >"$OUT/mfu_cuda.txt" 2>&1
+row "mfu bench (cuda)" "rc $? ($(awk '$1 == "fp32" || $1 == "bf16" {for (i = 2; i <= NF; i++) if ($i ~ /%$/) {printf "%s%s MFU %s", sep, $1, $i; sep=", "; break}}' "$OUT/mfu_cuda.txt"))"
+
 # ---- metrics kernel: the bandwidth targets (against a copy of the same bytes, same run)
 if [ "${TARGETS:-1}" = 1 ]; then
   timeout 150 $PY bench/metrics_bench.py --device cuda --targets --target-log2 26 27 >"$OUT/metrics_bench_cuda.txt" 2>&1
@@ -143,6 +147,9 @@ echo
 echo "==== ncu: duration, DRAM throughput, achieved occupancy, registers ===="
 grep -E "mc_[a-z_]+kernel|^ +(Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Grid Size) " "$OUT/ncu.txt" 2>/dev/null | \
   sed -E 's/\(stepscope::metrics::.*Params\)//; s/void stepscope::metrics::[(]anonymous namespace[)]:://; s/ +/ /g' | head -40
+echo
+echo "==== mfu (cuda) ===="
+cat "$OUT/mfu_cuda.txt" 2>/dev/null
 echo
 echo "==== monitor overhead (cuda) ===="
 grep -vE "USDT|UserWarning|_warn_once" "$OUT/overhead_cuda.txt"
