@@ -7,22 +7,18 @@
 // The step rule they feed (several optimizers, nested and raised optimizer steps, interrupted
 // forwards, other models' optimizers under global hooks, the training thread) is the Timeline's
 // StepMachine (timing/step_machine.h). This file is its CPython side:
-//  - Copies. A hook lives in the module's hook dicts, so copy.deepcopy(model) (EMA and teacher
-//    copies, AveragedModel) and pickling (torch.save(model)) reach it. A copied hook is inert: it
-//    times nothing, and the first forward of the copy removes every inert hook from the copy's
-//    hook dicts. A pickled hook is a no-op callable of the standard library, so a checkpoint
-//    taken while attached loads where stepscope is not installed (its hook entries then stay as
-//    no-ops). Optimizers pickle and copy without their hooks (torch's Optimizer.__getstate__).
+//  - Copies. copy.deepcopy(model) (EMA copies, AveragedModel) and torch.save(model) reach the
+//    hooks in the module's hook dicts: a copy is inert and removes itself, a pickled one is a no-op
+//    of the standard library (step_hook.cpp). Optimizers copy without hooks (Optimizer.__getstate__).
 //  - Calls that never returned (a KeyboardInterrupt in forward: torch runs always_call forward
 //    hooks only for an Exception; an optimizer step that raised). The machine's tokens for a call
 //    are the Python frame that called its pre hook (torch's _call_impl, the optimizer's step
 //    wrapper), held by a strong reference; the call still runs while that frame is on the current
 //    thread's stack. Only that rare check walks the stack.
-//  - Other models' optimizers. With global optimizer hooks (optimizers=0) the machine asks whether
-//    an optimizer holds any monitored parameter: owns(optimizer), decided once per optimizer object
-//    (hook::Owners, step_hook.h).
-//  - Training health: a health::Watch at the outermost step of the model's optimizers
-//    (hook::Health, step_health.h), set by watch().
+//  - Other models' optimizers under global optimizer hooks (optimizers=0): owns(optimizer), asked
+//    once per optimizer object (hook::Owners, step_hook.h).
+//  - Training health: a health::Watch at the model's outermost optimizer steps (hook::Health,
+//    step_health.h), set by watch(); FLOPs counting at new input shapes (hook::Shapes).
 //  - The Monitor's callback is held through a weak reference to its object: the hooks never keep
 //    a Monitor alive (it removes them when it goes).
 #include <ATen/autocast_mode.h>
@@ -109,10 +105,24 @@ PyObject* step_ended(State* s) {
   PyObject* self = PyWeakref_GetObject(s->on_step_self);  // borrowed
   if (self == nullptr) return nullptr;
   if (self == Py_None) Py_RETURN_NONE;  // the Monitor is gone (its finaliser removes these hooks)
-  Py_INCREF(self);
-  PyObject* r = PyObject_CallFunctionObjArgs(s->on_step_end, self, arg, nullptr);
+  PyObject* r = PyObject_CallFunctionObjArgs(s->on_step_end, Py_NewRef(self), arg, nullptr);
   Py_DECREF(self);
   return r;
+}
+
+// The shape watch at a training forward's start, before forward_begin closes the step's first phase:
+// a step that FLOPs counting slows is kept out of the statistics. false with a Python error set.
+bool count_forward(State* s, PyObject* input) {
+  const int c = s->machine.would_train() ? s->shapes.forward(input) : 0;
+  if (c > 0) s->tl->keep_out_step();
+  return c >= 0;
+}
+
+// A step ended by a call rather than a hook (step(), a marked optimizer end): True, or null on error.
+PyObject* ended_by_hand(State* s) {
+  PyObject* r = step_ended(s);
+  Py_XDECREF(r);
+  return r == nullptr ? nullptr : Py_NewRef(Py_True);
 }
 
 // --------------------------------------------------------------------------- the hooks
@@ -133,11 +143,7 @@ PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
     const at::Tensor& t = THPVariable_Unpack(input);
     if (t.dim() > s->batch_dim) batch = t.size(s->batch_dim);
   }
-  if (!eval && s->machine.would_train()) {  // before forward_begin closes the step's first phase
-    const int counting = s->shapes.forward(input);
-    if (counting < 0) return nullptr;
-    if (counting > 0) s->tl->keep_out_step();
-  }
+  if (!eval && !count_forward(s, input)) return nullptr;
   if (!s->machine.forward_begin(eval, batch, hook::calling_frame())) Py_RETURN_NONE;
   if (!eval) {
     ++s->train_forwards;
@@ -211,8 +217,7 @@ constexpr hook::Fn kHookFns[hook::kKinds] = {on_owner<forward_pre>,    on_owner<
                                              on_owner<module_pre>,     on_owner<module_post>};
 
 // --------------------------------------------------------------------------- StepHooks
-// add_module(module, id): per-module timing for `module` under Timeline id `id` (the Monitor keeps
-// the module alive while it is registered).
+// add_module(module, id): per-module timing for `module` as Timeline id `id` (the Monitor keeps it alive).
 PyObject* add_module(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!hook::check_args("add_module", nargs, 2)) return nullptr;
@@ -224,9 +229,8 @@ PyObject* add_module(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// claim(training): for a boundary marked by hand (Monitor.mark): ends the calls that are over
-// without their post hook and returns whether the calling thread is the training thread (a
-// training boundary claims it while none has).
+// claim(training): before a boundary marked by hand (Monitor.mark): ends the calls over without their post
+// hook; whether the calling thread is the training thread (a training boundary claims it while none has).
 PyObject* claim(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!hook::check_args("claim", nargs, 1)) return nullptr;
@@ -244,10 +248,7 @@ PyObject* optimizer_end(PyObject* self, PyObject* const* /*args*/, Py_ssize_t na
   if (!hook::check_args("optimizer_end", nargs, 0)) return nullptr;
   State* s = reinterpret_cast<Object*>(self)->s;
   if (!s->machine.optimizer_end_marked()) Py_RETURN_FALSE;
-  PyObject* r = step_ended(s);
-  if (r == nullptr) return nullptr;
-  Py_DECREF(r);
-  Py_RETURN_TRUE;
+  return ended_by_hand(s);
   END_HANDLE_TH_ERRORS
 }
 
@@ -263,13 +264,23 @@ PyObject* set_watch(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
 
 // count_shapes(fn): FLOPs counting at each new input shape (hook::Shapes), or None: off.
 PyObject* count_shapes(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
   if (!hook::check_args("count_shapes", nargs, 1)) return nullptr;
-  if (args[0] != Py_None && !PyCallable_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "stepscope: count_shapes needs a callable or None");
-    return nullptr;
-  }
+  TORCH_CHECK_TYPE(args[0] == Py_None || PyCallable_Check(args[0]), "stepscope: count_shapes needs a callable or None");
   reinterpret_cast<Object*>(self)->s->shapes.set(args[0]);
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// count_input(x): the shape watch for a forward marked by hand (Monitor.mark, the Lightning
+// callback): x its first input, before forward_begin; None once its forward is over.
+PyObject* count_input(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!hook::check_args("count_input", nargs, 1)) return nullptr;
+  State* s = reinterpret_cast<Object*>(self)->s;
+  if (!(args[0] == Py_None ? s->shapes.forward_end() : count_forward(s, args[0]))) return nullptr;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
 }
 
 // step(): ends the step where no optimizer hook does; returns whether one ended.
@@ -278,10 +289,7 @@ PyObject* step(PyObject* self, PyObject* const* /*args*/, Py_ssize_t nargs) {
   if (!hook::check_args("step", nargs, 0)) return nullptr;
   State* s = reinterpret_cast<Object*>(self)->s;
   if (!s->machine.step()) Py_RETURN_FALSE;
-  PyObject* r = step_ended(s);
-  if (r == nullptr) return nullptr;
-  Py_DECREF(r);
-  Py_RETURN_TRUE;
+  return ended_by_hand(s);
   END_HANDLE_TH_ERRORS
 }
 
@@ -326,8 +334,9 @@ PyMethodDef g_methods[] = {
     {"watch", STEPSCOPE_FASTCALL(set_watch), METH_FASTCALL,
      "watch(w): training health (a HealthWatch) at each of the model's optimizer steps; None: off"},
     {"count_shapes", STEPSCOPE_FASTCALL(count_shapes), METH_FASTCALL,
-     "count_shapes(fn): FLOPs counting at each new input shape; the calls fn gets: hook::Shapes (step_hook.h); "
-     "None: off"},
+     "count_shapes(fn): FLOPs counting at each new input shape (fn's calls: hook::Shapes); None: off"},
+    {"count_input", STEPSCOPE_FASTCALL(count_input), METH_FASTCALL,
+     "count_input(x): a forward marked by hand begins with first input x (None: it ended), for FLOPs counting"},
     {"step", STEPSCOPE_FASTCALL(step), METH_FASTCALL,
      "ends the step where no optimizer hook does; returns whether a step ended"},
     {"optimizer_end", STEPSCOPE_FASTCALL(optimizer_end), METH_FASTCALL,
@@ -392,14 +401,11 @@ PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DE
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, int64_t optimizers,
                 py::object on_step_end, int64_t module_every, int64_t print_every, py::object owns) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
-  TORCH_CHECK_VALUE(batch_dim >= 0, "stepscope: batch_dim must be >= 0; got ", batch_dim);
-  TORCH_CHECK_VALUE(optimizers >= 0, "stepscope: optimizers must be >= 0; got ", optimizers);
-  TORCH_CHECK_VALUE(module_every >= 0, "stepscope: module_every must be >= 0; got ", module_every);
-  TORCH_CHECK_VALUE(print_every >= 0, "stepscope: print_every must be >= 0; got ", print_every);
-  TORCH_CHECK_TYPE(on_step_end.is_none() || PyCallable_Check(on_step_end.ptr()),
-                   "stepscope: on_step_end must be callable or None");
-  TORCH_CHECK_TYPE(owns.is_none() || PyCallable_Check(owns.ptr()),
-                   "stepscope: owns must be callable or None");
+  TORCH_CHECK_VALUE(batch_dim >= 0 && optimizers >= 0 && module_every >= 0 && print_every >= 0,
+                    "stepscope: batch_dim, optimizers, module_every and print_every must be >= 0; got ", batch_dim,
+                    ", ", optimizers, ", ", module_every, ", ", print_every);
+  for (const py::object* f : {&on_step_end, &owns})
+    TORCH_CHECK_TYPE(f->is_none() || PyCallable_Check(f->ptr()), "stepscope: on_step_end and owns must be callable or None");
   auto s = std::make_unique<State>(std::move(tl), static_cast<size_t>(optimizers));
   s->batch = batch;
   s->batch_dim = batch_dim;

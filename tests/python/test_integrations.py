@@ -114,7 +114,7 @@ def fit(manual=False, accumulate=1, batches=7, **cb_kwargs):
     pl, lit = lightning_module(manual)
     from stepscope.integrations.lightning import StepscopeCallback
 
-    cb = StepscopeCallback(warmup_steps=0, flops=None, **cb_kwargs)
+    cb = StepscopeCallback(**{"warmup_steps": 0, "flops": None, **cb_kwargs})
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          accumulate_grad_batches=accumulate, callbacks=[cb])
@@ -589,3 +589,42 @@ def test_hf_logs_the_gradient_norm_and_observes_no_loss(tmp_path):
     for x in logged:
         ours, theirs = float(x["stepscope/grad_norm"]), float(x["grad_norm"])
         assert ours <= args.max_grad_norm * (1 + 1e-5) and (theirs <= args.max_grad_norm or ours < theirs)
+
+
+# ----------------------------------------------------------------------------- throughput
+def test_lightning_counts_the_flops_of_training_step_and_logs_mfu():
+    # training_step calls self.net, never the LightningModule itself: the callback's marks count it.
+    trainer, cb = fit(batches=6, log_every_n_steps=2, summary=False, flops="auto", warmup_steps=1,
+                      peak_flops=1e9)
+    t = cb.monitor.report()["throughput"]
+    assert t["flops_per_step"] == 3 * 2 * 8 * (6 * 16 + 16 * 4) and t["flops_source"] == "counted"
+    assert float(trainer.callback_metrics["stepscope/mfu"]) > 0
+    assert cb.monitor.report()["warmup"]["steps"] == 1  # the counted step was step 0, the warm-up one
+
+
+def test_hf_counts_per_sequence_length_reads_tokens_and_logs_mfu(tmp_path):
+    transformers, model = tiny_lm()
+    from stepscope._monitor_throughput import FlopCount
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    seen = []
+
+    class Logger(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    cb = StepscopeCallback(summary=False, peak_flops=1e10)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(64), callbacks=[cb, Logger()])
+    trainer.train()
+    logged = [h for h in seen if "stepscope/step_p50_ms" in h]  # logs with steps after the warm-up
+    assert logged and all("stepscope/mfu" in h and "stepscope/tokens_per_s" in h for h in logged), seen
+    t = cb.monitor.report()["throughput"]
+    assert t["tokens_per_sample"] == 12 and t["tokens_source"] == "input [B, T]" and t["shapes_counted"] == 1
+    ids = TokenData(4).ids
+    with FlopCount() as c:  # the model's forward, as the Trainer calls it (keywords only)
+        model(input_ids=ids, labels=ids)
+    assert t["flops_per_step"] == 3 * c.total > 0
+

@@ -36,6 +36,30 @@ def batch_size(batch: Any) -> Optional[int]:
     return None
 
 
+def first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    """The first tensor in a batch (a tensor, a sequence or a mapping), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for b in items:
+        t = first_tensor(b)
+        if t is not None:
+            return t
+    return None
+
+
+def count_input(mon: Any, batch: Any, begins: bool) -> None:
+    """FLOPs counting for a forward the callback marks by hand (``Monitor(flops="auto")``): at its
+    start (``begins``, before the ``forward_begin`` mark) with the batch's first tensor, and at its end."""
+    if mon is None or not mon.attached or mon._hooks is None or mon._flops.spec != "auto":
+        return
+    if begins:
+        t = first_tensor(batch)
+        mon._hooks.count_input(t if t is not None else ())
+    else:
+        mon._hooks.count_input(None)
+
+
 def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None) -> dict:
     """p50 (ms) and share of the step of each partition phase in ``rep``, and with health the
     gradient norm (``grad_norm``: the last step's, ``grad_norm_p50``, ``nonfinite_steps``), with

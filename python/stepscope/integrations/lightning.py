@@ -119,9 +119,12 @@ class StepscopeCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
+        # FLOPs counting (Monitor(flops="auto")) sees training_step whether or not it calls the module.
+        _common.count_input(self.monitor, batch, begins=True)
         self._mark("forward_begin", batch=_common.batch_size(batch))
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
+        _common.count_input(self.monitor, None, begins=False)
         self._mark("forward_end")
         # The loss Lightning backpropagates (divided by accumulate_grad_batches), kept on the device.
         _common.observe(self.monitor, loss)
@@ -139,6 +142,7 @@ class StepscopeCallback(pl.Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         # A training_step that returned None skipped its backward: its forward ends here.
+        _common.count_input(self.monitor, None, begins=False)
         self._mark("forward_end")
         if self.metrics is not None:
             if not isinstance(outputs, Mapping) or "preds" not in outputs or "target" not in outputs:
