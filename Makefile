@@ -22,6 +22,9 @@ deps:
 test-deps: deps
 	@test -f /usr/src/googletest/CMakeLists.txt || { apt-get update && apt-get install -y googletest; } \
 	  || echo "warning: googletest unavailable: C++ tests will be skipped"
+	@# The HTML report's rendering test (headless Chromium); skipped where it cannot be installed.
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; } \
+	  || echo "warning: chromium unavailable: the HTML rendering test will be skipped"
 	@$(PYTHON) -c "import pytest, sklearn, torchmetrics, numpy" 2>/dev/null \
 	  || $(PYTHON) -m pip install pytest scikit-learn "torchmetrics==1.9.*" numpy
 	@$(PYTHON) -c "import matplotlib, tensorboard" 2>/dev/null \

@@ -11,6 +11,8 @@ and training health (Monitor(health=True) is the default, so `monitor` above inc
 
   flops off       stepscope.Monitor(model, opt, flops=None): no FLOPs counting (the default,
                   flops="auto", counts one warm-up step and then hashes the input's shape per step)
+  +progress       the default Monitor and mon.progress(...) around the loop (a tqdm bar into a
+                  buffer, its figures refreshed every 20 steps)
   health off      stepscope.Monitor(model, opt, health=False)
   +observe        the default Monitor and mon.observe(loss) every step
   foreach_norm, item per param, clip_grad_norm_: the hand-written gradient checks of
@@ -40,6 +42,7 @@ host-bound one by its launches. `--model gpu-bound` is 8 x Linear(2048), batch 2
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import statistics
 import sys
@@ -75,14 +78,14 @@ def make(width: int, batch: int, seed: int = 0, device: str = "cpu", kind: str =
 
 # Each run returns its median step time: one clock read per step (in every variant alike), and a
 # step that the machine's other tenants preempted does not move a median the way it moves a mean.
-def run_bare(model, opt, xs, ys, steps, observe=None):
+def run_bare(model, opt, xs, ys, steps, observe=None, wrap=None):
     if xs[0].is_cuda:
         return run_bare_cuda(model, opt, xs, ys, steps, observe)
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
     ts = [0.0] * steps
     last = pc()
-    for i in range(steps):
+    for i in (wrap(range(steps)) if wrap is not None else range(steps)):
         x, y = xs[i & 7], ys[i & 7]
         loss = f(model(x), y)
         if observe is not None:
@@ -144,7 +147,7 @@ def run_perf_counter(model, opt, xs, ys, steps):
     return statistics.median(ts)
 
 
-def run_monitor(kw, host_only: bool = False, observe: bool = False):
+def run_monitor(kw, host_only: bool = False, observe: bool = False, progress: bool = False):
     # One Monitor per variant, attached for each run: a training loop attaches once, so its
     # Timeline's allocation is not charged to every round.
     mon: list = []
@@ -154,8 +157,12 @@ def run_monitor(kw, host_only: bool = False, observe: bool = False):
             mon.append(stepscope.Monitor(model, opt, **kw))
             if host_only:  # the same hooks over a Timeline that records no CUDA event
                 mon[0]._tl = _C.Timeline(device=False, nvtx=kw.get("nvtx", True))
+        wrap = None
+        if progress:  # the tqdm bar, written to a buffer, its figures read every 20 steps
+            def wrap(it):
+                return mon[0].progress(it, every=20, file=io.StringIO())
         with mon[0]:
-            return run_bare(model, opt, xs, ys, steps, mon[0].observe if observe else None)
+            return run_bare(model, opt, xs, ys, steps, mon[0].observe if observe else None, wrap)
     run.monitor = mon  # type: ignore[attr-defined]
     return run
 
@@ -214,6 +221,7 @@ def main() -> int:
             "health off": run_monitor({"health": False}),
             "+observe": run_monitor({}, observe=True),
             "flops off": run_monitor({"flops": None}),
+            "+progress": run_monitor({}, progress=True),
             **BASELINES,
         }
     model, opt, xs, ys = make(args.width, args.batch, device=args.device, kind=args.model)

@@ -10,6 +10,7 @@ run is written as a Perfetto trace (stepscope_demo.trace.json.gz), a run file
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -76,6 +77,8 @@ def main() -> None:
     print("trace (open in https://ui.perfetto.dev): stepscope_demo.trace.json.gz")
     monitor.save("stepscope_demo.json")
     print("run file: stepscope_demo.json (python -m stepscope report stepscope_demo.json)")
+    monitor.to_html("stepscope_demo.html", metrics=va)  # one self-contained page, opens offline
+    print(f"HTML report: {os.path.abspath('stepscope_demo.html')}")
     try:
         stepscope.plot(stepscope.load("stepscope_demo.json"), "stepscope_demo.png")
         print("dashboard: stepscope_demo.png")

@@ -12,14 +12,15 @@
 
 The tensor kernels are torch.ops.stepscope.* ops (CPU, CUDA and Meta implementations); the
 native classes live in stepscope._C. Reading a saved run needs neither torch nor the extension
-(stepscope.run, stepscope.report, stepscope.export, stepscope.diagnose; stepscope.hardware, the
-peak FLOP/s table, neither): without torch this
+(stepscope.run, stepscope.report, stepscope.export, stepscope.diagnose, stepscope.compare;
+stepscope.hardware, the peak FLOP/s table, neither): without torch this
 package imports those alone, and the names that need torch raise an ImportError saying so.
 """
 
 from typing import Any
 
 from . import diagnose, export, hardware
+from .compare import compare
 from .run import SavedRun, load
 from .export import log_tensorboard, plot
 
@@ -56,5 +57,5 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "diagnose", "distributed", "export", "hardware",
+__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "compare", "diagnose", "distributed", "export", "hardware",
            "load", "log_tensorboard", "nvtx", "plot", "__version__"]

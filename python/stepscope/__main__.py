@@ -1,10 +1,13 @@
 """The stepscope command line.
 
-    python -m stepscope report run.json [--png out.png] [--trace out.json.gz]
+    python -m stepscope report run.json [--png out.png] [--trace out.json.gz] [--html out.html]
+    python -m stepscope compare before.json after.json [--html out.html]
     python -m stepscope merge rank0.json.gz rank1.json.gz -o all.json.gz
 
 ``report`` prints the summary table and the diagnosis of a run saved with ``Monitor.save``, and
-optionally writes its PNG dashboard and its Perfetto trace. ``merge`` puts the traces of several
+optionally writes its PNG dashboard, its Perfetto trace and its HTML report. ``compare`` prints
+two runs' p50s per phase, whether each difference is beyond noise and a verdict
+(:func:`stepscope.compare`), exit status 0 whatever it finds. ``merge`` puts the traces of several
 ranks (each from its own ``Monitor.export_trace``) in one file, one process per rank on one time
 axis. A missing, foreign, damaged, oversized (``--max-bytes``, default 512 MiB once
 decompressed) or newer file, a FIFO or device given as a file, and a target that cannot be
@@ -30,8 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--png", metavar="OUT.png", help="also write the 1200x800 dashboard (needs matplotlib)")
     rp.add_argument("--trace", metavar="OUT.json[.gz]",
                     help="also write the Chrome/Perfetto trace of the saved steps (gzip when it ends in .gz)")
+    rp.add_argument("--html", metavar="OUT.html", help="also write the self-contained HTML report")
     rp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
                     help="read at most N bytes of the run file once decompressed (default 512 MiB)")
+    cp = sub.add_parser("compare", help="compare two saved runs, with a verdict beyond noise",
+                        description="Per phase and for the step: both p50s, the change, and whether it is "
+                        "beyond noise (a rank test on the saved steps); samples/s, MFU, findings; a verdict.")
+    cp.add_argument("runs", nargs=2, metavar="RUN", help="two run files written by Monitor.save(): before, after")
+    cp.add_argument("--html", metavar="OUT.html", help="also write the comparison as a self-contained HTML page")
+    cp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
+                    help="read at most N bytes of each run file once decompressed (default 512 MiB)")
     mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
                         description="Merge traces written by Monitor.export_trace on several ranks into one "
                         "Perfetto/Chrome trace: one process per rank, shifted onto one time axis by each "
@@ -70,7 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             merged = export.merge_traces(args.traces, args.output, max_bytes=args.max_bytes)
             print(f"wrote {args.output}: {len(args.traces)} trace(s), {len(merged['traceEvents'])} events")
             return 0
-        saved = run.load(args.run, max_bytes=args.max_bytes)
+        if args.command == "compare":
+            a, b = (run.load(p, max_bytes=args.max_bytes) for p in args.runs)
+        else:
+            saved = run.load(args.run, max_bytes=args.max_bytes)
     except (OSError, ValueError, ImportError) as e:
         print(_one_line(e), file=sys.stderr)
         return 2
@@ -81,6 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     # Using it: a file that passed load()'s checks and still fails here is damaged in a way they
     # do not see; writes that fail name their target (export's atomic writes do).
+    if args.command == "compare":
+        return _compare(a, b, args)
     try:
         print(saved.summary())  # ends with the diagnosis ("What to fix first")
         if args.png:
@@ -93,11 +109,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.trace:
             export.write_trace(saved, args.trace)
             print(f"wrote {args.trace}")
+        if args.html:
+            export.write_html(saved, args.html)
+            print(f"wrote {args.html}")
     except (OSError, ImportError) as e:
         print(_one_line(e), file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError, ZeroDivisionError) as e:
         print(f"stepscope: {args.run} is damaged ({type(e).__name__}: {' '.join(str(e).split())})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _compare(a: "object", b: "object", args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    try:
+        cmp = compare(a, b)
+        print(cmp)
+        if args.html:
+            cmp.to_html(args.html)
+            print(f"wrote {args.html}")
+    except OSError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
+        print(f"stepscope: {' or '.join(args.runs)} is damaged ({type(e).__name__}: {' '.join(str(e).split())})",
               file=sys.stderr)
         return 2
     return 0

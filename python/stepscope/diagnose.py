@@ -410,6 +410,15 @@ RULES: list = [rule_no_step, rule_input_bound, rule_optimizer_heavy, rule_jitter
 _READ_THE_TABLE = (rule_sync_in_phase,)
 
 
+class Findings(list):
+    """What :func:`diagnose` returns: a list of finding dicts, shown as HTML in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        from .export.page import findings_html
+
+        return findings_html(self)
+
+
 def diagnose(rep: dict, rules: Optional[list] = None, *, phases: Table = None) -> list:
     """Every finding of ``rules`` (default :data:`RULES`) on a report, largest saving first,
     then by severity. ``phases``: the phase table of a saved run (default the extension's)."""
@@ -417,4 +426,4 @@ def diagnose(rep: dict, rules: Optional[list] = None, *, phases: Table = None) -
     for r in rules if rules is not None else RULES:
         fn: Callable[..., list] = r
         out.extend(fn(rep, phases=phases) if fn in _READ_THE_TABLE else fn(rep))
-    return sorted(out, key=lambda f: (-(f["saving"] or 0.0), -_RANK[f["severity"]]))
+    return Findings(sorted(out, key=lambda f: (-(f["saving"] or 0.0), -_RANK[f["severity"]])))

@@ -35,16 +35,15 @@ from . import _C
 from . import _monitor_health as _health
 from . import _monitor_throughput as _tp
 from . import diagnose as _diagnose
-from . import export as _export
 from . import report as _report
-from . import run as _run
+from ._monitor_views import Views
 from ._monitor_parts import (MARKS, Snapshot, _check_arguments, _check_device_every,  # noqa: F401
                              _check_options, _check_ring, _claim, _context, _is_compiled, _mark, _memory,
                              _ModuleSel, _owner_of, _Phase, _release, _sample_modules, _samples_counted_by,
                              _selected_modules, _snapshot_base, _unclaim)
 
 
-class Monitor:
+class Monitor(Views):
     """Times forward, backward, optimizer step and the gaps between them, every step.
 
     Args:
@@ -424,26 +423,6 @@ class Monitor:
         if self._tl is None:
             return []
         return _health.join_recent(self._tl.recent_steps(), _health.report_of(self))
-
-    def export_trace(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Writes the ring of recent steps as a Chrome trace-event file for Perfetto or
-        chrome://tracing (gzip'd when ``path`` ends in ``.gz``); see :func:`stepscope.export.trace_events`.
-
-            mon.export_trace("run.trace.json.gz")
-        """
-        _export.write_trace(self, path)
-
-    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Writes the report, the ring of recent steps, its diagnosis, the phase table, build info
-        and versions as JSON (:func:`stepscope.run.save`); :func:`stepscope.load` reads it back.
-
-            mon.save("run.json"); print(stepscope.load("run.json").summary())
-        """
-        _run.save(self, path)
-
-    def to_csv(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """One CSV row per step in the ring; see :func:`stepscope.export.write_csv`."""
-        _export.write_csv(self, path)
 
     def __repr__(self) -> str:
         return f"Monitor(models={len(self._models)}, attached={self._attached}, steps={self.steps})"

@@ -129,8 +129,19 @@ class SavedRun:
         :mod:`stepscope.diagnose` applied to its report (they are pure functions of it)."""
         saved = self.data.get("diagnosis")
         if saved is not None:
-            return list(saved)
+            return _diagnose.Findings(saved)
         return _diagnose.diagnose(self.data["report"], phases=self.phase_table)
+
+    def to_html(self, path: PathLike, metrics: Optional[dict] = None) -> None:
+        """The run as one self-contained HTML page (:func:`stepscope.export.write_html`)."""
+        from .export.page import write_html
+
+        write_html(self, path, metrics)
+
+    def _repr_html_(self) -> str:
+        from .export.page import html_report
+
+        return html_report(self, fragment=True)
 
     @property
     def steps(self) -> int:

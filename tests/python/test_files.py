@@ -374,6 +374,8 @@ def test_demo_writes_the_run_file_it_names(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "python -m stepscope report stepscope_demo.json" in r.stdout
     assert (tmp_path / "stepscope_demo.json").exists()
+    html = (tmp_path / "stepscope_demo.html").read_text()  # the demo's HTML report, where it says
+    assert str(tmp_path / "stepscope_demo.html") in r.stdout and "What to fix first" in html and "accuracy" in html
     rep = subprocess.run([sys.executable, "-m", "stepscope", "report", "stepscope_demo.json"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and "What to fix first" in rep.stdout, rep.stderr

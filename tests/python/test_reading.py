@@ -58,6 +58,9 @@ def test_a_saved_run_is_read_summarised_diagnosed_and_exported_without_torch_or_
         assert stepscope.diagnose.diagnose(run.report(), phases=run.phase_table) == run.diagnose()
         stepscope.export.write_csv(run, {str(tmp_path / "steps.csv")!r})
         stepscope.export.write_trace(run, {str(tmp_path / "run.trace.json")!r})
+        stepscope.export.html(run, {str(tmp_path / "run.html")!r})  # the HTML report and compare too
+        same = stepscope.compare(run, run)
+        assert same["verdict"] and not any(v["beyond_noise"] for v in same["phases"].values())
         if {plots!r}:
             stepscope.plot(run, {str(tmp_path / "run.png")!r})
         print(stepscope.report.live_line(run.report(), phases=run.phase_table))
@@ -74,6 +77,7 @@ def test_a_saved_run_is_read_summarised_diagnosed_and_exported_without_torch_or_
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("stepscope step 8 | p50 step"), r.stdout
+    assert "What to fix first" in (tmp_path / "run.html").read_text()
     rows = (tmp_path / "steps.csv").read_text().splitlines()
     assert rows[0].startswith("step,start_s,end_s,step_s,samples,data_s,forward_s") and len(rows) == 9
     assert export_trace_equal(tmp_path / "run.trace.json", stepscope.export.trace_events(stepscope.load(saved)))

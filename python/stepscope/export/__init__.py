@@ -7,6 +7,7 @@ and TensorBoard scalars, one module each, each a function of the run data.
     print(run.summary())                     # the same table as mon.summary()
     stepscope.plot(run, "run.png")           # 1200x800 dashboard (needs matplotlib): png.py
     mon.to_csv("steps.csv")                  # one row per step in the ring: csv.py
+    mon.to_html("run.html")                  # one self-contained page, offline: page.py
 
 Every export reads one plain dict, the *run data* (:func:`stepscope.run.run_data`): a live
 Monitor is turned into it, a loaded file already is it. So a trace, a CSV or a plot made from a
@@ -27,10 +28,14 @@ from ..report import live_line
 from ..run import (FORMAT, MAX_READ_BYTES, SCHEMA_VERSION, PathLike, SavedRun, Source, _atomic_write,  # noqa: F401
                    load, run_data, save)
 from .csv import csv_rows, write_csv
+from .page import html_report, write_html
 from .png import plot
 from .tensorboard import log_tensorboard
 from .trace import _TID_DEVICE, merge_traces, read_trace, trace_events, write_trace  # noqa: F401
 
-__all__ = ["FORMAT", "MAX_READ_BYTES", "SCHEMA_VERSION", "PathLike", "SavedRun", "Source", "csv_rows", "live_line",
-           "load", "log_tensorboard", "merge_traces", "plot", "read_trace", "run_data", "save", "trace_events",
-           "write_csv", "write_trace"]
+#: ``stepscope.export.html(run, path)``: :func:`write_html`.
+html = write_html
+
+__all__ = ["FORMAT", "MAX_READ_BYTES", "SCHEMA_VERSION", "PathLike", "SavedRun", "Source", "csv_rows", "html",
+           "html_report", "live_line", "load", "log_tensorboard", "merge_traces", "plot", "read_trace", "run_data", "save", "trace_events",
+           "write_csv", "write_html", "write_trace"]
