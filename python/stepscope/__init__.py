@@ -32,14 +32,14 @@ except ImportError as e:  # a reader of saved runs without torch
     _no_torch: "ImportError | None" = e
 else:
     _no_torch = None
-    from . import _C, distributed, nvtx
+    from . import _C, distributed, nvtx, tune
     from .metrics import ClassificationMetrics
     from .monitor import Monitor
 
 
 def __getattr__(name: str) -> Any:
     # Only reached without torch: the names below were not imported.
-    if name in ("_C", "distributed", "nvtx", "metrics", "monitor", "ClassificationMetrics", "Monitor"):
+    if name in ("_C", "distributed", "nvtx", "metrics", "monitor", "tune", "ClassificationMetrics", "Monitor"):
         raise ImportError(f"stepscope.{name} needs torch, which could not be imported ({_no_torch}); "
                           "saved runs are read without it (stepscope.load, stepscope.plot)") from _no_torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -58,4 +58,4 @@ def build_info() -> dict:
 
 
 __all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "compare", "diagnose", "distributed", "export", "hardware",
-           "load", "log_tensorboard", "nvtx", "plot", "__version__"]
+           "load", "log_tensorboard", "nvtx", "plot", "tune", "__version__"]

@@ -84,7 +84,7 @@ def rule_input_bound(rep: dict) -> list:
         "Everything between the optimizer step and the next forward counts here (the loader, "
         ".to(device), zero_grad()). Feed the loop faster: DataLoader(num_workers=N, pin_memory=True, "
         "persistent_workers=True, prefetch_factor=4) and .to(device, non_blocking=True); move augmentation "
-        "to the GPU; cache decoded samples.",
+        "to the GPU; cache decoded samples. Measure which: stepscope.tune.loader(dataset, batch_size=...).",
         share)]
 
 
@@ -98,7 +98,8 @@ def rule_optimizer_heavy(rep: dict) -> list:
         "optimizer_heavy", "warn", f"optimizer step is {100 * share:.0f}% of the median step",
         {"optimizer_share": share, "optimizer_ms_per_step": 1e3 * _per_step_p50(rep, "optimizer")},
         "Use the multi-tensor optimizers: torch.optim.AdamW(params, fused=True) on CUDA, or "
-        "foreach=True; zero_grad(set_to_none=True); fewer, larger parameter groups.",
+        "foreach=True; zero_grad(set_to_none=True); fewer, larger parameter groups. Measure which: "
+        "stepscope.tune.step(train_step, model, optimizer, batch).",
         share)]
 
 
@@ -145,7 +146,8 @@ def rule_launch_bound(rep: dict) -> list:
         "launch_bound", "warn", "launch-bound: the GPU keeps up with the host at every boundary",
         {"max_lag_p50_us": 1e6 * max(p50s.values()), "lag_p50_us": {k: 1e6 * v for k, v in p50s.items()}},
         "Cut host work per kernel: CUDA graphs via torch.compile(model, mode=\"reduce-overhead\"), a larger "
-        "batch, fused/foreach optimizers, fewer tiny ops (torch.compile fuses them).",
+        "batch, fused/foreach optimizers, fewer tiny ops (torch.compile fuses them). Measure the optimizer "
+        "candidates: stepscope.tune.step(train_step, model, optimizer, batch).",
         None)]
 
 
@@ -228,7 +230,8 @@ def rule_precision(rep: dict) -> list:
         {"param_dtype": ctx.get("param_dtype"), "cuda_capability": list(cap),
          "autocast_forwards": ctx.get("autocast_forwards", 0)},
         "Wrap forward and loss in torch.autocast(\"cuda\", dtype=torch.bfloat16), or at least "
-        "torch.backends.cuda.matmul.allow_tf32 = True (torch.set_float32_matmul_precision(\"high\")).")]
+        "torch.backends.cuda.matmul.allow_tf32 = True (torch.set_float32_matmul_precision(\"high\")). "
+        "stepscope.tune.step(train_step, model, optimizer, batch) times bf16/fp16 autocast and checks the loss.")]
 
 
 def rule_eval_share(rep: dict) -> list:

@@ -48,7 +48,8 @@ def _advice(rep: dict) -> tuple:
                        "torch.autocast(\"cuda\", dtype=torch.bfloat16) around forward and loss.")
     return found, ("Raise the arithmetic per launch: a larger batch or sequence, torch.compile(model) to fuse "
                    "elementwise work, FlashAttention (F.scaled_dot_product_attention), and look at the "
-                   "modules that take the most time (Monitor(per_module=True)).")
+                   "modules that take the most time (Monitor(per_module=True)); stepscope.tune.step(train_step, "
+                   "model, optimizer, batch) times the step-level candidates.")
 
 
 def rule_low_mfu(rep: dict) -> list:

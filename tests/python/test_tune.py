@@ -1,0 +1,118 @@
+"""The tuners: each tries configurations on the user's own data and loop, and never touches them."""
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import stepscope
+from stepscope import tune
+
+F = torch.nn.functional
+
+
+class Decoding(torch.utils.data.Dataset):
+    """2 ms of 'decoding' per sample (a sleep), then a small tensor."""
+
+    def __init__(self, n=4096, ms=2.0, fail_in_workers=False):
+        self.n, self.s, self.fail = n, ms / 1e3, fail_in_workers
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.fail and torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError("this dataset cannot run in a worker")
+        time.sleep(self.s)
+        return torch.full((4,), float(i))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_loader_picks_workers_for_a_decoding_bound_dataset_within_budget(caplog):
+    budget = 20.0
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO", logger="stepscope"):
+        res = tune.loader(Decoding(), batch_size=16, batches=5, rounds=2, warmup=2, budget_s=budget,
+                          configs=[{"num_workers": 0}, {"num_workers": 1}, {"num_workers": 2}, {"num_workers": 4}])
+    took = time.perf_counter() - t0
+    assert res["best"]["num_workers"] >= 2 and res["best"]["persistent_workers"] is True
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["num_workers=2"]["speedup"] > 1.5 and rows["num_workers=0"]["speedup"] == 1.0
+    assert took < budget + 10  # the budget, plus the configuration under way at its end
+    assert sum("tune.loader" in r.getMessage() for r in caplog.records) == 4
+    assert "best: num_workers=" in res.summary()
+
+
+def test_loader_rows_say_why_workers_failed_and_keep_the_dataloader_s_settings(tmp_path):
+    dl = torch.utils.data.DataLoader(Decoding(64, ms=0.1, fail_in_workers=True), batch_size=8, drop_last=True)
+    res = tune.loader(dl, batches=2, rounds=1, warmup=1, configs=[{"num_workers": 0}, {"num_workers": 1}])
+    bad = next(r for r in res["rows"] if r["config"]["num_workers"] == 1)
+    assert bad["ok"] is False and "cannot run in a worker" in bad["error"]
+    assert res["best"] == {"num_workers": 0} and res["rows"][0]["samples_per_s"] > 0
+    res.save(tmp_path / "t.json")
+    assert '"kind": "loader"' in (tmp_path / "t.json").read_text()
+    with pytest.raises(ValueError):
+        tune.loader(dl, budget_s=0)
+
+
+def test_loader_ctrl_c_leaves_no_worker_behind():
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        tune.loader(Decoding(ms=5.0), batch_size=16, batches=50, rounds=5, configs=[{"num_workers": 2}])
+    deadline = time.time() + 10
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+def many_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[m for _ in range(100) for m in (torch.nn.Linear(16, 16), torch.nn.Tanh())])
+
+
+def train_step(model, opt, batch):
+    x, y = batch
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def test_step_tries_the_optimizer_candidates_on_copies_and_rejects_a_wrong_loss():
+    model = many_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batch = (torch.randn(32, 16), torch.randn(32, 16))
+    train_step(model, opt, batch)  # the user's optimizer has state
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()}
+    planted = {"lr x10 (planted)": ({"lr": 0.5}, None, nullcontext, 1e-5)}
+    res = tune.step(train_step, model, opt, batch, steps=6, rounds=2, warmup=1, candidates=planted)
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ("foreach=True", "foreach=False"):
+        assert rows[name]["numerics"].startswith("ok") and rows[name]["speedup"] > 0, rows[name]
+    assert rows["lr x10 (planted)"]["ok"] is False and "FAILS" in rows["lr x10 (planted)"]["numerics"]
+    assert res["best"]["candidate"] != "lr x10 (planted)"
+    # The user's objects are untouched: parameters and optimizer state bit-identical.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[k], after[k]["momentum_buffer"]) for k in state)
+    assert "step_ms" in res.summary() and not any(h for m in model.modules() for h in m._forward_hooks.values())
+
+
+def test_copy_training_keeps_groups_and_state_and_applies_overrides():
+    model = many_mlp()
+    opt = torch.optim.AdamW([{"params": list(model.parameters())[:10], "lr": 1e-2},
+                             {"params": list(model.parameters())[10:]}], lr=1e-3, foreach=False)
+    train_step(model, opt, (torch.randn(4, 16), torch.randn(4, 16)))
+    twin, o2 = tune.copy_training(model, opt, foreach=True)
+    assert [g["lr"] for g in o2.param_groups] == [1e-2, 1e-3] and all(g["foreach"] for g in o2.param_groups)
+    p0, q0 = next(model.parameters()), next(twin.parameters())
+    assert p0 is not q0 and torch.equal(p0, q0)
+    assert torch.equal(opt.state[p0]["exp_avg"], o2.state[q0]["exp_avg"])
+    assert opt.state[p0]["exp_avg"].data_ptr() != o2.state[q0]["exp_avg"].data_ptr()
