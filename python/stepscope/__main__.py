@@ -3,11 +3,13 @@
     python -m stepscope report run.json [--png out.png] [--trace out.json.gz] [--html out.html]
     python -m stepscope compare before.json after.json [--html out.html]
     python -m stepscope merge rank0.json.gz rank1.json.gz -o all.json.gz
+    python -m stepscope tune-report loader.json
 
 ``report`` prints the summary table and the diagnosis of a run saved with ``Monitor.save``, and
 optionally writes its PNG dashboard, its Perfetto trace and its HTML report. ``compare`` prints
 two runs' p50s per phase, whether each difference is beyond noise and a verdict
-(:func:`stepscope.compare`), exit status 0 whatever it finds. ``merge`` puts the traces of several
+(:func:`stepscope.compare`), exit status 0 whatever it finds. ``tune-report`` prints a result saved
+by a tuner (``stepscope.tune``, ``TuneResult.save``). ``merge`` puts the traces of several
 ranks (each from its own ``Monitor.export_trace``) in one file, one process per rank on one time
 axis. A missing, foreign, damaged, oversized (``--max-bytes``, default 512 MiB once
 decompressed) or newer file, a FIFO or device given as a file, and a target that cannot be
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--html", metavar="OUT.html", help="also write the comparison as a self-contained HTML page")
     cp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
                     help="read at most N bytes of each run file once decompressed (default 512 MiB)")
+    tp = sub.add_parser("tune-report", help="print a tuner's saved result",
+                        description="Print the table and the recommendation of a result written by "
+                        "stepscope.tune's TuneResult.save().")
+    tp.add_argument("result", help="a result file written by TuneResult.save()")
+    tp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
+                    help="read at most N bytes of the file (default 512 MiB)")
     mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
                         description="Merge traces written by Monitor.export_trace on several ranks into one "
                         "Perfetto/Chrome trace: one process per rank, shifted onto one time axis by each "
@@ -80,6 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "merge":
             merged = export.merge_traces(args.traces, args.output, max_bytes=args.max_bytes)
             print(f"wrote {args.output}: {len(args.traces)} trace(s), {len(merged['traceEvents'])} events")
+            return 0
+        if args.command == "tune-report":
+            from ._tune_result import load_result
+
+            print(load_result(args.result, max_bytes=args.max_bytes).summary())
             return 0
         if args.command == "compare":
             a, b = (run.load(p, max_bytes=args.max_bytes) for p in args.runs)

@@ -16,7 +16,6 @@ its numerics check. One line per configuration goes to the ``"stepscope"`` logge
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import statistics
@@ -26,39 +25,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .run import _atomic_write
+from ._tune_result import TuneResult, load_result  # noqa: F401  (torch-free: the CLI reads results)
 
 log = logging.getLogger("stepscope")
-
-
-class TuneResult(dict):
-    """A tuner's answer: ``rows`` (one per configuration tried), ``best`` (what to use), ``baseline``
-    and ``kind``. ``summary()`` is the table; ``save(path)`` writes it as JSON."""
-
-    def summary(self) -> str:
-        keys = self["columns"]
-        rows = [keys] + [[_cell(r.get(k)) for k in keys] for r in self["rows"]]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(keys))]
-        lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
-        return "\n".join(lines + [f"best: {self['best_name']} {json.dumps(self['best'], default=str)}",
-                                  f"method: {self['method']}"])
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def save(self, path: Any) -> None:
-        _atomic_write(path, json.dumps({"format": "stepscope-tune", **self}, default=str, indent=1).encode())
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, tuple):
-        return "-".join(_cell(x) for x in v)
-    return str(v)
 
 
 def _spread(xs: list) -> tuple:
@@ -313,3 +282,72 @@ def _step_result(rows: dict, phases: dict, tolerance: float, rounds: int, steps:
                       columns=["name", "step_ms", "speedup", "spread_ms", "phase", "numerics", "warmup_s", "note"],
                       method=f"step p50 of a Monitor over {steps} steps, median of {rounds} interleaved rounds; "
                              f"recommended: the fastest passing numerics if > {100 * tolerance:.0f}% faster")
+
+
+# --------------------------------------------------------------------------- batch size
+def _memory(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident set now
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def batch_size(train_step: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               make_batch: Callable[[int], Any], *, start: int = 8, max_size: int = 1 << 16, steps: int = 10,
+               warmup: int = 2, flat: float = 0.05, budget_s: float = 120.0) -> TuneResult:
+    """Samples/s as the batch doubles from ``start`` (``make_batch(n)`` builds a batch of n), each size
+    on a fresh copy of the model and optimizer (:func:`copy_training`), timed by a Monitor over
+    ``steps`` steps. Stops at an out-of-memory error (caught, the memory released), at ``max_size``,
+    past ``budget_s``, or once doubling the batch gains less than ``flat`` (5%) in samples/s. ``best``:
+    the knee, the smallest size within ``flat`` of the best samples/s, not the largest that fits.
+    Memory per size: the CUDA allocator's peak, or the process's resident set on CPU."""
+    from .monitor import Monitor
+
+    if start < 1 or max_size < start or steps < 3 or not 0 < flat < 1:
+        raise ValueError("stepscope: tune.batch_size needs 1 <= start <= max_size, steps >= 3, 0 < flat < 1")
+    device, rows, t0, n = _device(model), [], time.perf_counter(), start
+    while n <= max_size and time.perf_counter() - t0 <= budget_s:
+        row: dict = {"name": f"batch {n}", "batch": n}
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            m, o = copy_training(model, optimizer)
+            b = make_batch(n)
+            _losses(train_step, m, o, b, nullcontext, warmup)
+            with Monitor(m, o, warmup_steps=0, flops=None, health=False, nvtx=False) as mon:
+                _losses(train_step, m, o, b, nullcontext, steps)
+            p50 = mon.report()["phases"]["step"]["host"]["p50"]
+            row.update(step_ms=p50 * 1e3, samples_per_s=n / p50, memory_bytes=_memory(device))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, note=("out of memory: " if _out_of_memory(e) else "") + _why(e))
+            rows.append(row)
+            m = o = b = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        log.info("stepscope tune.batch_size: batch %d: %.1f samples/s", n, row["samples_per_s"])
+        prev = rows[-1]["samples_per_s"] if rows and rows[-1].get("samples_per_s") else None
+        rows.append(row)
+        if prev is not None and row["samples_per_s"] < prev * (1 + flat):
+            break  # doubling no longer pays
+        n *= 2
+    timed = [r for r in rows if r.get("samples_per_s")]
+    top = max((r["samples_per_s"] for r in timed), default=None)
+    knee = next((r for r in timed if r["samples_per_s"] >= top * (1 - flat)), None) if top else None
+    for r in timed:
+        r["of_best"] = r["samples_per_s"] / top
+    return TuneResult(kind="batch_size", rows=rows, best={"batch_size": knee["batch"]} if knee else {},
+                      best_name=knee["name"] if knee else None, baseline=f"batch {start}",
+                      columns=["name", "step_ms", "samples_per_s", "of_best", "memory_bytes", "note"],
+                      method=f"step p50 of a Monitor over {steps} steps per size; the knee: the smallest size "
+                             f"within {100 * flat:.0f}% of the best samples/s")

@@ -116,3 +116,48 @@ def test_copy_training_keeps_groups_and_state_and_applies_overrides():
     assert p0 is not q0 and torch.equal(p0, q0)
     assert torch.equal(opt.state[p0]["exp_avg"], o2.state[q0]["exp_avg"])
     assert opt.state[p0]["exp_avg"].data_ptr() != o2.state[q0]["exp_avg"].data_ptr()
+
+
+def test_batch_size_stops_where_samples_per_s_flattens_and_reports_the_knee():
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def planted(model, opt, batch):  # 20 ms a step up to 32 samples, then 20 ms per 32: flat beyond 32
+        time.sleep(0.020 * max(1.0, len(batch) / 32))
+        loss = model(batch).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    res = tune.batch_size(planted, model, opt, lambda n: torch.randn(n, 4), start=4, steps=5)
+    sizes = [r["batch"] for r in res["rows"]]
+    assert sizes == [4, 8, 16, 32, 64] and res["best"] == {"batch_size": 32}, res.summary()
+    assert all(r["memory_bytes"] > 0 for r in res["rows"])
+
+    def oom_at_16(model, opt, batch):
+        if len(batch) >= 16:
+            raise RuntimeError("CUDA out of memory (planted)")
+        return planted(model, opt, batch)
+
+    res = tune.batch_size(oom_at_16, model, opt, lambda n: torch.randn(n, 4), start=4, steps=4)
+    assert [r["batch"] for r in res["rows"]] == [4, 8, 16] and res["rows"][-1]["note"].startswith("out of memory")
+    assert res["best"] == {"batch_size": 8}
+
+
+def test_a_saved_result_is_read_back_by_tune_report_and_damage_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = tune.loader(Decoding(64, ms=0.1), batch_size=8, batches=2, rounds=2, warmup=1,
+                      configs=[{"num_workers": 0}, {"num_workers": 1}])
+    res.save(tmp_path / "loader.json")
+    back = tune.load_result(tmp_path / "loader.json")
+    assert back["best"] == res["best"] and back.summary() == res.summary()
+    r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "loader.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "best: num_workers=" in r.stdout, r.stderr
+    (tmp_path / "bad.json").write_text('{"format": "stepscope-tune", "rows": 3}')
+    r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "bad.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "damaged" in r.stderr and r.stderr.count("\n") == 1
