@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="Print the table and the recommendation of a result written by "
                         "stepscope.tune's TuneResult.save().")
     tp.add_argument("result", help="a result file written by TuneResult.save()")
+    tp.add_argument("--png", metavar="OUT.png", help="also write the bar chart of the speedups (needs matplotlib)")
     tp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
                     help="read at most N bytes of the file (default 512 MiB)")
     mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
@@ -92,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "tune-report":
             from ._tune_result import load_result
 
-            print(load_result(args.result, max_bytes=args.max_bytes).summary())
+            res = load_result(args.result, max_bytes=args.max_bytes)
+            print(res.summary())
+            if args.png:
+                res.plot(args.png)
+                print(f"wrote {args.png}")
             return 0
         if args.command == "compare":
             a, b = (run.load(p, max_bytes=args.max_bytes) for p in args.runs)

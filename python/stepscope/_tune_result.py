@@ -28,6 +28,10 @@ class TuneResult(dict):
     def __str__(self) -> str:
         return self.summary()
 
+    def plot(self, path: Any) -> None:
+        """The speedups as a PNG bar chart (:func:`plot_result`; needs matplotlib)."""
+        plot_result(self, path)
+
     def save(self, path: Any) -> None:
         _atomic_write(path, json.dumps({"format": FORMAT, **self}, default=str, indent=1).encode())
 
@@ -56,3 +60,35 @@ def load_result(path: PathLike, *, max_bytes: Optional[int] = None) -> TuneResul
     data.pop("format")
     data.setdefault("best_name", None)
     return TuneResult(data)
+
+
+def plot_result(res: dict, path: PathLike) -> None:
+    """A bar chart of a result's speedups over its baseline (the spread as error bars; samples/s
+    against the best for ``batch_size``), as a PNG. Needs matplotlib (``pip install 'stepscope[plot]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("stepscope: plotting a tuner's result needs matplotlib: pip install 'stepscope[plot]'") from e
+    key = "of_best" if res.get("kind") == "batch_size" else "speedup"
+    rows = [r for r in res["rows"] if isinstance(r.get(key), (int, float))]
+    names, vals = [str(r["name"]) for r in rows], [float(r[key]) for r in rows]
+    err = None
+    if res.get("kind") == "step":  # the spread of the step time, as a spread of the speedup
+        base = next((r for r in rows if r["name"] == "baseline"), None)
+        if base is not None:
+            b = base["step_ms"]
+            err = [[v - b / r["spread_ms"][1] for v, r in zip(vals, rows)],
+                   [b / r["spread_ms"][0] - v for v, r in zip(vals, rows)]]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    colors = ["#c62828" if r.get("ok") is False else "#4E79A7" for r in rows]
+    ax.barh(names, vals, xerr=err, color=colors)
+    ax.axvline(1.0, color="#555", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples/s over the best" if key == "of_best" else f"speedup over {res.get('baseline')}")
+    ax.set_title(f"stepscope tune.{res.get('kind')}: best {res.get('best_name')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

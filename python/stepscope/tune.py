@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._tune_result import TuneResult, load_result  # noqa: F401  (torch-free: the CLI reads results)
+from ._tune_result import TuneResult, load_result, plot_result  # noqa: F401  (torch-free: the CLI reads results)
 
 log = logging.getLogger("stepscope")
 
@@ -171,7 +171,19 @@ def copy_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **op
     return twin, opt
 
 
-def _candidates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+class _TF32:
+    """fp32 matmuls and convolutions on TF32 tensor cores for the candidate's steps only."""
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _candidates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                compile: bool) -> dict:
     # name -> (optimizer overrides, model transform or None, context factory, numerics tolerance)
     out: dict = {"baseline": ({}, None, nullcontext, 0.0)}
     defaults = optimizer.defaults
@@ -184,10 +196,16 @@ def _candidates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device
     if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         out["channels_last"] = ({}, lambda m: m.to(memory_format=torch.channels_last), nullcontext, 1e-4)
     if device.type == "cuda":
+        out["tf32"] = ({}, None, _TF32, 1e-2)
         out["autocast bf16"] = ({}, None, lambda: torch.autocast("cuda", dtype=torch.bfloat16), 5e-2)
         out["autocast fp16"] = ({}, None, lambda: torch.autocast("cuda", dtype=torch.float16), 2e-2)
     else:
         out["autocast bf16"] = ({}, None, lambda: torch.autocast("cpu", dtype=torch.bfloat16), 5e-2)
+    if compile:  # compilation is the warm-up (warmup_s), reported apart from the timed steps
+        out["torch.compile"] = ({}, torch.compile, nullcontext, 1e-4)
+        if device.type == "cuda":  # CUDA graphs
+            out["torch.compile reduce-overhead"] = ({}, lambda m: torch.compile(m, mode="reduce-overhead"),
+                                                    nullcontext, 1e-4)
     return out
 
 
@@ -206,11 +224,13 @@ def _losses(train_step: Callable, model: Any, opt: Any, batch: Any, ctx: Callabl
 
 def step(train_step: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, *,
          steps: int = 20, rounds: int = 3, warmup: int = 3, check_steps: int = 3, tolerance: float = 0.03,
-         candidates: Optional[dict] = None, budget_s: float = 120.0) -> TuneResult:
+         candidates: Optional[dict] = None, budget_s: float = 120.0, compile: Optional[bool] = None) -> TuneResult:
     """Tries step-level candidates on copies of ``model`` and ``optimizer`` (:func:`copy_training`):
     ``train_step(model, optimizer, batch)`` runs one training step and returns the loss. Candidates
     that apply here: ``foreach`` / ``fused`` optimizers, ``channels_last`` for convolutional models,
-    bf16 autocast (and fp16 on CUDA); ``candidates`` adds or replaces entries ``name -> (optimizer
+    bf16 autocast (and fp16 and TF32 on CUDA), ``torch.compile`` (and its CUDA-graph mode
+    ``"reduce-overhead"`` on CUDA) when ``compile`` (default: on CUDA only, since compiling on a CPU
+    takes minutes; its compile time is ``warmup_s``); ``candidates`` adds or replaces entries ``name -> (optimizer
     overrides, model transform or None, context factory, loss tolerance)``. Each is warmed up, then
     timed by a Monitor over ``steps`` steps per round. Numerics: ``check_steps`` losses from the
     original weights on ``batch``, relative to the baseline's, within the candidate's tolerance. A
@@ -219,7 +239,8 @@ def step(train_step: Callable, model: torch.nn.Module, optimizer: torch.optim.Op
 
     if steps < 3 or rounds < 1 or warmup < 0 or check_steps < 1:
         raise ValueError("stepscope: tune.step needs steps >= 3, rounds >= 1, warmup >= 0, check_steps >= 1")
-    cands = dict(_candidates(model, optimizer, _device(model)))
+    device = _device(model)
+    cands = dict(_candidates(model, optimizer, device, device.type == "cuda" if compile is None else compile))
     cands.update(candidates or {})
     t_start = time.perf_counter()
     rows: dict = {}
@@ -230,11 +251,11 @@ def step(train_step: Callable, model: torch.nn.Module, optimizer: torch.optim.Op
             m, o = copy_training(model, optimizer, **over)
             if transform is not None:
                 m = transform(m)
+            t0 = time.perf_counter()  # warmup_s: the check's steps (a compile happens there) and the warm-up
             row["losses"] = _losses(train_step, m, o, batch, ctx, check_steps)
             m, o = copy_training(model, optimizer, **over)  # timing starts from the original weights too
             if transform is not None:
                 m = transform(m)
-            t0 = time.perf_counter()
             _losses(train_step, m, o, batch, ctx, warmup)
             row["warmup_s"] = time.perf_counter() - t0
             runners[name] = (m, o, ctx)

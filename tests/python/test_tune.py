@@ -1,5 +1,6 @@
 """The tuners: each tries configurations on the user's own data and loop, and never touches them."""
 
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -84,7 +85,7 @@ def train_step(model, opt, batch):
     return loss.detach()
 
 
-def test_step_tries_the_optimizer_candidates_on_copies_and_rejects_a_wrong_loss():
+def test_step_tries_the_optimizer_candidates_on_copies_and_rejects_a_wrong_loss(tmp_path):
     model = many_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batch = (torch.randn(32, 16), torch.randn(32, 16))
@@ -103,6 +104,9 @@ def test_step_tries_the_optimizer_candidates_on_copies_and_rejects_a_wrong_loss(
     after = opt.state_dict()["state"]
     assert all(torch.equal(state[k], after[k]["momentum_buffer"]) for k in state)
     assert "step_ms" in res.summary() and not any(h for m in model.modules() for h in m._forward_hooks.values())
+    pytest.importorskip("matplotlib")
+    res.plot(tmp_path / "step.png")
+    assert (tmp_path / "step.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_copy_training_keeps_groups_and_state_and_applies_overrides():
@@ -154,9 +158,11 @@ def test_a_saved_result_is_read_back_by_tune_report_and_damage_is_one_line(tmp_p
     res.save(tmp_path / "loader.json")
     back = tune.load_result(tmp_path / "loader.json")
     assert back["best"] == res["best"] and back.summary() == res.summary()
-    r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "loader.json")],
+    png = ["--png", str(tmp_path / "loader.png")] if importlib.util.find_spec("matplotlib") else []
+    r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "loader.json"), *png],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "best: num_workers=" in r.stdout, r.stderr
+    assert not png or (tmp_path / "loader.png").exists()
     (tmp_path / "bad.json").write_text('{"format": "stepscope-tune", "rows": 3}')
     r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "bad.json")],
                        capture_output=True, text=True)
