@@ -261,23 +261,37 @@ class Flops:
 
 # --------------------------------------------------------------------------- peaks
 _CPU_PEAKS: dict = {}
+_REMEASURED: dict = {}  # (threads, dtype) -> how often a report found the peak below its own rate
+MAX_REMEASURE = 3
 
 
-def measured_cpu_peak(dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of a square matmul on the threads torch uses now, best of a few: measured once per
-    process, thread count and dtype (about a tenth of a second), never on the training path."""
+def measured_cpu_peak(dtype: torch.dtype = torch.float32, *, again: bool = False) -> float:
+    """FLOP/s of a square matmul on the threads torch uses now, best of a dozen: measured once per
+    process, thread count and dtype (about a tenth of a second to half a second), never on the
+    training path. ``again``: measure anew, keeping the higher figure (a first measurement taken
+    while other work held the CPU reads low)."""
     key = (torch.get_num_threads(), dtype)
-    if key not in _CPU_PEAKS:
+    if key not in _CPU_PEAKS or again:
         n = 1024
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         best = float("inf")
         torch.mm(a, b)
-        for _ in range(8):
+        for _ in range(12):
             t0 = time.perf_counter()
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t0)
-        _CPU_PEAKS[key] = 2.0 * n ** 3 / best
+        _CPU_PEAKS[key] = max(_CPU_PEAKS.get(key, 0.0), 2.0 * n ** 3 / best)
     return _CPU_PEAKS[key]
+
+
+def _remeasure(dtype: torch.dtype) -> Optional[float]:
+    # A measured peak below the loop's own achieved rate was taken under load: measure again, a
+    # few times at most per process, keeping the best.
+    key = (torch.get_num_threads(), dtype)
+    if _REMEASURED.get(key, 0) >= MAX_REMEASURE:
+        return None
+    _REMEASURED[key] = _REMEASURED.get(key, 0) + 1
+    return measured_cpu_peak(dtype, again=True)
 
 
 def peak_for(precision: str, device: Optional[torch.device], user: Optional[float]) -> Optional[hardware.Peak]:
@@ -361,6 +375,11 @@ def report_of(mon: Any, rep: dict, measure: bool = True) -> dict:
         out["peak_note"] = (f"no peak for {precision} on {out['device_name']}: not in stepscope.hardware's table"
                             if precision in hardware.DTYPES else f"no peak table entry for {precision}")
         return out
+    if peak.source == "measured" and out["achieved_flops"] and out["achieved_flops"] > peak.flops:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        again = _remeasure(dt)
+        if again is not None:
+            peak = peak._replace(flops=again)
     out.update(peak_flops=peak.flops, peak_source=peak.source, peak_part=peak.part, peak_note=peak.note)
     if out["achieved_flops"] is not None:
         out["mfu"] = out["achieved_flops"] / peak.flops

@@ -80,8 +80,8 @@ def plot_result(res: dict, path: PathLike) -> None:
         base = next((r for r in rows if r["name"] == "baseline"), None)
         if base is not None:
             b = base["step_ms"]
-            err = [[v - b / r["spread_ms"][1] for v, r in zip(vals, rows)],
-                   [b / r["spread_ms"][0] - v for v, r in zip(vals, rows)]]
+            err = [[max(0.0, v - b / r["spread_ms"][1]) for v, r in zip(vals, rows)],  # rounding: never < 0
+                   [max(0.0, b / r["spread_ms"][0] - v) for v, r in zip(vals, rows)]]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     colors = ["#c62828" if r.get("ok") is False else "#4E79A7" for r in rows]
     ax.barh(names, vals, xerr=err, color=colors)

@@ -422,3 +422,15 @@ def test_cuda_counting_adds_no_sync_after_the_counted_step():
     name = torch.cuda.get_device_name()
     assert t["device_name"] == name and (t["peak_flops"] is None or t["peak_source"] == "datasheet")
     assert t["precision"] == ("tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32")
+
+
+def test_a_peak_measured_under_load_is_measured_again(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(tp, "_CPU_PEAKS", {(1, torch.float32): 1e6})  # as if measured on a busy CPU
+        monkeypatch.setattr(tp, "_REMEASURED", {})
+        t = train(mlp(), batches(6)).report()["throughput"]
+    finally:
+        torch.set_num_threads(threads)
+    assert t["peak_flops"] > 1e6 and tp._REMEASURED[(1, torch.float32)] == 1 and t["mfu"] < 1.5

@@ -17,6 +17,16 @@ from stepscope import tune
 F = torch.nn.functional
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Timing under sleeps: idle OpenMP workers take milliseconds to wake after a sleep (the README's
+    # note on this VM), which would be run-to-run noise of the machine, not of what is compared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Decoding(torch.utils.data.Dataset):
     """2 ms of 'decoding' per sample (a sleep), then a small tensor."""
 
