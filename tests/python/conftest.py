@@ -38,3 +38,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Timing under sleeps: idle OpenMP workers take milliseconds to wake after a sleep (the
+    README's note on this VM), run-to-run noise of the machine rather than of what a test compares."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,14 +17,8 @@ from stepscope import tune
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Timing under sleeps: idle OpenMP workers take milliseconds to wake after a sleep (the README's
-    # note on this VM), which would be run-to-run noise of the machine, not of what is compared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Timing under sleeps: one torch thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Decoding(torch.utils.data.Dataset):
