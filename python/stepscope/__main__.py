@@ -36,31 +36,32 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--trace", metavar="OUT.json[.gz]",
                     help="also write the Chrome/Perfetto trace of the saved steps (gzip when it ends in .gz)")
     rp.add_argument("--html", metavar="OUT.html", help="also write the self-contained HTML report")
-    rp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
-                    help="read at most N bytes of the run file once decompressed (default 512 MiB)")
+    _max_bytes(rp, "the run file")
     cp = sub.add_parser("compare", help="compare two saved runs, with a verdict beyond noise",
                         description="Per phase and for the step: both p50s, the change, and whether it is "
                         "beyond noise (a rank test on the saved steps); samples/s, MFU, findings; a verdict.")
     cp.add_argument("runs", nargs=2, metavar="RUN", help="two run files written by Monitor.save(): before, after")
     cp.add_argument("--html", metavar="OUT.html", help="also write the comparison as a self-contained HTML page")
-    cp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
-                    help="read at most N bytes of each run file once decompressed (default 512 MiB)")
+    _max_bytes(cp, "each run file")
     tp = sub.add_parser("tune-report", help="print a tuner's saved result",
                         description="Print the table and the recommendation of a result written by "
                         "stepscope.tune's TuneResult.save().")
     tp.add_argument("result", help="a result file written by TuneResult.save()")
     tp.add_argument("--png", metavar="OUT.png", help="also write the bar chart of the speedups (needs matplotlib)")
-    tp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
-                    help="read at most N bytes of the file (default 512 MiB)")
+    _max_bytes(tp, "the file")
     mp = sub.add_parser("merge", help="merge the traces of several ranks into one",
                         description="Merge traces written by Monitor.export_trace on several ranks into one "
                         "Perfetto/Chrome trace: one process per rank, shifted onto one time axis by each "
                         "Monitor's start time.")
     mp.add_argument("traces", nargs="+", help="trace files (.json or .json.gz) written by export_trace")
     mp.add_argument("-o", "--output", required=True, metavar="OUT.json[.gz]", help="the merged trace")
-    mp.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
-                    help="read at most N bytes of each trace once decompressed (default 512 MiB)")
+    _max_bytes(mp, "each trace")
     return ap
+
+
+def _max_bytes(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N",
+                   help=f"read at most N bytes of {what} once decompressed (default 512 MiB)")
 
 
 def _positive_int(text: str) -> int:

@@ -128,7 +128,6 @@ class Flops:
         self.batch_dim = batch_dim
         self.counts: dict = {}  # shape key -> {"flops", "by_precision", "tokens_per_sample"}
         self.failed: Optional[str] = None
-        self.more_shapes = False
         self.off_reason: Optional[str] = None  # why "auto" does not count (a compiled model)
         self._mode: Optional[FlopCount] = None
         self._key: Any = None
@@ -189,8 +188,7 @@ class Flops:
             if self._step is None:  # the step's first forward: a new shape?
                 if key in self.counts:
                     return False
-                if len(self.counts) >= MAX_SHAPES:
-                    self.more_shapes = True
+                if len(self.counts) >= MAX_SHAPES:  # over several attachments (each hooks' watch stops at 64)
                     return False
                 self._key, self._tokens, self._step = key, self._tokens_of(arg), Counter()
             self._mode = FlopCount()

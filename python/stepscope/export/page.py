@@ -146,7 +146,17 @@ def _findings(findings: Optional[list]) -> str:
 
 def findings_html(findings: list) -> str:
     """The findings as the HTML report shows them (one scoped ``<div>``: Jupyter's view of a list)."""
-    return f"<div class='ss'><style>{_CSS}</style><h2>What to fix first</h2>{_findings(list(findings))}</div>"
+    return _page(f"<h2>What to fix first</h2>{_findings(list(findings))}", "", True)
+
+
+def _page(body: str, title: str, fragment: bool) -> str:
+    # The content in its scoped <div> (Jupyter's view), or a whole page around it.
+    content = f"<div class='ss'><style>{_CSS}</style>{body}</div>"
+    if fragment:
+        return content
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width,initial-scale=1'><title>{_e(title)}</title></head>"
+            f"<body style='margin:0'>{content}</body></html>")
 
 
 def _kv(d: Optional[dict], keys: Optional[list] = None) -> str:
@@ -216,12 +226,7 @@ def html_report(source: Source, metrics: Optional[dict] = None, *, title: str = 
                  {}).get("overall")})]
     body.append(_metrics(metrics))
     body += ["<h2>Build and versions</h2>", _kv(versions)]
-    content = f"<div class='ss'><style>{_CSS}</style>{''.join(body)}</div>"
-    if fragment:
-        return content
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
-            f"content='width=device-width,initial-scale=1'><title>{_e(title)}</title></head>"
-            f"<body style='margin:0'>{content}</body></html>")
+    return _page("".join(body), title, fragment)
 
 
 def write_html(source: Source, path: PathLike, metrics: Optional[dict] = None) -> None:
@@ -245,9 +250,4 @@ def comparison_html(cmp: dict, *, fragment: bool = False) -> str:
             + f"<h2>Findings</h2><ul><li>new: {_e(', '.join(f['appeared']) or 'none')}</li>"
             f"<li>gone: {_e(', '.join(f['disappeared']) or 'none')}</li></ul>"
             + f"<p class='meta'>{_e(cmp['method'])}</p>")
-    content = f"<div class='ss'><style>{_CSS}</style>{body}</div>"
-    if fragment:
-        return content
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
-            "content='width=device-width,initial-scale=1'><title>stepscope compare</title></head>"
-            f"<body style='margin:0'>{content}</body></html>")
+    return _page(body, "stepscope compare", fragment)

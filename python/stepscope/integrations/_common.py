@@ -23,26 +23,18 @@ OWN_PHASE = "stepscope_log"
 
 def batch_size(batch: Any) -> Optional[int]:
     """The leading dimension of the first tensor in a batch (a tensor, a sequence or a mapping)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    if isinstance(batch, Mapping):
-        items = batch.values()
-    else:
-        items = batch if isinstance(batch, (list, tuple)) else ()
-    for b in items:
-        n = batch_size(b)
-        if n is not None:
-            return n
-    return None
+    t = first_tensor(batch, lambda x: x.dim() > 0)
+    return int(t.shape[0]) if t is not None else None
 
 
-def first_tensor(batch: Any) -> Optional[torch.Tensor]:
-    """The first tensor in a batch (a tensor, a sequence or a mapping), or None."""
+def first_tensor(batch: Any, want: Any = None) -> Optional[torch.Tensor]:
+    """The first tensor in a batch (a tensor, a sequence or a mapping) for which ``want(t)`` holds
+    (any tensor when None), or None."""
     if isinstance(batch, torch.Tensor):
-        return batch
+        return batch if want is None or want(batch) else None
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for b in items:
-        t = first_tensor(b)
+        t = first_tensor(b, want)
         if t is not None:
             return t
     return None
