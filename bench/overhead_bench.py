@@ -5,6 +5,9 @@
   monitor+module  stepscope.Monitor(model, opt, per_module=True, per_module_every=10)
   module every 1  the same, every step sampled (the worst case)
   perf_counter    hand-placed time.perf_counter() around the same six boundaries
+  no-op hooks     four Python hooks that do nothing (the model's forward pre/post, the optimizer's
+                  step pre/post, registered as the Monitor registers its own): the floor, what
+                  torch's own dispatch of the hooks costs
   torch.profiler  torch.profiler.profile(activities=[CPU]) around the loop
 
 and training health (Monitor(health=True) is the default, so `monitor` above includes it):
@@ -167,6 +170,20 @@ def run_monitor(kw, host_only: bool = False, observe: bool = False, progress: bo
     return run
 
 
+def run_noop_hooks(model, opt, xs, ys, steps):
+    def noop(*args, **kwargs):
+        return None
+
+    handles = [model.register_forward_pre_hook(noop, with_kwargs=True),
+               model.register_forward_hook(noop, always_call=True),
+               opt.register_step_pre_hook(noop), opt.register_step_post_hook(noop)]
+    try:
+        return run_bare(model, opt, xs, ys, steps)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_profiler(model, opt, xs, ys, steps):
     acts = [torch.profiler.ProfilerActivity.CPU]
     if xs[0].is_cuda:
@@ -217,6 +234,7 @@ def main() -> int:
             "monitor+module": run_monitor({"per_module": True, "per_module_every": 10}),
             "module every 1": run_monitor({"per_module": True, "per_module_every": 1}),
             "perf_counter": run_perf_counter,
+            "no-op hooks": run_noop_hooks,
             "torch.profiler": run_profiler,
             "health off": run_monitor({"health": False}),
             "+observe": run_monitor({}, observe=True),
@@ -249,9 +267,15 @@ def main() -> int:
     print(f"{'variant':18s} {'min step ms':>11s} {'ratio(min)':>10s} {'ratio(paired)':>13s} {'us/step':>8s} "
           f"{'us/boundary':>12s}")
     for k in variants:
-        per_b = "-" if k in ("bare", "torch.profiler", *BASELINES) else f"{extra[k] / BOUNDARIES:.2f}"
+        per_b = "-" if k in ("bare", "torch.profiler", "no-op hooks", *BASELINES) else f"{extra[k] / BOUNDARIES:.2f}"
         print(f"{k:18s} {best[k] * 1e3:11.4f} {best[k] / best['bare']:10.4f} {ratio[k]:13.4f} {extra[k]:8.1f} "
               f"{per_b:>12s}")
+    if "module every 1" in extra:
+        # What sampling one step in 10 costs, as a share of timing every module on every step.
+        share = [(a - m) / (e - m) if e > m else float("nan") for a, e, m in
+                 zip(times["monitor+module"], times["module every 1"], times["monitor"])]
+        print(f"per_module_every=10 costs {statistics.median(share):.1%} of per_module_every=1 "
+              f"(paired median over rounds; 10% is the ideal)")
     for k, fn in variants.items():
         mons = getattr(fn, "monitor", None)
         if args.device == "cuda" and mons:

@@ -28,15 +28,14 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <limits>
 #include <memory>
-#include <unordered_map>
 #include <vector>
 
 #include "health/watch.h"
 #include "python/bindings.h"
 #include "python/step_health.h"
 #include "python/step_hook.h"
+#include "python/step_modules.h"
 #include "timing/autograd_hook.h"
 #include "timing/step_machine.h"
 #include "timing/timeline.h"
@@ -46,11 +45,9 @@ namespace py = pybind11;
 namespace stepscope::python {
 namespace {
 
-using stepscope::timing::Timeline;
-
 using stepscope::timing::StepHost;
 using stepscope::timing::StepMachine;
-
+using stepscope::timing::Timeline;
 
 // The machine's host: tokens are PyObject* (optimizers, frames), held by strong references.
 struct State final : StepHost {
@@ -67,17 +64,14 @@ struct State final : StepHost {
   int64_t batch = -1;               // samples per forward; < 0: the first input's size along batch_dim
   int64_t batch_dim = 0;
   hook::Owners owners;              // global hooks: which optimizers are this model's (step_hook.h)
-  // Python work at a step's end: on_step_end(sample_modules) is called only when per-module
-  // sampling (one step in module_every, 0: none) switches on or off ...
+  hook::Modules modules;  // per-module timing: which submodules, on which steps (step_modules.h)
+  // Python work at a step's end: on_step_end(sampling) on every print_every-th step (0: never); a
+  // countdown, so no step pays for more than a decrement. It starts aligned with the Timeline's step
+  // count (steps % print_every == 0).
   PyObject* on_step_end = nullptr;  // strong reference (a bound method's function), or null
   PyObject* on_step_self = nullptr;  // a bound method's object: a weak reference to it, or null
-  int64_t module_every = 0;
-  bool sampling = false;
-  // ... and also on every print_every-th step (0: never); a countdown, so no step pays for more
-  // than a decrement. It starts aligned with the Timeline's step count (steps % print_every == 0).
   int64_t print_every = 0;
   int64_t until_print = 0;
-  std::unordered_map<PyObject*, int> modules;  // per-module timing: submodule -> Timeline id
   hook::Health health;            // training health at the model's optimizer steps (step_health.h)
   hook::Shapes shapes;            // FLOPs counting: a new input shape's step (step_hook.h)
   int64_t train_forwards = 0;     // training forwards seen ...
@@ -91,16 +85,13 @@ struct Object {
 PyTypeObject* g_type = nullptr;
 PyObject* g_training = nullptr;  // interned "training"
 
-bool sample_now(const State* s) { return s->module_every > 0 && s->tl->steps() % s->module_every == 0; }
-
 PyObject* step_ended(State* s) {
   if (!s->shapes.step_end()) return nullptr;
-  const bool want = sample_now(s);
+  if (!s->modules.step_start(s->tl->steps())) return nullptr;
   const bool print = s->print_every > 0 && --s->until_print == 0;
   if (print) s->until_print = s->print_every;
-  if (s->on_step_end == nullptr || (!print && want == s->sampling)) Py_RETURN_NONE;
-  s->sampling = want;
-  PyObject* arg = want ? Py_True : Py_False;
+  if (s->on_step_end == nullptr || !print) Py_RETURN_NONE;
+  PyObject* arg = s->modules.sampling() ? Py_True : Py_False;
   if (s->on_step_self == nullptr) return PyObject_CallOneArg(s->on_step_end, arg);
   PyObject* self = PyWeakref_GetObject(s->on_step_self);  // borrowed
   if (self == nullptr) return nullptr;
@@ -188,9 +179,7 @@ PyObject* optimizer_post(State* s, PyObject* const* args, Py_ssize_t nargs) {
 // Per-module forward pre/post hooks (module, args[, output]) of the submodules given to
 // add_module(); the training thread's only.
 int module_id(State* s, PyObject* module) {
-  if (!s->machine.on_training_thread()) return -1;
-  auto it = s->modules.find(module);
-  return it == s->modules.end() ? -1 : it->second;
+  return s->machine.on_training_thread() ? s->modules.id(module) : -1;
 }
 
 PyObject* module_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
@@ -219,14 +208,21 @@ constexpr hook::Fn kHookFns[hook::kKinds] = {on_owner<forward_pre>,    on_owner<
 // --------------------------------------------------------------------------- StepHooks
 // add_module(module, id): per-module timing for `module` as Timeline id `id` (the Monitor keeps it alive).
 PyObject* add_module(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
   if (!hook::check_args("add_module", nargs, 2)) return nullptr;
-  const long id = PyLong_AsLong(args[1]);
-  if (id == -1 && PyErr_Occurred()) return nullptr;
-  TORCH_CHECK_VALUE(id >= 0 && id <= std::numeric_limits<int>::max(), "stepscope: module id out of range: ", id);
-  reinterpret_cast<Object*>(self)->s->modules[args[0]] = static_cast<int>(id);
+  if (!reinterpret_cast<Object*>(self)->s->modules.add(args[0], args[1])) return nullptr;
   Py_RETURN_NONE;
-  END_HANDLE_TH_ERRORS
+}
+
+// gate(hooks, id, hook): a per-module hook registered in its module's hook dict `hooks` under torch's
+// handle id, kept there on sampled steps only (hook::Modules); gate(None): forgets them all (detach).
+PyObject* gate(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  hook::Modules& m = reinterpret_cast<Object*>(self)->s->modules;
+  if (nargs == 1 && args[0] == Py_None) {
+    m.clear_gates();
+    Py_RETURN_NONE;
+  }
+  if (!hook::check_args("gate", nargs, 3) || !m.gate(args[0], args[1], args[2])) return nullptr;
+  Py_RETURN_NONE;
 }
 
 // claim(training): before a boundary marked by hand (Monitor.mark): ends the calls over without their post
@@ -302,6 +298,7 @@ int traverse(PyObject* self, visitproc visit, void* arg) {
     for (const void* t : s->machine.held()) Py_VISIT(State::obj(t));
     Py_VISIT(s->owners.fn);
     Py_VISIT(s->shapes.fn);
+    if (int r = s->modules.traverse(visit, arg)) return r;
   }
   return 0;
 }
@@ -314,6 +311,7 @@ int clear(PyObject* self) {
     s->machine.release_all();
     s->owners.clear();
     s->shapes.clear();
+    s->modules.clear_gates();
   }
   return 0;
 }
@@ -331,6 +329,8 @@ void dealloc(PyObject* self) {
 PyMethodDef g_methods[] = {
     {"add_module", STEPSCOPE_FASTCALL(add_module), METH_FASTCALL,
      "add_module(module, id): time this submodule's forward as Timeline module `id`"},
+    {"gate", STEPSCOPE_FASTCALL(gate), METH_FASTCALL,
+     "gate(hooks, id, hook): a per-module hook kept in its module's hook dict on sampled steps only; None: none"},
     {"watch", STEPSCOPE_FASTCALL(set_watch), METH_FASTCALL,
      "watch(w): training health (a HealthWatch) at each of the model's optimizer steps; None: off"},
     {"count_shapes", STEPSCOPE_FASTCALL(count_shapes), METH_FASTCALL,
@@ -352,10 +352,9 @@ PyObject* get_hook(PyObject* self, void* closure) {
   return hook::make(self, static_cast<int>(reinterpret_cast<intptr_t>(closure)));
 }
 
-// sampling: whether per-module hooks belong on the step now running (the one rule, sample_now,
-// decides it; the Monitor reads it once at attach and is told of every change after).
+// sampling: whether per-module hooks are in place for the step now running (hook::Modules).
 PyObject* get_sampling(PyObject* self, void* /*closure*/) {
-  return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->sampling);
+  return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->modules.sampling());
 }
 
 PyObject* get_autocast(PyObject* self, void* /*closure*/) {
@@ -409,10 +408,10 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, 
   auto s = std::make_unique<State>(std::move(tl), static_cast<size_t>(optimizers));
   s->batch = batch;
   s->batch_dim = batch_dim;
-  s->module_every = module_every;
+  s->modules = hook::Modules(module_every);
+  s->modules.step_start(s->tl->steps());  // no gate yet: cannot fail
   s->print_every = print_every;
   if (print_every > 0) s->until_print = print_every - s->tl->steps() % print_every;
-  s->sampling = sample_now(s.get());  // read by the Monitor at attach (the `sampling` attribute)
   if (PyMethod_Check(on_step_end.ptr())) {
     PyObject* ref = PyWeakref_NewRef(PyMethod_GET_SELF(on_step_end.ptr()), nullptr);
     if (ref == nullptr) throw py::error_already_set();

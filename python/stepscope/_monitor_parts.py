@@ -336,16 +336,3 @@ def _samples_counted_by(mon: Any) -> str:
     if mon._batch > 0:
         return f"batch_size={mon._batch}"
     return f"the first input's dimension {mon._batch_dim}"
-
-
-def _sample_modules(mon: Any, want: bool) -> None:
-    """Per-module hooks on (the step now running is sampled) or off."""
-    if want and not mon._module_handles:
-        hk = mon._hooks
-        for sub, _ in mon._modules:
-            mon._module_handles.append(sub.register_forward_pre_hook(hk.module_pre))
-            mon._module_handles.append(sub.register_forward_hook(hk.module_post, always_call=True))
-    elif not want and mon._module_handles:
-        for h in mon._module_handles:
-            h.remove()
-        mon._module_handles.clear()

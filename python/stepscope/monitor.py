@@ -39,7 +39,7 @@ from . import report as _report
 from ._monitor_views import Views
 from ._monitor_parts import (MARKS, Snapshot, _check_arguments, _check_device_every,  # noqa: F401
                              _check_options, _check_ring, _claim, _context, _is_compiled, _mark, _memory,
-                             _ModuleSel, _owner_of, _Phase, _release, _sample_modules, _samples_counted_by,
+                             _ModuleSel, _owner_of, _Phase, _release, _samples_counted_by,
                              _selected_modules, _snapshot_base, _unclaim)
 
 
@@ -150,7 +150,6 @@ class Monitor(Views):
         self._handles: list = []
         self._module_handles: list = []
         self._finalizer: Optional[weakref.finalize] = None
-        self._modules: list = []  # (module, id)
         self._phases: dict = {}
         self._cuda = False
         self._autocast = (0, 0)  # (training forwards, under CUDA autocast) of past attachments
@@ -227,7 +226,7 @@ class Monitor(Views):
         every = self._every if self._per_module else 0
         # A bound method: the hooks hold the Monitor through a weak reference (step_hooks.cpp), so a
         # Monitor dropped while attached is collected and its finaliser removes the hooks.
-        on_end = self._step_ended if (every > 1 or self._print_every) else None
+        on_end = self._step_ended if self._print_every else None
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, batch_dim=self._batch_dim,
                                          optimizers=len(self._opts), on_step_end=on_end, module_every=every,
                                          print_every=self._print_every,
@@ -249,26 +248,30 @@ class Monitor(Views):
             self._handles.append(_optim_mod.register_optimizer_step_pre_hook(hk.optimizer_pre))
             self._handles.append(_optim_mod.register_optimizer_step_post_hook(hk.optimizer_post))
         if self._per_module:
-            self._modules = []
             for label, sub in _selected_modules(self._models, self._per_module):
-                i = tl.register_module(label)
-                hk.add_module(sub, i)
-                self._modules.append((sub, i))
-            _sample_modules(self, hk.sampling)
+                hk.add_module(sub, tl.register_module(label))
+                # Registered once; the hooks put them in their module's dict on sampled steps only.
+                pre, post = hk.module_pre, hk.module_post
+                h = sub.register_forward_pre_hook(pre)
+                self._module_handles.append(h)
+                hk.gate(sub._forward_pre_hooks, h.id, pre)
+                h = sub.register_forward_hook(post, always_call=True)
+                self._module_handles.append(h)
+                hk.gate(sub._forward_hooks, h.id, post)
 
     def _remove_all(self) -> None:
         self._flops.detach(self._hooks)
+        if self._hooks is not None:
+            self._hooks.gate(None)  # a step ended by hand after detach must put no hook back
         for h in self._handles + self._module_handles:
             h.remove()
         self._handles.clear()
         self._module_handles.clear()
 
     # ------------------------------------------------------------------ per step
-    def _step_ended(self, sample_modules: bool) -> None:
-        # Called by the hooks at a step's end when per-module sampling switches, and every print_every-th.
-        if self._modules:
-            _sample_modules(self, sample_modules)
-        if self._print_every and self._tl.steps % self._print_every == 0:
+    def _step_ended(self, sampling: bool) -> None:
+        # Called by the hooks at every print_every-th step's end.
+        if self._tl.steps % self._print_every == 0:
             logging.getLogger("stepscope").info(_report.live_line(self._local_report(health=False), self._tl.steps))
 
     # ------------------------------------------------------------------ user API

@@ -275,6 +275,45 @@ def test_per_module_sampled_and_ranked():
     assert no_hooks(net, opt)
 
 
+def test_per_module_hooks_are_in_place_on_sampled_steps_only():
+    # Registered once; on steps outside the sample the submodules have no hook at all, so torch
+    # calls their forward directly (the cost of per_module_every=k is about 1/k of every step's).
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    mine = []
+    net[0].register_forward_pre_hook(lambda m, a: mine.append(1))  # the user's own hook stays
+
+    def hooked():
+        return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net]
+
+    seen = []
+    with stepscope.Monitor(net, opt, per_module=True, per_module_every=4, warmup_steps=0, flops=None) as mon:
+        for _ in range(9):
+            seen.append(hooked())
+            net(torch.randn(3, 4)).sum().backward()
+            opt.step()
+        seen.append(hooked())
+    assert seen[0] == [3, 2, 2] and seen[4] == [3, 2, 2] and seen[8] == [3, 2, 2]
+    assert all(seen[i] == [1, 0, 0] for i in (1, 2, 3, 5, 6, 7, 9))
+    assert len(mine) == 9
+    assert mon.report()["modules"]["0"]["host"]["count"] == 3  # steps 0, 4, 8
+    assert hooked() == [1, 0, 0] and no_hooks(net[1], opt)
+
+
+def test_per_module_hook_removed_by_hand_is_not_put_back():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    with stepscope.Monitor(net, opt, per_module=True, per_module_every=2, warmup_steps=0, flops=None) as mon:
+        for h in mon._module_handles:
+            h.remove()  # what torch.nn.utils and user code may do with a module's hooks
+        for _ in range(4):
+            net(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            # put back on the sampled steps (the gate holds the id), but never twice
+            assert all(len(m._forward_pre_hooks) <= 1 for m in net)
+    assert all(len(m._forward_pre_hooks) + len(m._forward_hooks) == 0 for m in net)
+
+
 def test_compiled_model_refuses_per_module_but_times_phases():
     model = Planted(fwd=0.004, bwd=0.002)
     compiled = torch.compile(model, backend="eager")
