@@ -1,7 +1,9 @@
 // The host side of gradient statistics: making and resetting a state, reading it (quantiles from
-// the histogram), and the C++ API class, which calls the op through the dispatcher.
+// the histogram), and the C++ API class, which calls the op through the dispatcher (plain CPU
+// gradients excepted: update_cpu_direct).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <cmath>
@@ -124,7 +126,42 @@ void GradStats::update(const std::vector<std::optional<at::Tensor>>& grads, int6
   ++updates_;  // after the call: a refused update takes no slot
 }
 
+namespace {
+
+// A gradient the CPU body reads as it is: dense, strided, on the CPU in a dtype it reads, with no
+// dispatch key beyond the CPU backend's and autograd's (so no tensor subclass, functorch wrapper or
+// other device), while no TorchDispatchMode is active.
+bool plain_cpu(const at::Tensor& g) {
+  const c10::DispatchKeySet keys = g.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView;
+  return keys == c10::DispatchKeySet(c10::DispatchKey::CPU) && g.layout() == at::kStrided &&
+         is_read_float(g.scalar_type());
+}
+
+}  // namespace
+
+// The Monitor's call at every optimizer step. For plain CPU gradients it runs the CPU body itself,
+// past the dispatcher: what the op's CPU registration runs, without boxing the gradients into a list
+// of IValues and out again, which cost about as much as reading a small model's gradients. Any other
+// gradient takes the op, which sends it where it belongs (or refuses it by name).
+bool GradStats::update_cpu_direct(const std::vector<at::Tensor>& params, int64_t step) {
+  if (!state_.is_cpu() || step < 0 || c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;
+  GradStatsInputs in;
+  in.grads.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    const at::Tensor& g = p.grad();
+    if (g.defined() && !plain_cpu(g)) return false;
+    in.grads.push_back(g);
+  }
+  in.lay = lay_;
+  in.step = step;
+  in.slot = updates_ % lay_.ring;
+  grad_stats_cpu(in, state_);
+  ++updates_;
+  return true;
+}
+
 void GradStats::update_from_params(const std::vector<at::Tensor>& params, int64_t step) {
+  if (update_cpu_direct(params, step)) return;
   std::vector<std::optional<at::Tensor>> grads;
   grads.reserve(params.size());
   for (const at::Tensor& p : params) {

@@ -95,6 +95,8 @@ class GradStats {
   const HealthLayout& layout() const { return lay_; }
 
  private:
+  // update_from_params's path for plain CPU gradients (grad_stats.cpp); false: take the op.
+  bool update_cpu_direct(const std::vector<at::Tensor>& params, int64_t step);
   HealthLayout lay_;
   at::Tensor state_;
   int64_t updates_ = 0;

@@ -1,5 +1,7 @@
-// The CPU body of grad_stats_update: one read of each gradient (its squared L2 norm, accumulated in
-// float64), then the state's blocks updated in place with plain stores. Non-finite elements are
+// The CPU body of grad_stats_update: one read of each gradient (its squared L2 norm: float64
+// gradients in float64; narrower ones in float32 blocks summed in float64 where the CPU has AVX2,
+// see sum_sq_avx2, and in float64 otherwise), then the state's blocks updated in place with plain
+// stores. Non-finite elements are
 // counted exactly, by a second pass that runs only for a gradient whose sum of squares came out
 // non-finite: a NaN or inf element always makes that sum non-finite, so a finite sum proves there
 // is none and a healthy step reads every gradient once. (The converse fails only for float64
@@ -91,23 +93,43 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const T* p) {
   }
 }
 
+// float32 and narrower: each square (exact in float32's range up to rounding) goes into one of 32
+// float32 lanes by FMA, and every kBlock elements the lanes are added into float64. A lane then
+// sums kBlock / 32 = 16 squares, for a relative error below 16 * 2^-24 ~ 1e-6 on the tensor's sum
+// (torch's own norms, clip_grad_norm_'s included, sum in float32 throughout). It is four times
+// fewer instructions than widening every element to float64, which made the norm compute-bound
+// (~14 us for the 134k gradients of a 256-wide MLP, hot in cache). A square past float32's range
+// (|g| > 1.8e19) makes the sum inf; read_grad then sums that tensor again in float64.
+constexpr int64_t kBlock = 512;
+
+__attribute__((target("avx2"))) inline double sum_pd(__m256 a) {
+  const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+  alignas(32) double h[4];
+  _mm256_store_pd(h, d);
+  return (h[0] + h[1]) + (h[2] + h[3]);
+}
+
 template <typename T>
-__attribute__((target("avx2,f16c"))) double sum_sq_avx2(const T* p, int64_t n) {
-  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+__attribute__((target("avx2,f16c,fma"))) double sum_sq_avx2(const T* p, int64_t n) {
+  double total = 0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 f0 = load8(p + i), f1 = load8(p + i + 8);
-    const __m256d v[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(f0)), _mm256_cvtps_pd(_mm256_extractf128_ps(f0, 1)),
-                          _mm256_cvtps_pd(_mm256_castps256_ps128(f1)), _mm256_cvtps_pd(_mm256_extractf128_ps(f1, 1))};
-    for (int k = 0; k < 4; ++k) acc[k] = _mm256_add_pd(acc[k], _mm256_mul_pd(v[k], v[k]));
+  const int64_t whole = n - n % 32;
+  while (i < whole) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int64_t end = std::min(whole, i + kBlock);
+    for (; i < end; i += 32) {
+      for (int k = 0; k < 4; ++k) {
+        const __m256 v = load8(p + i + 8 * k);
+        acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
+      }
+    }
+    total += (sum_pd(acc[0]) + sum_pd(acc[1])) + (sum_pd(acc[2]) + sum_pd(acc[3]));
   }
-  double a[16];
-  for (int k = 0; k < 4; ++k) _mm256_storeu_pd(a + 4 * k, acc[k]);
   for (; i < n; ++i) {
     const double v = static_cast<double>(static_cast<float>(p[i]));
-    a[i & 15] += v * v;
+    total += v * v;
   }
-  return sum_lanes16(a);
+  return total;
 }
 
 bool has_avx2_f16c() {
@@ -125,14 +147,19 @@ double sum_sq_dense(const T* p, int64_t n) {
 }
 
 template <typename T>
-double sum_sq(const T* p, int64_t n, int64_t stride) {
-  if (stride == 1) return sum_sq_dense(p, n);
+double sum_sq_lanes_strided(const T* p, int64_t n, int64_t stride) {
+  if (stride == 1) return sum_sq_lanes(p, n);
   double a = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(p[i * stride]);
     a += v * v;
   }
   return a;
+}
+
+template <typename T>
+double sum_sq(const T* p, int64_t n, int64_t stride) {
+  return stride == 1 ? sum_sq_dense(p, n) : sum_sq_lanes_strided(p, n, stride);
 }
 
 template <typename T>
@@ -154,6 +181,10 @@ GradRead read_grad(const at::Tensor& g) {
     for_each_row<scalar_t>(g, [&](const scalar_t* p, int64_t n, int64_t s) { r.sq += sum_sq(p, n, s); });
     if (!std::isfinite(r.sq)) {
       for_each_row<scalar_t>(g, [&](const scalar_t* p, int64_t n, int64_t s) { r.nonfinite += count_nonfinite(p, n, s); });
+      if (r.nonfinite == 0) {  // every element finite: a float32 square overflowed; float64 holds it
+        r.sq = 0;
+        for_each_row<scalar_t>(g, [&](const scalar_t* p, int64_t n, int64_t s) { r.sq += sum_sq_lanes_strided(p, n, s); });
+      }
     }
   });
   return r;

@@ -87,11 +87,13 @@ TEST(HealthCpu, MatchesFloat64Reference) {
     }
     const double n = ref_norm(*g[i]);
     sq += n * n;
-    EXPECT_NEAR(r.params[i].norm_last, n, 1e-12 * (1 + n)) << "parameter " << i;
+    // float64 gradients sum in float64; narrower ones in float32 blocks (grad_stats_cpu.cpp).
+    const double rel = g[i]->scalar_type() == at::kDouble ? 1e-12 : 1e-6;
+    EXPECT_NEAR(r.params[i].norm_last, n, rel * (1 + n)) << "parameter " << i;
     EXPECT_FALSE(r.params[i].no_grad_last);
   }
   EXPECT_EQ(r.steps, 1);
-  EXPECT_NEAR(r.grad_norm.last, std::sqrt(sq), 1e-12 * std::sqrt(sq));
+  EXPECT_NEAR(r.grad_norm.last, std::sqrt(sq), 1e-6 * std::sqrt(sq));
   EXPECT_EQ(r.grad_norm.count, 1);
   EXPECT_EQ(r.first_nonfinite_step, -1);
   EXPECT_EQ(r.first_nonfinite_param, -1);
