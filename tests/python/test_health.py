@@ -79,8 +79,11 @@ def test_watch_direct_path_equals_the_op(under_mode, base_seed):
         for p in (params[0], params[1], params[3]):
             p.grad.mul_(1.5)
         params[1].grad[0] = float("nan") if step == 1 else 1.0
-        with Passthrough() if under_mode else contextlib.nullcontext():
-            watch.before_update(step)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with Passthrough() if under_mode else contextlib.nullcontext():
+                watch.before_update(step)
+        calls = sum(e.name == "stepscope::grad_stats_update" for e in prof.events())
+        assert (calls > 0) == under_mode, (step, calls)  # the dispatcher is passed by, or taken
         ref.update(params, step)
     got, want = watch.read()["grads"], ref.read()
     # repr: exact for floats (the shortest round trip) and equal for the NaN of the bad step
