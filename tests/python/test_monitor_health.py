@@ -30,10 +30,10 @@ def net(seed: int, device: str, unused: bool = False) -> Net:
     return Net(unused).to(device)
 
 
-def train(model, opt, steps: int, seed: int, device: str, mon=None, each=None):
+def train(model, opt, steps: int, seed: int, device: str, mon=None, each=None, batch: int = 8):
     torch.manual_seed(seed + 1)
     for step in range(steps):
-        x = torch.randn(8, 16, device=device)
+        x = torch.randn(batch, 16, device=device)
         loss = model(x).pow(2).mean()
         if mon is not None:
             mon.observe(loss)
@@ -367,7 +367,9 @@ def test_healthy_loop_gets_no_health_finding_above_info(base_seed):
     m = net(base_seed, "cpu")
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     with stepscope.Monitor(m, opt, update_ratio_every=4) as mon:
-        train(m, opt, 60, base_seed, "cpu", mon)
+        # batch 64: the loss of a batch of 8 squared outputs is heavy-tailed enough to jump 3x its
+        # median about once in 150 runs of 60 steps, which the spike rule rightly calls a spike
+        train(m, opt, 60, base_seed, "cpu", mon, batch=64)
     assert all(f["severity"] == "info" for f in _health_findings(mon).values()), _health_findings(mon)
 
 
