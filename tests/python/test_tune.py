@@ -171,3 +171,89 @@ def test_a_saved_result_is_read_back_by_tune_report_and_damage_is_one_line(tmp_p
     r = subprocess.run([sys.executable, "-m", "stepscope", "tune-report", str(tmp_path / "bad.json")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "damaged" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_step_compile_candidate_runs_on_cpu_with_its_compile_time_apart():
+    # torch.compile on CPU (off by default there, where compiling takes long): the candidate is a
+    # row with passing numerics, and its compile time is in warmup_s, not in the timed steps.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = (torch.randn(8, 16), torch.randn(8, 16))
+    res = tune.step(train_step, model, opt, batch, steps=3, rounds=1, warmup=1, check_steps=2, compile=True)
+    rows = {r["name"]: r for r in res["rows"]}
+    c = rows["torch.compile"]
+    assert c.get("ok", True) is not False and c["numerics"].startswith("ok"), c
+    assert c["warmup_s"] > rows["baseline"]["warmup_s"], (c["warmup_s"], rows["baseline"]["warmup_s"])
+    assert c["step_ms"] < 1e3 * c["warmup_s"]  # the compile is not in the step's time
+    assert "torch.compile reduce-overhead" not in rows  # CUDA graphs: CUDA only
+    torch._dynamo.reset()
+
+
+class _Interrupting:
+    """A train_step that raises KeyboardInterrupt (a Ctrl-C) at its n-th call."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, model, opt, batch):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return train_step(model, opt, batch)
+
+
+def _no_hooks_anywhere(model, opt):
+    from torch.nn.modules import module as module_mod
+    from torch.optim import optimizer as optim_mod
+
+    hooks = [module_mod._global_forward_hooks, module_mod._global_forward_pre_hooks,
+             optim_mod._global_optimizer_pre_hooks, optim_mod._global_optimizer_post_hooks,
+             opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks]
+    hooks += [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+    return not any(hooks)
+
+
+# Interrupted in tune.step's numerics check (call 2) or a Monitor-timed round (39: past the 5
+# candidates' 4 untimed calls each), and in batch_size's warm-up (2) or timed steps (7).
+@pytest.mark.parametrize("step_at, size_at", [(2, 2), (39, 7)])
+def test_step_and_batch_size_ctrl_c_leave_no_hook_behind(step_at, size_at):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = (torch.randn(8, 16), torch.randn(8, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(KeyboardInterrupt):
+        tune.step(_Interrupting(step_at), model, opt, batch, steps=5, rounds=2, warmup=1)
+    with pytest.raises(KeyboardInterrupt):
+        tune.batch_size(_Interrupting(size_at), model, opt, lambda n: (torch.randn(n, 16), torch.randn(n, 16)),
+                        steps=3, warmup=1)
+    assert _no_hooks_anywhere(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:  # the model is free to attach
+        train_step(model, opt, batch)
+    assert mon.report()["steps"] == 1
+
+
+def _readme_tuning_blocks():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme.split("## Tuning", 1)[1].split("\n## ", 1)[0]
+    return [b.split("\n", 1)[1] for b in section.split("```python")[1:] for b in [b.split("```", 1)[0]]]
+
+
+def test_readme_tuning_examples_run():
+    # The README's three examples, verbatim, on a small model and a fast dataset.
+    blocks = _readme_tuning_blocks()
+    assert len(blocks) == 3 and "tune.loader" in blocks[0] and "tune.batch_size" in blocks[2]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+    ns = {"stepscope": stepscope, "torch": torch, "F": F, "dataset": Decoding(n=512, ms=0.2),
+          "model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.01),
+          "batch": (torch.randn(8, 16), torch.randn(8, 16)), "print": lambda *a: None}
+    t0 = time.perf_counter()
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), ns)
+    assert isinstance(ns["loader"], torch.utils.data.DataLoader)
+    assert ns["res"]["best"]["batch_size"] >= 8
+    assert time.perf_counter() - t0 < 300
