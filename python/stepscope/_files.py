@@ -9,7 +9,9 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import gzip
 import json
 import math
@@ -17,7 +19,7 @@ import os
 import stat
 import tempfile
 import zlib
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,14 +102,43 @@ def _os_error(e: OSError, message: str) -> OSError:
     return err
 
 
+# zlib's default level: a 4096-step trace gzips in 84 ms to 682 KiB here, where level 9 took 235 ms
+# for 658 KiB (and level 1 28 ms for 830 KiB).
+GZIP_LEVEL = 6
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a run's data, a trace or a file is built or parsed:
+    those make hundreds of thousands of objects and no cycles, and each collection they triggered
+    walked every one of them (more than half the time of building a 4096-step ring's data)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _encode(obj: Any, path: PathLike) -> bytes:
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    with _gc_paused():
+        text = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     # mtime=0: the same run gives the same bytes.
-    return gzip.compress(text, mtime=0) if os.fspath(path).endswith(".gz") else text
+    return gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0) if os.fspath(path).endswith(".gz") else text
 
 
 def _finite(x: Any) -> Any:
     """JSON has no NaN/Infinity: such values become None (standard JSON any reader accepts)."""
+    t = type(x)  # the exact types first: a run's data is hundreds of thousands of these
+    if t is float:
+        return x if math.isfinite(x) else None
+    if t is str or t is int or t is bool or x is None:
+        return x
+    if t is dict:
+        return {k if type(k) is str else str(k): _finite(v) for k, v in x.items()}
+    if t is list:
+        return [_finite(v) for v in x]
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
@@ -202,7 +233,8 @@ def _read_json(path: PathLike, what: str, max_bytes: Optional[int] = None) -> tu
     p = os.fspath(path)
     raw = _read_bytes(p, what, _check_max_bytes(max_bytes))
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        with _gc_paused():
+            obj = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
         raise ValueError(f"stepscope: {p} is nested deeper than {_MAX_JSON_DEPTH} levels: not a stepscope "
                          "file") from None

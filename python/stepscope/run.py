@@ -17,6 +17,7 @@ Every file is written atomically and read as one from anyone may be (``_files.py
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 import sys
 from typing import Any, Optional
@@ -25,7 +26,7 @@ from . import diagnose as _diagnose
 from . import report as _report
 # The file I/O (re-exported: MAX_READ_BYTES is documented here, the exports write through these).
 from ._files import (MAX_READ_BYTES, PathLike, _atomic_write, _check_max_bytes, _check_tree,  # noqa: F401
-                     _encode, _finite, _is_num, _os_error, _read_bytes, _read_json)
+                     _encode, _finite, _gc_paused, _is_num, _os_error, _read_bytes, _read_json)
 
 FORMAT = "stepscope.run"
 # 2: report.steps counts warm-up steps too, report.steady_steps the others (1 had steps = steady).
@@ -48,16 +49,37 @@ def nvtx_colors(phases: Any) -> dict:
     return {p["nvtx_name"]: "#%06X" % (p["color"] & 0xFFFFFF) for p in phases}
 
 
+_SPAN_KEYS = ("spans", "user_spans", "module_spans", "device_spans")
+
+
+def _spans(spans: Any) -> list:
+    # (name, t0, t1) from the Timeline: a str and seconds of integer nanoseconds. Checked in bulk:
+    # one _finite call per number was most of the cost of a 4096-step ring's data.
+    out = [[n, a, b] for n, a, b in spans]
+    if all(math.isfinite(a) and math.isfinite(b) for _, a, b in out):
+        return out
+    return _finite(out)
+
+
+def _ring_entry(r: dict) -> dict:
+    e = _finite({k: v for k, v in r.items() if k not in _SPAN_KEYS})
+    for k in _SPAN_KEYS:
+        e[k] = _spans(r.get(k, ()))
+    return e
+
+
 def _monitor_data(mon: Any) -> dict:
     from . import _C, __version__
 
     torch = sys.modules.get("torch")
-    ring = []
-    for r in mon.recent_steps():
-        e = dict(r)
-        for k in ("spans", "user_spans", "module_spans", "device_spans"):
-            e[k] = [list(s) for s in r.get(k, ())]
-        ring.append(e)
+    with _gc_paused():
+        ring = [_ring_entry(r) for r in mon.recent_steps()]
+        data = _monitor_fields(mon, _C, __version__, torch)
+    data["recent_steps"] = ring
+    return data
+
+
+def _monitor_fields(mon: Any, _C: Any, version: str, torch: Any) -> dict:
     rep = mon.report()
     phases = [dict(p) for p in _C.PHASES]
     return _finite({
@@ -67,12 +89,12 @@ def _monitor_data(mon: Any) -> dict:
         "rank": _rank(),
         "origin_unix_ns": getattr(mon, "_origin_unix_ns", None),
         "report": rep,
-        "recent_steps": ring,
+        "recent_steps": None,  # filled by _monitor_data (its spans are checked in bulk)
         "diagnosis": _diagnosis(mon, rep),
         "phase_table": phases,
         "nvtx_colors": nvtx_colors(phases),
         "build_info": _C.build_info(),
-        "versions": {"stepscope": __version__, "torch": getattr(torch, "__version__", None),
+        "versions": {"stepscope": version, "torch": getattr(torch, "__version__", None),
                      "python": platform.python_version(), "platform": platform.platform()},
     })
 

@@ -399,3 +399,50 @@ def test_steps_means_every_step_and_steady_steps_the_counted_ones(tmp_path):
     old.write_text(json.dumps(data))
     run = stepscope.load(old)
     assert run.steps == 10 and run.report()["steady_steps"] == 7
+
+
+def test_run_data_checks_spans_in_bulk_with_the_same_result():
+    # The ring's spans skip the per-number _finite walk (run._spans); the data must be what that
+    # walk gives, and a non-finite bound is still written as null.
+    from stepscope import _files, run
+
+    mon = _train(steps=12, per_module=True, per_module_every=2)
+    data = run.run_data(mon)
+    slow = [_files._finite({**r, **{k: [list(s) for s in r.get(k, ())] for k in run._SPAN_KEYS}})
+            for r in mon.recent_steps()]
+    assert data["recent_steps"] == slow
+    assert run._spans([("forward", 1.0, float("nan"))]) == [["forward", 1.0, None]]
+    assert run._spans((("forward", 1.0, 2.0),)) == [["forward", 1.0, 2.0]]
+
+
+def test_gc_is_paused_while_files_are_built_and_restored_after(tmp_path):
+    import gc
+
+    from stepscope import _files
+
+    mon = _train(steps=4)
+    seen = []
+    real = _files.json.dumps
+
+    def spy(*a, **k):
+        seen.append(gc.isenabled())
+        return real(*a, **k)
+
+    _files.json.dumps = spy
+    try:
+        mon.save(tmp_path / "r.json.gz")
+        with pytest.raises(ValueError):
+            _files._encode({"x": float("nan")}, tmp_path / "bad.json")  # raises inside the pause
+    finally:
+        _files.json.dumps = real
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        with _files._gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own setting is kept
+    finally:
+        gc.enable()
+    assert stepscope.load(tmp_path / "r.json.gz").steps == 4
+    # gzip's header says the level: XFL 0 for the default 6 (2 would be level 9, 4 level 1).
+    assert (tmp_path / "r.json.gz").read_bytes()[8] == 0

@@ -11,7 +11,7 @@ import os
 from typing import Optional, Sequence
 
 from ..diagnose_throughput import step_rates
-from ..run import PathLike, Source, _atomic_write, _encode, _is_num, _read_json, run_data
+from ..run import PathLike, Source, _atomic_write, _encode, _gc_paused, _is_num, _read_json, run_data
 
 # Trace tracks (Chrome trace "tid"s) within the rank's process.
 _TID_STEPS = 1
@@ -63,6 +63,11 @@ def trace_events(source: Source) -> dict:
     events were not resolved yet are left out.
     """
     data = run_data(source)
+    with _gc_paused():  # tens of thousands of event dicts, no cycle (_files._gc_paused)
+        return _trace_events(data)
+
+
+def _trace_events(data: dict) -> dict:
     pid = int(data.get("rank") or 0)
     colors = data.get("nvtx_colors") or {}
     rep = data.get("report") or {}
@@ -71,8 +76,8 @@ def trace_events(source: Source) -> dict:
     device: list = []  # (t0 ns, t1 ns, event) for the device track
 
     def x(name: str, cat: str, t0: int, t1: int, args: dict) -> dict:
-        return {"name": name, "cat": cat, "ph": "X", "ts": t0 / 1e3, "dur": max(0, t1 - t0) / 1e3, "pid": pid,
-                "args": args}
+        return {"name": name, "cat": cat, "ph": "X", "ts": t0 / 1e3, "dur": (t1 - t0 if t1 > t0 else 0) / 1e3,
+                "pid": pid, "args": args}
 
     for r in data["recent_steps"]:
         n = int(r["step"])
