@@ -1,0 +1,104 @@
+"""What the Lightning callback costs at its defaults: Trainer.fit of a small module for --steps
+steps, bare and beside Lightning's own tools, in rounds of random order.
+
+  bare              Trainer(logger=CSVLogger, enable_progress_bar=False, enable_checkpointing=False)
+  stepscope         + StepscopeCallback() at its defaults (log every 50 steps, the end-of-fit summary)
+  stepscope quiet   + StepscopeCallback(log_every_n_steps=0, summary=False)
+  profiler=simple   Trainer(profiler="simple")
+  ThroughputMonitor + lightning's ThroughputMonitor(batch_size_fn=len of the batch)
+
+A fit's time is its wall time; the table gives each variant's median ratio to the bare fit of the
+same round (with min-max) and the extra µs per step.
+
+    python bench/callbacks_bench.py [--rounds 21] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import stepscope
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    torch.set_num_threads(1)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(args.steps * 16, 32), torch.randint(0, 4, (args.steps * 16,)))
+    out = tempfile.mkdtemp(prefix="stepscope-callbacks-bench-")
+
+    def fit(callbacks=(), **kw):
+        torch.manual_seed(0)
+        trainer = pl.Trainer(max_steps=args.steps, max_epochs=1, accelerator="cpu", logger=CSVLogger(out),
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                             callbacks=list(callbacks), **kw)
+        loader = torch.utils.data.DataLoader(data, batch_size=16)
+        with contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            trainer.fit(Module(), loader)
+            return time.perf_counter() - t0
+
+    variants = {
+        "bare": lambda: fit(),
+        "stepscope": lambda: fit([StepscopeCallback()]),
+        "stepscope quiet": lambda: fit([StepscopeCallback(log_every_n_steps=0, summary=False)]),
+        "profiler=simple": lambda: fit(profiler="simple"),
+        "ThroughputMonitor": lambda: fit([ThroughputMonitor(batch_size_fn=lambda b: len(b[0]))]),
+    }
+    for fn in variants.values():
+        fn()  # warm-up: imports, first-call dispatch
+    times: dict = {k: [] for k in variants}
+    order = list(variants)
+    for _ in range(args.rounds):
+        random.shuffle(order)
+        for k in order:
+            times[k].append(variants[k]())
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, stepscope {stepscope.__version__}, 1 thread, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':18s} {'median s':>9s} {'ratio':>7s} {'min-max':>13s} {'us/step':>8s}")
+    for k, ts in times.items():
+        r = [t / b for t, b in zip(ts, times["bare"])]
+        extra = statistics.median(t - b for t, b in zip(ts, times["bare"])) / args.steps * 1e6
+        print(f"{k:18s} {statistics.median(ts):9.3f} {statistics.median(r):7.3f} {min(r):6.3f}-{max(r):<6.3f} "
+              f"{extra:8.1f}")
+    print("reproduce: python bench/callbacks_bench.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
