@@ -151,6 +151,76 @@ void add_scores(Out& out, const Inputs& x) {
   }
 }
 
+// Matthews correlation and Cohen's kappa from the margins of the confusion matrix, never the matrix:
+// with c correct of s, and per class p_k predicted and t_k true, pt = sum p_k t_k, pp = sum p_k^2,
+// tt = sum t_k^2 (tensors of one shape, broadcast: a scalar, or one per label):
+//   MCC   = (c s - pt) / sqrt((s^2 - pp)(s^2 - tt)), 0 where a margin is constant (scikit-learn's
+//           rule; torchmetrics gives +-1 or an eps formula in some binary cases);
+//   kappa = (p_o - p_e) / (1 - p_e) = (c s - pt) / (s^2 - pt), NaN where the chance agreement is 1
+//           (one class alone in targets and predictions, or no sample), as in both.
+// float64, like the state: the products stay exact below 2^53 (s up to ~9e7 samples).
+struct Agreement {
+  at::Tensor mcc, kappa;
+};
+
+Agreement agreement(const at::Tensor& c, const at::Tensor& s, const at::Tensor& pt, const at::Tensor& pp,
+                    const at::Tensor& tt) {
+  const at::Tensor num = c * s - pt;
+  const at::Tensor den = (s * s - pp) * (s * s - tt);
+  const at::Tensor pos = den > 0;
+  return {at::where(pos, num / at::where(pos, den, at::ones_like(den)).sqrt(), at::zeros_like(num)),
+          num / (s * s - pt)};
+}
+
+// Binary counts (one per label) as a two-class problem: class 0 is the negative one.
+Agreement agreement_2x2(const at::Tensor& tp, const at::Tensor& fp, const at::Tensor& fn, const at::Tensor& tn) {
+  const at::Tensor p0 = tn + fn, p1 = tp + fp, t0 = tn + fp, t1 = tp + fn;
+  return agreement(tp + tn, tp + fp + fn + tn, p0 * t0 + p1 * t1, p0 * p0 + p1 * p1, t0 * t0 + t1 * t1);
+}
+
+// Quadratic-weighted kappa, w_ij = (i - j)^2: 1 - sum w O / sum w E with E = t p^T / s. Both sums
+// expand into margins, sum i^2 t_i + sum j^2 p_j - 2 (...), so only sum_ij i j O_ij needs the matrix.
+at::Tensor kappa_quadratic(const at::Tensor& confmat, const at::Tensor& t, const at::Tensor& p, const at::Tensor& s) {
+  const at::Tensor i = at::arange(t.size(0), t.options());
+  const at::Tensor i2 = i * i;
+  const at::Tensor wo = (i2 * t).sum() + (i2 * p).sum() - 2 * (i * at::mv(confmat, i)).sum();
+  const at::Tensor we = ((i2 * t).sum() * p.sum() + t.sum() * (i2 * p).sum() - 2 * (i * t).sum() * (i * p).sum()) / s;
+  return 1 - wo / we;
+}
+
+void add_agreement(Out& out, const Inputs& x) {
+  const Counts& k = x.k;
+  const Layout& lay = x.args.lay;
+  switch (x.args.cfg.task) {
+    case Task::kMulticlass: {
+      const at::Tensor p = k.tp + k.fp, t = k.tp + k.fn, s = k.valid_total;
+      const Agreement a = agreement(k.tp.sum(), s, (p * t).sum(), (p * p).sum(), (t * t).sum());
+      out.emplace_back("mcc", a.mcc);
+      out.emplace_back("cohen_kappa", a.kappa);
+      if (lay.confmat >= 0) {
+        const at::Tensor m = x.block(lay.confmat, lay.classes * lay.classes).view({lay.classes, lay.classes});
+        out.emplace_back("cohen_kappa_quadratic", kappa_quadratic(m, t, p, s));
+      }
+      return;
+    }
+    case Task::kBinary: {
+      const Agreement a = agreement_2x2(k.tp, k.fp, k.fn, k.tn);
+      out.emplace_back("mcc", a.mcc.squeeze(0));
+      out.emplace_back("cohen_kappa", a.kappa.squeeze(0));
+      out.emplace_back("cohen_kappa_quadratic", a.kappa.squeeze(0));  // two classes: every weight is 1
+      return;
+    }
+    case Task::kMultilabel: {
+      // torchmetrics' MultilabelMatthewsCorrCoef: one 2x2 summed over the labels (micro).
+      out.emplace_back("mcc_micro", agreement_2x2(k.tp.sum(), k.fp.sum(), k.fn.sum(), k.tn.sum()).mcc);
+      const at::Tensor per = agreement_2x2(k.tp, k.fp, k.fn, k.tn).mcc;
+      out.emplace_back("mcc_macro", per.mean());
+      out.emplace_back("mcc_per_class", per);
+      return;
+    }
+  }
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const OpArgs& args, const at::Tensor& state,
@@ -171,6 +241,7 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const OpArgs& ar
       out.emplace_back("top" + std::to_string(args.cfg.top_k[i]) + "_accuracy", f32(safe_div(state[lay.topk + i], n)));
     }
   }
+  add_agreement(out, x);
   if (lay.confmat >= 0 || !multiclass) out.emplace_back("confusion_matrix", confusion_matrix(args, state, "none"));
   for (const StateMetric& m : kStateMetrics) out.emplace_back(m.name, m.fn(x));
   return out;
