@@ -14,12 +14,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 #include "dispatch.h"
 #include "metrics/row_math.h"
+#include "metrics/row_simd.h"
 #include "metrics/update.h"
 
 namespace stepscope::metrics {
@@ -38,6 +35,7 @@ struct RowSummary {
   double max;
   double min;  // for the multiclass 'auto' rule: is every value in [0, 1]?
   double sumexp;
+  double xt;  // the target's value as read (float, or double for float64 input)
 };
 
 // Reductions over one contiguous row, in two vectorisable loops: (finite check, max, target
@@ -51,50 +49,7 @@ float sum_exp_shifted_portable(const float* x, int64_t C, float m) {
   return s;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC will not vectorise exp_nonpos inside an AVX2 clone (it keeps a branch per lane), so the
-// same Cephes polynomial is written out with AVX2/FMA intrinsics: 8 lanes per step.
-__attribute__((target("avx2,fma"))) inline __m256 exp8_nonpos(__m256 v) {
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(kExpLog2e), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), v));
-  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kExpP0), r, _mm256_set1_ps(kExpP1));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP2));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP3));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP4));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP5));
-  y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-__attribute__((target("avx2,fma"))) float sum_exp_shifted_avx2(const float* x, int64_t C, float m) {
-  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(kExpMinArg);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= C; j += 16) {  // two accumulators hide the add latency
-    acc0 = _mm256_add_ps(acc0, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), lo)));
-    acc1 = _mm256_add_ps(acc1, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm), lo)));
-  }
-  for (; j + 8 <= C; j += 8) {
-    acc0 = _mm256_add_ps(acc0, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), lo)));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float s = 0.0f;
-  for (float l : lanes) s += l;
-  for (; j < C; ++j) s += exp_nonpos(x[j] - m);
-  return s;
-}
-
-const bool g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-
-float sum_exp_shifted(const float* x, int64_t C, float m) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (g_has_avx2) return sum_exp_shifted_avx2(x, C, m);
-#endif
-  return sum_exp_shifted_portable(x, C, m);
-}
+float sum_exp_shifted(const float* x, int64_t C, float m) { return sum_exp_shifted_portable(x, C, m); }
 
 template <typename T>
 inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want_sumexp) {
@@ -129,6 +84,7 @@ inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want
   r.max = static_cast<double>(m);
   r.min = static_cast<double>(mn);
   r.sumexp = se;
+  r.xt = static_cast<double>(xt);
   return r;
 }
 
@@ -138,6 +94,37 @@ STEPSCOPE_CLONES RowSummary summarize_row(const float* x, int64_t C, int64_t t, 
 }
 RowSummary summarize_row(const double* x, int64_t C, int64_t t, bool want_sumexp) {
   return summarize_row_impl(x, C, t, want_sumexp);
+}
+
+// One row of C values at stride sC, through the SIMD kernels when allowed (half and bfloat16
+// converted in registers; a strided row gathered into buf first), else the portable loops.
+template <typename scalar_t, typename compute_t>
+RowSummary reduce_row(const scalar_t* row, int64_t C, int64_t sC, int64_t t, bool want_sumexp, bool use_simd,
+                      compute_t* buf) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (use_simd) {
+      simd::RowOut o;
+      const auto* bits = reinterpret_cast<const uint16_t*>(row);
+      if (sC != 1) {
+        for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<float>(row[j * sC]);
+        o = simd::row_f32(buf, C, t, want_sumexp);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        o = simd::row_f32(row, C, t, want_sumexp);
+      } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+        o = simd::row_f16(bits, C, t, want_sumexp);
+      } else {
+        o = simd::row_bf16(bits, C, t, want_sumexp);
+      }
+      return RowSummary{o.finite, o.argmax, o.above, o.max, o.min, o.sumexp, o.xt};
+    }
+  }
+  const compute_t* x = buf;
+  if (std::is_same_v<scalar_t, compute_t> && sC == 1) {
+    x = reinterpret_cast<const compute_t*>(row);
+  } else {
+    for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
+  }
+  return summarize_row(x, C, t, want_sumexp);
 }
 
 // Runs body(acc, begin, end) over [0, work): in one piece straight into the state for small
@@ -201,9 +188,10 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   const bool want_logits = cfg.input != InputKind::kProbs;
   const bool direct = std::is_same_v<scalar_t, compute_t> && sC == 1;
   const bool keep_cells = lay.confmat >= 0;
+  const bool use_simd = !std::is_same_v<scalar_t, double> && simd::enabled();
 
   run_chunked(in.n * D, C, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>& cells) {
-    std::vector<compute_t> buf(direct ? 0 : C);
+    std::vector<compute_t> buf(direct ? 1 : C);
     if (keep_cells) cells.reserve(e - b);
     // 'auto': once this chunk saw a value outside [0, 1] the batch is logits, and the
     // probabilities reading (which would be thrown away) is no longer kept.
@@ -221,14 +209,7 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
         acc[ignored ? lay.ignored : lay.invalid] += 1.0;
         continue;
       }
-      const compute_t* x;
-      if (direct) {
-        x = reinterpret_cast<const compute_t*>(row);
-      } else {
-        for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
-        x = buf.data();
-      }
-      const RowSummary r = summarize_row(x, C, t, want_logits);
+      const RowSummary r = reduce_row(row, C, sC, t, want_logits, use_simd, buf.data());
       if (!r.finite) {
         acc[lay.nonfinite] += 1.0;
         outside = true;
@@ -244,11 +225,11 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
       if (keep_cells) cells.push_back(t * C + p);
       for (int64_t i = 0; i < lay.num_topk; ++i) acc[lay.topk + i] += r.above < cfg.top_k[i];
       if (want_logits) {
-        add_reading(logits_at, std::log(r.sumexp) + r.max - static_cast<double>(x[t]),
+        add_reading(logits_at, std::log(r.sumexp) + r.max - r.xt,
                     static_cast<float>(static_cast<compute_t>(1.0 / r.sumexp)), hit);
       }
       if (!want_logits || (is_auto && !outside)) {
-        add_reading(probs_at, -std::log(static_cast<double>(x[t])), static_cast<float>(r.max), hit);
+        add_reading(probs_at, -std::log(r.xt), static_cast<float>(r.max), hit);
       }
     }
     if (is_auto && outside) acc[lay.pending + 2 * kReadingLen] += 1.0;
