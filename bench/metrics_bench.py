@@ -289,7 +289,7 @@ def plain_table(args, gen):
             fns = {"ours": lambda: ours.update(x, y), "plain": lambda: plain_multiclass(C, k, confmat)(x, y)}
             tm = None if args.no_torchmetrics else make_torchmetrics(C, k, confmat, x.device)
         else:
-            ours = stepscope.ClassificationMetrics(task, num_classes=C or None)
+            ours = stepscope.ClassificationMetrics(task, **({"num_labels": C} if C else {}))
             fns = {"ours": lambda: ours.update(x, y), "plain": lambda: plain_elementwise(C > 0)(x, y)}
             tm = None if args.no_torchmetrics else torchmetrics_elementwise(C, x.device)
         if tm is not None:

@@ -35,3 +35,39 @@ RowOut row_f16(const uint16_t* x, int64_t C, int64_t t, bool want_sumexp);
 RowOut row_bf16(const uint16_t* x, int64_t C, int64_t t, bool want_sumexp);
 
 }  // namespace stepscope::metrics::simd
+
+namespace stepscope::metrics::simd {
+
+// Binary / multilabel: `rows` rows of L labels, both preds and target contiguous ([rows, L]).
+enum class XKind { kF32, kF16, kBF16 };
+enum class YKind { kI64, kI32, kU8 };
+struct ElemArgs {
+  const void* x;
+  const void* y;
+  int64_t rows;
+  int64_t L;
+  XKind xkind;
+  YKind ykind;
+  bool logits;       // else probabilities
+  bool check_range;  // stop (return false) at the first value outside [0, 1] or NaN, ignored ones too
+  float threshold;
+  bool has_ignore;
+  int64_t ignore;
+};
+// One call's sums; tp/pc/tc/vc are [L + 8] int32 per-label counters the caller zeroed and keeps
+// small enough not to overflow (rows * L / 8 < 2^31 per call).
+struct ElemSums {
+  int32_t* tp;
+  int32_t* pc;
+  int32_t* tc;
+  int32_t* vc;
+  double loss = 0.0;
+  int64_t ignored = 0, invalid = 0, nonfinite = 0;
+  double ece_count[16] = {}, ece_conf[16] = {}, ece_acc[16] = {};
+};
+// Same rules as binary_element and elementwise_cpu's loop: ignore_index first, then targets not 0/1
+// (invalid), then non-finite preds; a counted element adds its BCE, prediction and ECE bin.
+// Returns false (sums partial, to be thrown away) when check_range met a value outside [0, 1].
+bool elementwise(const ElemArgs& a, ElemSums& s);
+
+}  // namespace stepscope::metrics::simd

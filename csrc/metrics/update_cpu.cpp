@@ -17,6 +17,7 @@
 #include "dispatch.h"
 #include "metrics/row_math.h"
 #include "metrics/row_simd.h"
+#include "metrics/chunked.h"
 #include "metrics/update.h"
 
 namespace stepscope::metrics {
@@ -127,32 +128,6 @@ RowSummary reduce_row(const scalar_t* row, int64_t C, int64_t sC, int64_t t, boo
   return summarize_row(x, C, t, want_sumexp);
 }
 
-// Runs body(acc, begin, end) over [0, work): in one piece straight into the state for small
-// inputs, else in chunks with private O(C) accumulators merged in a fixed order (so results do
-// not depend on thread timing). body logs confusion-matrix cells into its `cells` vector.
-template <typename Body>
-void run_chunked(int64_t work, int64_t cost_per_item, const Layout& lay, double* state, Body body) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cost_per_item));
-  int64_t chunks = std::min<int64_t>(at::get_num_threads(), (work + grain - 1) / grain);
-  // Private copies must be cheap next to the work itself.
-  if (chunks > 1 && work * cost_per_item < 8 * lay.dense * chunks) chunks = 1;
-  if (chunks <= 1 || at::in_parallel_region()) {
-    std::vector<int64_t> cells;
-    body(state, 0, work, cells);
-    for (int64_t c : cells) state[lay.confmat + c] += 1.0;
-    return;
-  }
-  std::vector<std::vector<double>> acc(chunks, std::vector<double>(lay.dense, 0.0));
-  std::vector<std::vector<int64_t>> cells(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) body(acc[c].data(), work * c / chunks, work * (c + 1) / chunks, cells[c]);
-  });
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t i = 0; i < lay.dense; ++i) state[i] += acc[c][i];
-    for (int64_t cell : cells[c]) state[lay.confmat + cell] += 1.0;
-  }
-}
-
 // Adds one reading of a sample (loss, calibration slot) at `base`, laid out as the state's
 // loss, ece_count, ece_conf, ece_acc (kReadingLen values).
 inline void add_reading(double* base, double loss, float conf, bool hit) {
@@ -199,7 +174,7 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
     double* const logits_at = is_auto ? acc + lay.pending : acc + lay.loss;
     double* const probs_at = is_auto ? acc + lay.pending + kReadingLen : acc + lay.loss;
     for (int64_t s = b; s < e; ++s) {
-      const int64_t n = s / D, d = s % D;
+      const int64_t n = D == 1 ? s : s / D, d = D == 1 ? 0 : s % D;  // no division for plain rows
       const int64_t t = static_cast<int64_t>(T[n * tN + d * tD]);
       const scalar_t* row = P + n * sN + d * sD;
       const bool ignored = has_ignore && t == ignore;
@@ -237,77 +212,17 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   if (is_auto) fold_pending(lay, state);
 }
 
-bool any_outside_unit(const at::Tensor& preds) {
-  // torchmetrics' auto rule: the whole batch (ignored positions included) is probabilities iff
-  // every value lies in [0, 1]; a NaN counts as outside.
-  return !at::logical_and(preds >= 0, preds <= 1).all().item<bool>();
-}
-
-template <typename scalar_t, typename target_t>
-void elementwise_cpu(const UpdateInputs& in, double* state) {
-  // float64 preds are read, thresholded and checked for finiteness as double (a float would round
-  // p = 0.50000001 to 0.5 and overflow finite values past 3.4e38 to inf).
-  using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Config& cfg = in.cfg;
-  const Layout& lay = in.lay;
-  const int64_t L = in.c, D = in.d;
-  const scalar_t* P = in.preds.const_data_ptr<scalar_t>();
-  const target_t* T = static_cast<const target_t*>(in.target.const_data_ptr());
-  const int64_t sN = in.preds.stride(0), sL = in.preds.stride(1), sD = in.preds.stride(2);
-  const int64_t tN = in.target.stride(0), tL = in.target.stride(1), tD = in.target.stride(2);
-  const bool logits =
-      cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit(in.preds));
-  const compute_t thr = static_cast<compute_t>(cfg.threshold);
-  const bool has_ignore = cfg.ignore_index.has_value();
-  const int64_t ignore = cfg.ignore_index.value_or(0);
-  const bool per_label_valid = lay.valid_len > 1;
-
-  run_chunked(in.n * D, L, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>&) {
-    for (int64_t s = b; s < e; ++s) {
-      const int64_t n = s / D, d = s % D;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t y = static_cast<int64_t>(T[n * tN + l * tL + d * tD]);
-        if (has_ignore && y == ignore) {
-          acc[lay.ignored] += 1.0;
-          continue;
-        }
-        if (y != 0 && y != 1) {
-          acc[lay.invalid] += 1.0;
-          continue;
-        }
-        const compute_t x = static_cast<compute_t>(P[n * sN + l * sL + d * sD]);
-        if (!std::isfinite(x)) {
-          acc[lay.nonfinite] += 1.0;
-          continue;
-        }
-        const ElementResultT<compute_t> r = binary_element(x, logits, thr, y);
-        acc[lay.tp + l] += r.pred && y;
-        acc[lay.pred + l] += r.pred;
-        acc[lay.target + l] += static_cast<double>(y);
-        acc[lay.valid + (per_label_valid ? l : 0)] += 1.0;
-        acc[lay.loss] += r.loss;
-        const int bin = ece_bin(static_cast<float>(r.prob));
-        acc[lay.ece_count + bin] += 1.0;
-        acc[lay.ece_conf + bin] += r.prob;
-        acc[lay.ece_acc + bin] += static_cast<double>(y);
-      }
-    }
-  });
-}
-
-
 }  // namespace
 
 void update_cpu(const UpdateInputs& in, const at::Tensor& state) {
   double* st = state.data_ptr<double>();
+  if (in.cfg.task != Task::kMulticlass) {
+    elementwise_update_cpu(in, st);
+    return;
+  }
   STEPSCOPE_DISPATCH_PREDS(in.preds.scalar_type(), "classification_update_cpu", [&] {
-    STEPSCOPE_DISPATCH_TARGET(in.target.scalar_type(), "classification_update_cpu", [&] {
-      if (in.cfg.task == Task::kMulticlass) {
-        multiclass_cpu<scalar_t, target_t>(in, st);
-      } else {
-        elementwise_cpu<scalar_t, target_t>(in, st);
-      }
-    });
+    STEPSCOPE_DISPATCH_TARGET(in.target.scalar_type(), "classification_update_cpu",
+                              [&] { multiclass_cpu<scalar_t, target_t>(in, st); });
   });
 }
 

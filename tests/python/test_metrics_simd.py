@@ -114,3 +114,62 @@ def test_the_switch_reports_and_restores():
     assert not _C._cpu_simd()
     assert _C._set_cpu_simd(prev) is False
     assert _C._cpu_simd() == prev
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("kind", ["logits", "probs", "auto"])
+def test_elementwise_paths_agree(base_seed, dtype, tdtype, kind):
+    g = torch.Generator().manual_seed(base_seed + 2)
+    for L in (0, 1, 2, 7, 8, 9, 17, 100):
+        shape = (203, L) if L else (203,)
+        x = torch.randn(shape, generator=g) * 4
+        if kind != "logits":
+            x = x.sigmoid()
+        x.view(-1)[::37] = float("nan")
+        x.view(-1)[5::41] = float("inf")
+        y = torch.randint(0, 2, shape, generator=g)
+        y.view(-1)[::13] = 2  # invalid
+        y.view(-1)[3::17] = 1 if tdtype == torch.uint8 else -1
+        task = "multilabel" if L else "binary"
+        kw = dict(num_labels=L) if L else {}
+        ign = 1 if tdtype == torch.uint8 else -1
+        for preds, layout in [(x, "contiguous"), (x.t().contiguous().t() if L else x[::1], "strided")]:
+            msg = f"seed={base_seed} L={L} dtype={dtype} target={tdtype} kind={kind} {layout}"
+            _both_paths_agree(task, preds.to(dtype), y.to(tdtype), msg, input=kind, ignore_index=ign, **kw)
+
+
+def _read_as(task, preds, target, **kw):
+    m = stepscope.ClassificationMetrics(task, **kw)
+    m.update(preds, target)
+    return m.state
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_elementwise_auto_rule_in_one_pass(base_seed, cpu_path, task):
+    """All in [0, 1]: probabilities; one value outside anywhere (first, middle, last, on an
+    ignored position) or one NaN: logits, as torchmetrics decides."""
+    g = torch.Generator().manual_seed(base_seed + 3)
+    kw = dict(num_labels=10) if task == "multilabel" else {}
+    shape = (4000, 10) if task == "multilabel" else (40000,)
+    p = torch.rand(shape, generator=g)
+    y = torch.randint(0, 2, shape, generator=g)
+    y.view(-1)[-1] = -1
+    kw["ignore_index"] = -1
+    as_probs = _read_as(task, p, y, input="probs", **kw)
+    assert torch.equal(_read_as(task, p, y, input="auto", **kw), as_probs)
+    for pos, value in [(0, 1.5), (p.numel() // 2, 1.5), (p.numel() - 1, -0.5), (p.numel() - 2, float("nan"))]:
+        q = p.clone()
+        q.view(-1)[pos] = value
+        auto = _read_as(task, q, y, input="auto", **kw)
+        assert torch.equal(auto, _read_as(task, q, y, input="logits", **kw)), (pos, value)
+        assert not torch.equal(auto, _read_as(task, q, y, input="probs", **kw)), (pos, value)
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_the_random_elementwise_cases_on_each_path(base_seed, cpu_path, task):
+    tm_ref.CASES, saved = 60, tm_ref.CASES
+    try:
+        tm_ref.test_elementwise_random(base_seed + 19, "cpu", task)
+    finally:
+        tm_ref.CASES = saved
