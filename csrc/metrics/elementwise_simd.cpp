@@ -66,6 +66,11 @@ struct Acc {
   __m256d loss0, loss1;
 };
 
+// The calibration histogram (count, confidence, accuracy per bin) in four interleaved copies.
+struct Hist {
+  double h[4][kEceSlots][3] = {};
+};
+
 template <bool kLogits>
 STEPSCOPE_AVX2 inline void loss_and_prob(__m256 x, __m256 yf, __m256& loss, __m256& prob) {
   if constexpr (kLogits) {
@@ -95,7 +100,7 @@ STEPSCOPE_AVX2 inline void loss_and_prob(__m256 x, __m256 yf, __m256& loss, __m2
 // value under check_range. kOneLabel: all lanes are one label (binary), else labels l..l+7.
 template <bool kLogits, bool kOneLabel>
 STEPSCOPE_AVX2 inline bool step(__m256 x, const Targets& t, __m256i present, const ElemArgs& a, Acc& acc,
-                                ElemSums& s, int64_t l) {
+                                ElemSums& s, Hist& hist, int64_t l) {
   if (a.check_range) {
     const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
                                     _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
@@ -147,9 +152,10 @@ STEPSCOPE_AVX2 inline bool step(__m256 x, const Targets& t, __m256i present, con
   _mm256_store_ps(probs, prob);
   for (; mk; mk &= mk - 1) {
     const int i = __builtin_ctz(mk);
-    s.ece_count[bins[i]] += 1.0;
-    s.ece_conf[bins[i]] += probs[i];
-    s.ece_acc[bins[i]] -= ys[i];  // -1 for a positive target
+    double* h = hist.h[i & 3][bins[i]];  // four copies: neighbours in one bin do not wait on each other
+    h[0] += 1.0;
+    h[1] += probs[i];
+    h[2] -= ys[i];  // -1 for a positive target
   }
   return true;
 }
@@ -169,7 +175,7 @@ STEPSCOPE_AVX2 inline void load_part(const typename LX::T* xp, const typename LY
 }
 
 template <class LX, class LY, bool kLogits, bool kOneLabel>
-STEPSCOPE_AVX2 bool run_rows(const ElemArgs& a, Acc& acc, ElemSums& s) {
+STEPSCOPE_AVX2 bool run_rows(const ElemArgs& a, Acc& acc, ElemSums& s, Hist& hist) {
   const auto* X = static_cast<const typename LX::T*>(a.x);
   const auto* Y = static_cast<const typename LY::T*>(a.y);
   const __m256i all = _mm256_set1_epi32(-1);
@@ -180,14 +186,14 @@ STEPSCOPE_AVX2 bool run_rows(const ElemArgs& a, Acc& acc, ElemSums& s) {
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
       const Targets t = load_targets<LY>(yr + j, a.ignore, a.has_ignore);
-      if (!step<kLogits, kOneLabel>(LX::load(xr + j), t, all, a, acc, s, j)) return false;
+      if (!step<kLogits, kOneLabel>(LX::load(xr + j), t, all, a, acc, s, hist, j)) return false;
     }
     if (j < len) {
       __m256 x;
       Targets t;
       __m256i present;
       load_part<LX, LY>(xr + j, yr + j, len - j, a, x, t, present);
-      if (!step<kLogits, kOneLabel>(x, t, present, a, acc, s, j)) return false;
+      if (!step<kLogits, kOneLabel>(x, t, present, a, acc, s, hist, j)) return false;
     }
   }
   return true;
@@ -205,8 +211,17 @@ template <class LX, class LY, bool kLogits>
 STEPSCOPE_AVX2 bool run(const ElemArgs& a, ElemSums& s) {
   const __m256i z = _mm256_setzero_si256();
   Acc acc{z, z, z, z, z, z, z, _mm256_setzero_pd(), _mm256_setzero_pd()};
-  const bool ok = a.L == 1 ? run_rows<LX, LY, kLogits, true>(a, acc, s) : run_rows<LX, LY, kLogits, false>(a, acc, s);
+  Hist hist;
+  const bool ok = a.L == 1 ? run_rows<LX, LY, kLogits, true>(a, acc, s, hist)
+                           : run_rows<LX, LY, kLogits, false>(a, acc, s, hist);
   if (!ok) return false;
+  for (int64_t b = 0; b < kEceSlots; ++b) {
+    for (const auto& c : hist.h) {
+      s.ece_count[b] += c[b][0];
+      s.ece_conf[b] += c[b][1];
+      s.ece_acc[b] += c[b][2];
+    }
+  }
   if (a.L == 1) {
     s.tp[0] += static_cast<int32_t>(hsum_i(acc.tp));
     s.pc[0] += static_cast<int32_t>(hsum_i(acc.pc));

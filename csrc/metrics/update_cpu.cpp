@@ -1,11 +1,14 @@
-// CPU update: one pass over the predictions, accumulating into the float64 state.
+// CPU multiclass update: one pass over the predictions, accumulating into the float64 state
+// (binary and multilabel: elementwise_cpu.cpp).
 //
-// Each multiclass row is converted to float (or kept as double for float64 input) in a small
-// buffer and reduced by four short loops written so that GCC vectorises them (finite check, max,
-// target rank, sum of exp) - the row is in L1 by then, so the extra loops cost far less than a
-// scalar online log-sum-exp. Large inputs are split over at::parallel_for; each chunk keeps its
-// own copy of the O(C) part of the state and logs confusion-matrix cells as indices, so the
-// C x C matrix is never copied per thread.
+// Where the CPU has AVX2/FMA/F16C each row goes to the SIMD row kernel (row_simd.h): contiguous
+// float32/float16/bfloat16 rows are read in place (half types converted in registers), strided ones
+// gathered into a small float buffer first. Otherwise (and for float64, or with the SIMD path
+// switched off) the row is converted to float (double for float64) in that buffer and reduced by
+// short loops written so that GCC vectorises them (finite check, max, target rank, sum of exp).
+// Large inputs are split over at::parallel_for (chunked.h); each chunk keeps its own copy of the
+// O(C) part of the state and logs confusion-matrix cells as indices, so the C x C matrix is never
+// copied per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

@@ -173,3 +173,27 @@ def test_the_random_elementwise_cases_on_each_path(base_seed, cpu_path, task):
         tm_ref.test_elementwise_random(base_seed + 19, "cpu", task)
     finally:
         tm_ref.CASES = saved
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+def test_two_threads_count_what_one_counts(base_seed, cpu_path, task):
+    """Chunks over at::parallel_for (and the 'auto' stop shared between them) change no count."""
+    g = torch.Generator().manual_seed(base_seed + 4)
+    kw = {"multiclass": dict(num_classes=50), "binary": {}, "multilabel": dict(num_labels=16)}[task]
+    shape = {"multiclass": (20000, 50), "binary": (1 << 20,), "multilabel": (1 << 16, 16)}[task]
+    x = torch.rand(shape, generator=g)
+    y = torch.randint(0, 50, (shape[0],), generator=g) if task == "multiclass" else torch.randint(0, 2, shape,
+                                                                                                   generator=g)
+    n = torch.get_num_threads()
+    try:
+        for outside_at in (None, 7, x.numel() - 3):
+            q = x.clone()
+            if outside_at is not None:
+                q.view(-1)[outside_at] = 2.0
+            torch.set_num_threads(1)
+            one = _read_as(task, q, y, **kw)
+            torch.set_num_threads(2)
+            two = _read_as(task, q, y, **kw)
+            torch.testing.assert_close(two, one, rtol=1e-9, atol=1e-6, msg=lambda m: f"{outside_at}\n{m}")
+    finally:
+        torch.set_num_threads(n)
