@@ -4,6 +4,7 @@
     python bench/metrics_bench.py --device cuda         # GPU: + copy-bandwidth share, launches, syncs
     python bench/metrics_bench.py --max-log2 22 --classes 10 1000
     python bench/metrics_bench.py --device cuda --targets   # the bandwidth targets, pass/fail
+    OMP_NUM_THREADS=1 python bench/metrics_bench.py --plain  # CPU: vs plain torch and DRAM, in rounds
 
 Metric set per update: accuracy (micro), macro F1, confusion matrix (dropped at C > 1024, where
 torchmetrics' and our C x C matrix would not fit: 32000^2 counters), top-5 accuracy (top-C when
@@ -11,10 +12,19 @@ C < 5) and mean cross-entropy loss. torchmetrics: a MetricCollection at its defa
 (validate_args=True) plus a MeanMetric fed F.cross_entropy. scikit-learn: the matching functions
 on numpy copies, timed only up to N*C = 2^--sklearn-max-log2. Inputs are fresh random logits
 every run (seeded from the clock; the seed is printed). Times are medians.
+
+--plain (CPU): multiclass (each --classes value, each --plain-dtypes dtype), binary and multilabel
+(L = 100) at N*C = 2^--plain-log2, timed in --rounds interleaved rounds in random order against the
+same metric set written in plain torch ops (argmax, topk, bincount confusion matrix and per-class
+counts, cross_entropy / binary_cross_entropy_with_logits) and torchmetrics. Reported: stepscope's
+median ms, its share of the DRAM read limit measured in the same run (best of torch sum, amax and
+numpy's integer sum over ~1 GiB), and the medians (min-max) of the per-round ratios plain / stepscope
+and torchmetrics / stepscope.
 """
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -165,6 +175,143 @@ def targets(device, gen, lgs, inputs):
           f"same preds; {fails} row(s) under target")
 
 
+def dram_read_bandwidth(reps=5):
+    """Best read rate of three plain reductions over ~1 GiB (less when memory is short): bytes/s."""
+    import numpy as np
+
+    n = 1 << 28
+    try:
+        x = torch.ones(n, dtype=torch.float32)
+    except (RuntimeError, MemoryError):
+        n = 1 << 26
+        x = torch.ones(n, dtype=torch.float32)
+    a = x.numpy().view(np.uint64)
+    best = 0.0
+    for fn in (lambda: x.sum(), lambda: x.amax(), lambda: a.sum()):
+        fn()
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = max(best, 4 * n / (time.perf_counter() - t))
+    return best
+
+
+def plain_multiclass(C, k, confmat):
+    """The bench's metric set in plain torch ops: what one would write without a metrics library."""
+    def update(x, y):
+        pred = x.argmax(1)
+        hit = pred == y
+        out = [hit.sum(), (x.topk(k, 1).indices == y[:, None]).any(1).sum(),
+               torch.bincount(y[hit], minlength=C), torch.bincount(pred, minlength=C),
+               torch.bincount(y, minlength=C), F.cross_entropy(x, y, reduction="sum")]
+        if confmat:
+            out.append(torch.bincount(y * C + pred, minlength=C * C))
+        return out
+    return update
+
+
+def plain_elementwise(multilabel):
+    def update(x, y):
+        yf = y.to(x.dtype)
+        pred = x > 0  # sigmoid(x) > 0.5
+        dim = 0 if multilabel else None
+        tp = (pred & (y == 1)).sum(dim) if dim is not None else (pred & (y == 1)).sum()
+        pc = pred.sum(dim) if dim is not None else pred.sum()
+        tc = y.sum(dim) if dim is not None else y.sum()
+        return [tp, pc, tc, F.binary_cross_entropy_with_logits(x, yf, reduction="sum")]
+    return update
+
+
+def torchmetrics_elementwise(L, device):
+    import torchmetrics
+    from torchmetrics import classification as tmc
+
+    if L:
+        ms = {"acc": tmc.MultilabelAccuracy(num_labels=L), "f1": tmc.MultilabelF1Score(num_labels=L)}
+    else:
+        ms = {"acc": tmc.BinaryAccuracy(), "f1": tmc.BinaryF1Score()}
+    coll = torchmetrics.MetricCollection(ms, compute_groups=False).to(device)
+    loss = torchmetrics.MeanMetric().to(device)
+
+    def update(x, y):
+        coll.update(x, y)
+        loss.update(F.binary_cross_entropy_with_logits(x, y.to(x.dtype)))
+    return update
+
+
+def rounds_table(fns, rounds):
+    """fns: name -> callable; each round times every one once, in a fresh random order."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        order = list(fns)
+        random.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def ratio_cell(times, other):
+    if other not in times:
+        return f"{'-':>18}"
+    r = [a / b for a, b in zip(times[other], times["ours"])]
+    return f"{statistics.median(r):>6.2f} ({min(r):.2f}-{max(r):.2f})"
+
+
+def plain_cases(args, gen):
+    lg = args.plain_log2
+    for dtype_name in args.plain_dtypes:
+        dtype = getattr(torch, dtype_name)
+        for C in args.classes:
+            N = max(1, (1 << lg) // C)
+            x = torch.randn(N, C, generator=gen).mul_(3).to(dtype)
+            y = torch.randint(0, C, (N,), generator=gen)
+            yield f"mc C={C} {dtype_name}", x, y, ("multiclass", C)
+    for L in (0, 100):
+        n = (1 << lg) // max(1, L)
+        x = torch.randn((n, L) if L else (n,), generator=gen).mul_(3)
+        y = torch.randint(0, 2, x.shape, generator=gen)
+        yield (f"multilabel L={L} fp32" if L else "binary fp32"), x, y, ("multilabel" if L else "binary", L)
+
+
+def plain_table(args, gen):
+    bw = dram_read_bandwidth()
+    print(f"# DRAM read limit (best of torch sum / amax / numpy integer sum over 1 GiB): {bw / 1e9:.1f} GB/s")
+    print(f"{'case':<24} {'N*C':>5} {'ms':>8} {'%DRAM':>6} {'plain/ours (min-max)':>20} "
+          f"{'torchmetrics/ours (min-max)':>28}")
+    for name, x, y, (task, C) in plain_cases(args, gen):
+        if task == "multiclass":
+            k, confmat = min(5, C), C <= 1024
+            ours = stepscope.ClassificationMetrics(task, num_classes=C, top_k=(1, k), confusion_matrix=confmat)
+            fns = {"ours": lambda: ours.update(x, y), "plain": lambda: plain_multiclass(C, k, confmat)(x, y)}
+            tm = None if args.no_torchmetrics else make_torchmetrics(C, k, confmat, x.device)
+        else:
+            ours = stepscope.ClassificationMetrics(task, **({"num_labels": C} if C else {}))
+            fns = {"ours": lambda: ours.update(x, y), "plain": lambda: plain_elementwise(C > 0)(x, y)}
+            tm = None if args.no_torchmetrics else torchmetrics_elementwise(C, x.device)
+        if tm is not None:
+            try:
+                tm(x[: max(1, x.shape[0] // 64)], y[: max(1, y.shape[0] // 64)])
+                fns["torchmetrics"] = lambda: tm(x, y)
+            except (RuntimeError, MemoryError):
+                pass
+        try:
+            times = rounds_table(fns, args.rounds)
+        except (RuntimeError, MemoryError):  # torchmetrics out of memory at large C
+            fns.pop("torchmetrics", None)
+            times = rounds_table(fns, args.rounds)
+        t = statistics.median(times["ours"])
+        nbytes = x.numel() * x.element_size() + y.numel() * y.element_size()
+        print(f"{name:<24} {'2^' + str(args.plain_log2):>5} {t * 1e3:>8.2f} {100 * nbytes / t / bw:>5.1f}% "
+              f"{ratio_cell(times, 'plain'):>20} {ratio_cell(times, 'torchmetrics'):>28}", flush=True)
+        del x, y
+    print(f"# %DRAM: (preds + target bytes) / stepscope's median time, over the read limit; ratios: "
+          f"medians of per-round time ratios over {args.rounds} interleaved rounds (higher: stepscope faster)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -178,7 +325,14 @@ def main():
     ap.add_argument("--targets", action="store_true", help="the CUDA bandwidth targets table only")
     ap.add_argument("--target-log2", type=int, nargs="+", default=[26, 27])
     ap.add_argument("--inputs", nargs="+", default=["auto"], choices=["auto", "logits", "probs"])
+    ap.add_argument("--plain", action="store_true", help="CPU: rounds against plain torch, with the DRAM limit")
+    ap.add_argument("--plain-log2", type=int, default=24)
+    ap.add_argument("--plain-dtypes", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
+    if args.plain and "--classes" not in sys.argv:
+        args.classes = [2, 10, 100, 1000, 32000]
     # One BLAS thread for numpy/scikit-learn: these calls gain nothing from more, and idle OpenBLAS
     # workers spinning after them would steal the cores of the next measurement.
     from threadpoolctl import threadpool_limits
@@ -194,6 +348,9 @@ def main():
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     if args.targets:
         targets(device, gen, args.target_log2, args.inputs)
+        return
+    if args.plain:
+        plain_table(args, gen)
         return
     peak = None
     if device.type == "cuda":

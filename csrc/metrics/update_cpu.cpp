@@ -1,11 +1,14 @@
-// CPU update: one pass over the predictions, accumulating into the float64 state.
+// CPU multiclass update: one pass over the predictions, accumulating into the float64 state
+// (binary and multilabel: elementwise_cpu.cpp).
 //
-// Each multiclass row is converted to float (or kept as double for float64 input) in a small
-// buffer and reduced by four short loops written so that GCC vectorises them (finite check, max,
-// target rank, sum of exp) - the row is in L1 by then, so the extra loops cost far less than a
-// scalar online log-sum-exp. Large inputs are split over at::parallel_for; each chunk keeps its
-// own copy of the O(C) part of the state and logs confusion-matrix cells as indices, so the
-// C x C matrix is never copied per thread.
+// Where the CPU has AVX2/FMA/F16C each row goes to the SIMD row kernel (row_simd.h): contiguous
+// float32/float16/bfloat16 rows are read in place (half types converted in registers), strided ones
+// gathered into a small float buffer first. Otherwise (and for float64, or with the SIMD path
+// switched off) the row is converted to float (double for float64) in that buffer and reduced by
+// short loops written so that GCC vectorises them (finite check, max, target rank, sum of exp).
+// Large inputs are split over at::parallel_for (chunked.h); each chunk keeps its own copy of the
+// O(C) part of the state and logs confusion-matrix cells as indices, so the C x C matrix is never
+// copied per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -14,12 +17,10 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 #include "dispatch.h"
 #include "metrics/row_math.h"
+#include "metrics/row_simd.h"
+#include "metrics/chunked.h"
 #include "metrics/update.h"
 
 namespace stepscope::metrics {
@@ -38,6 +39,7 @@ struct RowSummary {
   double max;
   double min;  // for the multiclass 'auto' rule: is every value in [0, 1]?
   double sumexp;
+  double xt;  // the target's value as read (float, or double for float64 input)
 };
 
 // Reductions over one contiguous row, in two vectorisable loops: (finite check, max, target
@@ -51,50 +53,7 @@ float sum_exp_shifted_portable(const float* x, int64_t C, float m) {
   return s;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC will not vectorise exp_nonpos inside an AVX2 clone (it keeps a branch per lane), so the
-// same Cephes polynomial is written out with AVX2/FMA intrinsics: 8 lanes per step.
-__attribute__((target("avx2,fma"))) inline __m256 exp8_nonpos(__m256 v) {
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(kExpLog2e), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), v));
-  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kExpP0), r, _mm256_set1_ps(kExpP1));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP2));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP3));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP4));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP5));
-  y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-__attribute__((target("avx2,fma"))) float sum_exp_shifted_avx2(const float* x, int64_t C, float m) {
-  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(kExpMinArg);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= C; j += 16) {  // two accumulators hide the add latency
-    acc0 = _mm256_add_ps(acc0, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), lo)));
-    acc1 = _mm256_add_ps(acc1, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm), lo)));
-  }
-  for (; j + 8 <= C; j += 8) {
-    acc0 = _mm256_add_ps(acc0, exp8_nonpos(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), lo)));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float s = 0.0f;
-  for (float l : lanes) s += l;
-  for (; j < C; ++j) s += exp_nonpos(x[j] - m);
-  return s;
-}
-
-const bool g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-
-float sum_exp_shifted(const float* x, int64_t C, float m) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (g_has_avx2) return sum_exp_shifted_avx2(x, C, m);
-#endif
-  return sum_exp_shifted_portable(x, C, m);
-}
+float sum_exp_shifted(const float* x, int64_t C, float m) { return sum_exp_shifted_portable(x, C, m); }
 
 template <typename T>
 inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want_sumexp) {
@@ -129,6 +88,7 @@ inline RowSummary summarize_row_impl(const T* x, int64_t C, int64_t t, bool want
   r.max = static_cast<double>(m);
   r.min = static_cast<double>(mn);
   r.sumexp = se;
+  r.xt = static_cast<double>(xt);
   return r;
 }
 
@@ -140,30 +100,35 @@ RowSummary summarize_row(const double* x, int64_t C, int64_t t, bool want_sumexp
   return summarize_row_impl(x, C, t, want_sumexp);
 }
 
-// Runs body(acc, begin, end) over [0, work): in one piece straight into the state for small
-// inputs, else in chunks with private O(C) accumulators merged in a fixed order (so results do
-// not depend on thread timing). body logs confusion-matrix cells into its `cells` vector.
-template <typename Body>
-void run_chunked(int64_t work, int64_t cost_per_item, const Layout& lay, double* state, Body body) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cost_per_item));
-  int64_t chunks = std::min<int64_t>(at::get_num_threads(), (work + grain - 1) / grain);
-  // Private copies must be cheap next to the work itself.
-  if (chunks > 1 && work * cost_per_item < 8 * lay.dense * chunks) chunks = 1;
-  if (chunks <= 1 || at::in_parallel_region()) {
-    std::vector<int64_t> cells;
-    body(state, 0, work, cells);
-    for (int64_t c : cells) state[lay.confmat + c] += 1.0;
-    return;
+// One row of C values at stride sC, through the SIMD kernels when allowed (half and bfloat16
+// converted in registers; a strided row gathered into buf first), else the portable loops.
+template <typename scalar_t, typename compute_t>
+RowSummary reduce_row(const scalar_t* row, int64_t C, int64_t sC, int64_t t, bool want_sumexp, bool use_simd,
+                      compute_t* buf) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (use_simd) {
+      simd::RowOut o;
+      const auto* bits = reinterpret_cast<const uint16_t*>(row);
+      if (sC != 1) {
+        for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<float>(row[j * sC]);
+        o = simd::row_f32(buf, C, t, want_sumexp);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        o = simd::row_f32(row, C, t, want_sumexp);
+      } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+        o = simd::row_f16(bits, C, t, want_sumexp);
+      } else {
+        o = simd::row_bf16(bits, C, t, want_sumexp);
+      }
+      return RowSummary{o.finite, o.argmax, o.above, o.max, o.min, o.sumexp, o.xt};
+    }
   }
-  std::vector<std::vector<double>> acc(chunks, std::vector<double>(lay.dense, 0.0));
-  std::vector<std::vector<int64_t>> cells(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) body(acc[c].data(), work * c / chunks, work * (c + 1) / chunks, cells[c]);
-  });
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t i = 0; i < lay.dense; ++i) state[i] += acc[c][i];
-    for (int64_t cell : cells[c]) state[lay.confmat + cell] += 1.0;
+  const compute_t* x = buf;
+  if (std::is_same_v<scalar_t, compute_t> && sC == 1) {
+    x = reinterpret_cast<const compute_t*>(row);
+  } else {
+    for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
   }
+  return summarize_row(x, C, t, want_sumexp);
 }
 
 // Adds one reading of a sample (loss, calibration slot) at `base`, laid out as the state's
@@ -201,9 +166,10 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   const bool want_logits = cfg.input != InputKind::kProbs;
   const bool direct = std::is_same_v<scalar_t, compute_t> && sC == 1;
   const bool keep_cells = lay.confmat >= 0;
+  const bool use_simd = !std::is_same_v<scalar_t, double> && simd::enabled();
 
   run_chunked(in.n * D, C, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>& cells) {
-    std::vector<compute_t> buf(direct ? 0 : C);
+    std::vector<compute_t> buf(direct ? 1 : C);
     if (keep_cells) cells.reserve(e - b);
     // 'auto': once this chunk saw a value outside [0, 1] the batch is logits, and the
     // probabilities reading (which would be thrown away) is no longer kept.
@@ -211,7 +177,7 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
     double* const logits_at = is_auto ? acc + lay.pending : acc + lay.loss;
     double* const probs_at = is_auto ? acc + lay.pending + kReadingLen : acc + lay.loss;
     for (int64_t s = b; s < e; ++s) {
-      const int64_t n = s / D, d = s % D;
+      const int64_t n = D == 1 ? s : s / D, d = D == 1 ? 0 : s % D;  // no division for plain rows
       const int64_t t = static_cast<int64_t>(T[n * tN + d * tD]);
       const scalar_t* row = P + n * sN + d * sD;
       const bool ignored = has_ignore && t == ignore;
@@ -221,14 +187,7 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
         acc[ignored ? lay.ignored : lay.invalid] += 1.0;
         continue;
       }
-      const compute_t* x;
-      if (direct) {
-        x = reinterpret_cast<const compute_t*>(row);
-      } else {
-        for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<compute_t>(row[j * sC]);
-        x = buf.data();
-      }
-      const RowSummary r = summarize_row(x, C, t, want_logits);
+      const RowSummary r = reduce_row(row, C, sC, t, want_logits, use_simd, buf.data());
       if (!r.finite) {
         acc[lay.nonfinite] += 1.0;
         outside = true;
@@ -244,11 +203,11 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
       if (keep_cells) cells.push_back(t * C + p);
       for (int64_t i = 0; i < lay.num_topk; ++i) acc[lay.topk + i] += r.above < cfg.top_k[i];
       if (want_logits) {
-        add_reading(logits_at, std::log(r.sumexp) + r.max - static_cast<double>(x[t]),
+        add_reading(logits_at, std::log(r.sumexp) + r.max - r.xt,
                     static_cast<float>(static_cast<compute_t>(1.0 / r.sumexp)), hit);
       }
       if (!want_logits || (is_auto && !outside)) {
-        add_reading(probs_at, -std::log(static_cast<double>(x[t])), static_cast<float>(r.max), hit);
+        add_reading(probs_at, -std::log(r.xt), static_cast<float>(r.max), hit);
       }
     }
     if (is_auto && outside) acc[lay.pending + 2 * kReadingLen] += 1.0;
@@ -256,77 +215,17 @@ void multiclass_cpu(const UpdateInputs& in, double* state) {
   if (is_auto) fold_pending(lay, state);
 }
 
-bool any_outside_unit(const at::Tensor& preds) {
-  // torchmetrics' auto rule: the whole batch (ignored positions included) is probabilities iff
-  // every value lies in [0, 1]; a NaN counts as outside.
-  return !at::logical_and(preds >= 0, preds <= 1).all().item<bool>();
-}
-
-template <typename scalar_t, typename target_t>
-void elementwise_cpu(const UpdateInputs& in, double* state) {
-  // float64 preds are read, thresholded and checked for finiteness as double (a float would round
-  // p = 0.50000001 to 0.5 and overflow finite values past 3.4e38 to inf).
-  using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Config& cfg = in.cfg;
-  const Layout& lay = in.lay;
-  const int64_t L = in.c, D = in.d;
-  const scalar_t* P = in.preds.const_data_ptr<scalar_t>();
-  const target_t* T = static_cast<const target_t*>(in.target.const_data_ptr());
-  const int64_t sN = in.preds.stride(0), sL = in.preds.stride(1), sD = in.preds.stride(2);
-  const int64_t tN = in.target.stride(0), tL = in.target.stride(1), tD = in.target.stride(2);
-  const bool logits =
-      cfg.input == InputKind::kLogits || (cfg.input == InputKind::kAuto && any_outside_unit(in.preds));
-  const compute_t thr = static_cast<compute_t>(cfg.threshold);
-  const bool has_ignore = cfg.ignore_index.has_value();
-  const int64_t ignore = cfg.ignore_index.value_or(0);
-  const bool per_label_valid = lay.valid_len > 1;
-
-  run_chunked(in.n * D, L, lay, state, [&](double* acc, int64_t b, int64_t e, std::vector<int64_t>&) {
-    for (int64_t s = b; s < e; ++s) {
-      const int64_t n = s / D, d = s % D;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t y = static_cast<int64_t>(T[n * tN + l * tL + d * tD]);
-        if (has_ignore && y == ignore) {
-          acc[lay.ignored] += 1.0;
-          continue;
-        }
-        if (y != 0 && y != 1) {
-          acc[lay.invalid] += 1.0;
-          continue;
-        }
-        const compute_t x = static_cast<compute_t>(P[n * sN + l * sL + d * sD]);
-        if (!std::isfinite(x)) {
-          acc[lay.nonfinite] += 1.0;
-          continue;
-        }
-        const ElementResultT<compute_t> r = binary_element(x, logits, thr, y);
-        acc[lay.tp + l] += r.pred && y;
-        acc[lay.pred + l] += r.pred;
-        acc[lay.target + l] += static_cast<double>(y);
-        acc[lay.valid + (per_label_valid ? l : 0)] += 1.0;
-        acc[lay.loss] += r.loss;
-        const int bin = ece_bin(static_cast<float>(r.prob));
-        acc[lay.ece_count + bin] += 1.0;
-        acc[lay.ece_conf + bin] += r.prob;
-        acc[lay.ece_acc + bin] += static_cast<double>(y);
-      }
-    }
-  });
-}
-
-
 }  // namespace
 
 void update_cpu(const UpdateInputs& in, const at::Tensor& state) {
   double* st = state.data_ptr<double>();
+  if (in.cfg.task != Task::kMulticlass) {
+    elementwise_update_cpu(in, st);
+    return;
+  }
   STEPSCOPE_DISPATCH_PREDS(in.preds.scalar_type(), "classification_update_cpu", [&] {
-    STEPSCOPE_DISPATCH_TARGET(in.target.scalar_type(), "classification_update_cpu", [&] {
-      if (in.cfg.task == Task::kMulticlass) {
-        multiclass_cpu<scalar_t, target_t>(in, st);
-      } else {
-        elementwise_cpu<scalar_t, target_t>(in, st);
-      }
-    });
+    STEPSCOPE_DISPATCH_TARGET(in.target.scalar_type(), "classification_update_cpu",
+                              [&] { multiclass_cpu<scalar_t, target_t>(in, st); });
   });
 }
 

@@ -8,6 +8,7 @@
 #include "check.h"
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
+#include "metrics/row_simd.h"
 #include "python/bindings.h"
 
 namespace py = pybind11;
@@ -73,6 +74,10 @@ void bind_metrics(py::module_& m) {
           [](const OpArgs& c, int64_t count) { return stepscope::metrics::nonfinite_message(c.cfg, count); },
           py::arg("count"));
   m.def("check_beta", &stepscope::metrics::check_beta, py::arg("beta"), "ValueError unless beta > 0.");
+  // Tests and benches: the CPU update's SIMD path on (where the CPU has AVX2/FMA/F16C) or off
+  // (the portable loops); returns the previous setting. STEPSCOPE_CPU_SIMD=0 starts it off.
+  m.def("_set_cpu_simd", &stepscope::metrics::simd::set_enabled, py::arg("on"));
+  m.def("_cpu_simd", &stepscope::metrics::simd::enabled);
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;
   m.attr("DEFAULT_CONFMAT_LIMIT") = stepscope::metrics::kDefaultConfmatLimit;

@@ -10,6 +10,7 @@
 #include "metrics/accumulator.h"
 #include "metrics/layout.h"
 #include "metrics/row_math.h"
+#include "metrics/row_simd.h"
 
 namespace sm = stepscope::metrics;
 
@@ -317,6 +318,64 @@ TEST(Accumulator, BinaryAndMultilabel) {
   // per label: l0 tp=1 tn=1; l1 tp=1 tn=1; l2 fp=1 fn=1 -> hamming micro = 4/6
   EXPECT_NEAR(m.at("accuracy").item<double>(), 4.0 / 6.0, 1e-6);
   EXPECT_EQ(m.at("confusion_matrix").sizes(), (std::vector<int64_t>{3, 2, 2}));
+}
+
+// The SIMD row kernel against the online reference (row_push) for every short length, each
+// target position, ties and a non-finite value; skipped where the CPU has no AVX2/FMA/F16C.
+TEST(RowSimd, MatchesTheOnlineReference) {
+  if (!sm::simd::enabled()) GTEST_SKIP() << "no AVX2/FMA/F16C (or STEPSCOPE_CPU_SIMD=0)";
+  std::mt19937 g(std::random_device{}());
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (int C = 1; C <= 40; ++C) {
+    for (int t = 0; t < C; ++t) {
+      std::vector<float> x(C);
+      for (auto& v : x) v = nd(g);
+      if (C > 3) x[C - 1] = x[t];  // a tie with the target
+      if (C > 5) x[3] = x[1];
+      sm::RowState ref = sm::row_identity();
+      for (int j = 0; j < C; ++j) sm::row_push<true>(ref, x[j], j, x[t], t);
+      const auto r = sm::simd::row_f32(x.data(), C, t, true);
+      ASSERT_TRUE(r.finite);
+      EXPECT_EQ(r.argmax, ref.argmax) << "C=" << C << " t=" << t;
+      EXPECT_EQ(r.above, ref.above) << "C=" << C << " t=" << t;
+      EXPECT_EQ(r.max, ref.max);
+      EXPECT_NEAR(r.sumexp, ref.sumexp, 1e-5f * ref.sumexp);
+      x[(t + 1) % C] = std::numeric_limits<float>::infinity();
+      EXPECT_FALSE(sm::simd::row_f32(x.data(), C, t, true).finite) << "C=" << C;
+    }
+  }
+}
+
+// Every multiclass and elementwise count equal with the SIMD path on and off (the portable loops).
+TEST(RowSimd, SwitchedOffGivesTheSameState) {
+  if (!sm::simd::enabled()) GTEST_SKIP() << "no AVX2/FMA/F16C (or STEPSCOPE_CPU_SIMD=0)";
+  torch::manual_seed(std::random_device{}());
+  for (auto task : {sm::Task::kMulticlass, sm::Task::kBinary, sm::Task::kMultilabel}) {
+    for (auto dtype : {torch::kFloat, torch::kHalf, torch::kBFloat16}) {
+      sm::Config cfg;
+      cfg.task = task;
+      cfg.num_classes = task == sm::Task::kBinary ? 0 : 13;
+      cfg.top_k = task == sm::Task::kMulticlass ? std::vector<int64_t>{1, 3} : std::vector<int64_t>{};
+      cfg.ignore_index = -1;
+      auto x = (torch::randn(task == sm::Task::kBinary ? std::vector<int64_t>{517} : std::vector<int64_t>{517, 13}) * 3)
+                   .to(dtype);
+      auto t = task == sm::Task::kMulticlass ? torch::randint(-1, 14, {517}, torch::kLong)
+                                             : torch::randint(-1, 3, x.sizes(), torch::kLong);
+      sm::Accumulator fast(cfg, torch::kCPU), slow(cfg, torch::kCPU);
+      fast.update(x, t);
+      const bool prev = sm::simd::set_enabled(false);
+      slow.update(x, t);
+      sm::simd::set_enabled(prev);
+      const auto& L = fast.layout();
+      auto a = fast.state().clone(), b = slow.state().clone();
+      EXPECT_NEAR(a[L.loss].item<double>(), b[L.loss].item<double>(), 1e-5 * std::abs(b[L.loss].item<double>()));
+      a.narrow(0, L.ece_conf, sm::kEceSlots).zero_();
+      b.narrow(0, L.ece_conf, sm::kEceSlots).zero_();
+      a[L.loss] = 0;
+      b[L.loss] = 0;
+      EXPECT_TRUE(torch::equal(a, b)) << "task " << static_cast<int>(task) << " dtype " << dtype;
+    }
+  }
 }
 
 }  // namespace
