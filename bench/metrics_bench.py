@@ -312,6 +312,47 @@ def plain_table(args, gen):
           f"medians of per-round time ratios over {args.rounds} interleaved rounds (higher: stepscope faster)")
 
 
+def regression_table(args, gen):
+    """RegressionMetrics against torchmetrics' six regression metrics (update each, the same set) and
+    against the plain-torch sums one would write (float64 sums of squares: fast, but they lose about
+    twelve digits at a target offset of 1e6, which the moments here do not), interleaved rounds."""
+    import torchmetrics as tm
+
+    bw = dram_read_bandwidth() if args.device == "cpu" else None
+    if bw:
+        print(f"# DRAM read limit measured now: {bw / 1e9:.1f} GB/s")
+    print(f"{'K':>4} {'N*K':>6} {'dtype':>8} {'ms':>8} {'%DRAM':>6} {'plain/ours (min-max)':>20} "
+          f"{'torchmetrics/ours (min-max)':>28}")
+    for k in (1, 8):
+        for dtype in args.plain_dtypes:
+            n = (1 << args.plain_log2) // k
+            t = (torch.randn(n, k, generator=gen, device=args.device) * 3 + 1e3).to(getattr(torch, dtype))
+            p = (t.float() + torch.randn(n, k, generator=gen, device=args.device)).to(t.dtype)
+            if k == 1:
+                p, t = p[:, 0], t[:, 0]
+            ours = stepscope.RegressionMetrics(num_outputs=k, device=args.device)
+            coll = tm.MetricCollection([tm.MeanSquaredError(num_outputs=k), tm.MeanAbsoluteError(num_outputs=k),
+                                        tm.R2Score(multioutput="raw_values"),
+                                        tm.ExplainedVariance(multioutput="raw_values"),
+                                        tm.PearsonCorrCoef(num_outputs=k), tm.MeanAbsolutePercentageError()],
+                                       compute_groups=False).to(args.device)
+            acc = torch.zeros(8, k, dtype=torch.float64, device=args.device)
+
+            def plain():
+                a, b = p.double().reshape(n, k), t.double().reshape(n, k)
+                e = a - b
+                acc.add_(torch.stack([e.square().sum(0), e.abs().sum(0), b.sum(0), b.square().sum(0), a.sum(0),
+                                      a.square().sum(0), (a * b).sum(0), e.sum(0)]))
+
+            fns = {"ours": lambda: ours.update(p, t), "plain": plain, "torchmetrics": lambda: coll.update(p, t)}
+            times = rounds_table(fns, args.rounds)
+            med = statistics.median(times["ours"])
+            share = f"{100 * 2 * p.numel() * p.element_size() / med / bw:>5.1f}%" if bw else f"{'-':>6}"
+            print(f"{k:>4} {'2^' + str(args.plain_log2):>6} {dtype:>8} {med * 1e3:>8.2f} {share} "
+                  f"{ratio_cell(times, 'plain'):>20} {ratio_cell(times, 'torchmetrics'):>28}", flush=True)
+    print("# ratio = other / stepscope time per update (higher is better for stepscope)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -330,6 +371,7 @@ def main():
     ap.add_argument("--plain-dtypes", nargs="+", default=["float32", "bfloat16"],
                     choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--regression", action="store_true", help="RegressionMetrics against torchmetrics and plain torch")
     args = ap.parse_args()
     if args.plain and "--classes" not in sys.argv:
         args.classes = [2, 10, 100, 1000, 32000]
@@ -351,6 +393,9 @@ def main():
         return
     if args.plain:
         plain_table(args, gen)
+        return
+    if args.regression:
+        regression_table(args, gen)
         return
     peak = None
     if device.type == "cuda":

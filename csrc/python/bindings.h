@@ -13,5 +13,6 @@ void bind_timing(pybind11::module_& m);      // bind_timing.cpp: Timeline, PACKE
 void bind_step_hooks(pybind11::module_& m);  // step_hooks.cpp: StepHooks, step_hooks() (after Timeline)
 void bind_nvtx(pybind11::module_& m);        // bind_nvtx.cpp: the _C.nvtx submodule
 void bind_health(pybind11::module_& m);      // bind_health.cpp: health_layout, health_reset, health_read
+void bind_regression(pybind11::module_& m);  // bind_regression.cpp: regression_compute, regression_merge
 
 }  // namespace stepscope::python

@@ -15,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
   sp::bind_step_hooks(m);  // after bind_timing: step_hooks() takes a Timeline
   sp::bind_nvtx(m);
   sp::bind_health(m);
+  sp::bind_regression(m);
 }

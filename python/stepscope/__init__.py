@@ -34,12 +34,14 @@ else:
     _no_torch = None
     from . import _C, distributed, nvtx, tune
     from .metrics import ClassificationMetrics
+    from .regression import RegressionMetrics
     from .monitor import Monitor
 
 
 def __getattr__(name: str) -> Any:
     # Only reached without torch: the names below were not imported.
-    if name in ("_C", "distributed", "nvtx", "metrics", "monitor", "tune", "ClassificationMetrics", "Monitor"):
+    if name in ("_C", "distributed", "nvtx", "metrics", "monitor", "tune", "ClassificationMetrics", "Monitor",
+                "regression", "RegressionMetrics"):
         raise ImportError(f"stepscope.{name} needs torch, which could not be imported ({_no_torch}); "
                           "saved runs are read without it (stepscope.load, stepscope.plot)") from _no_torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -57,5 +59,5 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["ClassificationMetrics", "Monitor", "SavedRun", "build_info", "compare", "diagnose", "distributed", "export", "hardware",
-           "load", "log_tensorboard", "nvtx", "plot", "tune", "__version__"]
+__all__ = ["ClassificationMetrics", "Monitor", "RegressionMetrics", "SavedRun", "build_info", "compare", "diagnose",
+           "distributed", "export", "hardware", "load", "log_tensorboard", "nvtx", "plot", "tune", "__version__"]
