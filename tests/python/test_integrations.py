@@ -167,6 +167,29 @@ def test_lightning_logs_phases_and_metrics_to_callback_metrics(tmp_path):
     assert "stepscope/accuracy_per_class" not in logged
 
 
+def test_lightning_step_logs_reach_the_logger_at_their_step(tmp_path):
+    pl, lit = lightning_module(False)
+    from lightning.pytorch.loggers import CSVLogger
+
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    cb = StepscopeCallback(log_every_n_steps=2, summary=False, warmup_steps=0, flops=None)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(6), batch_size=None))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("stepscope/step_p50_ms")]
+    assert steps == [1, 3, 5], rows  # after optimizer steps 2, 4 and 6 (Lightning counts from 0)
+    assert all(float(r["stepscope/step_p50_ms"]) > 0 for r in rows if r.get("stepscope/step_p50_ms"))
+    for name in (trainer.callback_metrics, trainer.logged_metrics):
+        assert name["stepscope/step_p50_ms"].dtype == torch.float64
+    last = [r for r in rows if r.get("stepscope/step_p50_ms")][-1]
+    assert float(last["stepscope/step_p50_ms"]) == pytest.approx(float(trainer.callback_metrics["stepscope/step_p50_ms"]))
+
+
 def test_lightning_own_logging_is_its_own_span_outside_the_step():
     # log_dict with many names took 35-55 ms and landed in the next step's data: plant that cost in
     # log_dict itself and log after every step, so every data span would hold it.
@@ -180,9 +203,17 @@ def test_lightning_own_logging_is_its_own_span_outside_the_step():
         sleep(0.040, "stepscope_log")
         return log_dict(d, **kw)
 
-    lit.log_dict = slow_log_dict
+    lit.log_dict = slow_log_dict  # the epoch's metrics
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
     cb = StepscopeCallback(metrics=metrics, log_every_n_steps=1, summary=False, warmup_steps=0, flops=None)
+    send = cb._send  # the step logs, straight to callback_metrics and the loggers
+
+    def slow_send(trainer, d):
+        calls.append(sorted(d))
+        sleep(0.040, "stepscope_log")
+        return send(trainer, d)
+
+    cb._send = slow_send
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(7), batch_size=None))
@@ -231,9 +262,10 @@ def test_lightning_metrics_per_epoch_and_timing_per_interval():
     metrics = stepscope.ClassificationMetrics("multiclass", num_classes=4)
     cb = StepscopeCallback(metrics=metrics, log_every_n_steps=2, log_keys="all", summary=False,
                            warmup_steps=0, flops=None)
-    lit, logged = Lit(), []  # what the callback sent to log_dict, call by call
-    log_dict = lit.log_dict
+    lit, logged = Lit(), []  # what the callback logged, call by call: step logs and the epochs' metrics
+    log_dict, send = lit.log_dict, cb._send
     lit.log_dict = lambda d, **kw: (logged.append({k: float(v) for k, v in d.items()}), log_dict(d, **kw))
+    cb._send = lambda trainer, d: (logged.append({k: float(v) for k, v in d.items()}), send(trainer, d))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(lit, torch.utils.data.DataLoader(batches, batch_size=None))
