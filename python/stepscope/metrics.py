@@ -23,6 +23,24 @@ def _timeout_seconds(name: str, timeout: Any) -> float:
     return timeout_seconds(name, timeout)
 
 
+def keep_float64(fn: Any) -> Any:
+    """``fn`` (what ``nn.Module._apply`` maps over tensors) moving a float64 state without casting
+    it: a parent's ``.half()`` or ``.to(dtype)`` reaches buffers too, and counts and moments must
+    stay float64."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return out if out.dtype == t.dtype else t.to(device=out.device)
+
+    return apply
+
+
+def check_loaded_state(state: Any, numel: int) -> None:
+    """A state about to be loaded (None: not in the dict) must be float64 [numel]: refused before
+    any tensor is copied."""
+    if state is not None and (state.dtype != torch.float64 or state.shape != (numel,)):
+        raise ValueError(f"stepscope: state must be float64 [{numel}]; got {state.dtype} {tuple(state.shape)}")
+
+
 def _config_property(field: str, doc: str) -> property:
     def refuse(self: Any, value: Any) -> None:
         # The op's arguments, the state's layout and the ranks' fingerprint are all built from the
@@ -208,12 +226,7 @@ class ClassificationMetrics(torch.nn.Module):
         return new
 
     def _apply(self, fn: Any, recurse: bool = True) -> "ClassificationMetrics":
-        def keep_float64(t: torch.Tensor) -> torch.Tensor:
-            # A parent's .half() or .to(dtype) reaches buffers too; counts must stay float64.
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        out = super()._apply(keep_float64, recurse)
+        out = super()._apply(keep_float64(fn), recurse)
         self._placed = True
         return out
 
@@ -266,6 +279,13 @@ class ClassificationMetrics(torch.nn.Module):
     def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
         """Accumulates the batch (as ``update``) and returns its own metrics: ``compute()``'s keys for
         this batch alone. No host sync (the health counters are in the dict, not checked)."""
+        state, batch = self._batch_state(preds, target)
+        state.add_(batch)
+        return self._cfg.compute(batch, self.beta)
+
+    def _batch_state(self, preds: Any, target: Any) -> tuple:
+        """forward's first part: the running state (placed on the preds' device by a first call, once
+        the call passed every check) and a zeroed state of the batch's own, filled by ``_run``."""
         state = self.state
         if not self._placed:
             check_tensors(preds, target)
@@ -275,8 +295,7 @@ class ClassificationMetrics(torch.nn.Module):
         if not self._placed:
             self.state = state
             self._placed = True
-        state.add_(batch)
-        return self._cfg.compute(batch, self.beta)
+        return state, batch
 
     def compute(self, check: bool = True, scalars: bool = False, timeout: Any = None) -> dict:
         """All metrics as a dict of tensors on the state's device.
@@ -411,10 +430,7 @@ class ClassificationMetrics(torch.nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         if prefix + "_extra_state" in state_dict:
             self._check_config(state_dict[prefix + "_extra_state"])
-        state = state_dict.get(prefix + "state")
-        if state is not None and (state.dtype != torch.float64 or state.shape != (self._cfg.numel,)):
-            raise ValueError(f"stepscope: state must be float64 [{self._cfg.numel}]; got {state.dtype} "
-                             f"{tuple(state.shape)}")
+        check_loaded_state(state_dict.get(prefix + "state"), self._cfg.numel)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._placed = True
         self._synced_in_place = False

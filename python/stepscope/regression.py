@@ -3,7 +3,6 @@ variance, Pearson's r, max error and MAPE, per output and averaged."""
 
 from __future__ import annotations
 
-import copy
 import datetime
 import operator
 import warnings
@@ -13,7 +12,7 @@ import torch
 
 from . import _C
 from ._metrics_config import check_tensors
-from .metrics import ClassificationMetrics, _timeout_seconds
+from .metrics import ClassificationMetrics, _timeout_seconds, check_loaded_state, keep_float64
 
 FIELDS = _C.REGRESSION_FIELDS  # float64 words of state per output (csrc/regression/regression.h)
 _MAGIC = 0x5265_6772  # the fingerprint's first word: a regression state (not a classification one)
@@ -116,19 +115,13 @@ class RegressionMetrics(torch.nn.Module):
         super().__setstate__(state)
         self._op = torch.ops.stepscope.regression_update.default
 
-    def __deepcopy__(self, memo: dict) -> "RegressionMetrics":
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        new.process_group = self.process_group
-        return new
+    # Shared with ClassificationMetrics: a deep copy shares the original's process group; forward's
+    # placing of the state and the batch's own state.
+    __deepcopy__ = ClassificationMetrics.__deepcopy__
+    _batch_state = ClassificationMetrics._batch_state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "RegressionMetrics":
-        def keep_float64(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)  # a parent's .half() reaches buffers too; the moments must stay float64
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        out = super()._apply(keep_float64, recurse)
+        out = super()._apply(keep_float64(fn), recurse)
         self._placed = True
         return out
 
@@ -152,15 +145,7 @@ class RegressionMetrics(torch.nn.Module):
     def forward(self, preds: torch.Tensor, target: torch.Tensor) -> dict:
         """Accumulates the batch (as ``update``) and returns its own metrics (``compute()``'s keys for
         this batch alone; no host sync)."""
-        state = self.state
-        if not self._placed:
-            check_tensors(preds, target)
-            state = state.to(preds.device)
-        batch = torch.zeros_like(state)
-        self._run(preds, target, batch)
-        if not self._placed:
-            self.state = state
-            self._placed = True
+        state, batch = self._batch_state(preds, target)
         _C.regression_merge(state, batch)
         return _C.regression_compute(batch)
 
@@ -187,10 +172,7 @@ class RegressionMetrics(torch.nn.Module):
             out = {k: v for k, v in out.items() if not k.endswith("_per_output")}
         return out
 
-    def log_dict(self, prefix: str = "", check: bool = True) -> dict:
-        """``compute(scalars=True)`` with each key prefixed and counts as float64, for loggers."""
-        return {prefix + k: v if v.is_floating_point() else v.double()
-                for k, v in self.compute(check=check, scalars=True).items()}
+    log_dict = ClassificationMetrics.log_dict  # compute(scalars=True), prefixed, counts as float64
 
     def reset(self) -> None:
         """Zero the state in place."""
@@ -248,11 +230,7 @@ class RegressionMetrics(torch.nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         if prefix + "_extra_state" in state_dict:
             self.set_extra_state(state_dict[prefix + "_extra_state"])
-        state = state_dict.get(prefix + "state")
-        numel = self._num_outputs * FIELDS
-        if state is not None and (state.dtype != torch.float64 or state.shape != (numel,)):
-            raise ValueError(f"stepscope: state must be float64 [{numel}]; got {state.dtype} "
-                             f"{tuple(state.shape)}")
+        check_loaded_state(state_dict.get(prefix + "state"), self._num_outputs * FIELDS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._placed = True
         self._synced_in_place = False
