@@ -353,6 +353,40 @@ def regression_table(args, gen):
     print("# ratio = other / stepscope time per update (higher is better for stepscope)")
 
 
+def binned_table(args, gen):
+    """ClassificationMetrics(thresholds=T) against torchmetrics' binned AUROC + AveragePrecision
+    (thresholds=T, each updated), interleaved rounds: what the histograms cost beside the rest of the
+    update (the same ClassificationMetrics without thresholds)."""
+    from torchmetrics import MetricCollection
+    from torchmetrics import classification as tmc
+
+    t = args.thresholds
+    print(f"{'task':>12} {'C':>5} {'N*C':>6} {'T':>5} {'ms':>8} {'no-T/ours (min-max)':>20} "
+          f"{'torchmetrics/ours (min-max)':>28}")
+    for task, c in (("binary", 1), ("multiclass", 10), ("multilabel", 10), ("multiclass", 100)):
+        n = (1 << args.plain_log2) // c
+        x = torch.randn(n, c, generator=gen, device=args.device).squeeze(1) * 2
+        if task == "multiclass":
+            y = torch.randint(0, c, (n,), generator=gen, device=args.device)
+        else:
+            y = torch.randint(0, 2, x.shape, generator=gen, device=args.device)
+        size = {"multiclass": {"num_classes": c}, "multilabel": {"num_labels": c}}.get(task, {})
+        ours = stepscope.ClassificationMetrics(task, **size, thresholds=t, device=args.device)
+        plain = stepscope.ClassificationMetrics(task, **size, device=args.device)
+        kind = {"binary": "Binary", "multiclass": "Multiclass", "multilabel": "Multilabel"}[task]
+        tm_size = {"multiclass": {"num_classes": c}, "multilabel": {"num_labels": c}}.get(task, {})
+        coll = MetricCollection([getattr(tmc, kind + "AUROC")(thresholds=t, **tm_size),
+                                 getattr(tmc, kind + "AveragePrecision")(thresholds=t, **tm_size)],
+                                compute_groups=False).to(args.device)
+        fns = {"ours": lambda: ours.update(x, y), "no-T": lambda: plain.update(x, y),
+               "torchmetrics": lambda: coll.update(x, y)}
+        times = rounds_table(fns, args.rounds)
+        med = statistics.median(times["ours"]) * 1e3
+        print(f"{task:>12} {c:>5} {'2^' + str(args.plain_log2):>6} {t:>5} {med:>8.2f} "
+              f"{ratio_cell(times, 'no-T'):>20} {ratio_cell(times, 'torchmetrics'):>28}", flush=True)
+    print("# ratio = other / stepscope time per update (no-T below 1: what the histograms add)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -371,7 +405,11 @@ def main():
     ap.add_argument("--plain-dtypes", nargs="+", default=["float32", "bfloat16"],
                     choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--regression", action="store_true", help="RegressionMetrics against torchmetrics and plain torch")
+    ap.add_argument("--regression", action="store_true",
+                    help="RegressionMetrics against torchmetrics and plain torch")
+    ap.add_argument("--binned", action="store_true",
+                    help="thresholds=T (binned AUROC / AP) against torchmetrics")
+    ap.add_argument("--thresholds", type=int, default=100)
     args = ap.parse_args()
     if args.plain and "--classes" not in sys.argv:
         args.classes = [2, 10, 100, 1000, 32000]
@@ -396,6 +434,9 @@ def main():
         return
     if args.regression:
         regression_table(args, gen)
+        return
+    if args.binned:
+        binned_table(args, gen)
         return
     peak = None
     if device.type == "cuda":

@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "metrics/accumulator.h"
+#include "metrics/binned.h"
 
 namespace stepscope::metrics {
 namespace {
@@ -243,6 +244,7 @@ std::vector<std::pair<std::string, at::Tensor>> compute_metrics(const OpArgs& ar
   }
   add_agreement(out, x);
   if (lay.confmat >= 0 || !multiclass) out.emplace_back("confusion_matrix", confusion_matrix(args, state, "none"));
+  add_binned(out, args, state);
   for (const StateMetric& m : kStateMetrics) out.emplace_back(m.name, m.fn(x));
   return out;
 }

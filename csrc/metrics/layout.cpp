@@ -22,8 +22,10 @@ static_assert(kReadingLen == 1 + 3 * kEceSlots && follows(&Layout::loss, &Layout
               "the reading (loss, then ece_count, ece_conf, ece_acc) must be contiguous");
 static_assert(follows(&Layout::nonfinite, &Layout::invalid) && follows(&Layout::invalid, &Layout::ignored),
               "check_state reads nonfinite, invalid and ignored with one copy");
-static_assert(std::size(kLayoutBlocks) > 0 && kLayoutBlocks[std::size(kLayoutBlocks) - 1].len == BlockLen::kConfmat,
-              "the confusion matrix is last: the CPU kernel copies the O(C) part before it per thread");
+static_assert(std::size(kLayoutBlocks) > 1 && kLayoutBlocks[std::size(kLayoutBlocks) - 2].len == BlockLen::kConfmat &&
+                  kLayoutBlocks[std::size(kLayoutBlocks) - 1].len == BlockLen::kBinned,
+              "the confusion matrix, then the histograms, are last: the CPU kernel copies the O(C) part before "
+              "them per thread");
 
 }  // namespace
 
@@ -75,6 +77,13 @@ Layout make_layout(const Config& cfg) {
   TORCH_CHECK_VALUE(!confmat || C <= (int64_t{1} << 16), "stepscope: a confusion matrix of ", C, " x ", C,
                     " classes is too large to keep; pass confusion_matrix=False");
   const int64_t pending = cfg.task == Task::kMulticlass && cfg.input == InputKind::kAuto ? kPendingLen : 0;
+  TORCH_CHECK_VALUE(cfg.thresholds == 0 || (cfg.thresholds >= 2 && cfg.thresholds <= kMaxBinnedWords),
+                    "stepscope: thresholds must be None (0) or an int >= 2; got ", cfg.thresholds);
+  const int64_t binned = cfg.thresholds > 0 ? C * 2 * (cfg.thresholds + 1) : 0;
+  TORCH_CHECK_VALUE(binned <= kMaxBinnedWords, "stepscope: binned AUROC / average precision over ", cfg.thresholds,
+                    " thresholds for ", C, cfg.task == Task::kMultilabel ? " labels" : " classes", " needs ", C,
+                    " x 2 x ", cfg.thresholds + 1, " float64 counters (", binned * 8 / (1 << 20),
+                    " MiB), above the bound of 2^24 (128 MiB); use fewer thresholds");
   int64_t o = 0;
   for (const LayoutBlock& b : kLayoutBlocks) {
     if (b.len == BlockLen::kConfmat) l.dense = o;
@@ -87,6 +96,7 @@ Layout make_layout(const Config& cfg) {
       case BlockLen::kEceSlots: n = kEceSlots; break;
       case BlockLen::kPending: n = pending; break;
       case BlockLen::kConfmat: n = confmat ? C * C : 0; break;
+      case BlockLen::kBinned: n = binned; break;
     }
     l.*b.offset = n > 0 ? o : -1;
     o += n;
@@ -109,6 +119,7 @@ OpArgs OpArgs::parse(const std::vector<c10::IValue>& stack, size_t first) {
   c.threshold = a[4].toDouble();
   c.input = static_cast<InputKind>(a[5].toInt());
   c.confusion_matrix = a[6].toBool();
+  c.thresholds = a[7].toInt();
   return OpArgs(std::move(c));
 }
 
@@ -120,6 +131,7 @@ void OpArgs::push(std::vector<c10::IValue>& stack) const {
   stack.emplace_back(cfg.threshold);
   stack.emplace_back(static_cast<int64_t>(cfg.input));
   stack.emplace_back(cfg.confusion_matrix);
+  stack.emplace_back(cfg.thresholds);
 }
 
 }  // namespace stepscope::metrics

@@ -52,7 +52,11 @@ struct Config {
   double threshold = 0.5;  // binary / multilabel: positive iff probability > threshold
   InputKind input = InputKind::kAuto;
   bool confusion_matrix = true;  // multiclass only: keep the C x C matrix
+  int64_t thresholds = 0;  // binned AUROC / average precision over linspace(0, 1, thresholds); 0: off
 };
+
+// The binned block's bound: C x 2 x (thresholds + 1) float64 words at most (128 MiB).
+inline constexpr int64_t kMaxBinnedWords = int64_t{1} << 24;
 
 // Offsets (in elements) into the state vector; -1 where a block is absent. Binary is stored
 // as one label (tp, predicted, target counts of the positive class); its 2 x 2 confusion
@@ -77,8 +81,10 @@ struct Layout {
                            // until its range is known; folded into loss/ece and zeroed by the
                            // update itself (so always zero between updates)
   int64_t dense = 0;       // end of the O(C) part: everything above
-  int64_t confmat = -1;    // [C*C] rows = target, columns = prediction; last, so that the CPU
-                           // kernel can keep per-thread copies of the O(C) part alone
+  int64_t confmat = -1;    // [C*C] rows = target, columns = prediction; after the O(C) part, so
+                           // that the CPU kernel can keep per-thread copies of that part alone
+  int64_t binned = -1;     // [C, 2, thresholds + 1] score histograms of negatives and positives
+                           // (metrics/binned.h); filled by its own ATen pass, after the kernel
   int64_t numel = 0;
 };
 
@@ -89,8 +95,9 @@ Layout make_layout(const Config& cfg);
 // length is 0 for a configuration being absent (offset -1). A new counter is its Layout field and
 // one line here (MetricsConfig.layout reads the names from this table too). The order is relied
 // on: the reading (loss, ece_*) is contiguous (kReadingLen), nonfinite/invalid/ignored are
-// adjacent (one host read), and the confusion matrix is last (dense ends where it starts).
-enum class BlockLen { kClasses, kValid, kTopK, kOne, kEceSlots, kPending, kConfmat };
+// adjacent (one host read), and the confusion matrix and the histograms come last (dense ends
+// where the matrix starts).
+enum class BlockLen { kClasses, kValid, kTopK, kOne, kEceSlots, kPending, kConfmat, kBinned };
 struct LayoutBlock {
   const char* name;
   int64_t Layout::*offset;
@@ -111,6 +118,7 @@ inline constexpr LayoutBlock kLayoutBlocks[] = {
     {"ignored", &Layout::ignored, BlockLen::kOne},
     {"pending", &Layout::pending, BlockLen::kPending},
     {"confmat", &Layout::confmat, BlockLen::kConfmat},
+    {"binned", &Layout::binned, BlockLen::kBinned},
 };
 
 // The update op's configuration arguments: every argument of its schema (csrc/metrics/op.cpp)
@@ -120,8 +128,8 @@ inline constexpr LayoutBlock kLayoutBlocks[] = {
 // MetricsConfig is an OpArgs parsed from the same list.
 struct OpArgs {
   static constexpr size_t kFirst = 3;  // preds, target, state come before the configuration
-  static constexpr size_t kCount = 7;  // task, num_classes, top_k, ignore_index, threshold, input_kind,
-                                       // confusion_matrix: the schema's order
+  static constexpr size_t kCount = 8;  // task, num_classes, top_k, ignore_index, threshold, input_kind,
+                                       // confusion_matrix, thresholds: the schema's order
 
   explicit OpArgs(Config c);  // checks c (make_layout)
 

@@ -9,6 +9,7 @@
 
 #include <utility>
 
+#include "metrics/binned.h"
 #include "metrics/update.h"
 
 namespace stepscope::metrics {
@@ -35,7 +36,10 @@ template <UpdateBody Body>
 void update_entry(const c10::OperatorHandle&, c10::Stack* stack) {
   Call c = pop_call(*stack);
   const UpdateInputs in = prepare_update(c.preds, c.target, c.state, std::move(c.args));
-  if (!in.empty()) Body(in, c.state);
+  if (in.empty()) return;
+  Body(in, c.state);
+  // The binned histograms: ATen ops on any device, after the kernel (its own pass over the preds).
+  if (in.cfg.thresholds > 0) binned_update(in, c.state);
 }
 
 // The fake implementation torch.compile and opcheck trace with: the same checks, touching nothing.
@@ -64,10 +68,11 @@ TORCH_LIBRARY(stepscope, m) {
   // predictions once; never synchronises with the host.
   //   task: 0 binary, 1 multiclass, 2 multilabel.  input_kind: 0 auto, 1 logits, 2 probs.
   //   state: float64 [layout.numel] on preds' device, laid out by metrics::make_layout.
+  //   thresholds: 0, or the count of linspace(0, 1, .) thresholds of the binned AUROC/AP histograms.
   // The arguments after state are OpArgs (layout.h): its parse() and push() follow this order.
   m.def(
       "classification_update(Tensor preds, Tensor target, Tensor(a!) state, int task, int num_classes, "
-      "int[] top_k, int? ignore_index, float threshold, int input_kind, bool confusion_matrix) -> ()");
+      "int[] top_k, int? ignore_index, float threshold, int input_kind, bool confusion_matrix, int thresholds=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(stepscope, CPU, m) { m.impl("classification_update", boxed<&update_entry<update_cpu>>()); }

@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "metrics/accumulator.h"
+#include "metrics/binned.h"
 #include "metrics/layout.h"
 #include "metrics/row_simd.h"
 #include "python/bindings.h"
@@ -22,11 +23,17 @@ using stepscope::metrics::OpArgs;
 // converted by the op's own schema types and parsed by OpArgs::parse, the op's one parser.
 OpArgs config_from(const py::args& a) {
   const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow("stepscope::classification_update", "").schema();
-  STEPSCOPE_CHECK(a.size() == OpArgs::kCount, "MetricsConfig takes the update op's ", OpArgs::kCount,
-                  " configuration arguments; got ", a.size());
+  // The trailing arguments with a default in the schema (thresholds) may be left out, as from
+  // earlier callers.
+  size_t required = OpArgs::kCount;
+  while (required > 0 && schema.arguments()[OpArgs::kFirst + required - 1].default_value()) --required;
+  STEPSCOPE_CHECK(a.size() >= required && a.size() <= OpArgs::kCount, "MetricsConfig takes the update op's ",
+                  OpArgs::kCount, " configuration arguments (the last ", OpArgs::kCount - required,
+                  " optional); got ", a.size());
   c10::Stack stack;
   for (size_t i = 0; i < OpArgs::kCount; ++i) {
-    stack.push_back(torch::jit::toIValue(a[i], schema.arguments()[OpArgs::kFirst + i].type()));
+    const auto& arg = schema.arguments()[OpArgs::kFirst + i];
+    stack.push_back(i < a.size() ? torch::jit::toIValue(a[i], arg.type()) : *arg.default_value());
   }
   return OpArgs::parse(stack, 0);
 }
@@ -77,6 +84,8 @@ void bind_metrics(py::module_& m) {
   // Tests and benches: the CPU update's SIMD path on (where the CPU has AVX2/FMA/F16C) or off
   // (the portable loops); returns the previous setting. STEPSCOPE_CPU_SIMD=0 starts it off.
   m.def("_set_cpu_simd", &stepscope::metrics::simd::set_enabled, py::arg("on"));
+  m.def("_set_binned_aten_on_cpu", &stepscope::metrics::set_binned_aten_on_cpu, py::arg("on"),
+        "Tests: fill the binned AUROC/AP histograms with the ATen pass (the CUDA one) on the CPU too.");
   m.def("_cpu_simd", &stepscope::metrics::simd::enabled);
 
   m.attr("ECE_BINS") = stepscope::metrics::kNumEceBins;

@@ -66,17 +66,22 @@ class MetricsArgs:
     threshold: float
     input: str
     confusion_matrix: bool
+    thresholds: Optional[int] = None  # binned AUROC / AP; None: off
 
     def op_args(self) -> tuple:
         return (TASKS[self.task], self.num_classes, list(self.top_k), self.ignore_index, self.threshold,
-                INPUTS[self.input], self.confusion_matrix)
+                INPUTS[self.input], self.confusion_matrix, self.thresholds or 0)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "top_k": list(self.top_k)}
+        d = {**dataclasses.asdict(self), "top_k": list(self.top_k)}
+        if self.thresholds is None:  # the form saved before thresholds existed, which loads unchanged
+            del d["thresholds"]
+        return d
 
 
 def check_config(task: Any, num_classes: Any, num_labels: Any, top_k: Any, ignore_index: Any, threshold: Any,
-                 input: Any, confusion_matrix: Any, beta: Any) -> tuple[MetricsArgs, float]:
+                 input: Any, confusion_matrix: Any, beta: Any,
+                 thresholds: Any = None) -> tuple[MetricsArgs, float]:
     """ClassificationMetrics' configuration arguments, checked where they enter: (MetricsArgs, beta)."""
     if task not in TASKS:
         raise ValueError(f"stepscope: task must be one of {sorted(TASKS)}; got {task!r}")
@@ -103,15 +108,21 @@ def check_config(task: Any, num_classes: Any, num_labels: Any, top_k: Any, ignor
     if ignore_index is not None:
         ignore_index = _whole("ignore_index", ignore_index, "an int (a target value to skip) or None")
     keeps = bool(confusion_matrix) and task == "multiclass"
-    return MetricsArgs(task, n, top_k, ignore_index, threshold, input, keeps), beta
+    if thresholds is not None:
+        thresholds = _whole("thresholds", thresholds, "None or an int >= 2 (the count of linspace(0, 1, .) "
+                            "thresholds)")
+        if thresholds < 2:
+            raise ValueError(f"stepscope: thresholds must be None or an int >= 2; got {thresholds}")
+    return MetricsArgs(task, n, top_k, ignore_index, threshold, input, keeps, thresholds), beta
 
 
 # The configuration that decides what the state's sums mean, as a fixed-size int64 vector, so that
 # ranks can compare theirs with one all_gather before summing states (a mismatch would be summed
 # silently, or abort inside the backend when the sizes differ).
 FP_MAGIC = 0x73746570  # "step": a rank running another collective here shows as a mismatch
-FP_WORDS = 11 + _C.MAX_TOP_K
-FP_FIELDS = ("task", "num_classes", "top_k", "ignore_index", "threshold", "input", "confusion_matrix", "beta")
+FP_WORDS = 12 + _C.MAX_TOP_K
+FP_FIELDS = ("task", "num_classes", "top_k", "ignore_index", "threshold", "input", "confusion_matrix", "beta",
+             "thresholds")
 
 
 def _bits(x: float) -> int:
@@ -126,7 +137,7 @@ def fingerprint(c: MetricsArgs, beta: float, numel: int) -> tuple:
     ks = list(c.top_k) + [0] * (_C.MAX_TOP_K - len(c.top_k))
     ig = c.ignore_index
     return (FP_MAGIC, TASKS[c.task], c.num_classes, len(c.top_k), *ks, ig is not None, 0 if ig is None else ig,
-            _bits(c.threshold), INPUTS[c.input], c.confusion_matrix, _bits(beta), numel)
+            _bits(c.threshold), INPUTS[c.input], c.confusion_matrix, _bits(beta), c.thresholds or 0, numel)
 
 
 def _decode(fp: list) -> dict:
@@ -138,7 +149,7 @@ def _decode(fp: list) -> dict:
     return {"task": tasks.get(fp[1], fp[1]), "num_classes": fp[2], "top_k": tuple(fp[4:4 + fp[3]]),
             "ignore_index": fp[5 + k] if fp[4 + k] else None, "threshold": _unbits(fp[6 + k]),
             "input": inputs.get(fp[7 + k], fp[7 + k]), "confusion_matrix": bool(fp[8 + k]),
-            "beta": _unbits(fp[9 + k])}
+            "beta": _unbits(fp[9 + k]), "thresholds": fp[10 + k] or None}
 
 
 def config_mismatch(rows: list, what: str) -> Optional[str]:

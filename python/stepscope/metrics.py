@@ -14,7 +14,9 @@ from ._metrics_config import FP_WORDS, MetricsArgs, check_config, check_tensors,
 
 # The fields pickles have carried as plain attributes (the configuration's form before MetricsArgs).
 _PICKLED = {"task": "task", "num_classes": "num_classes", "top_k": "top_k", "ignore_index": "ignore_index",
-            "threshold": "threshold", "input": "input", "confusion_matrix": "keeps_confusion_matrix"}
+            "threshold": "threshold", "input": "input", "confusion_matrix": "keeps_confusion_matrix",
+            "thresholds": "thresholds"}
+_PICKLED_LATER = {"thresholds": None}  # fields added since: a pickle written before them has their default
 
 
 def _timeout_seconds(name: str, timeout: Any) -> float:
@@ -94,6 +96,12 @@ class ClassificationMetrics(torch.nn.Module):
         sync_timeout: seconds (or a ``timedelta``) that ``compute()`` and ``sync()`` wait for the
             other ranks before raising :class:`stepscope.distributed.CollectiveTimeoutError`
             naming the ranks that had not called them; default: the process group's own timeout.
+        thresholds: binned AUROC and average precision over ``torch.linspace(0, 1, thresholds)``
+            (torchmetrics' ``thresholds=int``): per class (one-vs-rest for multiclass, per label for
+            multilabel) a histogram of the positive and the negative samples' probabilities over
+            the thresholds' gaps, ``C x 2 x (thresholds + 1)`` float64 counters (refused above
+            2^24, 128 MiB). ``None`` (default): off. The histograms are filled by ATen ops after the
+            kernel (one more read of the predictions, no host sync).
 
     Example:
         >>> m = ClassificationMetrics("multiclass", num_classes=3, top_k=(1, 2))
@@ -108,8 +116,9 @@ class ClassificationMetrics(torch.nn.Module):
     batch's metrics (torchmetrics' convention; one more state-sized buffer, no host sync).
     ``compute(scalars=True)`` and ``log_dict()`` give only the single-number entries, for loggers.
 
-    ``update`` launches one kernel (two for binary/multilabel ``"auto"`` on CUDA) and never
-    synchronises with the host; it runs under ``torch.compile(fullgraph=True)`` and CUDA graph
+    ``update`` launches one kernel (two for binary/multilabel ``"auto"`` on CUDA; with
+    ``thresholds``, the histograms' pass after it) and never synchronises with the host; it runs
+    under ``torch.compile(fullgraph=True)`` and CUDA graph
     capture. ``compute`` does one small host read to check the health counters (it raises if
     targets were out of range, warns on non-finite predictions); ``compute(check=False)`` does
     none.
@@ -155,10 +164,11 @@ class ClassificationMetrics(torch.nn.Module):
         sync_on_compute: Optional[bool] = None,
         process_group: object = None,
         sync_timeout: Union[float, datetime.timedelta, None] = None,
+        thresholds: Optional[int] = None,
     ) -> None:
         super().__init__()
         config, beta = check_config(task, num_classes, num_labels, top_k, ignore_index, threshold, input,
-                                    confusion_matrix, beta)
+                                    confusion_matrix, beta, thresholds)
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"stepscope: class_dim must be an int; got {type(class_dim).__name__}")
         if task == "binary" and class_dim != 1:
@@ -189,6 +199,7 @@ class ClassificationMetrics(torch.nn.Module):
     threshold = _config_property("threshold", "Binary / multilabel: positive iff probability > threshold.")
     input = _config_property("input", "How predictions are read: ``'auto'``, ``'logits'`` or ``'probs'``.")
     keeps_confusion_matrix = _config_property("confusion_matrix", "Whether the C x C matrix is kept.")
+    thresholds = _config_property("thresholds", "The binned AUROC / AP thresholds' count, or None.")
 
     def _build(self) -> None:
         """The parts derived from the configuration rather than saved (a pybind object and the op
@@ -212,7 +223,8 @@ class ClassificationMetrics(torch.nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
-        fields = {field: state.pop(name) for field, name in _PICKLED.items()}
+        fields = {field: state.pop(name) if name in state or field not in _PICKLED_LATER
+                  else _PICKLED_LATER[field] for field, name in _PICKLED.items()}
         super().__setstate__(state)
         self._config = MetricsArgs(**fields)
         self._checked_config = None
@@ -305,7 +317,10 @@ class ClassificationMetrics(torch.nn.Module):
         in micro, macro, weighted, per_class; ``mean_iou``; ``top<k>_accuracy`` (multiclass);
         ``confusion_matrix`` (when kept). Binary: ``accuracy``, ``precision``, ``recall``, ``f1``,
         ``specificity``, ``iou`` (and ``fbeta``), ``confusion_matrix`` [2, 2]. Always: ``loss``,
-        ``ece``, ``samples``, ``nonfinite``, ``invalid_target``, ``ignored``.
+        ``ece``, ``samples``, ``nonfinite``, ``invalid_target``, ``ignored``. With ``thresholds``:
+        binary ``auroc`` and ``average_precision``; multiclass/multilabel ``auroc_<average>`` and
+        ``average_precision_<average>`` for average in macro, weighted, per_class (and micro for
+        multilabel), torchmetrics' binned values.
 
         With ``check=True`` one small host read checks the counters first: ValueError if any
         target was out of range (saying how many), a warning for non-finite predictions.

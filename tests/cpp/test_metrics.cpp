@@ -90,6 +90,7 @@ TEST(OpArgs, PushThenParseKeepsTheConfiguration) {
   c.threshold = 0.25;
   c.input = sm::InputKind::kLogits;
   c.confusion_matrix = false;
+  c.thresholds = 17;
   const sm::OpArgs a(c);
   c10::Stack stack{c10::IValue(), c10::IValue()};  // parse() starts where it is told
   a.push(stack);
@@ -102,6 +103,7 @@ TEST(OpArgs, PushThenParseKeepsTheConfiguration) {
   EXPECT_EQ(b.cfg.threshold, c.threshold);
   EXPECT_EQ(b.cfg.input, c.input);
   EXPECT_EQ(b.cfg.confusion_matrix, c.confusion_matrix);
+  EXPECT_EQ(b.cfg.thresholds, c.thresholds);
   EXPECT_EQ(b.lay.numel, sm::make_layout(c).numel);
   EXPECT_EQ(b.lay.confmat, -1);
 
@@ -110,6 +112,20 @@ TEST(OpArgs, PushThenParseKeepsTheConfiguration) {
                                           "ignore_index", "threshold", "input_kind", "confusion_matrix"};
   ASSERT_EQ(schema.arguments().size(), sm::OpArgs::kFirst + sm::OpArgs::kCount);
   for (size_t i = 0; i < names.size(); ++i) EXPECT_EQ(schema.arguments()[i].name(), names[i]);
+}
+
+// Scores that never share a bin: the binned AUROC and AP are the exact ones (0.75 and 5/6 here).
+TEST(Binned, DistinctBinsGiveTheExactScores) {
+  sm::Config c;
+  c.task = sm::Task::kBinary;
+  c.input = sm::InputKind::kProbs;
+  c.thresholds = 101;
+  sm::Accumulator acc(c, torch::kCPU);
+  acc.update(torch::tensor({0.1f, 0.4f, 0.35f, 0.8f}), torch::tensor({0, 0, 1, 1}));
+  auto m = acc.compute();
+  EXPECT_NEAR(m.at("auroc").item<double>(), 0.75, 1e-6);
+  EXPECT_NEAR(m.at("average_precision").item<double>(), 5.0 / 6.0, 1e-6);
+  EXPECT_EQ(acc.layout().binned + 2 * 102, acc.layout().numel);
 }
 
 TEST(OpArgs, ParseChecksTheConfiguration) {

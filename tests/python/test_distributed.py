@@ -477,6 +477,7 @@ CONFIG_CASES = [
     ("threshold", dict(task="binary", threshold=0.5), dict(task="binary", threshold=0.25)),
     ("top_k", dict(num_classes=3, top_k=(1,)), dict(num_classes=3, top_k=(1, 2))),
     ("num_classes", dict(num_classes=3), dict(num_classes=4)),
+    ("thresholds", dict(num_classes=3, thresholds=5), dict(num_classes=3)),
 ]
 
 
@@ -542,7 +543,7 @@ def test_compute_refuses_ranks_configured_differently_on_every_rank():
     for (field, a, b), o0, o1 in zip(CONFIG_CASES, out[0]["outcomes"], out[1]["outcomes"]):
         for msg, unchanged in (o0, o1):
             assert msg.startswith("stepscope: ClassificationMetrics.") and "configured differently" in msg, msg
-            va, vb = (_make(c)._config_dict()[field] for c in (a, b))
+            va, vb = (_make(c)._config_dict().get(field) for c in (a, b))  # thresholds=None is not saved
             va, vb = (tuple(v) if isinstance(v, list) else v for v in (va, vb))
             assert f"{field}: {va!r} on rank(s) [0], {vb!r} on rank(s) [1]" in msg, msg
             assert unchanged, "a refused sync() changed the state"

@@ -1104,7 +1104,7 @@ def test_the_configuration_is_read_only_and_one_object():
     m = stepscope.ClassificationMetrics("multiclass", num_classes=4, top_k=(1, 2), threshold=0.5)
     with pytest.raises(AttributeError):
         m.threshold = 0.3  # would not reach the op's arguments, which are built once
-    assert m._op_args == (1, 4, [1, 2], None, 0.5, 0, True)
+    assert m._op_args == (1, 4, [1, 2], None, 0.5, 0, True, 0)
     assert m._cfg.numel == m.state.numel() and m._cfg.layout["numel"] == m.state.numel()
     assert m._config_dict() == {"task": "multiclass", "num_classes": 4, "top_k": [1, 2], "ignore_index": None,
                                 "threshold": 0.5, "input": "auto", "confusion_matrix": True}
@@ -1115,7 +1115,8 @@ def test_metrics_config_is_parsed_from_the_op_arguments():
     from stepscope import _C
 
     assert _C.MetricsConfig(*m._op_args).layout == m._cfg.layout
-    with pytest.raises(ValueError, match="7 configuration arguments"):
+    assert _C.MetricsConfig(*m._op_args[:7]).layout == m._cfg.layout  # thresholds may be left out
+    with pytest.raises(ValueError, match="8 configuration arguments"):
         _C.MetricsConfig(*m._op_args[:6])
     with pytest.raises(ValueError, match="num_classes"):
         _C.MetricsConfig(1, 0, [1], None, 0.5, 0, True)

@@ -140,7 +140,7 @@ def run_total(m: Any) -> Any:
                                  threshold=m.threshold, input=m.input,
                                  confusion_matrix=m.keeps_confusion_matrix, beta=m.beta,
                                  class_dim=m.class_dim, persistent=False, sync_on_compute=m.sync_on_compute,
-                                 process_group=m.process_group)
+                                 process_group=m.process_group, thresholds=m.thresholds)
 
 
 def fold(total: Any, m: Any) -> None:
