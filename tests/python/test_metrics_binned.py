@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stepscope
+from seen_ops import SeenOps
 
 tmf = pytest.importorskip("torchmetrics.functional.classification")
 
@@ -141,21 +141,11 @@ def test_rows_left_out_elsewhere_are_left_out_here(base_seed, path):
     assert hist.sum().item() == 30 * 3 - 2 == int(m.compute(check=False)["samples"])  # elements, as counted
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_still_one_op_per_update_and_no_host_read(base_seed):
     p, y = batches("multilabel", 64, 4, base_seed)[0]
     m = stepscope.ClassificationMetrics("multilabel", num_labels=4, thresholds=100)
     m.update(p, y)
-    with Ops() as ops:
+    with SeenOps() as ops:
         for _ in range(3):
             m.update(p, y)
     assert ops.seen == ["stepscope.classification_update.default"] * 3

@@ -14,9 +14,9 @@ import torch
 from scipy.stats import pearsonr
 from sklearn.metrics import (explained_variance_score, max_error, mean_absolute_error, mean_squared_error,
                              r2_score)
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stepscope
+from seen_ops import SeenOps
 from stepscope import _C
 
 SCORES = ("mse", "rmse", "mae", "r2", "explained_variance", "pearson", "max_error", "mape")
@@ -168,21 +168,11 @@ def test_non_finite_pairs_are_left_out_counted_and_warned(base_seed):
         m.compute(check=False)
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_update_is_one_op_and_reads_nothing_back(base_seed):
     p, t = planted(1000, 3, base_seed)
     m = stepscope.RegressionMetrics(num_outputs=3)
     m.update(p, t)
-    with Ops() as ops:
+    with SeenOps() as ops:
         for _ in range(5):
             m.update(p, t)
     assert ops.seen == ["stepscope.regression_update.default"] * 5
