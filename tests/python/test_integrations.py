@@ -175,8 +175,9 @@ def test_lightning_step_logs_reach_the_logger_at_their_step(tmp_path):
 
     cb = StepscopeCallback(log_every_n_steps=2, summary=False, warmup_steps=0, flops=None)
     logger = CSVLogger(tmp_path, name="run", version=0)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb])
     trainer.fit(lit, torch.utils.data.DataLoader(SleepyBatches(6), batch_size=None))
     import csv
 
@@ -187,7 +188,8 @@ def test_lightning_step_logs_reach_the_logger_at_their_step(tmp_path):
     for name in (trainer.callback_metrics, trainer.logged_metrics):
         assert name["stepscope/step_p50_ms"].dtype == torch.float64
     last = [r for r in rows if r.get("stepscope/step_p50_ms")][-1]
-    assert float(last["stepscope/step_p50_ms"]) == pytest.approx(float(trainer.callback_metrics["stepscope/step_p50_ms"]))
+    latest = float(trainer.callback_metrics["stepscope/step_p50_ms"])
+    assert float(last["stepscope/step_p50_ms"]) == pytest.approx(latest)
 
 
 def test_lightning_own_logging_is_its_own_span_outside_the_step():
@@ -660,3 +662,103 @@ def test_hf_counts_per_sequence_length_reads_tokens_and_logs_mfu(tmp_path):
         model(input_ids=ids, labels=ids)
     assert t["flops_per_step"] == 3 * c.total > 0
 
+
+
+# ------------------------------------------------------------------------- RegressionMetrics in callbacks
+def test_lightning_regression_metrics_per_epoch_and_over_the_run():
+    pl = pytest.importorskip("lightning.pytorch")
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    seen = collections.defaultdict(lambda: ([], []))
+
+    class Reg(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            pred = self.net(x).squeeze(1) + 1000.0  # a large offset: the moments keep their digits
+            seen[self.current_epoch][0].append(pred.detach().clone())
+            seen[self.current_epoch][1].append(y)
+            return {"loss": torch.nn.functional.mse_loss(pred, y), "preds": pred.detach(), "target": y}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=g), torch.randn(8, generator=g) + 1000.0) for _ in range(4)]
+    metrics = stepscope.RegressionMetrics()
+    cb = StepscopeCallback(metrics=metrics, log_every_n_steps=0, summary=False, warmup_steps=0, flops=None)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(Reg(), torch.utils.data.DataLoader(batches, batch_size=None))
+
+    def union(epochs):
+        p = torch.cat([t for e in epochs for t in seen[e][0]]).double().numpy()
+        y = torch.cat([t for e in epochs for t in seen[e][1]]).double().numpy()
+        return p, y
+
+    p1, y1 = union([1])
+    logged = trainer.callback_metrics  # the last epoch's values
+    assert float(logged["stepscope/mse"]) == pytest.approx(mean_squared_error(y1, p1), rel=1e-9)
+    assert float(logged["stepscope/r2"]) == pytest.approx(r2_score(y1, p1), rel=1e-9)
+    assert "stepscope/mae" in logged and "stepscope/pearson" not in logged  # the short list
+    p, y = union([0, 1])
+    run = cb.run_metrics.compute()  # the two epochs merged, not added
+    assert float(run["mse"]) == pytest.approx(mean_squared_error(y, p), rel=1e-9)
+    assert float(run["r2"]) == pytest.approx(r2_score(y, p), rel=1e-9)
+    assert int(run["samples"]) == 2 * 4 * 8 and int(metrics.compute()["samples"]) == 0
+
+
+def test_hf_regression_head_logits_against_labels(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from sklearn.metrics import mean_squared_error
+
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    class Head(torch.nn.Module):  # a regression head: logits [N, 1], labels [N]
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels=None):
+            logits = self.lin(x)
+            loss = torch.nn.functional.mse_loss(logits.squeeze(-1), labels)
+            return {"loss": loss, "logits": logits}
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(1)
+            self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, generator=g)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    model, fed = Head(), []
+    model.register_forward_hook(lambda m, a, k, out: fed.append((out["logits"].detach().squeeze(-1).clone(),
+                                                                 k["labels"])), with_kwargs=True)
+    cb = StepscopeCallback(metrics=stepscope.RegressionMetrics(), summary=False, warmup_steps=0, flops=None)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=4, disable_tqdm=True, dataloader_num_workers=0)
+    transformers.Trainer(model=model, args=args, train_dataset=Rows(16), callbacks=[cb]).train()
+    p = torch.cat([a for a, _ in fed]).double().numpy()
+    y = torch.cat([b for _, b in fed]).double().numpy()
+    run = cb.run_metrics.compute()
+    assert int(run["samples"]) == 16
+    assert float(run["mse"]) == pytest.approx(mean_squared_error(y, p), rel=1e-9)
+
+
+def test_callbacks_refuse_other_metrics_objects():
+    pytest.importorskip("lightning.pytorch")
+    from stepscope.integrations.lightning import StepscopeCallback
+
+    with pytest.raises(TypeError, match="ClassificationMetrics, a stepscope.RegressionMetrics or None"):
+        StepscopeCallback(metrics=object())

@@ -12,10 +12,10 @@ from ..report import PARTITION
 
 #: What the callbacks log by default (names without the prefix): the step's p50 and the shares of
 #: the phases a fix would target, and the headline metrics (``f1`` for binary, ``f1_macro`` for
-#: multiclass and multilabel). ``log_keys="all"`` logs every phase's p50 and share and every
-#: scalar metric (about 40 names, each a ``log`` call in Lightning).
+#: multiclass and multilabel; ``mse``, ``mae`` and ``r2`` for a RegressionMetrics).
+#: ``log_keys="all"`` logs every phase's p50 and share and every scalar metric (about 40 names).
 LOG_KEYS = ("step_p50_ms", "data_share", "forward_share", "backward_share", "optimizer_share",
-            "accuracy", "f1_macro", "f1", "loss", "grad_norm", "mfu", "tokens_per_s")
+            "accuracy", "f1_macro", "f1", "loss", "mse", "mae", "r2", "grad_norm", "mfu", "tokens_per_s")
 
 #: The user phase that times the callbacks' own work (reports, metric reads, the framework's log).
 OWN_PHASE = "stepscope_log"
@@ -129,10 +129,25 @@ def own_work(mon: Any) -> Iterator[None]:
         mon.mark("eval_end")
 
 
-def run_total(m: Any) -> Any:
-    """An empty :class:`stepscope.ClassificationMetrics` configured as ``m``: the whole run's
-    metrics, to which :func:`fold` adds each interval's state before ``m`` is reset."""
+def check_metrics(name: str, m: Any) -> None:
+    """The callbacks' ``metrics=``: a ClassificationMetrics, a RegressionMetrics or None."""
     from ..metrics import ClassificationMetrics
+    from ..regression import RegressionMetrics
+
+    if m is not None and not isinstance(m, (ClassificationMetrics, RegressionMetrics)):
+        raise TypeError(f"stepscope: {name} must be a stepscope.ClassificationMetrics, a "
+                        f"stepscope.RegressionMetrics or None; got {type(m).__name__}")
+
+
+def run_total(m: Any) -> Any:
+    """An empty metrics object configured as ``m``: the whole run's metrics, into which :func:`fold`
+    puts each interval's state before ``m`` is reset."""
+    from ..metrics import ClassificationMetrics
+    from ..regression import RegressionMetrics
+
+    if isinstance(m, RegressionMetrics):
+        return RegressionMetrics(m.num_outputs, persistent=False, sync_on_compute=m.sync_on_compute,
+                                 process_group=m.process_group)
 
     size = {"num_classes": m.num_classes} if m.task == "multiclass" else (
         {"num_labels": m.num_classes} if m.task == "multilabel" else {})
@@ -144,11 +159,17 @@ def run_total(m: Any) -> Any:
 
 
 def fold(total: Any, m: Any) -> None:
-    """Adds ``m``'s state into ``total`` (counts add; on the state's device, no host sync) and
-    resets ``m``."""
+    """Puts ``m``'s state into ``total`` (counts add; regression moments merge by their pairwise
+    rule; on the state's device, no host sync) and resets ``m``."""
+    from .. import _C
+    from ..regression import RegressionMetrics
+
     if total.state.device != m.state.device:
         total.to(m.state.device)
-    total.state.add_(m.state)
+    if isinstance(m, RegressionMetrics):
+        _C.regression_merge(total.state, m.state)
+    else:
+        total.state.add_(m.state)
     m.reset()
 
 

@@ -34,6 +34,7 @@ except ImportError:  # the standalone package
                           "pip install stepscope[lightning]") from e
 
 from ..metrics import ClassificationMetrics
+from ..regression import RegressionMetrics
 from ..monitor import Monitor
 from . import _common
 
@@ -44,7 +45,8 @@ class StepscopeCallback(pl.Callback):
     """Times each training step (:class:`stepscope.Monitor`) and logs phase p50s and shares.
 
     Args:
-        metrics: a :class:`stepscope.ClassificationMetrics` fed from ``training_step``'s outputs,
+        metrics: a :class:`stepscope.ClassificationMetrics` (or a
+            :class:`stepscope.RegressionMetrics`) fed from ``training_step``'s outputs,
             a mapping with ``"preds"`` and ``"target"``; at each training epoch's end its scalar
             entries are computed, logged (``on_epoch``) and the metrics reset, as Lightning does
             with torchmetrics; ``callback.run_metrics`` adds up every epoch (the whole run).
@@ -73,13 +75,12 @@ class StepscopeCallback(pl.Callback):
     step as an evaluation is (so ``eval_forward`` counts it too).
     """
 
-    def __init__(self, metrics: Optional[ClassificationMetrics] = None, log_every_n_steps: int = 50,
+    def __init__(self, metrics: Optional[Union[ClassificationMetrics, RegressionMetrics]] = None,
+                 log_every_n_steps: int = 50,
                  summary: bool = True, trace: Optional[str] = None, prefix: str = "stepscope/",
                  log_keys: Union[str, Iterable[str]] = "short", **monitor_kwargs: Any) -> None:
         super().__init__()
-        if metrics is not None and not isinstance(metrics, ClassificationMetrics):
-            raise TypeError("stepscope: metrics must be a stepscope.ClassificationMetrics or None; got "
-                            f"{type(metrics).__name__}")
+        _common.check_metrics("metrics", metrics)
         n = log_every_n_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"stepscope: log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")

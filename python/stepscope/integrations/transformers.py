@@ -28,6 +28,7 @@ except ImportError as e:
                       "pip install stepscope[transformers]") from e
 
 from ..metrics import ClassificationMetrics
+from ..regression import RegressionMetrics
 from ..monitor import Monitor
 from . import _common
 
@@ -74,7 +75,9 @@ class StepscopeCallback(TrainerCallback):
             token for a causal-LM head (a model ``AutoModelForCausalLM`` lists, or ``loss_type``
             ``"ForCausalLM"``), as the model's own loss reads them. Configure it for the head:
             ``class_dim=-1, ignore_index=-100`` for token logits ``[B, T, V]``;
-            ``num_classes=model.config.num_labels`` for sequence classification. Logged with each
+            ``num_classes=model.config.num_labels`` for sequence classification; a
+            :class:`stepscope.RegressionMetrics` for a regression head (``problem_type="regression"``:
+            logits ``[N, 1]`` are read against labels ``[N]``). Logged with each
             training log (``on_log``) as the metrics of the steps since the previous log, then
             reset, as the Trainer's own ``loss`` is; ``callback.run_metrics`` holds the whole run's.
         eval_metrics: the same, fed from the evaluation forwards of ``trainer.evaluate()`` (and
@@ -99,14 +102,12 @@ class StepscopeCallback(TrainerCallback):
     """
 
     def __init__(self, summary: bool = True, log: bool = True, prefix: str = "stepscope/",
-                 metrics: Optional[ClassificationMetrics] = None,
-                 eval_metrics: Optional[ClassificationMetrics] = None,
+                 metrics: Optional[Union[ClassificationMetrics, RegressionMetrics]] = None,
+                 eval_metrics: Optional[Union[ClassificationMetrics, RegressionMetrics]] = None,
                  preds_target: Optional[Callable[[Any, dict], tuple]] = None,
                  log_keys: Union[str, Iterable[str]] = "short", **monitor_kwargs: Any) -> None:
         for name, m in (("metrics", metrics), ("eval_metrics", eval_metrics)):
-            if m is not None and not isinstance(m, ClassificationMetrics):
-                raise TypeError(f"stepscope: {name} must be a stepscope.ClassificationMetrics or None; got "
-                                f"{type(m).__name__}")
+            _common.check_metrics(name, m)
         if metrics is not None and metrics is eval_metrics:
             raise ValueError("stepscope: metrics and eval_metrics must be two objects (each is reset when "
                              "logged)")
@@ -182,6 +183,8 @@ class StepscopeCallback(TrainerCallback):
             preds = logits
             if self._causal:  # token t predicts label t + 1
                 preds, target = logits[..., :-1, :], target[..., 1:]
+            elif isinstance(m, RegressionMetrics) and m.num_outputs == 1 and preds.numel() == target.numel():
+                preds = preds.reshape(target.shape)  # a regression head's [N, 1] against labels [N]
         m.update(preds.detach(), target)
 
     def _see_loss(self, module: Any, inputs: Any, output: Any) -> None:
@@ -205,7 +208,7 @@ class StepscopeCallback(TrainerCallback):
             logs.update(self._read(self.metrics, self.prefix))
             _common.fold(self.run_metrics, self.metrics)
 
-    def _read(self, m: ClassificationMetrics, prefix: str) -> dict:
+    def _read(self, m: Union[ClassificationMetrics, RegressionMetrics], prefix: str) -> dict:
         # One host read; nothing when no batch came since the last log (the end-of-training log).
         values = _common.floats(m.log_dict())
         return _common.pick(values, self.log_keys, prefix) if values["samples"] > 0 else {}
