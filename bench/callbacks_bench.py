@@ -11,6 +11,13 @@ A fit's time is its wall time; the table gives each variant's median ratio to th
 same round (with min-max) and the extra µs per step.
 
     python bench/callbacks_bench.py [--rounds 21] [--steps 300]
+
+With ``--hf`` the same for the Hugging Face ``Trainer.train`` of a small regression head (a Linear
+on 32 features, batch 16, ``logging_steps=50``, no tqdm, no saving, no reporting):
+
+  bare              Trainer(...) alone
+  stepscope         + StepscopeCallback() at its defaults (the phases logged with each log, the summary)
+  stepscope quiet   + StepscopeCallback(log=False, summary=False)
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--hf", action="store_true", help="the Hugging Face Trainer instead of Lightning")
     args = ap.parse_args()
+    if args.hf:
+        return hf(args)
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ThroughputMonitor
     from lightning.pytorch.loggers import CSVLogger
@@ -90,6 +100,11 @@ def main() -> int:
             times[k].append(variants[k]())
     print(f"torch {torch.__version__}, lightning {pl.__version__}, stepscope {stepscope.__version__}, 1 thread, "
           f"{args.rounds} rounds x {args.steps} steps")
+    report(times, args)
+    return 0
+
+
+def report(times: dict, args) -> None:
     print(f"{'variant':18s} {'median s':>9s} {'ratio':>7s} {'min-max':>13s} {'us/step':>8s}")
     for k, ts in times.items():
         r = [t / b for t, b in zip(ts, times["bare"])]
@@ -97,6 +112,67 @@ def main() -> int:
         print(f"{k:18s} {statistics.median(ts):9.3f} {statistics.median(r):7.3f} {min(r):6.3f}-{max(r):<6.3f} "
               f"{extra:8.1f}")
     print("reproduce: python bench/callbacks_bench.py " + " ".join(sys.argv[1:]))
+
+
+def hf(args) -> int:
+    import transformers
+
+    from stepscope.integrations.transformers import StepscopeCallback
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(logits.squeeze(-1), labels), "logits": logits}
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.x, self.y = torch.randn(n, 32), torch.randn(n)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    data = Rows(args.steps * 16)
+    out = tempfile.mkdtemp(prefix="stepscope-callbacks-bench-hf-")
+
+    def fit(callbacks=()):
+        torch.manual_seed(0)
+        targs = transformers.TrainingArguments(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=16, use_cpu=True, report_to=[],
+            save_strategy="no", logging_steps=50, disable_tqdm=True, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=Head(), args=targs, train_dataset=data,
+                                       callbacks=list(callbacks))
+        with contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            trainer.train()
+            return time.perf_counter() - t0
+
+    variants = {
+        "bare": lambda: fit(),
+        "stepscope": lambda: fit([StepscopeCallback()]),
+        "stepscope quiet": lambda: fit([StepscopeCallback(log=False, summary=False)]),
+    }
+    for fn in variants.values():
+        fn()
+    times: dict = {k: [] for k in variants}
+    order = list(variants)
+    for _ in range(args.rounds):
+        random.shuffle(order)
+        for k in order:
+            times[k].append(variants[k]())
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"stepscope {stepscope.__version__}, 1 thread, {args.rounds} rounds x {args.steps} steps")
+    report(times, args)
     return 0
 
 
