@@ -90,18 +90,25 @@ def main() -> int:
         "profiler=simple": lambda: fit(profiler="simple"),
         "ThroughputMonitor": lambda: fit([ThroughputMonitor(batch_size_fn=lambda b: len(b[0]))]),
     }
-    for fn in variants.values():
-        fn()  # warm-up: imports, first-call dispatch
-    times: dict = {k: [] for k in variants}
-    order = list(variants)
-    for _ in range(args.rounds):
-        random.shuffle(order)
-        for k in order:
-            times[k].append(variants[k]())
+    times = interleaved(variants, args.rounds)
     print(f"torch {torch.__version__}, lightning {pl.__version__}, stepscope {stepscope.__version__}, 1 thread, "
           f"{args.rounds} rounds x {args.steps} steps")
     report(times, args)
     return 0
+
+
+def interleaved(variants: dict, rounds: int) -> dict:
+    """Each variant once to warm up (imports, first-call dispatch), then ``rounds`` rounds, each running
+    every variant once in a fresh random order: name -> its times."""
+    for fn in variants.values():
+        fn()
+    times: dict = {k: [] for k in variants}
+    order = list(variants)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for k in order:
+            times[k].append(variants[k]())
+    return times
 
 
 def report(times: dict, args) -> None:
@@ -162,14 +169,7 @@ def hf(args) -> int:
         "stepscope": lambda: fit([StepscopeCallback()]),
         "stepscope quiet": lambda: fit([StepscopeCallback(log=False, summary=False)]),
     }
-    for fn in variants.values():
-        fn()
-    times: dict = {k: [] for k in variants}
-    order = list(variants)
-    for _ in range(args.rounds):
-        random.shuffle(order)
-        for k in order:
-            times[k].append(variants[k]())
+    times = interleaved(variants, args.rounds)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"stepscope {stepscope.__version__}, 1 thread, {args.rounds} rounds x {args.steps} steps")
     report(times, args)
