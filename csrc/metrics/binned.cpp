@@ -66,11 +66,6 @@ at::Tensor scores(const UpdateInputs& in, const at::Tensor& x, const at::Tensor&
   return probs.defined() ? at::where(probs, x, s) : s;
 }
 
-at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
-  const auto zero = den == 0;
-  return at::where(zero, at::zeros_like(num), num / at::where(zero, at::ones_like(den), den));
-}
-
 // One class's (label's) curves from its histogram [.., 2, T + 1] (torchmetrics' binned formulas:
 // _binary_roc_compute, _binary_auroc_compute, _binary_average_precision_compute).
 std::pair<at::Tensor, at::Tensor> curves(const at::Tensor& hist, int64_t T) {
@@ -174,6 +169,11 @@ void set_binned_aten_on_cpu(bool on) { g_aten_on_cpu.store(on); }
 void binned_update(const UpdateInputs& in, const at::Tensor& state) {
   if (state.device().is_cpu() && !g_aten_on_cpu.load()) return binned_update_cpu(in, state);
   binned_update_aten(in, state);
+}
+
+at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
+  const auto zero = den == 0;
+  return at::where(zero, at::zeros_like(num), num / at::where(zero, at::ones_like(den), den));
 }
 
 void add_binned(std::vector<std::pair<std::string, at::Tensor>>& out, const OpArgs& args, const at::Tensor& state) {

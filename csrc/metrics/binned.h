@@ -29,4 +29,8 @@ void set_binned_aten_on_cpu(bool on);
 // multilabel), with torchmetrics' binned formulas; float32 like the other scores.
 void add_binned(std::vector<std::pair<std::string, at::Tensor>>& out, const OpArgs& args, const at::Tensor& state);
 
+// num / den, 0 where den == 0 (torchmetrics' zero_division=0): the formulas' one division, shared
+// by compute.cpp and binned.cpp.
+at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den);
+
 }  // namespace stepscope::metrics

@@ -12,11 +12,6 @@
 namespace stepscope::metrics {
 namespace {
 
-at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
-  const auto zero = den == 0;
-  return at::where(zero, at::zeros_like(num), num / at::where(zero, at::ones_like(den), den));
-}
-
 struct Counts {
   at::Tensor tp, fp, fn, tn;  // float64 [C]
   at::Tensor valid_total;     // float64 scalar: samples (multiclass/binary) or elements (multilabel)
