@@ -7,6 +7,7 @@
 
 #include "python/bindings.h"
 #include "nvtx/nvtx.h"
+#include "timing/ring_json.h"
 #include "timing/timeline.h"
 
 namespace py = pybind11;
@@ -170,6 +171,44 @@ py::list recent_steps_list(const Timeline& tl) {
   return out;
 }
 
+using Pairs = std::vector<std::pair<int64_t, double>>;
+
+tm::RingJoin ring_join(Pairs grad_norm, Pairs loss, double flops_per_step, double peak_flops,
+                       double tokens_per_sample) {
+  tm::RingJoin j;
+  j.grad_norm = std::move(grad_norm);
+  j.loss = std::move(loss);
+  j.flops_per_step = flops_per_step;
+  j.peak_flops = peak_flops;
+  j.tokens_per_sample = tokens_per_sample;
+  return j;
+}
+
+py::bytes ring_json_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss) {
+  const tm::RingJoin j = ring_join(std::move(grad_norm), std::move(loss), 0, 0, 0);
+  std::string text;
+  {
+    py::gil_scoped_release nogil;
+    text = tm::ring_json(tl, j);
+  }
+  return py::bytes(text);
+}
+
+py::bytes trace_json_bytes(const Timeline& tl, int64_t pid, std::map<std::string, std::string> colors,
+                           Pairs grad_norm, Pairs loss, double flops_per_step, double peak_flops,
+                           double tokens_per_sample) {
+  tm::TraceOptions o;
+  o.pid = pid;
+  o.colors = std::move(colors);
+  o.join = ring_join(std::move(grad_norm), std::move(loss), flops_per_step, peak_flops, tokens_per_sample);
+  std::string text;
+  {
+    py::gil_scoped_release nogil;
+    text = tm::trace_events_json(tl, o);
+  }
+  return py::bytes(text);
+}
+
 std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int64_t ring, int event_pool, int64_t capture_begin,
                                         int64_t capture_end, int64_t warmup_steps, int64_t device_every) {
   TORCH_CHECK_VALUE(event_pool > 1, "stepscope: event_pool must be > 1; got ", event_pool);
@@ -263,7 +302,16 @@ void bind_timing(py::module_& m) {
            "The ring of the last steps, oldest first: host seconds per phase, the partition's spans, the user "
            "phases' and modules' spans that ended in the step (name, t0, t1; seconds since start) and, on CUDA, "
            "the partition's spans as the GPU ran them, on the host clock (device_spans; once resolved; none on a step "
-           "that device sampling left untimed: device_timed False).");
+           "that device sampling left untimed: device_timed False).")
+      .def("ring_json", &ring_json_bytes, py::arg("grad_norm") = Pairs{}, py::arg("loss") = Pairs{},
+           "recent_steps() as the JSON array of a run file (bytes, UTF-8), written in C++: non-finite numbers "
+           "as null, and each step's grad_norm and loss from the (step, value) pairs given (null where absent).")
+      .def("trace_events_json", &trace_json_bytes, py::arg("pid") = 0,
+           py::arg("colors") = std::map<std::string, std::string>{}, py::arg("grad_norm") = Pairs{},
+           py::arg("loss") = Pairs{}, py::arg("flops_per_step") = 0.0, py::arg("peak_flops") = 0.0,
+           py::arg("tokens_per_sample") = 0.0,
+           "The ring as the JSON array of a Chrome trace's traceEvents (bytes, UTF-8), written in C++: what "
+           "stepscope.export.trace_events builds from the run data (throughput figures 0 = unknown).");
 
   m.attr("PACKED_WORDS") = tm::kPackedWords;
   m.attr("MAX_RING") = tm::kMaxRing;

@@ -179,6 +179,54 @@ def test_trace_moves_straddling_spans_to_another_track():
     assert u["tid"] not in {e["tid"] for e in xs if e.get("cat") == "phase"}
 
 
+def _python_trace(mon) -> dict:
+    """The trace the Python writer builds from the Python walk of ``mon.recent_steps()``."""
+    from stepscope import _files
+    from stepscope.export import trace
+
+    data = export.run_data(mon)
+    keys = stepscope.run._SPAN_KEYS
+    data["recent_steps"] = [_files._finite({**r, **{k: [list(s) for s in r.get(k, ())] for k in keys}})
+                            for r in mon.recent_steps()]
+    return trace._trace_events(data)
+
+
+def test_monitor_trace_written_in_cpp_equals_the_python_writer(tmp_path, monkeypatch):
+    # A Monitor's trace is written by the Timeline in C++ (csrc/timing/ring_json.h); the Python writer
+    # (stepscope.export.trace._trace_events, which writes every saved run's trace) is its reference,
+    # fed here by the Python walk of recent_steps(). The loop has what the events depend on: user
+    # phases with awkward names, one that straddles a boundary (an overflow track), per-module spans,
+    # the loss, health and MFU counters, and the rank as pid.
+    from stepscope.export import trace
+
+    monkeypatch.setattr(stepscope.run, "_rank", lambda: 2)
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = stepscope.Monitor(model, opt, ring=16, per_module=True, per_module_every=2, peak_flops=1e12)
+    with mon:
+        for i in range(24):
+            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            with mon.phase('say "hi"\\ \u00e9\u4e2d\n\t'):
+                x = x * 1.0
+            with mon.phase("straddle"):  # opens before the forward, closes inside the loss
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out, y)
+            mon.observe(loss if i != 5 else loss * float("nan"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    want = _python_trace(mon)
+    got = export.trace_events(mon)
+    assert got["traceEvents"] == want["traceEvents"]
+    assert got["otherData"] == want["otherData"] and got["displayTimeUnit"] == "ms"
+    names = {e["name"] for e in got["traceEvents"]}
+    assert {"mfu", "loss", "grad_norm", "samples/s", 'say "hi"\\ \u00e9\u4e2d\n\t'} <= names
+    assert {e["tid"] for e in validate_trace(got)} > {trace._TID_STEPS, trace._TID_HOST}  # an overflow track
+    mon.export_trace(tmp_path / "t.json.gz")
+    assert _read_trace(tmp_path / "t.json.gz")["traceEvents"] == want["traceEvents"]
+
+
 def test_trace_pid_is_the_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(stepscope.run, "_rank", lambda: 3)  # the run data (stepscope.run) holds the rank
     mon = _train(steps=2)
@@ -602,3 +650,30 @@ def test_device_track_from_resolved_spans(tmp_path):
     # A CPU run has no device track and empty device columns.
     plain = export.trace_events(mon)
     assert not [e for e in plain["traceEvents"] if e.get("tid") == export._TID_DEVICE]
+
+
+@pytest.mark.cuda
+def test_cuda_trace_written_in_cpp_equals_the_python_writer():
+    # The device track and the CUDA memory counters of the C++ writer against the Python one.
+    model = _model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 8, device="cuda"), torch.randint(0, 4, (16,), device="cuda")
+    mon = stepscope.Monitor(model, opt, per_module=True, device_every=1)
+    with mon:
+        for _ in range(8):
+            with mon.phase("clip"):
+                x = x * 1.0
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            mon.observe(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    torch.cuda.synchronize()
+    mon.report()  # resolves every span
+    got, want = export.trace_events(mon), _python_trace(mon)
+    assert got["traceEvents"] == want["traceEvents"]
+    assert any(e.get("tid") == export._TID_DEVICE for e in got["traceEvents"])
+    assert any(e["name"] == "CUDA memory" for e in got["traceEvents"])
+    assert stepscope.run.run_data(mon)["recent_steps"] == [
+        stepscope._files._finite({**r, **{k: [list(s) for s in r[k]] for k in stepscope.run._SPAN_KEYS}})
+        for r in mon.recent_steps()]

@@ -401,9 +401,12 @@ def test_steps_means_every_step_and_steady_steps_the_counted_ones(tmp_path):
     assert run.steps == 10 and run.report()["steady_steps"] == 7
 
 
-def test_run_data_checks_spans_in_bulk_with_the_same_result():
-    # The ring's spans skip the per-number _finite walk (run._spans); the data must be what that
-    # walk gives, and a non-finite bound is still written as null.
+def test_ring_written_in_cpp_equals_the_python_walk_of_recent_steps(tmp_path):
+    # The ring of the run data (and of a saved file) is the Timeline's own JSON (csrc/timing/ring_json.h):
+    # it must be what the Python walk of recent_steps() gives, value for value, with every number
+    # read back as the same float, and a non-finite value written as null.
+    import math
+
     from stepscope import _files, run
 
     mon = _train(steps=12, per_module=True, per_module_every=2)
@@ -411,8 +414,19 @@ def test_run_data_checks_spans_in_bulk_with_the_same_result():
     slow = [_files._finite({**r, **{k: [list(s) for s in r.get(k, ())] for k in run._SPAN_KEYS}})
             for r in mon.recent_steps()]
     assert data["recent_steps"] == slow
-    assert run._spans([("forward", 1.0, float("nan"))]) == [["forward", 1.0, None]]
-    assert run._spans((("forward", 1.0, 2.0),)) == [["forward", 1.0, 2.0]]
+    assert any(r["module_spans"] for r in slow)
+    for a, b in zip(data["recent_steps"], slow):  # floats stay floats (1.0, not 1)
+        assert [type(v) for v in a["host"].values()] == [type(v) for v in b["host"].values()]
+        assert type(a["t0"]) is float and type(a["step"]) is int
+    mon.save(tmp_path / "r.json")
+    assert stepscope.load(tmp_path / "r.json").recent_steps() == slow
+    step = slow[3]["step"]
+    ring = json.loads(mon._tl.ring_json([(step, math.nan), (step + 1, 2.5), (step + 1, 4.0)],
+                                        [(step, math.inf)]))
+    by_step = {r["step"]: r for r in ring}
+    assert by_step[step]["grad_norm"] is None and by_step[step]["loss"] is None
+    assert by_step[step + 1]["grad_norm"] == 4.0  # a step listed twice takes its later value
+    assert by_step[step + 2]["grad_norm"] is None
 
 
 def test_gc_is_paused_while_files_are_built_and_restored_after(tmp_path):

@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..diagnose_throughput import step_rates
-from ..run import PathLike, Source, _atomic_write, _encode, _gc_paused, _is_num, _read_json, run_data
+from .. import run as _run
+from ..run import (PathLike, Source, _atomic_write, _compress, _encode, _finite, _gc_paused, _is_num,
+                   _read_json, live_monitor, nvtx_colors, run_data, versions)
 
 # Trace tracks (Chrome trace "tid"s) within the rank's process.
 _TID_STEPS = 1
@@ -62,9 +65,30 @@ def trace_events(source: Source) -> dict:
     host clock (the queue lag at each boundary, see ``csrc/timing/device_clock.h``); spans whose
     events were not resolved yet are left out.
     """
-    data = run_data(source)
+    mon = live_monitor(source)
     with _gc_paused():  # tens of thousands of event dicts, no cycle (_files._gc_paused)
-        return _trace_events(data)
+        return json.loads(_monitor_trace(mon)) if mon is not None else _trace_events(run_data(source))
+
+
+def _monitor_trace(mon: Any) -> bytes:
+    """A Monitor's trace as JSON text, its events written by the Timeline in C++
+    (``csrc/timing/ring_json.h``): the same events :func:`_trace_events` builds from the run data,
+    which stays the writer for saved runs and the reference the tests compare this with."""
+    from .. import _C, __version__
+
+    with _gc_paused():
+        rep = mon.report()
+    health, tp = rep.get("health") or {}, rep.get("throughput") or {}
+    pid = _run._rank()
+    events = mon._tl.trace_events_json(
+        pid, nvtx_colors(_C.PHASES), health.get("recent") or [], health.get("recent_loss") or [],
+        float(tp.get("flops_per_step") or 0), float(tp.get("peak_flops") or 0),
+        float(tp.get("tokens_per_sample") or 0))
+    other = _finite({"producer": "stepscope", "versions": versions(__version__), "rank": pid,
+                     "origin_unix_ns": getattr(mon, "_origin_unix_ns", None)})
+    tail = json.dumps({"displayTimeUnit": "ms", "otherData": other}, separators=(",", ":"), allow_nan=False)
+    # "traceEvents" first: Perfetto tells the JSON trace format from the file's first bytes.
+    return b'{"traceEvents":' + events + b"," + tail[1:].encode()
 
 
 def _trace_events(data: dict) -> dict:
@@ -146,6 +170,10 @@ def write_trace(source: Source, path: PathLike) -> None:
 
         stepscope.export.write_trace(mon, "run.trace.json.gz")   # open in ui.perfetto.dev
     """
+    mon = live_monitor(source)
+    if mon is not None:  # written in C++, never made into Python objects
+        _atomic_write(path, _compress(_monitor_trace(mon), path))
+        return
     _atomic_write(path, _encode(trace_events(source), path))
 
 
