@@ -9,6 +9,8 @@ every one of them silent and the summary leaves the section out.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 import statistics
 from typing import Any, Callable, Optional, Sequence
@@ -46,8 +48,10 @@ SPIKES_SHOWN = 5
 
 def _spikes(series: Sequence[Sequence[float]], is_spike: Callable[[float, list], Optional[dict]]) -> list:
     """[(step, value, judgement)] for each [step, value] that ``is_spike(value, window)`` judges a
-    spike (it returns the numbers behind the judgement, or None)."""
-    out, window = [], []
+    spike (it returns the numbers behind the judgement, or None). ``window`` is the previous
+    finite values in ascending order (kept sorted as it slides: a saved 4096-step ring was 50 ms of
+    statistics.median calls)."""
+    out, fifo, window = [], collections.deque(), []
     for step, value in series:
         if not _finite(value):
             continue
@@ -55,10 +59,17 @@ def _spikes(series: Sequence[Sequence[float]], is_spike: Callable[[float, list],
             got = is_spike(value, window)
             if got is not None:
                 out.append({"step": int(step), **got})
-        window.append(value)
-        if len(window) > SPIKE_WINDOW:
-            window.pop(0)
+        fifo.append(value)
+        bisect.insort(window, value)
+        if len(fifo) > SPIKE_WINDOW:
+            del window[bisect.bisect_left(window, fifo.popleft())]
     return out
+
+
+def _median(ordered: list) -> float:
+    """statistics.median of values already in ascending order."""
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 # --------------------------------------------------------------------------- rules
@@ -108,7 +119,7 @@ GRAD_SPIKE_FACTOR = 10.0
 
 
 def _grad_spike(value: float, window: list) -> Optional[dict]:
-    med = statistics.median(window)
+    med = _median(window)
     if med <= 0 or value < GRAD_SPIKE_FACTOR * med:
         return None
     return {"grad_norm": value, "median": med, "factor": value / med}
@@ -202,10 +213,12 @@ LOSS_SPIKE_REL = 0.25
 
 
 def _loss_spike(value: float, window: list) -> Optional[dict]:
-    med = statistics.median(window)
-    mad = statistics.median(abs(x - med) for x in window)
+    med = _median(window)
     jump = value - med
-    if jump <= 0 or jump <= LOSS_SPIKE_MADS * mad or jump < LOSS_SPIKE_REL * abs(med):
+    if jump <= 0 or jump < LOSS_SPIKE_REL * abs(med):
+        return None
+    mad = statistics.median(abs(x - med) for x in window)
+    if jump <= LOSS_SPIKE_MADS * mad:
         return None
     return {"loss": value, "median": med, "mad": mad}
 

@@ -217,3 +217,42 @@ def test_rules_run_on_a_monitor_report():
         assert health_findings(rep) == {}
     assert [f for f in dg.diagnose(rep) if f["rule"] in HEALTH_RULE_NAMES and f["severity"] != "info"] == []
     format_summary(rep, findings=dg.diagnose(rep))
+
+
+def test_spike_windows_kept_sorted_judge_as_the_plain_median_does():
+    # dh._spikes keeps its window sorted as it slides; every judgement must be the one the plain
+    # statistics.median over the previous finite values in order gives (ties, NaN/inf and
+    # spikes planted at random, fresh every run).
+    import statistics
+
+    def plain(series, is_spike):
+        out, window = [], []
+        for step, v in series:
+            if not math.isfinite(v):
+                continue
+            if len(window) >= dh.SPIKE_MIN_BEFORE:
+                med = statistics.median(window)
+                if is_spike == "grad":
+                    if med > 0 and v >= dh.GRAD_SPIKE_FACTOR * med:
+                        out.append({"step": step, "grad_norm": v, "median": med, "factor": v / med})
+                else:
+                    mad = statistics.median(abs(x - med) for x in window)
+                    jump = v - med
+                    quiet = jump <= dh.LOSS_SPIKE_MADS * mad or jump < dh.LOSS_SPIKE_REL * abs(med)
+                    if jump > 0 and not quiet:
+                        out.append({"step": step, "loss": v, "median": med, "mad": mad})
+            window.append(v)
+            if len(window) > dh.SPIKE_WINDOW:
+                window.pop(0)
+        return out
+
+    rng = random.Random()
+    for _ in range(40):
+        series = []
+        for step in range(rng.randrange(0, 400)):
+            r = rng.random()
+            v = (float("nan") if r < 0.03 else math.inf if r < 0.04 else rng.choice([1.0, 2.0]) if r < 0.2
+                 else 30 * rng.random() if r < 0.25 else 1 + rng.random())
+            series.append([step, v])
+        assert dh._spikes(series, dh._grad_spike) == plain(series, "grad")
+        assert dh._spikes(series, dh._loss_spike) == plain(series, "loss")
