@@ -21,6 +21,10 @@ class Health {
     pending_ = false;
   }
   bool on() const { return watch_ != nullptr; }
+  // The step's loss, kept on its device (Watch::observe_loss; no host read).
+  void observe(const at::Tensor& loss, int64_t step) {
+    if (watch_) watch_->observe_loss(loss, step);
+  }
   // An optimizer step opened (its hook's args tuple and kwargs dict). false: a Python error is set.
   bool pre(const stepscope::timing::Timeline& tl, PyObject* args, PyObject* kwargs);
   // The outermost optimizer step of `step` ended; ended: it ended the training step (the last of

@@ -33,54 +33,20 @@
 
 #include "health/watch.h"
 #include "python/bindings.h"
-#include "python/step_health.h"
-#include "python/step_hook.h"
-#include "python/step_modules.h"
+#include "python/step_state.h"
 #include "timing/autograd_hook.h"
-#include "timing/step_machine.h"
-#include "timing/timeline.h"
 
 namespace py = pybind11;
 
 namespace stepscope::python {
+
+bool count_forward(State* s, PyObject* input) {
+  const int c = s->machine.would_train() ? s->shapes.forward(input) : 0;
+  if (c > 0) s->tl->keep_out_step();
+  return c >= 0;
+}
+
 namespace {
-
-using stepscope::timing::StepHost;
-using stepscope::timing::StepMachine;
-using stepscope::timing::Timeline;
-
-// The machine's host: tokens are PyObject* (optimizers, frames), held by strong references.
-struct State final : StepHost {
-  State(std::shared_ptr<Timeline> timeline, size_t optimizers)
-      : tl(std::move(timeline)), machine(tl, optimizers, this) {}
-  bool live(Token call) override { return hook::on_stack(obj(call)); }
-  void hold(Token t) override { Py_INCREF(obj(t)); }
-  void release(Token t) override { Py_DECREF(obj(t)); }
-  int owns(Token opt) override { return owners.holds_ours(obj(opt)); }
-  static PyObject* obj(Token t) { return const_cast<PyObject*>(static_cast<const PyObject*>(t)); }
-
-  std::shared_ptr<Timeline> tl;
-  StepMachine machine;
-  int64_t batch = -1;               // samples per forward; < 0: the first input's size along batch_dim
-  int64_t batch_dim = 0;
-  hook::Owners owners;              // global hooks: which optimizers are this model's (step_hook.h)
-  hook::Modules modules;  // per-module timing: which submodules, on which steps (step_modules.h)
-  // Python work at a step's end: on_step_end(sampling) on every print_every-th step (0: never); a
-  // countdown, so no step pays for more than a decrement. It starts aligned with the Timeline's step
-  // count (steps % print_every == 0).
-  PyObject* on_step_end = nullptr;  // strong reference (a bound method's function), or null
-  PyObject* on_step_self = nullptr;  // a bound method's object: a weak reference to it, or null
-  int64_t print_every = 0;
-  int64_t until_print = 0;
-  hook::Health health;            // training health at the model's optimizer steps (step_health.h)
-  hook::Shapes shapes;            // FLOPs counting: a new input shape's step (step_hook.h)
-  int64_t train_forwards = 0;     // training forwards seen ...
-  int64_t autocast_forwards = 0;  // ... and how many ran under CUDA autocast (the precision rule)
-};
-
-struct Object {
-  PyObject_HEAD State* s;
-};
 
 PyTypeObject* g_type = nullptr;
 PyObject* g_training = nullptr;  // interned "training"
@@ -101,13 +67,6 @@ PyObject* step_ended(State* s) {
   return r;
 }
 
-// The shape watch at a training forward's start, before forward_begin closes the step's first phase:
-// a step that FLOPs counting slows is kept out of the statistics. false with a Python error set.
-bool count_forward(State* s, PyObject* input) {
-  const int c = s->machine.would_train() ? s->shapes.forward(input) : 0;
-  if (c > 0) s->tl->keep_out_step();
-  return c >= 0;
-}
 
 // A step ended by a call rather than a hook (step(), a marked optimizer end): True, or null on error.
 PyObject* ended_by_hand(State* s) {
@@ -337,6 +296,13 @@ PyMethodDef g_methods[] = {
      "count_shapes(fn): FLOPs counting at each new input shape (fn's calls: hook::Shapes); None: off"},
     {"count_input", STEPSCOPE_FASTCALL(count_input), METH_FASTCALL,
      "count_input(x): a forward marked by hand begins with first input x (None: it ended), for FLOPs counting"},
+    {"batch_start", STEPSCOPE_FASTCALL(mark_batch_start), METH_FASTCALL,
+     "batch_start(batch): a framework's training batch begins (FLOPs counting, forward_begin with its samples)"},
+    {"before_backward", STEPSCOPE_FASTCALL(mark_before_backward), METH_FASTCALL,
+     "before_backward(loss): forward_end, the loss kept (health), backward_begin"},
+    {"after_backward", STEPSCOPE_FASTCALL(mark_after_backward), METH_FASTCALL, "after_backward(): backward_end"},
+    {"batch_end", STEPSCOPE_FASTCALL(mark_batch_end), METH_FASTCALL,
+     "batch_end(): forward_end of a training step that skipped its backward"},
     {"step", STEPSCOPE_FASTCALL(step), METH_FASTCALL,
      "ends the step where no optimizer hook does; returns whether a step ended"},
     {"optimizer_end", STEPSCOPE_FASTCALL(optimizer_end), METH_FASTCALL,
@@ -355,6 +321,10 @@ PyObject* get_hook(PyObject* self, void* closure) {
 // sampling: whether per-module hooks are in place for the step now running (hook::Modules).
 PyObject* get_sampling(PyObject* self, void* /*closure*/) {
   return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->modules.sampling());
+}
+
+PyObject* get_marked_batch(PyObject* self, void* /*closure*/) {
+  return PyBool_FromLong(reinterpret_cast<Object*>(self)->s->marked_batch);
 }
 
 PyObject* get_autocast(PyObject* self, void* /*closure*/) {
@@ -377,6 +347,7 @@ PyGetSetDef g_getset[] = {
     STEPSCOPE_HOOK(hook::kModulePost,
                    "per-module forward hook (module, args, output); register with always_call=True"),
     {"sampling", get_sampling, nullptr, "per-module hooks belong on the step now running", nullptr},
+    {"marked_batch", get_marked_batch, nullptr, "a framework mark counted a batch's samples", nullptr},
     {"autocast_forwards", get_autocast, nullptr, "(training forwards, those under CUDA autocast)", nullptr},
     {"shape_steps", get_shapes, nullptr, "[(shape key, steps begun with it)] and steps with shapes beyond those",
      nullptr},

@@ -331,7 +331,7 @@ def _mark(mon: Any, boundary: str, batch: Optional[int]) -> None:
 
 def _samples_counted_by(mon: Any) -> str:
     """report()["samples_counted_by"]: the rule that counted the samples."""
-    if mon._marked_batch:
+    if mon._marked_batch or (mon._hooks is not None and mon._hooks.marked_batch):  # a framework's marks
         return "mark(batch=)"
     if mon._batch > 0:
         return f"batch_size={mon._batch}"

@@ -262,6 +262,7 @@ class Monitor(Views):
     def _remove_all(self) -> None:
         self._flops.detach(self._hooks)
         if self._hooks is not None:
+            self._marked_batch = self._marked_batch or self._hooks.marked_batch
             self._hooks.gate(None)  # a step ended by hand after detach must put no hook back
         for h in self._handles + self._module_handles:
             h.remove()

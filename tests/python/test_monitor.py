@@ -914,6 +914,93 @@ def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
     assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
 
 
+def test_framework_marks_in_c_drive_the_step_as_monitor_mark_does():
+    # The C marks the Lightning callback calls (_C.StepHooks.batch_start ...): the same loop as the
+    # test above, its planted phases found and partitioned as with Monitor.mark.
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Planted(fwd=PLANT["forward"], bwd=PLANT["backward"])
+
+    class AfterClosure(torch.optim.SGD):
+        def step(self, closure=None):
+            loss = closure()
+            sleep(PLANT["optimizer"], "optimizer")
+            super().step()
+            return loss
+
+    w = Wrapper()
+    opt = AfterClosure(w.parameters(), lr=1e-3)
+    steps = 5
+    with stepscope.Monitor(w, opt, warmup_steps=0, flops=None) as mon:
+        hooks = mon._hooks
+        for x in loader(steps):
+            hooks.batch_start((x, {"y": torch.zeros(len(x))}))
+
+            def closure():
+                loss = w.inner(x).square().mean()
+                hooks.before_backward(loss)
+                loss.backward()
+                hooks.after_backward()
+                hooks.after_backward()  # a second one is ignored
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+            hooks.batch_end()  # after the step: ignored
+    rep = mon.report()
+    assert rep["steps"] == steps and rep["samples"] == 16 * steps
+    assert rep["samples_counted_by"] == "mark(batch=)"
+    for ph in ("data", "forward", "backward", "optimizer"):
+        assert rep["phases"][ph]["host"]["count"] == steps
+        assert_planted(p50(rep, ph), ph, SLACK)
+    assert rep["phases"]["other"]["host"]["count"] == 0
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+    assert rep["health"]["loss"]["count"] == steps  # before_backward kept each loss
+
+
+def test_framework_marks_read_samples_and_losses_from_any_batch():
+    import collections
+    import threading
+
+    class Batch(collections.UserDict):  # a Mapping that is not a dict (HF's BatchEncoding is one)
+        pass
+
+    x = torch.randn(6, 4)
+    forms = [(x, 6), [torch.tensor(3.0), (x[:5], "label")], ({"a": "text", "b": [x[:4]]}, 4),
+             (Batch(ids=x[:3]), 3), (("no", "tensor"), None), ([[[[x[:2]]]]], 2)]
+    forms[1] = (forms[1], 5)  # a 0-d tensor first: the first tensor of dim > 0 gives the samples
+    for batch, n in forms:
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with stepscope.Monitor(model, opt, warmup_steps=0, flops=None, batch_size=7) as mon:
+            hk = mon._hooks
+            for loss in (torch.tensor(1.5), torch.ones(2), torch.tensor(3), "not a tensor"):
+                hk.batch_start(batch)
+                hk.before_backward(loss)  # kept only when one floating value
+                hk.after_backward()
+                opt.step()
+        rep = mon.report()
+        assert rep["steps"] == 4 and rep["samples"] == 4 * (n if n is not None else 7), batch
+        assert rep["samples_counted_by"] == ("mark(batch=)" if n is not None else "batch_size=7")
+        assert rep["health"]["loss"]["count"] == 1
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
+        model(x).sum().backward()
+        opt.step()  # the training thread is this one
+        hk = mon._hooks
+        th = threading.Thread(target=lambda: (hk.batch_start(x), hk.batch_end()))
+        th.start()
+        th.join()
+        with pytest.raises(TypeError):
+            hk.batch_start()
+        with pytest.raises(TypeError):
+            hk.after_backward(1)
+    assert mon.report()["phases"]["forward"]["host"]["count"] == 1  # the other thread's marks dropped
+
+
 def test_marks_by_hand_and_their_errors():
     model = Planted(fwd=0.0, bwd=0.0)
     mon = stepscope.Monitor(model, warmup_steps=0, flops=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -19,37 +19,6 @@ LOG_KEYS = ("step_p50_ms", "data_share", "forward_share", "backward_share", "opt
 
 #: The user phase that times the callbacks' own work (reports, metric reads, the framework's log).
 OWN_PHASE = "stepscope_log"
-
-
-def batch_size(batch: Any) -> Optional[int]:
-    """The leading dimension of the first tensor in a batch (a tensor, a sequence or a mapping)."""
-    t = first_tensor(batch, lambda x: x.dim() > 0)
-    return int(t.shape[0]) if t is not None else None
-
-
-def first_tensor(batch: Any, want: Any = None) -> Optional[torch.Tensor]:
-    """The first tensor in a batch (a tensor, a sequence or a mapping) for which ``want(t)`` holds
-    (any tensor when None), or None."""
-    if isinstance(batch, torch.Tensor):
-        return batch if want is None or want(batch) else None
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for b in items:
-        t = first_tensor(b, want)
-        if t is not None:
-            return t
-    return None
-
-
-def count_input(mon: Any, batch: Any, begins: bool) -> None:
-    """FLOPs counting for a forward the callback marks by hand (``Monitor(flops="auto")``): at its
-    start (``begins``, before the ``forward_begin`` mark) with the batch's first tensor, and at its end."""
-    if mon is None or not mon.attached or mon._hooks is None or mon._flops.spec != "auto":
-        return
-    if begins:
-        t = first_tensor(batch)
-        mon._hooks.count_input(t if t is not None else ())
-    else:
-        mon._hooks.count_input(None)
 
 
 def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None) -> dict:
@@ -77,15 +46,6 @@ def phase_scalars(rep: dict, prefix: str = "", keys: Optional[frozenset] = None)
     if tp.get("tokens_per_s") is not None:
         out["tokens_per_s"] = tp["tokens_per_s"]
     return pick(out, keys, prefix)
-
-
-def observe(mon: Any, loss: Any) -> None:
-    """Hands a framework's loss tensor to the Monitor (no host read) when health is on."""
-    import torch
-
-    if mon is not None and mon.attached and mon._watch is not None and isinstance(loss, torch.Tensor) \
-            and loss.numel() == 1 and loss.is_floating_point():
-        mon.observe(loss)
 
 
 def closing_text(mon: Any, note: str = "") -> str:

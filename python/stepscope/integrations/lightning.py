@@ -117,6 +117,13 @@ class StepscopeCallback(pl.Callback):
             self.monitor.detach()
 
     # ------------------------------------------------------------------ boundaries
+    # Each boundary is one C call on the Monitor's hooks (_C.StepHooks.batch_start ...: what
+    # Monitor.mark, FLOPs counting and Monitor.observe do there; through them in Python the marks
+    # cost about 22 us a step).
+    def _marks(self) -> Any:
+        mon = self.monitor
+        return mon._hooks if mon is not None and mon.attached else None
+
     def _mark(self, name: str, batch: Optional[int] = None) -> None:
         if self.monitor is not None and self.monitor.attached:
             self.monitor.mark(name, batch=batch)
@@ -124,18 +131,20 @@ class StepscopeCallback(pl.Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         # FLOPs counting (Monitor(flops="auto")) sees training_step whether or not it calls the module.
-        _common.count_input(self.monitor, batch, begins=True)
-        self._mark("forward_begin", batch=_common.batch_size(batch))
+        hooks = self._marks()
+        if hooks is not None:
+            hooks.batch_start(batch)
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
-        _common.count_input(self.monitor, None, begins=False)
-        self._mark("forward_end")
         # The loss Lightning backpropagates (divided by accumulate_grad_batches), kept on the device.
-        _common.observe(self.monitor, loss)
-        self._mark("backward_begin")
+        hooks = self._marks()
+        if hooks is not None:
+            hooks.before_backward(loss)
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._mark("backward_end")
+        hooks = self._marks()
+        if hooks is not None:
+            hooks.after_backward()
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._mark("eval_begin")
@@ -146,8 +155,9 @@ class StepscopeCallback(pl.Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         # A training_step that returned None skipped its backward: its forward ends here.
-        _common.count_input(self.monitor, None, begins=False)
-        self._mark("forward_end")
+        hooks = self._marks()
+        if hooks is not None:
+            hooks.batch_end()
         if self.metrics is not None:
             if not isinstance(outputs, Mapping) or "preds" not in outputs or "target" not in outputs:
                 keys = sorted(outputs) if isinstance(outputs, Mapping) else ""
