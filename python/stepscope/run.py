@@ -78,7 +78,6 @@ def _monitor_json(mon: Any) -> bytes:
     with _gc_paused():
         rep = mon.report()
         data = _monitor_fields(mon, rep, _C, __version__)
-        del data["recent_steps"]
         head = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     return head[:-1] + b',"recent_steps":' + _ring_json(mon, rep) + b"}"
 
@@ -91,6 +90,7 @@ def versions(version: str) -> dict:
 
 
 def _monitor_fields(mon: Any, rep: dict, _C: Any, version: str) -> dict:
+    # Everything but the ring ("recent_steps"), which the callers add from the Timeline's own JSON.
     phases = [dict(p) for p in _C.PHASES]
     return _finite({
         "format": FORMAT,
@@ -99,7 +99,6 @@ def _monitor_fields(mon: Any, rep: dict, _C: Any, version: str) -> dict:
         "rank": _rank(),
         "origin_unix_ns": getattr(mon, "_origin_unix_ns", None),
         "report": rep,
-        "recent_steps": None,  # the ring: filled by the callers, from the Timeline's own JSON
         "diagnosis": _diagnosis(mon, rep),
         "phase_table": phases,
         "nvtx_colors": nvtx_colors(phases),

@@ -868,23 +868,35 @@ def test_optimizer_of_another_model_counts_no_step_on_global_hooks():
         assert mon.steps == 1
 
 
+class _PlantedWrapper(torch.nn.Module):  # a framework's model: its forward is a submodule's
+    def __init__(self):
+        super().__init__()
+        self.inner = Planted(fwd=PLANT["forward"], bwd=PLANT["backward"])
+
+
+class _AfterClosure(torch.optim.SGD):  # runs the closure inside step(), then its planted update
+    def step(self, closure=None):
+        loss = closure()
+        sleep(PLANT["optimizer"], "optimizer")
+        super().step()
+        return loss
+
+
+def _assert_planted_partition(rep: dict, steps: int) -> None:
+    assert rep["steps"] == steps and rep["samples"] == 16 * steps
+    for ph in ("data", "forward", "backward", "optimizer"):
+        assert rep["phases"][ph]["host"]["count"] == steps
+        assert_planted(p50(rep, ph), ph, SLACK)
+    assert rep["phases"]["other"]["host"]["count"] == 0
+    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
+    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+
+
 def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
     # A framework's loop: the model's forward is a submodule's (no hook on it), the optimizer runs
     # the closure inside a forward marked at "batch start" (Lightning's automatic optimization).
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = Planted(fwd=PLANT["forward"], bwd=PLANT["backward"])
-
-    class AfterClosure(torch.optim.SGD):
-        def step(self, closure=None):
-            loss = closure()
-            sleep(PLANT["optimizer"], "optimizer")
-            super().step()
-            return loss
-
-    w = Wrapper()
-    opt = AfterClosure(w.parameters(), lr=1e-3)
+    w = _PlantedWrapper()
+    opt = _AfterClosure(w.parameters(), lr=1e-3)
     steps = 5
     with stepscope.Monitor(w, opt, warmup_steps=0, flops=None) as mon:
         for x in loader(steps):
@@ -905,32 +917,14 @@ def test_marks_drive_a_step_whose_forward_hooks_cannot_see():
             mon.mark("forward_end")  # after the step: ignored
     rep = mon.report()
     print(mon.summary())
-    assert rep["steps"] == steps and rep["samples"] == 16 * steps
-    for ph in ("data", "forward", "backward", "optimizer"):
-        assert rep["phases"][ph]["host"]["count"] == steps
-        assert_planted(p50(rep, ph), ph, SLACK)
-    assert rep["phases"]["other"]["host"]["count"] == 0
-    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
-    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
+    _assert_planted_partition(rep, steps)
 
 
 def test_framework_marks_in_c_drive_the_step_as_monitor_mark_does():
     # The C marks the Lightning callback calls (_C.StepHooks.batch_start ...): the same loop as the
     # test above, its planted phases found and partitioned as with Monitor.mark.
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = Planted(fwd=PLANT["forward"], bwd=PLANT["backward"])
-
-    class AfterClosure(torch.optim.SGD):
-        def step(self, closure=None):
-            loss = closure()
-            sleep(PLANT["optimizer"], "optimizer")
-            super().step()
-            return loss
-
-    w = Wrapper()
-    opt = AfterClosure(w.parameters(), lr=1e-3)
+    w = _PlantedWrapper()
+    opt = _AfterClosure(w.parameters(), lr=1e-3)
     steps = 5
     with stepscope.Monitor(w, opt, warmup_steps=0, flops=None) as mon:
         hooks = mon._hooks
@@ -949,14 +943,8 @@ def test_framework_marks_in_c_drive_the_step_as_monitor_mark_does():
             opt.zero_grad()
             hooks.batch_end()  # after the step: ignored
     rep = mon.report()
-    assert rep["steps"] == steps and rep["samples"] == 16 * steps
+    _assert_planted_partition(rep, steps)
     assert rep["samples_counted_by"] == "mark(batch=)"
-    for ph in ("data", "forward", "backward", "optimizer"):
-        assert rep["phases"][ph]["host"]["count"] == steps
-        assert_planted(p50(rep, ph), ph, SLACK)
-    assert rep["phases"]["other"]["host"]["count"] == 0
-    total = sum(rep["phases"][ph]["host"]["total"] for ph in PARTITION)
-    assert total == pytest.approx(rep["phases"]["step"]["host"]["total"], rel=1e-9)
     assert rep["health"]["loss"]["count"] == steps  # before_backward kept each loss
 
 
