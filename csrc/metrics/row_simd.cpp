@@ -1,7 +1,9 @@
 // AVX2/FMA/F16C multiclass row kernels (see row_simd.h). A row is read twice while it sits in
 // L1/L2: pass one keeps max, min, a NaN/Inf poison sum and the target's rank in vector
 // registers (x_j >= x_t counts before t's vector, x_j > x_t after it, a lane mask only in t's
-// own vector and the tail); pass two finds the first index of the max and sums exp(x - max).
+// own vector and the tail); pass two finds the first index of the max and sums exp(x - max),
+// and, being bound by the exp's arithmetic, prefetches the next row meanwhile, so that pass one
+// of the next row no longer waits on DRAM while no arithmetic runs.
 // A tail is one vector ending at the row's end, so no row is read past its end or staged
 // through memory (only rows shorter than 8 are).
 #include "metrics/row_simd.h"
@@ -143,11 +145,17 @@ STEPSCOPE_AVX2 inline int32_t hsum_i(__m256i v) {
 }
 
 // Pass two: the first index of m (needs m to occur in the row) and, if asked, sum(exp(x - m)).
+// The exp work is compute-bound while the next row still sits in DRAM, so this pass asks for the
+// next C values (the next row when rows are contiguous; a harmless hint otherwise) one line per
+// 16 values, into L1 when a row fits there and L2 when it does not.
 template <class L>
 STEPSCOPE_AVX2 int32_t pass2(const typename L::T* x, int64_t C, float m, bool want, float& sumexp) {
   const __m256 vm = _mm256_set1_ps(m);
   int64_t first = -1;
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  __m256 s0 = _mm256_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(x + C);
+  constexpr int64_t kSize = sizeof(typename L::T);
+  const bool ask = C * kSize >= 2048, to_l1 = C * kSize <= 16384;
   int64_t j = 0;
   for (; j + 16 <= C; j += 16) {
     const __m256 v0 = L::load(x + j), v1 = L::load(x + j + 8);
@@ -160,8 +168,14 @@ STEPSCOPE_AVX2 int32_t pass2(const typename L::T* x, int64_t C, float m, bool wa
       }
     }
     if (want) {
-      s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(v0, vm)));
-      s1 = _mm256_add_ps(s1, exp8(_mm256_sub_ps(v1, vm)));
+      if (ask && (j * kSize) % 64 == 0) {
+        if (to_l1) {
+          _mm_prefetch(ahead + j * kSize, _MM_HINT_T0);
+        } else {
+          _mm_prefetch(ahead + j * kSize, _MM_HINT_T1);
+        }
+      }
+      s0 = _mm256_add_ps(s0, _mm256_add_ps(exp8(_mm256_sub_ps(v0, vm)), exp8(_mm256_sub_ps(v1, vm))));
     }
   }
   if (j + 8 <= C) {
@@ -177,9 +191,9 @@ STEPSCOPE_AVX2 int32_t pass2(const typename L::T* x, int64_t C, float m, bool wa
     const __m256 v = tail_vector<L>(x, C, jb, msk);
     const int mk = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vm, _CMP_EQ_OQ), msk));
     if (first < 0 && mk) first = jb + __builtin_ctz(mk);
-    if (want) s1 = _mm256_add_ps(s1, _mm256_and_ps(exp8(_mm256_sub_ps(v, vm)), msk));
+    if (want) s0 = _mm256_add_ps(s0, _mm256_and_ps(exp8(_mm256_sub_ps(v, vm)), msk));
   }
-  if (want) sumexp = hsum(_mm256_add_ps(s0, s1));
+  if (want) sumexp = hsum(s0);
   return static_cast<int32_t>(first);
 }
 
