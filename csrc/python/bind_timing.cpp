@@ -194,6 +194,18 @@ py::bytes ring_json_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss) {
   return py::bytes(text);
 }
 
+py::bytes ring_csv_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss, double flops_per_step,
+                         double peak_flops, double tokens_per_sample) {
+  const tm::RingJoin j =
+      ring_join(std::move(grad_norm), std::move(loss), flops_per_step, peak_flops, tokens_per_sample);
+  std::string text;
+  {
+    py::gil_scoped_release nogil;
+    text = tm::ring_csv(tl, j);
+  }
+  return py::bytes(text);
+}
+
 py::bytes trace_json_bytes(const Timeline& tl, int64_t pid, std::map<std::string, std::string> colors,
                            Pairs grad_norm, Pairs loss, double flops_per_step, double peak_flops,
                            double tokens_per_sample) {
@@ -311,7 +323,11 @@ void bind_timing(py::module_& m) {
            py::arg("loss") = Pairs{}, py::arg("flops_per_step") = 0.0, py::arg("peak_flops") = 0.0,
            py::arg("tokens_per_sample") = 0.0,
            "The ring as the JSON array of a Chrome trace's traceEvents (bytes, UTF-8), written in C++: what "
-           "stepscope.export.trace_events builds from the run data (throughput figures 0 = unknown).");
+           "stepscope.export.trace_events builds from the run data (throughput figures 0 = unknown).")
+      .def("ring_csv", &ring_csv_bytes, py::arg("grad_norm") = Pairs{}, py::arg("loss") = Pairs{},
+           py::arg("flops_per_step") = 0.0, py::arg("peak_flops") = 0.0, py::arg("tokens_per_sample") = 0.0,
+           "The ring as the text of stepscope.export.write_csv (bytes, UTF-8), written in C++: what that "
+           "function writes from the run data (throughput figures 0 = unknown).");
 
   m.attr("PACKED_WORDS") = tm::kPackedWords;
   m.attr("MAX_RING") = tm::kMaxRing;

@@ -11,9 +11,15 @@
 #include <unordered_map>
 
 #include "timing/phase_stats.h"
+#include "timing/ring_rows.h"
 
 namespace stepscope::timing {
 namespace {
+
+using rows::device_s;
+using rows::device_span;
+using rows::host_seconds;
+using rows::Joined;
 
 class Json {
  public:
@@ -67,19 +73,6 @@ class Json {
 // Python's int(round(x * 1e9)): seconds of integer nanoseconds back to nanoseconds (half-even).
 int64_t ns_of(double seconds) { return static_cast<int64_t>(std::nearbyint(seconds * 1e9)); }
 
-// A partition span's interval as the GPU ran it (bind_timing.cpp's device_spans), in seconds.
-double device_s(int64_t t, float lag_us) { return (static_cast<double>(t) + 1e3 * lag_us) * 1e-9; }
-
-bool device_span(const SpanRecord& r) {
-  return r.kind == SpanRecord::kPartition && !std::isnan(r.lag0_us) && !std::isnan(r.lag1_us);
-}
-
-double host_seconds(const StepRecord& s) {
-  double sum = 0;  // Python's sum(host.values()): left to right, from 0
-  for (int i = 0; i < kNumPartition; ++i) sum += s.host[i];
-  return sum;
-}
-
 class Names {  // span names, each read from the Timeline once; references stay valid
  public:
   explicit Names(const Timeline& tl) : tl_(tl) {}
@@ -98,18 +91,6 @@ class Names {  // span names, each read from the Timeline once; references stay 
   const Timeline& tl_;
   std::string partition_[static_cast<int>(Phase::kCount)];
   std::unordered_map<int, std::string> user_, module_;  // nodes: a name's address stays put
-};
-
-struct Joined {  // RingJoin's series by step (a later entry replaces an earlier one)
-  std::unordered_map<int64_t, double> grad_norm, loss;
-  explicit Joined(const RingJoin& j) {
-    for (const auto& [s, v] : j.grad_norm) grad_norm[s] = v;
-    for (const auto& [s, v] : j.loss) loss[s] = v;
-  }
-  static const double* find(const std::unordered_map<int64_t, double>& m, int64_t step) {
-    const auto it = m.find(step);
-    return it == m.end() ? nullptr : &it->second;
-  }
 };
 
 void span_list(Json& j, const StepRecord& s, Names& names, int kind) {

@@ -1,5 +1,6 @@
-// The ring of recent steps written as JSON text straight from its records: the run file's
-// "recent_steps" and the Chrome trace's "traceEvents", in O(ring) with no object per span.
+// The ring of recent steps written as text straight from its records: the run file's
+// "recent_steps" and the Chrome trace's "traceEvents" (JSON), and the steps CSV, in O(ring) with
+// no object per span.
 //
 // Building the same text through Python objects (a dict per step, a tuple per span, json.dumps)
 // took about 300 ms for a save and 550 ms for a trace of a 4096-step ring; most of it was making
@@ -44,5 +45,9 @@ struct TraceOptions {
 
 // The "traceEvents" array of the run's Chrome trace (metadata events first).
 std::string trace_events_json(const Timeline& tl, const TraceOptions& opts);
+
+// The text of stepscope.export.write_csv for a live Timeline: a header, then one row per ring step
+// (its columns: that function's docstring), the same cells as the Python writer of run data.
+std::string ring_csv(const Timeline& tl, const RingJoin& join);
 
 }  // namespace stepscope::timing

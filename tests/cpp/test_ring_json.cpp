@@ -1,4 +1,4 @@
-// The ring as JSON text (timing/ring_json.h) from plain LibTorch: the run file's recent_steps and
+// The ring as text (timing/ring_json.h) from plain LibTorch: the run file's recent_steps, the CSV and
 // the trace's events. Their values against the Python writers are tested in Python
 // (test_files.py, test_export.py); here, the text itself: escaping, numbers, joins and counts.
 #include <gtest/gtest.h>
@@ -81,4 +81,27 @@ TEST(RingJson, TraceEventsCountsTracksAndCounters) {
   EXPECT_EQ(count(text, "\"pid\":7"), count(text, "{\"name\":") - count(text, "\"args\":{\"name\":"));
   EXPECT_EQ(count(text, "\"name\":\"thread_name\""), 2u);  // steps and host phases: everything nests
   EXPECT_EQ(text.find("device phases"), std::string::npos);
+}
+
+TEST(RingJson, CsvColumnsCellsAndJoins) {
+  Timeline tl({.device = false, .nvtx = false});
+  run_steps(tl, 3, "u");
+  RingJoin j;
+  j.grad_norm = {{0, 2.0}, {1, std::nan("")}, {2, 1.0 / 3.0}};
+  const std::string plain = ring_csv(tl, j);
+  const std::string head = plain.substr(0, plain.find('\n'));
+  EXPECT_EQ(head.rfind("step,start_s,end_s,step_s,samples,", 0), 0u) << head;
+  EXPECT_EQ(head.substr(head.size() - 58), "memory_allocated,memory_reserved,truncated_spans,grad_norm");
+  EXPECT_EQ(count(plain, "\n"), 4u);  // the header and one row per step
+  EXPECT_NE(plain.find(",,,0,2\n"), std::string::npos);  // no memory without CUDA; 2.0 as %.9g
+  EXPECT_NE(plain.find(",,,0,\n"), std::string::npos);  // a NaN norm: an empty cell
+  EXPECT_NE(plain.find(",,,0,0.333333333\n"), std::string::npos);
+  j.loss = {{1, 0.25}};
+  j.flops_per_step = 1e6;
+  j.peak_flops = 1e12;
+  j.tokens_per_sample = 8;
+  const std::string full = ring_csv(tl, j);
+  EXPECT_NE(full.find("grad_norm,loss,mfu,tokens_per_s\n"), std::string::npos);
+  EXPECT_NE(full.find(",0.25,"), std::string::npos);
+  EXPECT_EQ(count(full, "\n"), 4u);
 }

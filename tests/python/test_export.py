@@ -179,16 +179,22 @@ def test_trace_moves_straddling_spans_to_another_track():
     assert u["tid"] not in {e["tid"] for e in xs if e.get("cat") == "phase"}
 
 
-def _python_trace(mon) -> dict:
-    """The trace the Python writer builds from the Python walk of ``mon.recent_steps()``."""
+def _python_run_data(mon) -> dict:
+    """``mon``'s run data with its ring from the Python walk of ``mon.recent_steps()`` (not the C++ text)."""
     from stepscope import _files
-    from stepscope.export import trace
 
     data = export.run_data(mon)
     keys = stepscope.run._SPAN_KEYS
     data["recent_steps"] = [_files._finite({**r, **{k: [list(s) for s in r.get(k, ())] for k in keys}})
                             for r in mon.recent_steps()]
-    return trace._trace_events(data)
+    return data
+
+
+def _python_trace(mon) -> dict:
+    """The trace the Python writer builds from the Python walk of ``mon.recent_steps()``."""
+    from stepscope.export import trace
+
+    return trace._trace_events(_python_run_data(mon))
 
 
 def test_monitor_trace_written_in_cpp_equals_the_python_writer(tmp_path, monkeypatch):
@@ -225,6 +231,76 @@ def test_monitor_trace_written_in_cpp_equals_the_python_writer(tmp_path, monkeyp
     assert {e["tid"] for e in validate_trace(got)} > {trace._TID_STEPS, trace._TID_HOST}  # an overflow track
     mon.export_trace(tmp_path / "t.json.gz")
     assert _read_trace(tmp_path / "t.json.gz")["traceEvents"] == want["traceEvents"]
+
+
+def _csv_loop(mon, model, opt, steps, observe, device="cpu"):
+    with mon:
+        for i in range(steps):
+            x = torch.randint(0, 50, (16, 8), device=device)  # [B, T] integers: tokens per sample
+            y = torch.randint(0, 4, (16,), device=device)
+            with mon.phase("user"):
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out.mean(1), y)
+            if observe(i):
+                mon.observe(loss if i % 7 else loss * float("nan"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _csv_model(device="cpu"):
+    return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)).to(device)
+
+
+@pytest.mark.parametrize("case", ["all", "no_loss", "no_health", "no_throughput"])
+def test_monitor_csv_written_in_cpp_equals_the_python_writer(tmp_path, case):
+    # A Monitor's CSV is written by the Timeline in C++ (csrc/timing/ring_csv.cpp); the Python writer
+    # (csv_rows, which writes every saved run's CSV) is its reference, fed by the Python walk of
+    # recent_steps(). Cases: the optional columns (loss, some NaN, some steps without one; mfu;
+    # tokens_per_s) present or absent, health off (grad_norm empty), a ring that wrapped.
+    torch.manual_seed(0)
+    model = _csv_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kw = {"no_health": {"health": False}, "no_throughput": {"flops": None}}.get(case, {"peak_flops": 1e12})
+    mon = stepscope.Monitor(model, opt, ring=16, **kw)
+    quiet = case in ("no_loss", "no_health")
+    _csv_loop(mon, model, opt, 40, (lambda i: False) if quiet else (lambda i: i % 3 != 1))
+    want = tmp_path / "py.csv"
+    export.write_csv(_python_run_data(mon), want)
+    mon.to_csv(tmp_path / "cpp.csv")
+    got = (tmp_path / "cpp.csv").read_text()
+    assert got == want.read_text()
+    head = got.splitlines()[0].split(",")
+    rows = list(csv.DictReader(got.splitlines()))
+    assert len(rows) == 16 and rows[-1]["step"] == "39"
+    assert ("loss" in head) == (case not in ("no_loss", "no_health"))
+    assert ("mfu" in head) == ("tokens_per_s" in head) == (case != "no_throughput")
+    if case == "all":
+        assert [r["loss"] for r in rows if int(r["step"]) % 3 == 1] == [""] * 5  # not observed
+        assert [r["loss"] for r in rows if int(r["step"]) % 7 == 0] == [""] * 2  # NaN
+        assert all(float(r["mfu"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
+    if case == "no_health":
+        assert {r["grad_norm"] for r in rows} == {""}
+
+
+@pytest.mark.cuda
+def test_cuda_csv_written_in_cpp_equals_the_python_writer(tmp_path):
+    # The device columns (every partition span resolved) and the memory columns on CUDA.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    model = _csv_model("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = stepscope.Monitor(model, opt, ring=16, device_every=1)
+    _csv_loop(mon, model, opt, 24, lambda i: True, device="cuda")
+    torch.cuda.synchronize()
+    mon.report()  # resolves the device spans
+    want = tmp_path / "py.csv"
+    export.write_csv(_python_run_data(mon), want)
+    mon.to_csv(tmp_path / "cpp.csv")
+    assert (tmp_path / "cpp.csv").read_text() == want.read_text()
+    rows = list(csv.DictReader(open(tmp_path / "cpp.csv")))
+    assert rows[-1]["forward_device_s"] != "" and int(rows[-1]["memory_allocated"]) > 0
 
 
 def test_trace_pid_is_the_rank(tmp_path, monkeypatch):

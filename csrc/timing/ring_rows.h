@@ -1,0 +1,38 @@
+// What the ring's text writers share (ring_json.cpp, ring_csv.cpp): a step's host seconds, its
+// device spans in seconds, and the health series joined by step. Internal to those files.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <unordered_map>
+
+#include "timing/ring_json.h"
+
+namespace stepscope::timing::rows {
+
+// A partition span's interval as the GPU ran it (bind_timing.cpp's device_spans), in seconds.
+inline double device_s(int64_t t, float lag_us) { return (static_cast<double>(t) + 1e3 * lag_us) * 1e-9; }
+
+inline bool device_span(const SpanRecord& r) {
+  return r.kind == SpanRecord::kPartition && !std::isnan(r.lag0_us) && !std::isnan(r.lag1_us);
+}
+
+inline double host_seconds(const StepRecord& s) {
+  double sum = 0;  // Python's sum(host.values()): left to right, from 0
+  for (int i = 0; i < kNumPartition; ++i) sum += s.host[i];
+  return sum;
+}
+
+struct Joined {  // RingJoin's series by step (a later entry replaces an earlier one)
+  std::unordered_map<int64_t, double> grad_norm, loss;
+  explicit Joined(const RingJoin& j) {
+    for (const auto& [s, v] : j.grad_norm) grad_norm[s] = v;
+    for (const auto& [s, v] : j.loss) loss[s] = v;
+  }
+  static const double* find(const std::unordered_map<int64_t, double>& m, int64_t step) {
+    const auto it = m.find(step);
+    return it == m.end() ? nullptr : &it->second;
+  }
+};
+
+}  // namespace stepscope::timing::rows
