@@ -269,8 +269,10 @@ def format_health(rep: dict) -> list:
     lines = [f"health (gradient statistics over {h.get('steps', 0)} steps):"]
     gn = h.get("grad_norm") or {}
     if gn.get("count"):
+        # The header gives the steps; the count only where non-finite norms left some out.
+        finite = f" over {gn['count']} finite steps" if gn["count"] != h.get("steps") else ""
         lines.append(f"  grad norm p50 {_g(gn.get('p50'))}, p90 {_g(gn.get('p90'))}, max {_g(gn.get('max'))}"
-                     f", last {_g(gn.get('last'))} over {gn['count']} steps")
+                     f", last {_g(gn.get('last'))}{finite}")
     else:
         lines.append("  grad norm: no finite norm yet")
     nf = h.get("nonfinite") or {}

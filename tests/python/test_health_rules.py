@@ -256,3 +256,12 @@ def test_spike_windows_kept_sorted_judge_as_the_plain_median_does():
             series.append([step, v])
         assert dh._spikes(series, dh._grad_spike) == plain(series, "grad")
         assert dh._spikes(series, dh._loss_spike) == plain(series, "loss")
+
+
+def test_summary_counts_finite_norms_only_where_they_differ_from_the_steps():
+    h = healthy_health()
+    (line,) = [x for x in dh.format_health({"health": h}) if x.startswith("  grad norm")]
+    assert "over" not in line and f"over {h['steps']} steps" in dh.format_health({"health": h})[0]
+    h["grad_norm"]["count"] = h["steps"] - 3
+    (line,) = [x for x in dh.format_health({"health": h}) if x.startswith("  grad norm")]
+    assert line.endswith(f"over {h['steps'] - 3} finite steps"), line
