@@ -15,10 +15,7 @@
 namespace stepscope::timing {
 namespace {
 
-using rows::device_s;
-using rows::device_span;
-using rows::host_seconds;
-using rows::Joined;
+using namespace rows;  // timing/ring_rows.h: what the ring writers share
 
 // ------------------------------------------------------------------------------- CSV
 // stepscope/export/csv.py's cells: seconds with 9 fixed decimals, trailing zeros dropped (one kept

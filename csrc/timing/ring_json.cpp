@@ -16,10 +16,7 @@
 namespace stepscope::timing {
 namespace {
 
-using rows::device_s;
-using rows::device_span;
-using rows::host_seconds;
-using rows::Joined;
+using namespace rows;  // ring_rows.h: the helpers this writer shares
 
 class Json {
  public:
