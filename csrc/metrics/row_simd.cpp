@@ -146,8 +146,9 @@ STEPSCOPE_AVX2 inline int32_t hsum_i(__m256i v) {
 
 // Pass two: the first index of m (needs m to occur in the row) and, if asked, sum(exp(x - m)).
 // The exp work is compute-bound while the next row still sits in DRAM, so this pass asks for the
-// next C values (the next row when rows are contiguous; a harmless hint otherwise) one line per
-// 16 values, into L1 when a row fits there and L2 when it does not.
+// next C values (the next row when rows are contiguous; a harmless hint otherwise), one 64-byte
+// line at a time, into L1 when a row fits there and L2 when it does not; rows under 2 KiB are left
+// to the hardware prefetcher.
 template <class L>
 STEPSCOPE_AVX2 int32_t pass2(const typename L::T* x, int64_t C, float m, bool want, float& sumexp) {
   const __m256 vm = _mm256_set1_ps(m);

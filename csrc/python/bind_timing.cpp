@@ -184,26 +184,27 @@ tm::RingJoin ring_join(Pairs grad_norm, Pairs loss, double flops_per_step, doubl
   return j;
 }
 
-py::bytes ring_json_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss) {
-  const tm::RingJoin j = ring_join(std::move(grad_norm), std::move(loss), 0, 0, 0);
+// A ring writer's text, written without the GIL (the Timeline has its own lock), as bytes.
+template <class Write>
+py::bytes text_bytes(Write write) {
   std::string text;
   {
     py::gil_scoped_release nogil;
-    text = tm::ring_json(tl, j);
+    text = write();
   }
   return py::bytes(text);
+}
+
+py::bytes ring_json_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss) {
+  const tm::RingJoin j = ring_join(std::move(grad_norm), std::move(loss), 0, 0, 0);
+  return text_bytes([&] { return tm::ring_json(tl, j); });
 }
 
 py::bytes ring_csv_bytes(const Timeline& tl, Pairs grad_norm, Pairs loss, double flops_per_step,
                          double peak_flops, double tokens_per_sample) {
   const tm::RingJoin j =
       ring_join(std::move(grad_norm), std::move(loss), flops_per_step, peak_flops, tokens_per_sample);
-  std::string text;
-  {
-    py::gil_scoped_release nogil;
-    text = tm::ring_csv(tl, j);
-  }
-  return py::bytes(text);
+  return text_bytes([&] { return tm::ring_csv(tl, j); });
 }
 
 py::bytes trace_json_bytes(const Timeline& tl, int64_t pid, std::map<std::string, std::string> colors,
@@ -213,12 +214,7 @@ py::bytes trace_json_bytes(const Timeline& tl, int64_t pid, std::map<std::string
   o.pid = pid;
   o.colors = std::move(colors);
   o.join = ring_join(std::move(grad_norm), std::move(loss), flops_per_step, peak_flops, tokens_per_sample);
-  std::string text;
-  {
-    py::gil_scoped_release nogil;
-    text = tm::trace_events_json(tl, o);
-  }
-  return py::bytes(text);
+  return text_bytes([&] { return tm::trace_events_json(tl, o); });
 }
 
 std::shared_ptr<Timeline> make_timeline(bool device, bool nvtx, int64_t ring, int event_pool, int64_t capture_begin,

@@ -17,7 +17,6 @@ namespace {
 
 using namespace rows;  // timing/ring_rows.h: what the ring writers share
 
-// ------------------------------------------------------------------------------- CSV
 // stepscope/export/csv.py's cells: seconds with 9 fixed decimals, trailing zeros dropped (one kept
 // after the point); the health and throughput figures to 9 significant digits; empty when unknown.
 void csv_fixed(std::string& out, double v) {
@@ -59,12 +58,12 @@ bool device_by_phase(const StepRecord& s, double (&out)[kNumPartition]) {
 struct CsvColumns {  // the optional columns: present when some step of the ring has a value
   bool loss = false, mfu = false, tokens = false;
   CsvColumns(const std::vector<StepRecord>& ring, const RingJoin& j, const Joined& joined) {
+    double rate;
     for (const StepRecord& s : ring) {
       const double* v = Joined::find(joined.loss, s.index);
-      const bool timed = host_seconds(s) > 0;
       loss = loss || (v != nullptr && std::isfinite(*v));
-      mfu = mfu || (timed && j.flops_per_step != 0 && j.peak_flops != 0);
-      tokens = tokens || (timed && j.tokens_per_sample != 0 && s.samples != 0);
+      mfu = mfu || step_mfu(s, j, rate);
+      tokens = tokens || step_tokens_per_s(s, j, rate);
     }
   }
 };
@@ -98,15 +97,9 @@ void csv_row(std::string& out, const StepRecord& s, const RingJoin& j, const Joi
   out.push_back(',');
   csv_sig(out, Joined::find(joined.grad_norm, s.index));
   if (c.loss) csv_sig(out.append(","), Joined::find(joined.loss, s.index));
-  const bool timed = host_s > 0;
-  if (c.mfu) {
-    const double m = j.flops_per_step / host_s / j.peak_flops;
-    csv_sig(out.append(","), timed && j.flops_per_step != 0 && j.peak_flops != 0 ? &m : nullptr);
-  }
-  if (c.tokens) {
-    const double t = j.tokens_per_sample * static_cast<double>(s.samples) / host_s;
-    csv_sig(out.append(","), timed && j.tokens_per_sample != 0 && s.samples != 0 ? &t : nullptr);
-  }
+  double rate;
+  if (c.mfu) csv_sig(out.append(","), step_mfu(s, j, rate) ? &rate : nullptr);
+  if (c.tokens) csv_sig(out.append(","), step_tokens_per_s(s, j, rate) ? &rate : nullptr);
   out.push_back('\n');
 }
 

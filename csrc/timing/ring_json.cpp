@@ -16,7 +16,7 @@
 namespace stepscope::timing {
 namespace {
 
-using namespace rows;  // ring_rows.h: the helpers this writer shares
+using namespace rows;  // timing/ring_rows.h: what the ring writers share
 
 class Json {
  public:
@@ -243,11 +243,9 @@ class Trace {
     const double* loss = Joined::find(joined_.loss, s.index);
     if (norm) counter("grad_norm", t1, *norm);
     if (loss) counter("loss", t1, *loss);
-    const RingJoin& tp = o_.join;  // stepscope/diagnose_throughput.py's step_rates
-    if (host_s > 0 && tp.flops_per_step != 0 && tp.peak_flops != 0)
-      counter("mfu", t1, tp.flops_per_step / host_s / tp.peak_flops);
-    if (host_s > 0 && tp.tokens_per_sample != 0 && s.samples != 0)
-      counter("tokens/s", t1, tp.tokens_per_sample * static_cast<double>(s.samples) / host_s);
+    double rate;
+    if (step_mfu(s, o_.join, rate)) counter("mfu", t1, rate);
+    if (step_tokens_per_s(s, o_.join, rate)) counter("tokens/s", t1, rate);
     if (s.memory.allocated >= 0) {
       ev_.raw(",{\"name\":\"CUDA memory\",\"ph\":\"C\"").key("ts").num(static_cast<double>(t1) / 1e3);
       ev_.key("pid").integer(o_.pid).raw(",\"args\":{\"allocated MiB\":").num(s.memory.allocated / 1048576.0);

@@ -1,5 +1,6 @@
 // What the ring's text writers share (ring_json.cpp, ring_csv.cpp): a step's host seconds, its
-// device spans in seconds, and the health series joined by step. Internal to those files.
+// device spans in seconds, its MFU and tokens/s, and the health series joined by step. Internal to
+// those files, both compiled with -ffp-contract=off, so that these inline rules round alike.
 #pragma once
 
 #include <cmath>
@@ -21,6 +22,22 @@ inline double host_seconds(const StepRecord& s) {
   double sum = 0;  // Python's sum(host.values()): left to right, from 0
   for (int i = 0; i < kNumPartition; ++i) sum += s.host[i];
   return sum;
+}
+
+// stepscope/diagnose_throughput.py's step_rates: a step's MFU and tokens/s from its host time and
+// the report's FLOPs per step, peak and tokens per sample; false where one of them is unknown (0).
+inline bool step_mfu(const StepRecord& s, const RingJoin& j, double& out) {
+  const double host_s = host_seconds(s);
+  if (!(host_s > 0 && j.flops_per_step != 0 && j.peak_flops != 0)) return false;
+  out = j.flops_per_step / host_s / j.peak_flops;
+  return true;
+}
+
+inline bool step_tokens_per_s(const StepRecord& s, const RingJoin& j, double& out) {
+  const double host_s = host_seconds(s);
+  if (!(host_s > 0 && j.tokens_per_sample != 0 && s.samples != 0)) return false;
+  out = j.tokens_per_sample * static_cast<double>(s.samples) / host_s;
+  return true;
 }
 
 struct Joined {  // RingJoin's series by step (a later entry replaces an earlier one)

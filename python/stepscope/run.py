@@ -52,13 +52,21 @@ def nvtx_colors(phases: Any) -> dict:
 _SPAN_KEYS = ("spans", "user_spans", "module_spans", "device_spans")
 
 
+def _ring_join(rep: dict) -> tuple:
+    """What the Timeline's ring writers (``_C.Timeline.ring_json``, ``trace_events_json``,
+    ``ring_csv``) join to the ring's records, from a report: the (step, value) pairs of the gradient
+    norm and the loss, then the FLOPs per step, the peak FLOP/s and tokens per sample (0: unknown)."""
+    health, tp = rep.get("health") or {}, rep.get("throughput") or {}
+    return (health.get("recent") or [], health.get("recent_loss") or [], float(tp.get("flops_per_step") or 0),
+            float(tp.get("peak_flops") or 0), float(tp.get("tokens_per_sample") or 0))
+
+
 def _ring_json(mon: Any, rep: dict) -> bytes:
     """The ring as a run file's ``recent_steps`` JSON array, written by the Timeline in C++
     (``csrc/timing/ring_json.h``: each step's grad_norm and loss joined from the report's health,
     non-finite numbers as null). A 4096-step ring takes about 16 ms here, where building it through
     Python objects took about 100 ms and json.dumps as much again."""
-    health = rep.get("health") or {}
-    return mon._tl.ring_json(health.get("recent") or [], health.get("recent_loss") or [])
+    return mon._tl.ring_json(*_ring_join(rep)[:2])
 
 
 def _monitor_data(mon: Any) -> dict:

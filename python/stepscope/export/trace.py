@@ -78,12 +78,8 @@ def _monitor_trace(mon: Any) -> bytes:
 
     with _gc_paused():
         rep = mon.report()
-    health, tp = rep.get("health") or {}, rep.get("throughput") or {}
     pid = _run._rank()
-    events = mon._tl.trace_events_json(
-        pid, nvtx_colors(_C.PHASES), health.get("recent") or [], health.get("recent_loss") or [],
-        float(tp.get("flops_per_step") or 0), float(tp.get("peak_flops") or 0),
-        float(tp.get("tokens_per_sample") or 0))
+    events = mon._tl.trace_events_json(pid, nvtx_colors(_C.PHASES), *_run._ring_join(rep))
     other = _finite({"producer": "stepscope", "versions": versions(__version__), "rank": pid,
                      "origin_unix_ns": getattr(mon, "_origin_unix_ns", None)})
     tail = json.dumps({"displayTimeUnit": "ms", "otherData": other}, separators=(",", ":"), allow_nan=False)
