@@ -31,6 +31,11 @@ gives the raw cost of one _C.Timeline boundary call from Python.
 
   python bench/overhead_bench.py [--rounds 41] [--steps 100] [--threads 1]
   python bench/overhead_bench.py --model many     (200 parameter tensors: 100 x Linear(64, 64))
+  python bench/overhead_bench.py --alternate [--rounds 21] [--steps 200] [--only bare monitor ...]
+
+With ``--alternate`` (CPU) every variant trains its own copy of the model and the variants take
+turns step by step (bench/alternate.py): the steadier figure on a noisy machine, where whole runs
+in rounds scatter by more than a hook costs; torch.profiler and +progress are left out there.
   python bench/overhead_bench.py --device cuda [--model mlp|gpu-bound|many]
 
 On CUDA the variants are bare, monitor (device_every="auto", the default: CUDA events on one step
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -56,6 +62,7 @@ import torch
 import stepscope
 from stepscope import _C
 
+import alternate
 from health_variants import BASELINES, many
 
 BOUNDARIES = 6
@@ -211,8 +218,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", default="mlp", choices=["mlp", "gpu-bound", "many"])
+    ap.add_argument("--alternate", action="store_true", help="variants take turns step by step (CPU)")
+    ap.add_argument("--only", nargs="+", default=None, help="with --alternate: the variants to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.alternate:
+        return alternate_main(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("overhead_bench: --device cuda needs a CUDA device", file=sys.stderr)
         return 2
@@ -294,6 +305,21 @@ def main() -> int:
                       f"record cost {'-' if cost is None else f'{cost * 1e6:.2f} us'}")
     print(f"_C.Timeline boundary call from Python (no hook): {boundary_call_ns():.0f} ns")
     print("reproduce: python bench/overhead_bench.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def alternate_main(args) -> int:
+    if args.device != "cpu":
+        print("overhead_bench: --alternate runs on the CPU", file=sys.stderr)
+        return 2
+    times = alternate.run(lambda seed: make(args.width, args.batch, seed, kind=args.model), args.rounds,
+                          args.steps, args.only or alternate.DEFAULT)
+    what = ("100 x Linear(64, 64) (200 parameter tensors)" if args.model == "many"
+            else f"MLP {args.width}x3 batch {args.batch}")
+    print(f"torch {torch.__version__}, cpu, {args.threads} thread(s), {what}, variants taking turns step by "
+          f"step: {args.rounds} blocks x {args.steps} steps each")
+    alternate.table(times, BOUNDARIES)
+    print("reproduce: python bench/overhead_bench.py " + shlex.join(sys.argv[1:]))
     return 0
 
 
