@@ -263,21 +263,45 @@ _REMEASURED: dict = {}  # (threads, dtype) -> how often a report found the peak 
 MAX_REMEASURE = 3
 
 
+#: The CPU peak's matmul: sized so that one takes about TARGET_S (from a 256x256 probe), between
+#: MIN_N and MAX_N, the best of up to REPEATS, stopping once BUDGET_S has been spent.
+MIN_N, MAX_N, TARGET_S, REPEATS, BUDGET_S = 256, 2048, 0.005, 12, 0.06
+_CPU_PEAK_N: dict = {}  # (threads, dtype) -> the n its peak was measured with
+
+
+def _best_mm(n: int, dtype: torch.dtype, repeats: int, budget: float) -> float:
+    # Seconds of the fastest n x n matmul (at least two timed, then until repeats or the budget).
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best, spent, i = float("inf"), 0.0, 0
+    while i < repeats and (i < 2 or spent < budget):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t0
+        best, spent, i = min(best, dt), spent + dt, i + 1
+    return best
+
+
+def cpu_peak_size(dtype: torch.dtype = torch.float32) -> int:
+    """The matmul size the CPU peak is measured with: one that takes about ``TARGET_S`` at the rate a
+    256x256 probe reaches (512 for float32 on one thread of this project's VM, larger with more
+    threads, 256 for a bfloat16 matmul without hardware support, 1000x slower there), a multiple of
+    128 in [MIN_N, MAX_N]."""
+    rate = 2.0 * MIN_N ** 3 / _best_mm(MIN_N, dtype, 3, 0.0)
+    n = (rate * TARGET_S / 2.0) ** (1.0 / 3.0)
+    return int(min(MAX_N, max(MIN_N, round(n / 128) * 128)))
+
+
 def measured_cpu_peak(dtype: torch.dtype = torch.float32, *, again: bool = False) -> float:
-    """FLOP/s of a square matmul on the threads torch uses now, best of a dozen: measured once per
-    process, thread count and dtype (about a tenth of a second to half a second), never on the
-    training path. ``again``: measure anew, keeping the higher figure (a first measurement taken
-    while other work held the CPU reads low)."""
+    """FLOP/s of a square matmul on the threads torch uses now: measured once per process, thread
+    count and dtype, at a size from :func:`cpu_peak_size`, the best of up to a dozen within about
+    60 ms (tens of ms in all, never on the training path). ``again``: measure anew, keeping the
+    higher figure (a first measurement taken while other work held the CPU reads low)."""
     key = (torch.get_num_threads(), dtype)
     if key not in _CPU_PEAKS or again:
-        n = 1024
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        best = float("inf")
-        torch.mm(a, b)
-        for _ in range(12):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
+        n = _CPU_PEAK_N.get(key) or cpu_peak_size(dtype)
+        _CPU_PEAK_N[key] = n
+        best = _best_mm(n, dtype, REPEATS, BUDGET_S)
         _CPU_PEAKS[key] = max(_CPU_PEAKS.get(key, 0.0), 2.0 * n ** 3 / best)
     return _CPU_PEAKS[key]
 
@@ -298,8 +322,11 @@ def peak_for(precision: str, device: Optional[torch.device], user: Optional[floa
     if device is None or device.type == "cpu":
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         threads = torch.get_num_threads()
-        return hardware.Peak(measured_cpu_peak(dt), precision if dt != torch.float32 else "fp32", "measured", "CPU",
-                             f"measured: a {str(dt).replace('torch.', '')} 1024x1024 matmul on {threads} thread(s)")
+        flops = measured_cpu_peak(dt)
+        n = _CPU_PEAK_N.get((threads, dt), "?")
+        return hardware.Peak(flops, precision if dt != torch.float32 else "fp32", "measured", "CPU",
+                             f"measured: a {str(dt).replace('torch.', '')} {n}x{n} matmul on "
+                             f"{threads} thread(s)")
     if device.type != "cuda" or precision not in hardware.DTYPES:
         return None
     p = torch.cuda.get_device_properties(device)

@@ -424,6 +424,34 @@ def test_cuda_counting_adds_no_sync_after_the_counted_step():
     assert t["precision"] == ("tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32")
 
 
+def test_the_cpu_peak_matmul_is_sized_from_a_probe_and_bounded_in_time(monkeypatch):
+    # The size: one matmul of about TARGET_S at the probe's rate, a multiple of 128 in [256, 2048].
+    for rate, n in ((1e9, 256), (7.5e10, 512), (1.2e11, 640), (1e13, 2048)):
+        monkeypatch.setattr(tp, "_best_mm", lambda m, *a, r=rate: 2.0 * m ** 3 / r)
+        assert tp.cpu_peak_size() == n, (rate, tp.cpu_peak_size())
+    monkeypatch.undo()
+    # The timing loop: at least two timed matmuls, then until the repeats or the budget.
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape[0]) or real_mm(a, b))
+    tp._best_mm(64, torch.float32, 12, 0.0)
+    assert len(calls) == 1 + 2  # the untimed first call, then two
+    calls.clear()
+    tp._best_mm(64, torch.float32, 5, 3600.0)
+    assert len(calls) == 1 + 5
+    # A dtype a CPU multiplies a thousand times slower (bfloat16 without hardware support) is
+    # measured at the smallest size, not the 1024 that took 13 x 2.5 s there.
+    monkeypatch.undo()
+    monkeypatch.setattr(tp, "_CPU_PEAKS", {})
+    monkeypatch.setattr(tp, "_CPU_PEAK_N", {})
+    monkeypatch.setattr(tp, "_best_mm",
+                        lambda m, dtype, *a: 2.0 * m ** 3 / (1e9 if dtype == torch.bfloat16 else 1e11))
+    assert tp.measured_cpu_peak(torch.bfloat16) == pytest.approx(1e9)
+    assert tp._CPU_PEAK_N[(torch.get_num_threads(), torch.bfloat16)] == 256
+    peak = tp.peak_for("bf16", None, None)
+    assert peak.source == "measured" and "bfloat16 256x256 matmul" in peak.note
+
+
 def test_a_peak_measured_under_load_is_measured_again(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
