@@ -41,7 +41,7 @@ def _plain(model, opt, xs, ys, observe=None, check=None):
     return step
 
 
-def _perf_counter(model, opt, xs, ys):
+def perf_counter_step(model, opt, xs, ys):
     # What people write by hand: a clock read at each boundary, accumulated per phase.
     f = torch.nn.functional.cross_entropy
     pc = time.perf_counter
@@ -94,7 +94,7 @@ VARIANTS = {
     "monitor": _monitor(),
     "monitor+module": _monitor(per_module=True, per_module_every=10),
     "module every 1": _monitor(per_module=True, per_module_every=1),
-    "perf_counter": _perf_counter,
+    "perf_counter": perf_counter_step,
     "no-op hooks": _noop_hooks,
     "health off": _monitor(health=False),
     "+observe": _monitor(observe=True),

@@ -127,33 +127,16 @@ def run_bare_cuda(model, opt, xs, ys, steps, observe=None):
 
 def run_perf_counter(model, opt, xs, ys, steps):
     # What people write by hand: a clock read at each boundary, accumulated per phase (host
-    # times only; backward's end is where loss.backward() returns).
-    f = torch.nn.functional.cross_entropy
+    # times only; backward's end is where loss.backward() returns): bench/alternate.py's step.
+    step = alternate.perf_counter_step(model, opt, xs, ys)
     pc = time.perf_counter
-    acc = dict.fromkeys(stepscope.report.PARTITION, 0.0)
     ts = [0.0] * steps
     last = pc()
     for i in range(steps):
-        start = last
-        x, y = xs[i & 7], ys[i & 7]
-        a = pc()
-        acc["data"] += a - last
-        out = model(x)
-        b = pc()
-        acc["forward"] += b - a
-        loss = f(out, y)
-        c = pc()
-        acc["loss"] += c - b
-        loss.backward()
-        d = pc()
-        acc["backward"] += d - c
-        e = pc()
-        acc["other"] += e - d
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last = pc()
-        acc["optimizer"] += last - e
-        ts[i] = last - start
+        step(i)
+        now = pc()
+        ts[i] = now - last
+        last = now
     return statistics.median(ts)
 
 
