@@ -19,6 +19,7 @@ written are each one line on stderr naming the file, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -79,6 +80,17 @@ def _one_line(e: BaseException) -> str:
     return msg if msg.startswith("stepscope:") else f"stepscope: {msg}"
 
 
+def _say(text: str) -> None:
+    # A reader that stops early (``| head``) closes stdout: the files asked for are written all the
+    # same, the rest of the text goes nowhere.
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     # Reading and writing need stepscope.run and stepscope.export alone: neither imports torch or
@@ -98,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(res.summary())
             if args.png:
                 res.plot(args.png)
-                print(f"wrote {args.png}")
+                _say(f"wrote {args.png}")
             return 0
         if args.command == "compare":
             a, b = (run.load(p, max_bytes=args.max_bytes) for p in args.runs)
@@ -117,20 +129,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "compare":
         return _compare(a, b, args)
     try:
-        print(saved.summary())  # ends with the diagnosis ("What to fix first")
+        _say(saved.summary())  # ends with the diagnosis ("What to fix first")
         if args.png:
             with warnings.catch_warnings():
                 # matplotlib's warnings about odd values (a damaged or edited file) would print
                 # several lines on stderr; the dashboard is written all the same.
                 warnings.simplefilter("ignore")
                 export.plot(saved, args.png)
-            print(f"wrote {args.png}")
+            _say(f"wrote {args.png}")
         if args.trace:
             export.write_trace(saved, args.trace)
-            print(f"wrote {args.trace}")
+            _say(f"wrote {args.trace}")
         if args.html:
             export.write_html(saved, args.html)
-            print(f"wrote {args.html}")
+            _say(f"wrote {args.html}")
     except (OSError, ImportError) as e:
         print(_one_line(e), file=sys.stderr)
         return 2
@@ -149,7 +161,7 @@ def _compare(a: "object", b: "object", args: argparse.Namespace) -> int:
         print(cmp)
         if args.html:
             cmp.to_html(args.html)
-            print(f"wrote {args.html}")
+            _say(f"wrote {args.html}")
     except OSError as e:
         print(_one_line(e), file=sys.stderr)
         return 2

@@ -192,10 +192,12 @@ def _read_bytes(p: str, what: str, limit: int) -> bytes:
         raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}") from None
     except OSError as e:
         raise _os_error(e, f"stepscope: cannot read {p}: {e.strerror or e}") from None
+    # A folder opens read-only on Linux and fails only in fdopen (EISDIR, named by the fd): asked first.
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}")
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(f"stepscope: {p} is a folder, not a {what}")
         if not stat.S_ISREG(mode):
             kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                     else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")

@@ -289,7 +289,7 @@ def format_health(rep: dict) -> list:
     loss = h.get("loss")
     if loss and loss.get("count"):
         lines.append(f"  loss last {_g(loss.get('last'))}, min {_g(loss.get('min'))}"
-                     f" over {loss['count']} steps"
+                     f" over {loss['count']} observed losses"
                      + (f", {loss['nonfinite_steps']} non-finite" if loss.get("nonfinite_steps") else ""))
     if h.get("disabled"):
         lines.append(f"  switched off mid-run: {h['disabled']}")

@@ -61,22 +61,40 @@ def _loader_configs(cpus: int, cuda: bool) -> list:
 
 
 def _time_loader(dl: torch.utils.data.DataLoader, warmup: int, batches: int, rounds: int) -> list:
-    it = iter(dl)
+    # A dataset shorter than warmup + rounds x batches is read for several epochs, as training
+    # reads it; the start of each new epoch (workers started again) falls inside a round.
+    its = [iter(dl)]
+
+    def next_batch():
+        try:
+            return next(its[-1])
+        except StopIteration:
+            _shut(its[-1])
+            its.append(iter(dl))
+            try:
+                return next(its[-1])
+            except StopIteration:
+                raise ValueError("stepscope: tune.loader: the DataLoader gives no batch") from None
     try:
         for _ in range(warmup):  # worker start-up and the first prefetch: not the steady rate
-            next(it)
+            next_batch()
         rates = []
         for _ in range(rounds):
             t0 = time.perf_counter()
             for _ in range(batches):
-                next(it)
+                next_batch()
             rates.append(batches / (time.perf_counter() - t0))
         return rates
     finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()  # on an error or Ctrl-C too: no worker process is left behind
-        del it
+        for it in its:
+            _shut(it)  # on an error or Ctrl-C too: no worker process is left behind
+        its.clear()
+
+
+def _shut(it) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def loader(data: Any, *, batch_size: Optional[int] = None, budget_s: float = 30.0, batches: int = 20,

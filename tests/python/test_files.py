@@ -110,6 +110,29 @@ def test_devices_and_fifos_are_refused_at_once(tmp_path, capsys):
         export.read_trace(fifo)
 
 
+def test_a_folder_is_named_as_a_folder(tmp_path, capsys):
+    # Linux opens a folder read-only; fdopen then failed with EISDIR named by the descriptor.
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        stepscope.load(folder)
+    assert str(e.value) == f"stepscope: {folder} is a folder, not a stepscope run file"
+    assert _one_line_error(capsys, ["report", str(folder)]) == str(e.value)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        export.read_trace(folder)
+
+
+def test_cli_report_into_a_closed_pipe_still_writes_its_files(tmp_path):
+    # `python -m stepscope report run.json --html r.html | head -1`: the reader leaves after one line.
+    run = tmp_path / "run.json"
+    _train(steps=6).save(run)
+    html, trace = tmp_path / "r.html", tmp_path / "t.json.gz"
+    cmd = f"{sys.executable} -m stepscope report {run} --html {html} --trace {trace} | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Broken pipe" not in r.stderr and html.stat().st_size > 0 and trace.stat().st_size > 0
+
+
 def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path, capsys):
     for depth in (200000, 40):
         p = tmp_path / f"deep{depth}.json"

@@ -432,13 +432,13 @@ def test_the_cpu_peak_matmul_is_sized_from_a_probe_and_bounded_in_time(monkeypat
     monkeypatch.undo()
     # The timing loop: at least two timed matmuls, then until the repeats or the budget.
     calls = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape[0]) or real_mm(a, b))
+    kernels = tuple((lambda a, b, k=k, mm=mm: calls.append(k) or mm(a, b)) for k, mm in enumerate(tp.PEAK_KERNELS))
+    monkeypatch.setattr(tp, "PEAK_KERNELS", kernels)
     tp._best_mm(64, torch.float32, 12, 0.0)
-    assert len(calls) == 1 + 2  # the untimed first call, then two
+    assert calls == [0] * 3 + [1] * 3  # per layout the untimed first call, then two
     calls.clear()
     tp._best_mm(64, torch.float32, 5, 3600.0)
-    assert len(calls) == 1 + 5
+    assert calls == [0] * 6 + [1] * 6
     # A dtype a CPU multiplies a thousand times slower (bfloat16 without hardware support) is
     # measured at the smallest size, not the 1024 that took 13 x 2.5 s there.
     monkeypatch.undo()

@@ -65,6 +65,17 @@ def test_loader_rows_say_why_workers_failed_and_keep_the_dataloader_s_settings(t
         tune.loader(dl, budget_s=0)
 
 
+def test_loader_reads_a_short_dataset_for_several_epochs():
+    # 4 batches an epoch against warmup + rounds x batches = 1 + 2 x 5: each configuration cycles.
+    res = tune.loader(Decoding(64, ms=0.1), batch_size=16, batches=5, rounds=2, warmup=1,
+                      configs=[{"num_workers": 0}, {"num_workers": 1}])
+    assert all(r.get("ok", True) and r["samples_per_s"] > 0 for r in res["rows"]), res.summary()
+    assert res["best"] is not None and res["rows"][0]["samples_per_s"] > 0
+    empty = torch.utils.data.DataLoader(Decoding(0, ms=0.1), batch_size=4)
+    bad = tune.loader(empty, batches=2, rounds=1, warmup=1, configs=[{"num_workers": 0}])
+    assert bad["rows"][0]["ok"] is False and "gives no batch" in bad["rows"][0]["error"]
+
+
 def test_loader_ctrl_c_leaves_no_worker_behind():
     threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
