@@ -170,28 +170,36 @@ PyType_Spec g_hook_spec = {"stepscope._C.StepHook", sizeof(Hook), 0,
 }  // namespace
 
 // --------------------------------------------------------------------------- reading a call
-// The first tensor that requires grad in a forward's output: a tensor, or nested in tuples, lists
+namespace {
+
+// The first tensor (that requires grad, when grad_only) in o: o itself, or nested in tuples, lists
 // and dicts (namedtuples and dict subclasses such as model-output classes included).
-PyObject* first_grad_tensor(PyObject* o, int depth) {
-  if (THPVariable_Check(o)) return THPVariable_Unpack(o).requires_grad() ? o : nullptr;
+PyObject* find_tensor(PyObject* o, int depth, bool grad_only) {
+  if (THPVariable_Check(o)) return !grad_only || THPVariable_Unpack(o).requires_grad() ? o : nullptr;
   if (depth >= kMaxOutputDepth) return nullptr;
   if (PyTuple_Check(o) || PyList_Check(o)) {
     const bool tuple = PyTuple_Check(o);
     const Py_ssize_t n = tuple ? PyTuple_GET_SIZE(o) : PyList_GET_SIZE(o);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* t = first_grad_tensor(tuple ? PyTuple_GET_ITEM(o, i) : PyList_GET_ITEM(o, i), depth + 1);
+      PyObject* t = find_tensor(tuple ? PyTuple_GET_ITEM(o, i) : PyList_GET_ITEM(o, i), depth + 1, grad_only);
       if (t != nullptr) return t;
     }
   } else if (PyDict_Check(o)) {
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     while (PyDict_Next(o, &pos, &k, &v)) {
-      PyObject* t = first_grad_tensor(v, depth + 1);
+      PyObject* t = find_tensor(v, depth + 1, grad_only);
       if (t != nullptr) return t;
     }
   }
   return nullptr;
 }
+
+}  // namespace
+
+PyObject* first_grad_tensor(PyObject* o, int depth) { return find_tensor(o, depth, true); }
+
+PyObject* first_tensor(PyObject* o) { return o == nullptr ? nullptr : find_tensor(o, 0, false); }
 
 PyObject* first_input(PyObject* args, PyObject* kwargs) {
   if (PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0) return PyTuple_GET_ITEM(args, 0);

@@ -27,6 +27,9 @@ bool check_args(const char* name, Py_ssize_t nargs, Py_ssize_t want);
 // The first tensor that requires grad in a forward's output (borrowed), or null: a tensor, or
 // nested in tuples, lists and dicts (namedtuples and model-output dict classes included).
 PyObject* first_grad_tensor(PyObject* output, int depth = 0);
+// The first tensor in a forward's first input (borrowed, or null): the input itself, or nested in
+// tuples, lists and dicts (a batch given as {"x": ..., "y": ...} or [x, mask]).
+PyObject* first_tensor(PyObject* input);
 // A forward's first input (borrowed, or null): its first positional argument, or for a call with
 // keywords only (model(**batch)) the first tensor among the keyword arguments' values.
 PyObject* first_input(PyObject* args, PyObject* kwargs);

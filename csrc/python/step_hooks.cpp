@@ -89,8 +89,9 @@ PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
   const bool eval = !is_training || !c10::GradMode::is_enabled();
   PyObject* input = hook::first_input(args[1], nargs == 3 ? args[2] : nullptr);
   int64_t batch = s->batch;
-  if (batch < 0 && input != nullptr && THPVariable_Check(input)) {
-    const at::Tensor& t = THPVariable_Unpack(input);
+  PyObject* sized = batch < 0 ? hook::first_tensor(input) : nullptr;
+  if (sized != nullptr) {
+    const at::Tensor& t = THPVariable_Unpack(sized);
     if (t.dim() > s->batch_dim) batch = t.size(s->batch_dim);
   }
   if (!eval && !count_forward(s, input)) return nullptr;

@@ -1036,3 +1036,28 @@ def test_argument_mistakes_are_named():
     with pytest.raises(TypeError, match="must be a torch.optim.Optimizer.*got str"):
         stepscope.Monitor(model, "sgd")
     stepscope.Monitor((m for m in [model]), (o for o in [opt]))  # iterables still work
+
+
+@pytest.mark.parametrize("wrap", ["dict", "list", "nested"])
+def test_samples_are_counted_from_the_first_tensor_of_a_dict_or_list_batch(wrap):
+    # A model called with model({"x": x}) or model([x, mask]) counted 0 samples, silently.
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(8, 2)
+
+        def forward(self, batch):
+            x = batch["x"] if isinstance(batch, dict) else batch[0]
+            return self.l(x[0] if isinstance(x, tuple) else x)
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    pack = {"dict": lambda x: {"x": x, "n": 3}, "list": lambda x: [x, torch.ones(99)],
+            "nested": lambda x: {"x": (x,)}}[wrap]
+    with stepscope.Monitor(net, opt, warmup_steps=0, flops=None) as mon:
+        for _ in range(5):
+            net(pack(torch.randn(6, 8))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    rep = mon.report()
+    assert rep["steps"] == 5 and rep["samples"] == 6 * 5 and rep["samples_per_s"] > 0
