@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from ._tune_result import load_result
 
             res = load_result(args.result, max_bytes=args.max_bytes)
-            print(res.summary())
+            _say(res.summary())
             if args.png:
                 res.plot(args.png)
                 _say(f"wrote {args.png}")
@@ -158,7 +158,7 @@ def _compare(a: "object", b: "object", args: argparse.Namespace) -> int:
 
     try:
         cmp = compare(a, b)
-        print(cmp)
+        _say(str(cmp))
         if args.html:
             cmp.to_html(args.html)
             _say(f"wrote {args.html}")

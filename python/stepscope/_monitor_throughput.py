@@ -270,8 +270,8 @@ _CPU_PEAK_N: dict = {}  # (threads, dtype) -> the n its peak was measured with
 
 
 #: The layouts the CPU peak is timed in: ``a @ b`` and ``a @ b.T`` (what ``nn.Linear`` runs). Some
-#: CPUs take a slow path for one of them in bfloat16/float16 (``mm(a, b)`` 1.0 GFLOP/s against
-#: ``linear`` 5.3 on the 2-core VM): the peak is the faster, so a linear layer's MFU stays <= 1.
+#: CPUs take a slow path for one of them in bfloat16/float16 (``mm(a, b)`` 1.3 GFLOP/s against
+#: ``linear`` 7.4 on the 2-core VM): the peak is the faster, so a linear layer's MFU stays <= 1.
 PEAK_KERNELS = (torch.mm, torch.nn.functional.linear)
 
 
@@ -294,7 +294,7 @@ def _best_mm(n: int, dtype: torch.dtype, repeats: int, budget: float) -> float:
 def cpu_peak_size(dtype: torch.dtype = torch.float32) -> int:
     """The matmul size the CPU peak is measured with: one that takes about ``TARGET_S`` at the rate a
     256x256 probe reaches (512 for float32 on one thread of this project's VM, larger with more
-    threads, 256 for a bfloat16 matmul without hardware support, 1000x slower there), a multiple of
+    threads, 256 for a bfloat16 matmul without hardware support, 10-60x slower there), a multiple of
     128 in [MIN_N, MAX_N]."""
     rate = 2.0 * MIN_N ** 3 / _best_mm(MIN_N, dtype, 3, 0.0)
     n = (rate * TARGET_S / 2.0) ** (1.0 / 3.0)

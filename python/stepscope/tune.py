@@ -63,16 +63,16 @@ def _loader_configs(cpus: int, cuda: bool) -> list:
 def _time_loader(dl: torch.utils.data.DataLoader, warmup: int, batches: int, rounds: int) -> list:
     # A dataset shorter than warmup + rounds x batches is read for several epochs, as training
     # reads it; the start of each new epoch (workers started again) falls inside a round.
-    its = [iter(dl)]
+    cur = [iter(dl)]  # the epoch being read; an ended one is shut down at once
 
     def next_batch():
         try:
-            return next(its[-1])
+            return next(cur[0])
         except StopIteration:
-            _shut(its[-1])
-            its.append(iter(dl))
+            _shut(cur[0])
+            cur[0] = iter(dl)
             try:
-                return next(its[-1])
+                return next(cur[0])
             except StopIteration:
                 raise ValueError("stepscope: tune.loader: the DataLoader gives no batch") from None
     try:
@@ -86,9 +86,8 @@ def _time_loader(dl: torch.utils.data.DataLoader, warmup: int, batches: int, rou
             rates.append(batches / (time.perf_counter() - t0))
         return rates
     finally:
-        for it in its:
-            _shut(it)  # on an error or Ctrl-C too: no worker process is left behind
-        its.clear()
+        _shut(cur[0])  # on an error or Ctrl-C too: no worker process is left behind
+        cur.clear()
 
 
 def _shut(it) -> None:
