@@ -40,6 +40,11 @@ void check_grad_stats_kinds(const GradList& grads, const at::Tensor& state);
 void grad_stats_cpu(const GradStatsInputs& in, const at::Tensor& state);
 void grad_stats_aten(const GradStatsInputs& in, const at::Tensor& state);
 
+// A CPU tensor's squared L2 norm by grad_stats_cpu's read (float64 total, nothing allocated), for the
+// dtypes that sum_sq_cpu_reads says it reads (float32, float64, float16, bfloat16).
+bool sum_sq_cpu_reads(const at::Tensor& t);
+double sum_sq_cpu(const at::Tensor& t);
+
 // Sets a state to "no update yet" (min +inf, first non-finite -1, ring slots empty), in place.
 void reset_state(const at::Tensor& state, int64_t params);
 // A fresh state of HealthLayout(params, ring).numel float64 elements on `options`' device.

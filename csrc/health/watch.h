@@ -48,7 +48,8 @@ struct WatchOptions {
   int64_t ratio_every = 100;        // the update ratio on one optimizer step in this many; 0: never
   int64_t ratio_samples = 64;       // sampled steps kept
   // The update ratio needs the weights before the update: one copy of the watched parameters,
-  // made on a sampled step and freed after it. Off when the parameters are larger than this.
+  // made on a sampled step (kept between samples on the CPU, freed after the step on a GPU: see
+  // Watch::copy_before). Off when the parameters are larger than this.
   int64_t ratio_max_bytes = int64_t{1} << 30;
 };
 
@@ -112,7 +113,9 @@ class Watch {
   // Update ratio.
   int64_t param_bytes_ = 0;
   std::string ratio_off_;
-  std::vector<at::Tensor> before_;  // the weights before a sampled step's update (empty otherwise)
+  void copy_before();
+  std::vector<at::Tensor> before_;  // the weights before a sampled step's update (see copy_before)
+  bool ratio_pending_ = false;      // before_ holds this sample's weights, after_update not yet run
   int64_t before_step_ = -1;
   at::Tensor ratio_;                // [ratio_samples, 2 P] float64: dw then w per sample
   std::vector<int64_t> ratio_steps_;  // the step of each row (-1: empty)
