@@ -88,7 +88,8 @@ PyObject* forward_pre(State* s, PyObject* const* args, Py_ssize_t nargs) {
   if (is_training < 0) return nullptr;
   const bool eval = !is_training || !c10::GradMode::is_enabled();
   PyObject* input = hook::first_input(args[1], nargs == 3 ? args[2] : nullptr);
-  int64_t batch = s->batch;
+  const bool counts = s->samples_of == 0 || reinterpret_cast<uintptr_t>(args[0]) == s->samples_of;
+  int64_t batch = counts ? s->batch : 0;
   PyObject* sized = batch < 0 ? hook::first_tensor(input) : nullptr;
   if (sized != nullptr) {
     const at::Tensor& t = THPVariable_Unpack(sized);
@@ -367,10 +368,12 @@ PyType_Slot g_slots[] = {
 PyType_Spec g_spec = {"stepscope._C.StepHooks", sizeof(Object), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
                       g_slots};
 
-// step_hooks(timeline, batch, batch_dim, optimizers, on_step_end, module_every, print_every, owns): the
-// fields of State say what each argument does (optimizers: the StepMachine's; owns: Owners').
+// step_hooks(timeline, batch, batch_dim, optimizers, on_step_end, module_every, print_every, owns,
+// samples_of): the fields of State say what each argument does (optimizers: the StepMachine's; owns:
+// Owners').
 py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, int64_t optimizers,
-                py::object on_step_end, int64_t module_every, int64_t print_every, py::object owns) {
+                py::object on_step_end, int64_t module_every, int64_t print_every, py::object owns,
+                py::object samples_of) {
   TORCH_CHECK_VALUE(tl != nullptr, "stepscope: step_hooks needs a Timeline");
   TORCH_CHECK_VALUE(batch_dim >= 0 && optimizers >= 0 && module_every >= 0 && print_every >= 0,
                     "stepscope: batch_dim, optimizers, module_every and print_every must be >= 0; got ", batch_dim,
@@ -394,6 +397,7 @@ py::object make(std::shared_ptr<Timeline> tl, int64_t batch, int64_t batch_dim, 
     s->on_step_end = on_step_end.release().ptr();
   }
   if (!owns.is_none()) s->owners.fn = owns.release().ptr();
+  if (!samples_of.is_none()) s->samples_of = reinterpret_cast<uintptr_t>(samples_of.ptr());
   Object* o = PyObject_GC_New(Object, g_type);
   if (o == nullptr) throw py::error_already_set();
   o->s = s.release();
@@ -412,7 +416,7 @@ void bind_step_hooks(py::module_& m) {
   m.add_object("StepHook", py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(hook_type)));
   m.def("step_hooks", &make, py::arg("timeline"), py::arg("batch") = -1, py::arg("batch_dim") = 0,
         py::arg("optimizers") = 0, py::arg("on_step_end") = py::none(), py::arg("module_every") = 0,
-        py::arg("print_every") = 0, py::arg("owns") = py::none(),
+        py::arg("print_every") = 0, py::arg("owns") = py::none(), py::arg("samples_of") = py::none(),
         "The Monitor's hooks on `timeline` (forward_pre/_post, optimizer_pre/_post, module_pre/_post, step(), "
         "watch()): C callables over the step rule of timing/step_machine.h; the arguments and what each hook "
         "does: csrc/python/step_hooks.cpp.");

@@ -4,6 +4,7 @@
 
 #include <Python.h>
 
+#include <cstdint>
 #include <memory>
 
 #include "python/step_health.h"
@@ -32,6 +33,10 @@ struct State final : StepHost {
   StepMachine machine;
   int64_t batch = -1;               // samples per forward; < 0: the first input's size along batch_dim
   int64_t batch_dim = 0;
+  // Several models (a GAN's generator and discriminator): only this one's training forwards count
+  // samples, each model's would count the batch again. Its address, compared and never read (the
+  // Monitor holds the model while attached); 0: every hooked model's.
+  uintptr_t samples_of = 0;
   hook::Owners owners;              // global hooks: which optimizers are this model's (step_hook.h)
   hook::Modules modules;  // per-module timing: which submodules, on which steps (step_modules.h)
   // Python work at a step's end: on_step_end(sampling) on every print_every-th step (0: never); a

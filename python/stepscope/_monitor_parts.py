@@ -333,6 +333,5 @@ def _samples_counted_by(mon: Any) -> str:
     """report()["samples_counted_by"]: the rule that counted the samples."""
     if mon._marked_batch or (mon._hooks is not None and mon._hooks.marked_batch):  # a framework's marks
         return "mark(batch=)"
-    if mon._batch > 0:
-        return f"batch_size={mon._batch}"
-    return f"the first input's dimension {mon._batch_dim}"
+    rule = f"batch_size={mon._batch}" if mon._batch > 0 else f"the first input's dimension {mon._batch_dim}"
+    return rule + (" of the first model's forwards" if len(mon._models) > 1 else "")

@@ -64,8 +64,9 @@ class Monitor(Views):
         batch_dim: the dimension of the first input that counts samples (default 0; 1 for
             sequence-first ``[T, B, ...]`` inputs). Give ``batch_size`` or ``batch_dim``, not both.
             A closure step (LBFGS) counts its batch once however often it runs the closure;
-            ``mark("forward_begin", batch=n)`` counts ``n``. ``report()["samples_counted_by"]``
-            says which rule counted.
+            ``mark("forward_begin", batch=n)`` counts ``n``. With several models, only the first
+            one's forwards count (a GAN's generator and discriminator would each count the batch).
+            ``report()["samples_counted_by"]`` says which rule counted.
         ring: recent steps kept raw (:meth:`recent_steps`), 1 .. ``_C.MAX_RING`` (each slot
             ``_C.RING_SLOT_BYTES``, about 2 KB, allocated at attach).
         warmup_steps: the first steps kept out of every statistic and reported apart in
@@ -230,7 +231,8 @@ class Monitor(Views):
         hk = self._hooks = _C.step_hooks(tl, batch=self._batch, batch_dim=self._batch_dim,
                                          optimizers=len(self._opts), on_step_end=on_end, module_every=every,
                                          print_every=self._print_every,
-                                         owns=None if self._opts else _owner_of(self._models))
+                                         owns=None if self._opts else _owner_of(self._models),
+                                         samples_of=self._models[0] if len(self._models) > 1 else None)
         for m in self._models:
             self._handles.append(m.register_forward_pre_hook(hk.forward_pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(hk.forward_post, always_call=True))

@@ -205,6 +205,27 @@ def test_a_closure_step_counts_its_batch_once(global_hooks):
     assert rep["samples_counted_by"] == "the first input's dimension 0"
 
 
+def test_several_models_count_the_first_models_samples():
+    # A GAN's iteration: the discriminator sees the real and the fake batch, the generator makes the
+    # fake one. Every model's forward counted the batch (3x here) before.
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    og, od = torch.optim.SGD(gen.parameters(), lr=0.01), torch.optim.SGD(disc.parameters(), lr=0.01)
+    with stepscope.Monitor([gen, disc], [og, od], warmup_steps=0, flops=None) as mon:
+        for _ in range(3):
+            real, fake = torch.randn(6, 8), gen(torch.randn(6, 4))
+            (disc(real).mean() - disc(fake.detach()).mean()).backward()
+            od.step()
+            od.zero_grad()
+            disc(fake).mean().backward()
+            og.step()
+            og.zero_grad()
+    rep = mon.report()
+    assert rep["steps"] == 3
+    assert rep["samples"] == 3 * 6
+    assert rep["samples_counted_by"] == "the first input's dimension 0 of the first model's forwards"
+
+
 def test_batch_dim_counts_sequence_first_inputs():
     model = torch.nn.LSTM(8, 16)  # [T, B, features]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
