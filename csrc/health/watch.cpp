@@ -48,6 +48,7 @@ Watch::Watch(std::vector<at::Tensor> params, std::vector<std::string> names, Wat
                   params_[i].device().str() + "): gradient statistics need one";
     }
   }
+  if (params_.empty()) disabled_ = "no parameter of the models requires a gradient: nothing to watch";
   if (!disabled_.empty()) return;
   stats_.emplace(static_cast<int64_t>(params_.size()), opt_.ring, device);
   if (opt_.ratio_every > 0 && param_bytes_ > opt_.ratio_max_bytes) {

@@ -2,7 +2,7 @@
 
 The rules are those of :mod:`stepscope.diagnose` (pure functions of the report dict, in its
 ``RULES``): non-finite gradients, gradient-norm spikes, parameters that never get a gradient, an
-update-to-weight ratio far from the usual range, loss spikes, and statistics switched off mid-run.
+update-to-weight ratio far from the usual range, loss spikes, and statistics switched off.
 A report without health (``"health"`` None or absent: health off, or a run saved before it) makes
 every one of them silent and the summary leaves the section out.
 """
@@ -246,9 +246,10 @@ def rule_health_disabled(rep: dict) -> list:
     if not why:
         return []
     return [_finding(
-        "health_disabled", "info", f"gradient statistics switched off mid-run: {why}",
+        "health_disabled", "info", f"gradient statistics switched off: {why}",
         {"reason": why, "steps": _health(rep).get("steps")},
-        "The health numbers cover the steps before that only; nothing to fix in the model.")]
+        "The health numbers cover only the steps before it (none when it was off from attach: a model "
+        "without parameters, or parameters on several devices); the training itself is not affected.")]
 
 
 HEALTH_RULES: list = [rule_nonfinite_grads, rule_grad_norm_spikes, rule_no_grad, rule_update_ratio,
@@ -292,5 +293,5 @@ def format_health(rep: dict) -> list:
                      f" over {loss['count']} observed losses"
                      + (f", {loss['nonfinite_steps']} non-finite" if loss.get("nonfinite_steps") else ""))
     if h.get("disabled"):
-        lines.append(f"  switched off mid-run: {h['disabled']}")
+        lines.append(f"  switched off: {h['disabled']}")
     return lines

@@ -160,6 +160,29 @@ def test_update_ratio_equals_sgd_by_hand(device, base_seed):
         assert groups[g]["min"] == pytest.approx(min(hand[g]), rel=1e-5)
 
 
+def test_a_model_without_parameters_says_health_is_off():
+    # The parameters live outside the module the Monitor is given: health used to report a gradient
+    # norm of 0 on every step, as if the training had no gradient.
+    w = torch.nn.Parameter(torch.randn(8, 2))
+
+    class Apply(torch.nn.Module):
+        def forward(self, x):
+            return x @ w
+
+    model, opt = Apply(), torch.optim.SGD([w], lr=0.1)
+    with stepscope.Monitor(model, opt, warmup_steps=0, flops=None) as mon:
+        for _ in range(3):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    h = mon.report()["health"]
+    assert h["disabled"].startswith("no parameter of the models requires a gradient")
+    assert h["steps"] == 0 and h["grad_norm"]["count"] == 0
+    f = {x["rule"]: x for x in mon.diagnose()}["health_disabled"]
+    assert f["severity"] == "info" and "no parameter" in f["title"]
+    assert "switched off: no parameter" in mon.summary()
+
+
 def test_update_ratio_off(base_seed):
     m = net(base_seed, "cpu")
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
