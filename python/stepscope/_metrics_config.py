@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -91,6 +92,10 @@ def check_config(task: Any, num_classes: Any, num_labels: Any, top_k: Any, ignor
         if num_classes is None:
             raise ValueError("stepscope: task='multiclass' needs num_classes")
         n = _whole("num_classes", num_classes, "a positive int (the number of classes)")
+        if n == 1:  # kept working (one class is well defined), but it is nearly always binary logits
+            warnings.warn("stepscope: task='multiclass' with num_classes=1: every prediction is class 0, "
+                          "accuracy is 1 whatever the logits; one logit per sample is task='binary'",
+                          UserWarning, stacklevel=3)
     elif task == "multilabel":
         if num_labels is None:
             raise ValueError("stepscope: task='multilabel' needs num_labels")

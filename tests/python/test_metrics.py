@@ -361,7 +361,8 @@ def test_empty_batch_is_a_noop():
 
 
 def test_single_class():
-    m = stepscope.ClassificationMetrics("multiclass", num_classes=1)
+    with pytest.warns(UserWarning, match="one logit per sample is task='binary'"):
+        m = stepscope.ClassificationMetrics("multiclass", num_classes=1)
     m.update(torch.randn(50, 1), torch.zeros(50, dtype=torch.long))
     out = m.compute()
     assert float(out["accuracy"]) == 1.0 and int(out["samples"]) == 50
