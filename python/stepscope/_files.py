@@ -16,6 +16,7 @@ import gzip
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import zlib
@@ -235,6 +236,24 @@ def _check_tree(obj: Any, p: str) -> None:
                                  "range a stepscope file holds")
 
 
+_PARTIAL_NUMBER = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
+
+
+def _cut_short(e: Exception) -> bool:
+    """Whether a JSON error says the text is a JSON object or array that stops before its end."""
+    if not isinstance(e, json.JSONDecodeError):
+        return False
+    doc = e.doc
+    if not doc.lstrip().startswith(("{", "[")):
+        return False
+    if e.msg.startswith("Unterminated string"):  # reported at the string's start: it runs to the end
+        return True
+    # The error at the end, or at a token the cut left unfinished: tru, nul, -, 1., 2e+
+    tail = doc[e.pos:].rstrip()
+    return tail == "" or any(w.startswith(tail) for w in ("true", "false", "null")) or \
+        _PARTIAL_NUMBER.fullmatch(tail) is not None
+
+
 def _read_json(path: PathLike, what: str, max_bytes: Optional[int] = None) -> tuple:
     """(path as str, the decoded JSON) of a JSON or gzip'd JSON file, with one-line errors: only
     regular files, at most ``max_bytes`` (default :data:`MAX_READ_BYTES`) once decompressed,
@@ -248,6 +267,9 @@ def _read_json(path: PathLike, what: str, max_bytes: Optional[int] = None) -> tu
         raise ValueError(f"stepscope: {p} is nested deeper than {_MAX_JSON_DEPTH} levels: not a stepscope "
                          "file") from None
     except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        if _cut_short(e):
+            raise ValueError(f"stepscope: {p} is damaged: its JSON stops after {len(raw)} bytes, mid-way (a "
+                             f"{what} cut short: a full disk, or a copy that did not finish?)") from None
         raise ValueError(f"stepscope: {p} is not a {what} (not JSON: {e})") from None
     _check_tree(obj, p)
     return p, obj

@@ -383,6 +383,22 @@ def test_load_refuses_bad_files(tmp_path):
         assert str(e.value).startswith("stepscope: ")
 
 
+def test_a_cut_short_run_file_is_called_damaged(tmp_path):
+    # A plain JSON run cut short (a full disk, an interrupted copy) used to read "not JSON".
+    mon = _train(steps=4)
+    whole = tmp_path / "run.json"
+    mon.save(whole)
+    text = whole.read_bytes()
+    for cut in (*range(1, len(text), 97), len(text) - 1):  # ends inside strings, numbers, literals
+        part = tmp_path / f"cut{cut}.json"
+        part.write_bytes(text[:cut])
+        with pytest.raises(ValueError, match=f"is damaged: its JSON stops after {cut} bytes"):
+            stepscope.load(part)
+    (tmp_path / "junk.json").write_bytes(b"{\"format\": 1} trailing")
+    with pytest.raises(ValueError, match="not JSON"):  # not cut short: wrong
+        stepscope.load(tmp_path / "junk.json")
+
+
 def test_load_never_unpickles(tmp_path):
     import pickle
 
