@@ -529,3 +529,27 @@ def test_exports_carry_the_gradient_norm_and_the_loss(tmp_path, base_seed):
     run = stepscope.load(tmp_path / "run.json")
     assert export.csv_rows(run)[0] == rows[0]
     assert not [e for e in export.trace_events(run)["traceEvents"] if e.get("name") == "grad_norm"]
+
+
+def test_a_gan_with_one_monitor_per_model_reads_each_models_own_gradients():
+    # The README's advice for several optimizers each after its own backward: one Monitor per model.
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    og, od = torch.optim.SGD(gen.parameters(), lr=0.01), torch.optim.SGD(disc.parameters(), lr=0.01)
+    ref = {"g": [], "d": []}
+    with stepscope.Monitor(disc, od, warmup_steps=0, flops=None) as md, \
+            stepscope.Monitor(gen, og, warmup_steps=0, flops=None) as mg:
+        for _ in range(4):
+            real, fake = torch.randn(6, 8), gen(torch.randn(6, 4))
+            (disc(fake.detach()).mean() - disc(real).mean()).backward()
+            ref["d"].append(float(torch.nn.utils.clip_grad_norm_(disc.parameters(), 1e30)))
+            od.step()
+            od.zero_grad()
+            (-disc(fake).mean()).backward()
+            ref["g"].append(float(torch.nn.utils.clip_grad_norm_(gen.parameters(), 1e30)))
+            og.step()
+            og.zero_grad()
+            disc.zero_grad()  # the generator's loss also reached the discriminator
+    for mon, k in ((md, "d"), (mg, "g")):
+        got = [v for _, v in mon.report()["health"]["recent"]]
+        assert got == pytest.approx(ref[k], rel=1e-5), k
