@@ -126,19 +126,12 @@ void GradStats::update(const std::vector<std::optional<at::Tensor>>& grads, int6
   ++updates_;  // after the call: a refused update takes no slot
 }
 
-namespace {
-
-// A gradient the CPU body reads as it is: dense, strided, on the CPU in a dtype it reads, with no
-// dispatch key beyond the CPU backend's, autograd's and autocast's (which every tensor carries), so
-// no tensor subclass, functorch wrapper or other device.
 bool plain_cpu(const at::Tensor& g) {
   const c10::DispatchKeySet keys =
       g.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset;
   return keys == c10::DispatchKeySet(c10::DispatchKey::CPU) && g.layout() == at::kStrided &&
          is_read_float(g.scalar_type());
 }
-
-}  // namespace
 
 // The Monitor's call at every optimizer step. For plain CPU gradients it runs the CPU body itself,
 // past the dispatcher: what the op's CPU registration runs, without boxing the gradients into a list

@@ -40,9 +40,11 @@ void check_grad_stats_kinds(const GradList& grads, const at::Tensor& state);
 void grad_stats_cpu(const GradStatsInputs& in, const at::Tensor& state);
 void grad_stats_aten(const GradStatsInputs& in, const at::Tensor& state);
 
-// A CPU tensor's squared L2 norm by grad_stats_cpu's read (float64 total, nothing allocated), for the
-// dtypes that sum_sq_cpu_reads says it reads (float32, float64, float16, bfloat16).
-bool sum_sq_cpu_reads(const at::Tensor& t);
+// A tensor the CPU body reads as it is: dense, strided, on the CPU in a dtype it reads, with no
+// dispatch key beyond the CPU backend's, autograd's and autocast's (which every tensor carries), so
+// no tensor subclass, functorch wrapper or other device.
+bool plain_cpu(const at::Tensor& t);
+// A plain_cpu tensor's squared L2 norm by grad_stats_cpu's read (float64 total, nothing allocated).
 double sum_sq_cpu(const at::Tensor& t);
 
 // Sets a state to "no update yet" (min +inf, first non-finite -1, ring slots empty), in place.

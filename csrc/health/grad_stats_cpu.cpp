@@ -229,11 +229,6 @@ StepTotals update_params(const GradStatsInputs& in, double* s) {
 
 }  // namespace
 
-bool sum_sq_cpu_reads(const at::Tensor& t) {
-  const auto k = t.scalar_type();
-  return t.is_cpu() && (k == at::kFloat || k == at::kDouble || k == at::kHalf || k == at::kBFloat16);
-}
-
 double sum_sq_cpu(const at::Tensor& t) { return read_grad(t).sq; }
 
 void grad_stats_cpu(const GradStatsInputs& in, const at::Tensor& state) {

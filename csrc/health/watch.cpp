@@ -132,21 +132,23 @@ void Watch::after_update() {
                          before_.front().options().dtype(at::kDouble));
     }
     const int64_t slot = ratio_count_ % opt_.ratio_samples;
-    // ‖w‖ first, then before_ -= w_now in place (‖-Δw‖ = ‖Δw‖): no second copy of the weights.
-    if (ratio_.is_cpu() && std::all_of(before_.begin(), before_.end(), sum_sq_cpu_reads)) {
-      // The CPU's norms by the gradient read: _foreach_norm(.., kDouble) there converts each tensor
-      // to float64 first, a transient copy twice the weights' size.
-      const size_t p = params_.size();
-      double* row = ratio_.select(0, slot).data_ptr<double>();
-      for (size_t i = 0; i < p; ++i) row[p + i] = std::sqrt(sum_sq_cpu(before_[i]));
-      at::_foreach_sub_(before_, now);
-      for (size_t i = 0; i < p; ++i) row[i] = std::sqrt(sum_sq_cpu(before_[i]));
-    } else {
-      const auto w = at::_foreach_norm(before_, 2, at::kDouble);
-      at::_foreach_sub_(before_, now);
-      const auto dw = at::_foreach_norm(before_, 2, at::kDouble);
-      ratio_.select(0, slot).copy_(at::cat({at::stack(dw), at::stack(w)}));
-    }
+    const int64_t p = static_cast<int64_t>(params_.size());
+    at::Tensor row = ratio_.select(0, slot);
+    // On the CPU by the gradient read: _foreach_norm(.., kDouble) there converts each tensor to
+    // float64 first, a transient copy twice the weights' size.
+    const bool direct = ratio_.is_cpu() && std::all_of(before_.begin(), before_.end(), plain_cpu);
+    const auto norms_into = [&](int64_t off) {  // ||before_[i]|| into row[off + i]
+      if (direct) {
+        double* d = row.data_ptr<double>() + off;
+        for (int64_t i = 0; i < p; ++i) d[i] = std::sqrt(sum_sq_cpu(before_[static_cast<size_t>(i)]));
+      } else {
+        row.narrow(0, off, p).copy_(at::stack(at::_foreach_norm(before_, 2, at::kDouble)));
+      }
+    };
+    // ||w|| first, then before_ -= w_now in place (||-dw|| = ||dw||): no second copy of the weights.
+    norms_into(p);
+    at::_foreach_sub_(before_, now);
+    norms_into(0);
     ratio_steps_[static_cast<size_t>(slot)] = before_step_;
     ++ratio_count_;
   } catch (const c10::Error& e) {
